@@ -1,0 +1,120 @@
+//! Paths of the on-disk layout and its creation.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Version of the on-disk layout; bumped when an existing root needs migration.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// File at the root holding [`LAYOUT_VERSION`].
+const LAYOUT_FILE: &str = "layout";
+
+/// Errors creating or opening the layout.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// A directory or file of the layout could not be created or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The root was written by an incompatible version.
+    #[error("{path}: unsupported layout version {found:?} (this build reads version {LAYOUT_VERSION})")]
+    Version {
+        /// The marker file.
+        path: PathBuf,
+        /// What it holds.
+        found: String,
+    },
+    /// Writing the version marker failed.
+    #[error(transparent)]
+    Durable(#[from] ringio::durable::DurableError),
+}
+
+/// The directories under a store root.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    /// Opens the layout at `root`, creating every directory (and the version marker) that
+    /// is missing. Idempotent; refuses a root written by an incompatible version.
+    pub fn ensure(root: &Path) -> Result<Layout, LayoutError> {
+        let layout = Layout {
+            root: root.to_path_buf(),
+        };
+        for dir in [
+            layout.root.clone(),
+            layout.objects_dir(),
+            layout.tmp_dir(),
+            layout.snapshots_dir(),
+            layout.index_dir(),
+        ] {
+            fs::create_dir_all(&dir).map_err(|source| LayoutError::Io { path: dir, source })?;
+        }
+        let marker = layout.root.join(LAYOUT_FILE);
+        match fs::read_to_string(&marker) {
+            Ok(found) if found.trim() == LAYOUT_VERSION.to_string() => {}
+            Ok(found) => return Err(LayoutError::Version { path: marker, found }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                ringio::durable::replace_file(&marker, format!("{LAYOUT_VERSION}\n").as_bytes())?;
+            }
+            Err(source) => return Err(LayoutError::Io { path: marker, source }),
+        }
+        Ok(layout)
+    }
+
+    /// The store root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// `cas/objects`: the content-addressed objects.
+    pub fn objects_dir(&self) -> PathBuf {
+        self.root.join("cas/objects")
+    }
+    /// `cas/tmp`: in-flight writes, swept at start.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("cas/tmp")
+    }
+    /// `snapshots`: one directory per snapshot id.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+    /// `snapshots/<id>`.
+    pub fn snapshot_dir(&self, id: u64) -> PathBuf {
+        self.snapshots_dir().join(id.to_string())
+    }
+    /// `index`: the sled database.
+    pub fn index_dir(&self) -> PathBuf {
+        self.root.join("index")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ensure_is_idempotent_and_creates_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layout::ensure(dir.path()).unwrap();
+        Layout::ensure(dir.path()).unwrap();
+        for d in [l.objects_dir(), l.tmp_dir(), l.snapshots_dir(), l.index_dir()] {
+            assert!(d.is_dir(), "{}", d.display());
+        }
+        assert_eq!(l.snapshot_dir(7), dir.path().join("snapshots/7"));
+    }
+
+    #[test]
+    fn refuses_foreign_version() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(LAYOUT_FILE), "99\n").unwrap();
+        let err = Layout::ensure(dir.path()).unwrap_err();
+        assert!(matches!(err, LayoutError::Version { .. }), "{err}");
+    }
+}

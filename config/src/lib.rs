@@ -1,0 +1,316 @@
+//! The daemon's configuration: one TOML file, parsed strictly.
+//!
+//! Precedence is *defaults < file < command-line flags*. The file is optional: without
+//! `--config`, [`DEFAULT_CONFIG_PATH`] is read when it exists; with `--config`, the file
+//! must exist. Every key is checked: an unknown key or a value of the wrong kind stops the
+//! daemon at start with an error that names both the key (as a dotted path such as
+//! `log.level`) and the file, so a typo never silently falls back to a default.
+//!
+//! ```toml
+//! root = "/var/lib/cas-snapshotter"                  # the store (one filesystem)
+//! address = "/run/cas-snapshotter/snapshotter.sock"  # containerd's [proxy_plugins.cas] address
+//!
+//! [log]
+//! level = "info"      # trace | debug | info | warn | error
+//! format = "text"     # text | json
+//! ```
+//!
+//! Parsing ([`Config::from_toml`]) is separate from I/O ([`Config::load`]) so every rule
+//! is unit-tested on strings. Later sections (GC schedule, metrics, ring sizes) are added
+//! as further `#[serde(deny_unknown_fields)]` structs beside [`LogConfig`].
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the daemon keeps its store when neither the file nor a flag says otherwise.
+pub const DEFAULT_ROOT: &str = "/var/lib/cas-snapshotter";
+/// The unix socket containerd dials (`[proxy_plugins.cas] address`).
+pub const DEFAULT_ADDRESS: &str = "/run/cas-snapshotter/snapshotter.sock";
+/// Read at start when no `--config` is given and the file exists.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/cas-snapshotter/config.toml";
+
+/// Errors from reading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named with `--config` could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A key is unknown, misspelt, or holds a value of the wrong kind.
+    #[error("invalid config {origin}: key `{key}`: {message}")]
+    Invalid {
+        /// The file (or `<string>` when parsed from memory).
+        origin: String,
+        /// Dotted path of the offending key, e.g. `log.level`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// Log verbosity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Everything, including per-entry ingest traces.
+    Trace,
+    /// Per-request detail.
+    Debug,
+    /// Start, stop, and notable events (default).
+    #[default]
+    Info,
+    /// Things that were handled but deserve a look.
+    Warn,
+    /// Failures only.
+    Error,
+}
+
+impl LogLevel {
+    /// The name `tracing`'s filters understand.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "trace",
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for LogLevel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "trace" => Ok(LogLevel::Trace),
+            "debug" => Ok(LogLevel::Debug),
+            "info" => Ok(LogLevel::Info),
+            "warn" => Ok(LogLevel::Warn),
+            "error" => Ok(LogLevel::Error),
+            other => Err(format!(
+                "unknown log level `{other}`, expected one of trace, debug, info, warn, error"
+            )),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (default).
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The `[log]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Verbosity.
+    pub level: LogLevel,
+    /// Output format.
+    pub format: LogFormat,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Root of the store; everything the daemon writes lives below it.
+    pub root: PathBuf,
+    /// Unix socket to serve on.
+    pub address: PathBuf,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: PathBuf::from(DEFAULT_ROOT),
+            address: PathBuf::from(DEFAULT_ADDRESS),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// Values given on the command line; each one that is set wins over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--root`
+    pub root: Option<PathBuf>,
+    /// `--address`
+    pub address: Option<PathBuf>,
+    /// `--log-level`
+    pub log_level: Option<LogLevel>,
+}
+
+impl Config {
+    /// Parses a TOML document. `origin` names it in errors (usually the file's path).
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Invalid {
+                origin: origin.to_string(),
+                key: if key == "." { "(top level)".into() } else { key },
+                message: e.inner().message().trim().to_string(),
+            }
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key: key.to_string(),
+            message: message.to_string(),
+        };
+        if !self.root.is_absolute() {
+            return Err(invalid("root", "must be an absolute path"));
+        }
+        if !self.address.is_absolute() {
+            return Err(invalid("address", "must be an absolute path to a unix socket"));
+        }
+        Ok(())
+    }
+
+    /// Loads the configuration: `path` if given (it must exist), else
+    /// [`DEFAULT_CONFIG_PATH`] when present, else defaults; then applies `overrides`.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut cfg = match path {
+            Some(p) => Self::read_file(p)?,
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Self::read_file(Path::new(DEFAULT_CONFIG_PATH))?
+            }
+            None => Config::default(),
+        };
+        cfg.apply(overrides);
+        cfg.validate("command line")?;
+        Ok(cfg)
+    }
+
+    fn read_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Applies command-line overrides.
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(root) = &o.root {
+            self.root = root.clone();
+        }
+        if let Some(address) = &o.address {
+            self.address = address.clone();
+        }
+        if let Some(level) = o.log_level {
+            self.log.level = level;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::from_toml("", "t").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let cfg = Config::from_toml(
+            "root = \"/srv/cas\"\naddress = \"/run/x.sock\"\n[log]\nlevel = \"debug\"\nformat = \"json\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(cfg.root, PathBuf::from("/srv/cas"));
+        assert_eq!(cfg.address, PathBuf::from("/run/x.sock"));
+        assert_eq!(cfg.log.level, LogLevel::Debug);
+        assert_eq!(cfg.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_top_level_key_names_key_and_file() {
+        let err = Config::from_toml("rooot = \"/x\"\n", "/etc/c.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("/etc/c.toml"), "{msg}");
+        assert!(msg.contains("rooot"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_nested_key_names_section() {
+        let err = Config::from_toml("[log]\nlevle = \"debug\"\n", "f.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("levle") && msg.contains("log"), "{msg}");
+        assert!(msg.contains("f.toml"), "{msg}");
+    }
+
+    #[test]
+    fn bad_value_names_key() {
+        let err = Config::from_toml("[log]\nlevel = \"loud\"\n", "f.toml").unwrap_err();
+        match &err {
+            ConfigError::Invalid { key, message, .. } => {
+                assert_eq!(key, "log.level");
+                assert!(message.contains("loud"), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let err = Config::from_toml("root = 5\n", "f.toml").unwrap_err();
+        assert!(err.to_string().contains("`root`"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_are_rejected() {
+        let err = Config::from_toml("root = \"rel\"\n", "f.toml").unwrap_err();
+        assert!(err.to_string().contains("`root`"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "root = \"/a\"\n[log]\nlevel = \"warn\"\n").unwrap();
+        let cfg = Config::load(
+            Some(&path),
+            &Overrides {
+                root: Some("/b".into()),
+                address: None,
+                log_level: Some(LogLevel::Trace),
+            },
+        )
+        .unwrap();
+        assert_eq!(cfg.root, PathBuf::from("/b"));
+        assert_eq!(cfg.address, PathBuf::from(DEFAULT_ADDRESS));
+        assert_eq!(cfg.log.level, LogLevel::Trace);
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/c.toml")), &Overrides::default())
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    }
+}

@@ -1,0 +1,19 @@
+//! `ringio` owns every raw system call of cas-snapshotter.
+//!
+//! The rest of the workspace is `#![forbid(unsafe_code)]`; what it needs from the kernel
+//! beyond `std` comes through this crate. Its planned shape (see the design map):
+//!
+//! * io_uring worker threads, one tokio-uring runtime, ring and registered fixed-buffer
+//!   pool each, fed through bounded channels so producers wait instead of queueing;
+//! * the layer-unpack write pipeline and fixed-buffer reads of blobs and objects;
+//! * atomic writes: `pwritev2(RWF_ATOMIC)` where `statx` reports an atomic unit,
+//!   otherwise temp file + fsync + rename + directory fsync;
+//! * a plain-syscall fallback with the same API where io_uring is unavailable.
+//!
+//! Today it provides the durable-publish primitives of the fallback path
+//! ([`durable`]), which the store's layout and commit code build on.
+//!
+//! Every `unsafe` block carries a `// SAFETY:` comment naming the invariant and who
+//! upholds it; buffers handed to the kernel are never touched until their completion.
+
+pub mod durable;
