@@ -1,0 +1,126 @@
+//! The daemon's error type and its one mapping to gRPC status codes.
+//!
+//! containerd's proxy client turns the status code back into its `errdefs` errors, and
+//! callers branch on them (an `AlreadyExists` on Prepare during a pull means "another
+//! pull is unpacking this layer", a `NotFound` on Stat means "unpack it"). So every
+//! variant maps to the code containerd's own snapshotters return for the same case,
+//! explicitly, in [`From<SnapshotError> for tonic::Status`]; only genuine internal
+//! failures become `Internal`.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Everything a Snapshots request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// No snapshot has this key or name.
+    #[error("snapshot {0:?} does not exist")]
+    NotFound(String),
+    /// A snapshot with this key or name already exists.
+    #[error("snapshot {0:?} already exists")]
+    AlreadyExists(String),
+    /// The snapshot exists but is in the wrong state for the call.
+    #[error("snapshot {key:?}: {reason}")]
+    FailedPrecondition {
+        /// The snapshot.
+        key: String,
+        /// What is wrong (e.g. "not active", "has children").
+        reason: &'static str,
+    },
+    /// The request itself is malformed (empty key, immutable field path, bad filter).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The metadata index failed.
+    #[error("metadata index: {0}")]
+    Index(#[from] sled::Error),
+    /// A metadata record could not be decoded (index corruption).
+    #[error("metadata record of {key:?} is corrupt: {source}")]
+    Corrupt {
+        /// The snapshot whose record failed to decode.
+        key: String,
+        /// The decoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A filesystem operation on the store failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was attempted.
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A blocking task panicked or was cancelled.
+    #[error("background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl SnapshotError {
+    /// Builds a closure that wraps an [`io::Error`] with its operation and path.
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Self {
+        let path = path.into();
+        move |source| SnapshotError::Io { op, path, source }
+    }
+}
+
+/// The one place where errors become gRPC codes.
+impl From<SnapshotError> for tonic::Status {
+    fn from(err: SnapshotError) -> Self {
+        let msg = err.to_string();
+        match err {
+            SnapshotError::NotFound(_) => tonic::Status::not_found(msg),
+            SnapshotError::AlreadyExists(_) => tonic::Status::already_exists(msg),
+            SnapshotError::FailedPrecondition { .. } => tonic::Status::failed_precondition(msg),
+            SnapshotError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+            SnapshotError::Io { ref source, .. }
+                if source.raw_os_error() == Some(nix::libc::ENOSPC) =>
+            {
+                tonic::Status::resource_exhausted(msg)
+            }
+            SnapshotError::Index(_)
+            | SnapshotError::Corrupt { .. }
+            | SnapshotError::Io { .. }
+            | SnapshotError::Task(_) => {
+                tracing::error!(error = %msg, "internal error");
+                tonic::Status::internal(msg)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn codes_match_containerd_errdefs() {
+        let code = |e: SnapshotError| tonic::Status::from(e).code();
+        assert_eq!(code(SnapshotError::NotFound("k".into())), Code::NotFound);
+        assert_eq!(
+            code(SnapshotError::AlreadyExists("k".into())),
+            Code::AlreadyExists
+        );
+        assert_eq!(
+            code(SnapshotError::FailedPrecondition {
+                key: "k".into(),
+                reason: "not active"
+            }),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(SnapshotError::InvalidArgument("x".into())),
+            Code::InvalidArgument
+        );
+        let enospc = io::Error::from_raw_os_error(nix::libc::ENOSPC);
+        assert_eq!(
+            code(SnapshotError::io("mkdir", "/x")(enospc)),
+            Code::ResourceExhausted
+        );
+        let eio = io::Error::from_raw_os_error(nix::libc::EIO);
+        assert_eq!(code(SnapshotError::io("mkdir", "/x")(eio)), Code::Internal);
+    }
+}

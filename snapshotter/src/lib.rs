@@ -1,0 +1,26 @@
+//! The cas-snapshotter daemon: containerd's Snapshots service over a unix socket.
+//!
+//! containerd loads it as a proxy plugin (`[proxy_plugins.cas] type = "snapshot"`) and
+//! sends every Prepare/View/Commit/Remove/Stat/Update/Usage/Walk/Cleanup of the `cas`
+//! snapshotter here. This crate owns:
+//!
+//! * [`service`]: the containerd snapshotter contract (kinds, parents, labels, errors)
+//!   over the store's directories, with crash-safe ordering of directory and metadata
+//!   changes;
+//! * [`meta`]: snapshot metadata in sled under `<root>/index`;
+//! * [`mounts`]: mount planning, pure and unit-tested (the shapes of containerd's
+//!   overlayfs snapshotter);
+//! * [`filter`]: containerd's filter language for Walk;
+//! * [`error`]: the one mapping from errors to gRPC status codes;
+//! * [`server`]: socket handling and graceful shutdown.
+//!
+//! The on-disk layout belongs to the `cas` crate, raw syscalls to `ringio`, the
+//! configuration to `config`.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod filter;
+pub mod meta;
+pub mod mounts;
+pub mod server;
+pub mod service;

@@ -1,0 +1,75 @@
+//! `cas-snapshotter --root DIR --address SOCK [--config FILE]`: the daemon.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use cas_snapshotter::{server, service::CasSnapshotter};
+use clap::Parser;
+use config::{Config, LogFormat, LogLevel, Overrides};
+use tracing::info;
+
+/// containerd remote snapshotter backed by a deduplicating content-addressed store.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Store root (default /var/lib/cas-snapshotter, or `root` in the config file).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Unix socket to serve on (default /run/cas-snapshotter/snapshotter.sock).
+    #[arg(long)]
+    address: Option<PathBuf>,
+    /// TOML config file (default /etc/cas-snapshotter/config.toml when it exists).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Log level: trace, debug, info, warn, error.
+    #[arg(long)]
+    log_level: Option<LogLevel>,
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "{},sled=warn,h2=warn,tower=warn",
+            cfg.log.level
+        ))
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let overrides = Overrides {
+        root: args.root,
+        address: args.address,
+        log_level: args.log_level,
+    };
+    let cfg = Config::load(args.config.as_deref(), &overrides)?;
+    init_logging(&cfg);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("cas-grpc")
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        let layout = cas::Layout::ensure(&cfg.root)
+            .with_context(|| format!("opening store at {}", cfg.root.display()))?;
+        let snapshotter = Arc::new(
+            CasSnapshotter::open(layout)
+                .with_context(|| format!("opening store at {}", cfg.root.display()))?,
+        );
+        let listener = server::bind(&cfg.address)?;
+        info!(root = %cfg.root.display(), address = %cfg.address.display(), "serving containerd snapshots API");
+        server::serve(snapshotter, listener, &cfg.address).await?;
+        info!("stopped");
+        anyhow::Ok(())
+    })
+}
