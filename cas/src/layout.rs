@@ -23,7 +23,9 @@ pub enum LayoutError {
         source: io::Error,
     },
     /// The root was written by an incompatible version.
-    #[error("{path}: unsupported layout version {found:?} (this build reads version {LAYOUT_VERSION})")]
+    #[error(
+        "{path}: unsupported layout version {found:?} (this build reads version {LAYOUT_VERSION})"
+    )]
     Version {
         /// The marker file.
         path: PathBuf,
@@ -60,11 +62,21 @@ impl Layout {
         let marker = layout.root.join(LAYOUT_FILE);
         match fs::read_to_string(&marker) {
             Ok(found) if found.trim() == LAYOUT_VERSION.to_string() => {}
-            Ok(found) => return Err(LayoutError::Version { path: marker, found }),
+            Ok(found) => {
+                return Err(LayoutError::Version {
+                    path: marker,
+                    found,
+                })
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 ringio::durable::replace_file(&marker, format!("{LAYOUT_VERSION}\n").as_bytes())?;
             }
-            Err(source) => return Err(LayoutError::Io { path: marker, source }),
+            Err(source) => {
+                return Err(LayoutError::Io {
+                    path: marker,
+                    source,
+                })
+            }
         }
         Ok(layout)
     }
@@ -104,7 +116,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let l = Layout::ensure(dir.path()).unwrap();
         Layout::ensure(dir.path()).unwrap();
-        for d in [l.objects_dir(), l.tmp_dir(), l.snapshots_dir(), l.index_dir()] {
+        for d in [
+            l.objects_dir(),
+            l.tmp_dir(),
+            l.snapshots_dir(),
+            l.index_dir(),
+        ] {
             assert!(d.is_dir(), "{}", d.display());
         }
         assert_eq!(l.snapshot_dir(7), dir.path().join("snapshots/7"));

@@ -4,21 +4,35 @@
 //! <root>/
 //!   layout               version marker of this layout (written once, durably)
 //!   cas/objects/ab/cdef… one file per distinct content, named by sha256; immutable;
-//!                        overlayfs' data-only lower layer
-//!   cas/tmp/             in-flight object writes, swept at start
-//!   snapshots/<id>/fs    a layer tree; in committed layers regular files become stubs
+//!                        mode 0444, owner root, no xattrs; overlayfs' data-only lower layer
+//!   cas/tmp/             in-flight object links and stubs, swept at start
+//!   snapshots/<id>/fs    a layer tree; in committed layers regular files are stubs
 //!   snapshots/<id>/work  overlay workdir of active snapshots
 //!   snapshots/<id>/manifest  a committed layer's file list (authoritative)
 //!   index/               sled: snapshot metadata and object refcounts (rebuildable)
 //!   journal              commit intent records
 //! ```
 //!
-//! Everything lives on one filesystem so that every publish is a `rename(2)`.
-//! Objects and manifests are the truth; `index/` is derived from them and can be
-//! rebuilt. This crate currently owns the layout ([`Layout`]); ingest with dedup,
-//! refcounts, GC, fsck and index rebuild grow here on top of it.
+//! Everything lives on one filesystem so that every publish is a `rename(2)` or
+//! `link(2)`. Objects and manifests are the truth; `index/` is derived from them and can
+//! be rebuilt.
+//!
+//! * [`layout`]: the directories above;
+//! * [`digest`]: [`Digest`], an object's name;
+//! * [`objects`]: publishing objects idempotently;
+//! * [`stub`]: metadata stubs and the rule that layers never bring overlayfs xattrs;
+//! * [`manifest`]: a layer's path → object list;
+//! * [`ingest`]: a layer tree → stubs + objects + manifest, at Commit.
 #![forbid(unsafe_code)]
 
+pub mod digest;
+pub mod error;
+pub mod ingest;
 pub mod layout;
+pub mod manifest;
+pub mod objects;
+pub mod stub;
 
+pub use digest::Digest;
+pub use error::CasError;
 pub use layout::{Layout, LayoutError};

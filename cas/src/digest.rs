@@ -1,0 +1,134 @@
+//! [`Digest`]: the name of a CAS object (sha256 of its bytes).
+
+use std::fmt;
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use sha2::{Digest as _, Sha256};
+
+/// Bytes read per `read(2)` while hashing; bounded memory whatever the file size.
+const HASH_CHUNK: usize = 1 << 20;
+
+/// A sha256 content digest, held as 32 raw bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest([u8; 32]);
+
+/// A string that is not 64 lowercase hex digits (optionally prefixed `sha256:`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid sha256 digest {0:?}")]
+pub struct DigestParseError(pub String);
+
+impl Digest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Digest {
+        Digest(Sha256::digest(bytes).into())
+    }
+
+    /// Streams `reader` to its end; returns the digest and the number of bytes read.
+    pub fn of_reader(mut reader: impl Read) -> io::Result<(Digest, u64)> {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; HASH_CHUNK];
+        let mut total = 0u64;
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    hasher.update(&buf[..n]);
+                    total += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((Digest(hasher.finalize().into()), total))
+    }
+
+    /// Lowercase hex, 64 characters.
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Path of the object below the objects directory: `ab/cdef…` (fan-out on the first
+    /// byte keeps directories small).
+    pub fn object_relpath(&self) -> PathBuf {
+        let h = self.hex();
+        PathBuf::from(&h[..2]).join(&h[2..])
+    }
+
+    /// The overlayfs redirect that points a metacopy stub at this object in the
+    /// data-only lower layer: `/ab/cdef…`.
+    pub fn redirect(&self) -> String {
+        let h = self.hex();
+        format!("/{}/{}", &h[..2], &h[2..])
+    }
+}
+
+impl FromStr for Digest {
+    type Err = DigestParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let hexpart = s.strip_prefix("sha256:").unwrap_or(s);
+        let bad = || DigestParseError(s.to_string());
+        if hexpart.len() != 64
+            || hexpart
+                .bytes()
+                .any(|b| !matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(hexpart, &mut out).map_err(|_| bad())?;
+        Ok(Digest(out))
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.hex())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", self.hex())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EMPTY: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn known_values_and_round_trip() {
+        let d = Digest::of(b"");
+        assert_eq!(d.hex(), EMPTY);
+        assert_eq!(d.to_string(), format!("sha256:{EMPTY}"));
+        assert_eq!(d, EMPTY.parse().unwrap());
+        assert_eq!(d, format!("sha256:{EMPTY}").parse().unwrap());
+        assert_eq!(d.object_relpath(), PathBuf::from("e3").join(&EMPTY[2..]));
+        assert_eq!(d.redirect(), format!("/e3/{}", &EMPTY[2..]));
+    }
+
+    #[test]
+    fn reader_matches_slice() {
+        let data = vec![7u8; HASH_CHUNK * 2 + 17];
+        let (d, n) = Digest::of_reader(&data[..]).unwrap();
+        assert_eq!(n, data.len() as u64);
+        assert_eq!(d, Digest::of(&data));
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        for bad in [
+            "",
+            "sha256:",
+            &EMPTY[1..],
+            &EMPTY.to_uppercase(),
+            "../../etc/passwd",
+        ] {
+            assert!(bad.parse::<Digest>().is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! Errors of the store.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Everything the store can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CasError {
+    /// A filesystem operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was attempted.
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A layer entry would make the store unsafe (e.g. an entry outside the layer).
+    #[error("{path}: {reason}")]
+    Hostile {
+        /// The offending entry.
+        path: PathBuf,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// A durable publish (temp + fsync + rename) failed.
+    #[error(transparent)]
+    Durable(#[from] ringio::durable::DurableError),
+    /// A manifest line could not be parsed.
+    #[error("manifest {path} line {line}: {reason}")]
+    Manifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl CasError {
+    /// Builds a closure that wraps an [`io::Error`] with its operation and path.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> CasError {
+        let path = path.into();
+        move |source| CasError::Io { op, path, source }
+    }
+
+    /// Whether the underlying cause is a full disk.
+    pub fn is_enospc(&self) -> bool {
+        matches!(self, CasError::Io { source, .. } if source.raw_os_error() == Some(nix::libc::ENOSPC))
+    }
+}

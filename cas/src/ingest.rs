@@ -1,0 +1,187 @@
+//! Ingest at Commit: turn a layer tree into stubs + objects + manifest.
+//!
+//! For every regular file of the layer (`snapshots/<id>/fs`):
+//!
+//! 1. hash it (streaming, bounded memory);
+//! 2. write a stub for it in `cas/tmp` (size, owner, mode, times, own xattrs,
+//!    metacopy + redirect);
+//! 3. publish the file's own inode as the object (`link`, or drop it when the content is
+//!    already stored: that is the dedup);
+//! 4. rename the stub over the file.
+//!
+//! Further names of a hardlinked inode become hardlinks of its stub, so hardlinks stay
+//! hardlinks. Empty files stay plain files (there are no bytes to share). Directory times
+//! are restored after their entries were replaced, so the layer reads exactly as before.
+//! Each directory is read completely before any of its entries changes, so replacing
+//! entries cannot confuse the walk. Any `trusted.overlay.*` xattr a file arrived with is
+//! dropped (see [`crate::stub`]).
+//!
+//! Objects are made durable with one `syncfs` per layer, before the manifest is
+//! published; never one fsync per file.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::sys::stat::{utimensat, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+
+use crate::digest::Digest;
+use crate::error::CasError;
+use crate::manifest::{ManifestEntry, ManifestWriter};
+use crate::objects::{ObjectStore, Publish};
+use crate::stub::{is_overlay_private, own_xattrs, write_stub};
+
+/// What one ingest did; the figures behind dedup statistics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IngestStats {
+    /// Regular files turned into stubs (each hardlinked name counted).
+    pub files: u64,
+    /// Their bytes, each inode once: what overlayfs would have stored.
+    pub logical_bytes: u64,
+    /// Objects this layer added to the store.
+    pub new_objects: u64,
+    /// Bytes of those objects.
+    pub new_bytes: u64,
+    /// `trusted.overlay.*` xattrs dropped from the layer's files.
+    pub dropped_overlay_xattrs: u64,
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn tmp_name(store_tmp: &Path, what: &str) -> PathBuf {
+    store_tmp.join(format!(
+        "{what}.{}.{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Ingests the layer tree at `fs_dir` into `store`, writing its manifest to `manifest`.
+/// `tmp_dir` must be on the same filesystem (the store's `cas/tmp`).
+pub fn ingest_layer(
+    store: &ObjectStore,
+    tmp_dir: &Path,
+    fs_dir: &Path,
+    manifest: &Path,
+) -> Result<IngestStats, CasError> {
+    let mut stats = IngestStats::default();
+    let mut writer = ManifestWriter::create(manifest)?;
+    // (dev, ino) of a hardlinked original -> (stub path, digest, size)
+    let mut linked: HashMap<(u64, u64), (PathBuf, Digest, u64)> = HashMap::new();
+    let mut dir_times: Vec<(PathBuf, TimeSpec, TimeSpec)> = Vec::new();
+
+    let walk = walkdir::WalkDir::new(fs_dir)
+        .follow_links(false)
+        .same_file_system(true)
+        .sort_by_file_name();
+    for entry in walk {
+        let entry = entry.map_err(|e| {
+            let path = e.path().unwrap_or(fs_dir).to_path_buf();
+            CasError::io("walk", path)(
+                e.into_io_error()
+                    .unwrap_or_else(|| std::io::Error::other("filesystem loop")),
+            )
+        })?;
+        let path = entry.path();
+        let md = fs::symlink_metadata(path).map_err(CasError::io("stat", path))?;
+        let ft = md.file_type();
+        if ft.is_dir() {
+            dir_times.push((
+                path.to_path_buf(),
+                TimeSpec::new(md.atime(), md.atime_nsec()),
+                TimeSpec::new(md.mtime(), md.mtime_nsec()),
+            ));
+            continue;
+        }
+        if !ft.is_file() {
+            continue;
+        }
+        let rel = path.strip_prefix(fs_dir).unwrap_or(path).to_path_buf();
+        let key = (md.dev(), md.ino());
+        if md.nlink() > 1 {
+            if let Some((stub, digest, size)) = linked.get(&key) {
+                let tmp = tmp_name(tmp_dir, "link");
+                fs::hard_link(stub, &tmp).map_err(CasError::io("link", &tmp))?;
+                fs::rename(&tmp, path).map_err(CasError::io("rename", path))?;
+                writer.push(&ManifestEntry {
+                    path: rel,
+                    digest: *digest,
+                    size: *size,
+                })?;
+                stats.files += 1;
+                continue;
+            }
+        }
+        let xattrs = own_xattrs(path)?;
+        let all = xattr::list(path).map_err(CasError::io("listxattr", path))?;
+        let dropped = all.filter(|n| is_overlay_private(n)).count() as u64;
+        stats.dropped_overlay_xattrs += dropped;
+        if md.size() == 0 {
+            if dropped > 0 {
+                strip_overlay_xattrs(path)?;
+            }
+            continue;
+        }
+        let file = File::open(path).map_err(CasError::io("open", path))?;
+        let (digest, size) = Digest::of_reader(&file).map_err(CasError::io("read", path))?;
+        drop(file);
+        if size != md.size() {
+            return Err(CasError::Hostile {
+                path: path.to_path_buf(),
+                reason: "file changed size while the layer was being committed",
+            });
+        }
+        let tmp = tmp_name(tmp_dir, "stub");
+        let built = write_stub(&tmp, &md, &xattrs, &digest).and_then(|_| {
+            match store.ensure_from_inode(path, &digest)? {
+                Publish::New => {
+                    stats.new_objects += 1;
+                    stats.new_bytes += size;
+                }
+                Publish::Existing => {}
+            }
+            fs::rename(&tmp, path).map_err(CasError::io("rename", path))
+        });
+        if let Err(e) = built {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        if md.nlink() > 1 {
+            linked.insert(key, (path.to_path_buf(), digest, size));
+        }
+        writer.push(&ManifestEntry {
+            path: rel,
+            digest,
+            size,
+        })?;
+        stats.files += 1;
+        stats.logical_bytes += size;
+    }
+    for (dir, atime, mtime) in dir_times.iter().rev() {
+        utimensat(
+            None,
+            dir.as_path(),
+            atime,
+            mtime,
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(|e| CasError::io("utimens", dir)(e.into()))?;
+    }
+    let root = File::open(fs_dir).map_err(CasError::io("open", fs_dir))?;
+    nix::unistd::syncfs(root.as_raw_fd()).map_err(|e| CasError::io("syncfs", fs_dir)(e.into()))?;
+    writer.finish()?;
+    Ok(stats)
+}
+
+fn strip_overlay_xattrs(path: &Path) -> Result<(), CasError> {
+    for name in xattr::list(path).map_err(CasError::io("listxattr", path))? {
+        if is_overlay_private(&name) {
+            xattr::remove(path, &name).map_err(CasError::io("removexattr", path))?;
+        }
+    }
+    Ok(())
+}

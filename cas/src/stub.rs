@@ -1,0 +1,107 @@
+//! Metadata stubs: what a committed layer holds in place of each regular file.
+//!
+//! A stub is a sparse file with the original size, mode, owner, times and the file's own
+//! xattrs, plus two overlayfs xattrs:
+//!
+//! * `trusted.overlay.metacopy` (empty): "my data is elsewhere";
+//! * `trusted.overlay.redirect` = `/ab/cdef…`: "at this path in the data-only lower".
+//!
+//! Mounted as `lowerdir=<stubs…>::<cas/objects>`, overlayfs takes metadata from the stub
+//! and bytes from the object, and copies up on write, leaving the object untouched.
+//!
+//! Trust: only stubs written here carry these xattrs. Any `trusted.overlay.*` xattr that
+//! arrives with a layer's file is dropped ([`is_overlay_private`]), so a layer cannot
+//! point a file at another image's object.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::{File, Metadata, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use nix::sys::stat::futimens;
+use nix::sys::time::TimeSpec;
+use xattr::FileExt;
+
+use crate::digest::Digest;
+use crate::error::CasError;
+
+/// Marks a stub as metadata-only.
+pub const XATTR_METACOPY: &str = "trusted.overlay.metacopy";
+/// Points a stub at its object in the data-only lower layer.
+pub const XATTR_REDIRECT: &str = "trusted.overlay.redirect";
+
+/// Whether an xattr belongs to overlayfs itself and must never be taken from a layer.
+pub fn is_overlay_private(name: &OsStr) -> bool {
+    name.as_bytes().starts_with(b"trusted.overlay.")
+}
+
+/// The xattrs of `path` that a stub must carry: all of the file's own, minus overlayfs'.
+pub fn own_xattrs(path: &Path) -> Result<Vec<(OsString, Vec<u8>)>, CasError> {
+    let mut out = Vec::new();
+    for name in xattr::list(path).map_err(CasError::io("listxattr", path))? {
+        if is_overlay_private(&name) {
+            continue;
+        }
+        if let Some(value) = xattr::get(path, &name).map_err(CasError::io("getxattr", path))? {
+            out.push((name, value));
+        }
+    }
+    Ok(out)
+}
+
+/// Creates at `at` (which must not exist) a stub for a file with metadata `md` and
+/// xattrs `xattrs` whose bytes are the object `digest`.
+pub fn write_stub(
+    at: &Path,
+    md: &Metadata,
+    xattrs: &[(OsString, Vec<u8>)],
+    digest: &Digest,
+) -> Result<File, CasError> {
+    let io = |op| CasError::io(op, at);
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(at)
+        .map_err(io("create"))?;
+    f.set_len(md.size()).map_err(io("truncate"))?;
+    // chown clears set-id bits and file capabilities: owner first, then mode and xattrs.
+    nix::unistd::fchown(f.as_raw_fd(), Some(md.uid().into()), Some(md.gid().into()))
+        .map_err(|e| io("chown")(e.into()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(md.mode() & 0o7777))
+        .map_err(io("chmod"))?;
+    for (name, value) in xattrs {
+        f.set_xattr(name, value).map_err(io("setxattr"))?;
+    }
+    f.set_xattr(XATTR_METACOPY, b"").map_err(io("setxattr"))?;
+    f.set_xattr(XATTR_REDIRECT, digest.redirect().as_bytes())
+        .map_err(io("setxattr"))?;
+    let atime = TimeSpec::new(md.atime(), md.atime_nsec());
+    let mtime = TimeSpec::new(md.mtime(), md.mtime_nsec());
+    futimens(f.as_raw_fd(), &atime, &mtime).map_err(|e| io("utimens")(e.into()))?;
+    Ok(f)
+}
+
+/// The object a stub points at, or `None` if `path` is not one of our stubs.
+pub fn stub_target(path: &Path) -> Result<Option<Digest>, CasError> {
+    let Some(redirect) =
+        xattr::get(path, XATTR_REDIRECT).map_err(CasError::io("getxattr", path))?
+    else {
+        return Ok(None);
+    };
+    if xattr::get(path, XATTR_METACOPY)
+        .map_err(CasError::io("getxattr", path))?
+        .is_none()
+    {
+        return Ok(None);
+    }
+    let text = String::from_utf8_lossy(&redirect);
+    let hex: String = text
+        .trim_start_matches('/')
+        .chars()
+        .filter(|&c| c != '/')
+        .collect();
+    Ok(hex.parse().ok())
+}
