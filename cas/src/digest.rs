@@ -44,6 +44,16 @@ impl Digest {
         Ok((Digest(hasher.finalize().into()), total))
     }
 
+    /// The digest with these raw bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Digest {
+        Digest(bytes)
+    }
+
+    /// The raw bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// Lowercase hex, 64 characters.
     pub fn hex(&self) -> String {
         hex::encode(self.0)

@@ -28,6 +28,9 @@ pub enum CasError {
     /// A durable publish (temp + fsync + rename) failed.
     #[error(transparent)]
     Durable(#[from] ringio::durable::DurableError),
+    /// The index failed.
+    #[error(transparent)]
+    Index(#[from] crate::index::IndexError),
     /// A manifest line could not be parsed.
     #[error("manifest {path} line {line}: {reason}")]
     Manifest {

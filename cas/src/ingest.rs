@@ -10,7 +10,16 @@
 //! 4. rename the stub over the file.
 //!
 //! Further names of a hardlinked inode become hardlinks of its stub, so hardlinks stay
-//! hardlinks. Empty files stay plain files (there are no bytes to share). Directory times
+//! hardlinks.
+//!
+//! Metadata-only copy-ups: mounts use `metacopy=on`, so a chmod, chown or xattr change
+//! of a file from a lower layer leaves in the upper a file with `trusted.overlay.metacopy`
+//! and no data, whose bytes are those of the same path (or of its `redirect`) in the
+//! layers below. Such a file is trusted only when the snapshot has parents (then the
+//! upper was only ever written through overlayfs or by containerd's applier, which
+//! refuses `trusted.*` xattrs): its object is taken from the lower stub it copies. In a
+//! parentless layer, which a client may have written through a plain bind mount, the
+//! xattrs are dropped and the file is stored as the bytes it holds. Empty files stay plain files (there are no bytes to share). Directory times
 //! are restored after their entries were replaced, so the layer reads exactly as before.
 //! Each directory is read completely before any of its entries changes, so replacing
 //! entries cannot confuse the walk. Any `trusted.overlay.*` xattr a file arrived with is
@@ -33,7 +42,11 @@ use crate::digest::Digest;
 use crate::error::CasError;
 use crate::manifest::{ManifestEntry, ManifestWriter};
 use crate::objects::{ObjectStore, Publish};
-use crate::stub::{is_overlay_private, own_xattrs, write_stub};
+use std::os::unix::ffi::OsStrExt;
+
+use crate::stub::{
+    is_overlay_private, own_xattrs, stub_target, write_stub, XATTR_METACOPY, XATTR_REDIRECT,
+};
 
 /// What one ingest did; the figures behind dedup statistics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -61,11 +74,14 @@ fn tmp_name(store_tmp: &Path, what: &str) -> PathBuf {
 }
 
 /// Ingests the layer tree at `fs_dir` into `store`, writing its manifest to `manifest`.
-/// `tmp_dir` must be on the same filesystem (the store's `cas/tmp`).
+/// `tmp_dir` must be on the same filesystem (the store's `cas/tmp`). `lowers` are the
+/// stub trees the snapshot was mounted over, topmost first (empty for a parentless
+/// snapshot).
 pub fn ingest_layer(
     store: &ObjectStore,
     tmp_dir: &Path,
     fs_dir: &Path,
+    lowers: &[PathBuf],
     manifest: &Path,
 ) -> Result<IngestStats, CasError> {
     let mut stats = IngestStats::default();
@@ -90,6 +106,14 @@ pub fn ingest_layer(
         let md = fs::symlink_metadata(path).map_err(CasError::io("stat", path))?;
         let ft = md.file_type();
         if ft.is_dir() {
+            if xattr::get(path, XATTR_REDIRECT)
+                .map_err(CasError::io("getxattr", path))?
+                .is_some()
+            {
+                // overlayfs never writes directory redirects here (no redirect_dir=on)
+                xattr::remove(path, XATTR_REDIRECT).map_err(CasError::io("removexattr", path))?;
+                stats.dropped_overlay_xattrs += 1;
+            }
             dir_times.push((
                 path.to_path_buf(),
                 TimeSpec::new(md.atime(), md.atime_nsec()),
@@ -117,13 +141,35 @@ pub fn ingest_layer(
             }
         }
         let xattrs = own_xattrs(path)?;
+        if !lowers.is_empty() && md.size() > 0 && is_metacopy(path)? {
+            let digest = copied_up_object(path, &rel, lowers)?;
+            let size = md.size();
+            let tmp = tmp_name(tmp_dir, "stub");
+            let built = write_stub(&tmp, &md, &xattrs, &digest)
+                .and_then(|_| fs::rename(&tmp, path).map_err(CasError::io("rename", path)));
+            if let Err(e) = built {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+            if md.nlink() > 1 {
+                linked.insert(key, (path.to_path_buf(), digest, size));
+            }
+            writer.push(&ManifestEntry {
+                path: rel,
+                digest,
+                size,
+            })?;
+            stats.files += 1;
+            stats.logical_bytes += size;
+            continue;
+        }
         let all = xattr::list(path).map_err(CasError::io("listxattr", path))?;
         let dropped = all.filter(|n| is_overlay_private(n)).count() as u64;
         stats.dropped_overlay_xattrs += dropped;
+        if dropped > 0 {
+            strip_overlay_xattrs(path)?;
+        }
         if md.size() == 0 {
-            if dropped > 0 {
-                strip_overlay_xattrs(path)?;
-            }
             continue;
         }
         let file = File::open(path).map_err(CasError::io("open", path))?;
@@ -175,6 +221,55 @@ pub fn ingest_layer(
     nix::unistd::syncfs(root.as_raw_fd()).map_err(|e| CasError::io("syncfs", fs_dir)(e.into()))?;
     writer.finish()?;
     Ok(stats)
+}
+
+fn is_metacopy(path: &Path) -> Result<bool, CasError> {
+    Ok(xattr::get(path, XATTR_METACOPY)
+        .map_err(CasError::io("getxattr", path))?
+        .is_some())
+}
+
+/// The object behind a metadata-only copy-up at `rel`: the stub of the same path (or of
+/// the path its `redirect` names) in the topmost lower layer that has it.
+fn copied_up_object(path: &Path, rel: &Path, lowers: &[PathBuf]) -> Result<Digest, CasError> {
+    let origin = match xattr::get(path, XATTR_REDIRECT).map_err(CasError::io("getxattr", path))? {
+        Some(r) => {
+            let r = PathBuf::from(std::ffi::OsStr::from_bytes(&r));
+            if r.is_absolute() {
+                r.strip_prefix("/").unwrap_or(&r).to_path_buf()
+            } else {
+                rel.parent().unwrap_or(Path::new("")).join(r)
+            }
+        }
+        None => rel.to_path_buf(),
+    };
+    if origin
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(CasError::Hostile {
+            path: path.to_path_buf(),
+            reason: "metacopy redirect leaves the layer",
+        });
+    }
+    for lower in lowers {
+        let candidate = lower.join(&origin);
+        match fs::symlink_metadata(&candidate) {
+            Ok(md) if md.is_file() => {
+                if let Some(d) = stub_target(&candidate)? {
+                    return Ok(d);
+                }
+                break;
+            }
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(CasError::io("stat", candidate)(e)),
+        }
+    }
+    Err(CasError::Hostile {
+        path: path.to_path_buf(),
+        reason: "metadata-only copy-up whose data is in no lower layer",
+    })
 }
 
 fn strip_overlay_xattrs(path: &Path) -> Result<(), CasError> {

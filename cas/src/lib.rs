@@ -22,11 +22,17 @@
 //! * [`objects`]: publishing objects idempotently;
 //! * [`stub`]: metadata stubs and the rule that layers never bring overlayfs xattrs;
 //! * [`manifest`]: a layer's path → object list;
-//! * [`ingest`]: a layer tree → stubs + objects + manifest, at Commit.
+//! * [`ingest`]: a layer tree → stubs + objects + manifest, at Commit;
+//! * [`index`]: snapshot records and object reference counts in sled;
+//! * [`flatten`]: one stub tree standing in for a chain too deep for one mount option;
+//! * [`gc`]: deleting objects no committed snapshot references.
 #![forbid(unsafe_code)]
 
 pub mod digest;
 pub mod error;
+pub mod flatten;
+pub mod gc;
+pub mod index;
 pub mod ingest;
 pub mod layout;
 pub mod manifest;

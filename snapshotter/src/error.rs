@@ -31,17 +31,11 @@ pub enum SnapshotError {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     /// The metadata index failed.
-    #[error("metadata index: {0}")]
-    Index(#[from] sled::Error),
-    /// A metadata record could not be decoded (index corruption).
-    #[error("metadata record of {key:?} is corrupt: {source}")]
-    Corrupt {
-        /// The snapshot whose record failed to decode.
-        key: String,
-        /// The decoder's error.
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error(transparent)]
+    Index(cas::index::IndexError),
+    /// The store failed (ingest, objects, manifests).
+    #[error(transparent)]
+    Store(#[from] cas::CasError),
     /// A filesystem operation on the store failed.
     #[error("{op} {path}: {source}")]
     Io {
@@ -56,6 +50,15 @@ pub enum SnapshotError {
     /// A blocking task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+impl From<cas::index::IndexError> for SnapshotError {
+    fn from(e: cas::index::IndexError) -> Self {
+        match e {
+            cas::index::IndexError::NotFound(key) => SnapshotError::NotFound(key),
+            other => SnapshotError::Index(other),
+        }
+    }
 }
 
 impl SnapshotError {
@@ -80,8 +83,12 @@ impl From<SnapshotError> for tonic::Status {
             {
                 tonic::Status::resource_exhausted(msg)
             }
+            SnapshotError::Store(ref e) if e.is_enospc() => tonic::Status::resource_exhausted(msg),
+            SnapshotError::Store(cas::CasError::Hostile { .. }) => {
+                tonic::Status::invalid_argument(msg)
+            }
             SnapshotError::Index(_)
-            | SnapshotError::Corrupt { .. }
+            | SnapshotError::Store(_)
             | SnapshotError::Io { .. }
             | SnapshotError::Task(_) => {
                 tracing::error!(error = %msg, "internal error");

@@ -7,7 +7,7 @@
 //! * [`service`]: the containerd snapshotter contract (kinds, parents, labels, errors)
 //!   over the store's directories, with crash-safe ordering of directory and metadata
 //!   changes;
-//! * [`meta`]: snapshot metadata in sled under `<root>/index`;
+//! * snapshot metadata and refcounts live in `cas::index` (sled under `<root>/index`);
 //! * [`mounts`]: mount planning, pure and unit-tested (the shapes of containerd's
 //!   overlayfs snapshotter);
 //! * [`filter`]: containerd's filter language for Walk;
@@ -20,7 +20,6 @@
 
 pub mod error;
 pub mod filter;
-pub mod meta;
 pub mod mounts;
 pub mod server;
 pub mod service;

@@ -1,34 +1,37 @@
 //! Mount planning: which mounts containerd gets for a snapshot.
 //!
 //! Pure functions of the snapshot's kind and ancestry, so every case is unit-tested
-//! without root. The shapes are exactly those of containerd's overlayfs snapshotter, so a
-//! client that knows that snapshotter sees nothing new:
+//! without root. Committed layers hold metadata stubs whose bytes live in the CAS, so any
+//! mount that shows a committed layer is an overlay with `cas/objects` as its data-only
+//! lower layer (`lowerdir=<layers>::<objects>`), even a view of a single layer, where
+//! containerd's overlayfs snapshotter would use a read-only bind mount:
 //!
-//! | snapshot                     | mount |
-//! | ---------------------------- | ----- |
-//! | active, no parent            | `bind` of `fs`, `rw,rbind` |
-//! | view, no parent              | `bind` of `fs`, `ro,rbind` |
-//! | view, one parent             | `bind` of the parent's `fs`, `ro,rbind` |
-//! | active with parents          | `overlay`: `workdir`, `upperdir`, `lowerdir=p1:p2:…` (immediate parent first) |
-//! | view with several parents    | `overlay`: `lowerdir=p1:p2:…` only (read-only) |
+//! | snapshot                 | mount |
+//! | ------------------------ | ----- |
+//! | active, no parent        | `bind` of `fs`, `rw,rbind` |
+//! | view, no parent          | `bind` of `fs`, `ro,rbind` (an empty tree) |
+//! | active with parents      | `overlay`: `workdir`, `upperdir`, `lowerdir=p1:p2:…::objects` (immediate parent first) |
+//! | view with parents        | `overlay`: `lowerdir=p1:p2:…::objects` only (read-only) |
 //!
 //! `index=off` is added when the kernel's overlay module has the `index` parameter, as
-//! containerd does (an overlay mounted with an inode index refuses to be mounted again
-//! with different lowers).
+//! containerd does. `metacopy=on` is required: without it overlayfs refuses (EPERM) a
+//! stub that shadows a file of the same name in a lower layer. It also makes a chmod or
+//! chown copy up metadata only; Commit resolves such upper files to the object of the
+//! lower stub they copy (see `cas::ingest`). Stubs and their xattrs are only ever
+//! written by ingest, which drops overlayfs xattrs that arrive with a layer, so
+//! `metacopy=on` never follows a redirect a client wrote.
 //!
-//! Deep chains: a `lowerdir` of 128 layers under `<root>/snapshots/<id>/fs` exceeds one
-//! page. containerd's mount code (`mount.All`, used by the shim, `ctr` and the
-//! conformance suite) then rewrites the option relative to the layers' common directory
-//! (`<root>/snapshots/`), leaving `<id>/fs` per layer: about 1 KiB for 128 layers.
-//! [`lowerdir_fits_after_compaction`] checks that budget.
+//! Deep chains: the option string is one `mount(2)` data page, and containerd's
+//! relative-path compaction does not understand `::`. When the layers do not fit,
+//! the plan names the parent's flattened tree (`snapshots/<parent>/flat`, see
+//! `cas::flatten`) as the only stub layer instead.
 
 use std::path::{Path, PathBuf};
 
+use cas::index::Kind;
 use containerd_snapshots::api::types::Mount;
 
-use crate::meta::Kind;
-
-/// One page: the most `mount(2)` accepts for its data argument.
+/// One page: the most `mount(2)` accepts for its data argument (with the trailing NUL).
 pub const PAGE_SIZE: usize = 4096;
 
 /// Kernel features that change the mount options; probed once at start.
@@ -47,73 +50,101 @@ impl OverlayFeatures {
     }
 }
 
-/// Plans mounts for snapshots under one `snapshots/` directory.
+/// The mounts of a snapshot, and the flattened tree they rely on, if any.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// What containerd gets.
+    pub mounts: Vec<Mount>,
+    /// The snapshot id whose `flat` tree must exist before the mounts are handed out.
+    pub flat: Option<u64>,
+}
+
+/// Plans mounts for snapshots under one store.
 #[derive(Debug, Clone)]
 pub struct MountPlanner {
     snapshots_dir: PathBuf,
+    objects_dir: PathBuf,
     features: OverlayFeatures,
 }
 
 impl MountPlanner {
-    /// A planner for the snapshots in `snapshots_dir`.
-    pub fn new(snapshots_dir: PathBuf, features: OverlayFeatures) -> MountPlanner {
+    /// A planner for the snapshots in `snapshots_dir` backed by `objects_dir`.
+    pub fn new(snapshots_dir: PathBuf, objects_dir: PathBuf, features: OverlayFeatures) -> Self {
         MountPlanner {
             snapshots_dir,
+            objects_dir,
             features,
         }
     }
 
+    /// `snapshots/<id>`.
+    pub fn snapshot_dir(&self, id: u64) -> PathBuf {
+        self.snapshots_dir.join(id.to_string())
+    }
+
     /// `snapshots/<id>/fs`: the layer tree (upperdir of an active snapshot).
     pub fn fs_dir(&self, id: u64) -> PathBuf {
-        self.snapshots_dir.join(id.to_string()).join("fs")
+        self.snapshot_dir(id).join("fs")
     }
 
     /// `snapshots/<id>/work`: the overlay workdir of an active snapshot.
     pub fn work_dir(&self, id: u64) -> PathBuf {
-        self.snapshots_dir.join(id.to_string()).join("work")
+        self.snapshot_dir(id).join("work")
+    }
+
+    /// `snapshots/<id>/flat`: the merged stub tree of `<id>` and all its ancestors.
+    pub fn flat_dir(&self, id: u64) -> PathBuf {
+        self.snapshot_dir(id).join("flat")
     }
 
     /// The mounts of snapshot `id` of `kind` whose ancestors are `parents` (immediate
     /// parent first).
-    pub fn plan(&self, kind: Kind, id: u64, parents: &[u64]) -> Vec<Mount> {
-        let bind = |dir: PathBuf, mode: &str| Mount {
-            r#type: "bind".into(),
-            source: dir.display().to_string(),
-            target: String::new(),
-            options: vec![mode.into(), "rbind".into()],
-        };
-        match (kind, parents) {
-            (Kind::View, []) => return vec![bind(self.fs_dir(id), "ro")],
-            (_, []) => return vec![bind(self.fs_dir(id), "rw")],
-            (Kind::View, [only]) => return vec![bind(self.fs_dir(*only), "ro")],
-            _ => {}
+    pub fn plan(&self, kind: Kind, id: u64, parents: &[u64]) -> Plan {
+        if parents.is_empty() {
+            let mode = if kind == Kind::View { "ro" } else { "rw" };
+            return Plan {
+                mounts: vec![Mount {
+                    r#type: "bind".into(),
+                    source: self.fs_dir(id).display().to_string(),
+                    target: String::new(),
+                    options: vec![mode.into(), "rbind".into()],
+                }],
+                flat: None,
+            };
         }
         let mut options = Vec::new();
         if self.features.index_param {
             options.push("index=off".to_string());
         }
+        options.push("metacopy=on".to_string());
         if kind != Kind::View {
             options.push(format!("workdir={}", self.work_dir(id).display()));
             options.push(format!("upperdir={}", self.fs_dir(id).display()));
         }
-        let lowers: Vec<String> = parents
+        let objects = self.objects_dir.display();
+        let layers: Vec<String> = parents
             .iter()
             .map(|p| self.fs_dir(*p).display().to_string())
             .collect();
-        options.push(format!("lowerdir={}", lowers.join(":")));
-        vec![Mount {
-            r#type: "overlay".into(),
-            source: "overlay".into(),
-            target: String::new(),
-            options,
-        }]
-    }
-
-    /// Whether a `lowerdir` over `parents` fits in one page once containerd has made it
-    /// relative to `snapshots/` (see the module docs).
-    pub fn lowerdir_fits_after_compaction(&self, parents: &[u64]) -> bool {
-        let rel: usize = parents.iter().map(|p| format!("{p}/fs").len() + 1).sum();
-        "lowerdir=".len() + rel < PAGE_SIZE
+        options.push(format!("lowerdir={}::{objects}", layers.join(":")));
+        let mut flat = None;
+        if options.join(",").len() >= PAGE_SIZE {
+            options.pop();
+            options.push(format!(
+                "lowerdir={}::{objects}",
+                self.flat_dir(parents[0]).display()
+            ));
+            flat = Some(parents[0]);
+        }
+        Plan {
+            mounts: vec![Mount {
+                r#type: "overlay".into(),
+                source: "overlay".into(),
+                target: String::new(),
+                options,
+            }],
+            flat,
+        }
     }
 }
 
@@ -122,11 +153,16 @@ mod tests {
     use super::*;
 
     fn planner(index_param: bool) -> MountPlanner {
-        MountPlanner::new("/r/snapshots".into(), OverlayFeatures { index_param })
+        MountPlanner::new(
+            "/r/snapshots".into(),
+            "/r/cas/objects".into(),
+            OverlayFeatures { index_param },
+        )
     }
 
-    fn show(m: &[Mount]) -> Vec<String> {
-        m.iter()
+    fn show(p: &Plan) -> Vec<String> {
+        p.mounts
+            .iter()
             .map(|m| format!("{} {} {}", m.r#type, m.source, m.options.join(",")))
             .collect()
     }
@@ -145,10 +181,10 @@ mod tests {
     }
 
     #[test]
-    fn single_parent_view_binds_the_parent_read_only() {
+    fn single_parent_view_is_a_read_only_overlay_over_the_cas() {
         assert_eq!(
             show(&planner(true).plan(Kind::View, 5, &[3])),
-            ["bind /r/snapshots/3/fs ro,rbind"]
+            ["overlay overlay index=off,metacopy=on,lowerdir=/r/snapshots/3/fs::/r/cas/objects"]
         );
     }
 
@@ -156,25 +192,33 @@ mod tests {
     fn active_with_parents_is_overlay_immediate_parent_first() {
         assert_eq!(
             show(&planner(true).plan(Kind::Active, 9, &[4, 2])),
-            ["overlay overlay index=off,workdir=/r/snapshots/9/work,upperdir=/r/snapshots/9/fs,lowerdir=/r/snapshots/4/fs:/r/snapshots/2/fs"]
+            ["overlay overlay index=off,metacopy=on,workdir=/r/snapshots/9/work,upperdir=/r/snapshots/9/fs,lowerdir=/r/snapshots/4/fs:/r/snapshots/2/fs::/r/cas/objects"]
         );
         assert_eq!(
             show(&planner(false).plan(Kind::Active, 9, &[4])),
-            ["overlay overlay workdir=/r/snapshots/9/work,upperdir=/r/snapshots/9/fs,lowerdir=/r/snapshots/4/fs"]
+            ["overlay overlay metacopy=on,workdir=/r/snapshots/9/work,upperdir=/r/snapshots/9/fs,lowerdir=/r/snapshots/4/fs::/r/cas/objects"]
         );
     }
 
     #[test]
     fn multi_parent_view_has_no_upper() {
+        let plan = planner(false).plan(Kind::View, 9, &[4, 2]);
         assert_eq!(
-            show(&planner(false).plan(Kind::View, 9, &[4, 2])),
-            ["overlay overlay lowerdir=/r/snapshots/4/fs:/r/snapshots/2/fs"]
+            show(&plan),
+            ["overlay overlay metacopy=on,lowerdir=/r/snapshots/4/fs:/r/snapshots/2/fs::/r/cas/objects"]
         );
+        assert_eq!(plan.flat, None);
     }
 
     #[test]
-    fn deep_chains_fit_after_compaction() {
-        let parents: Vec<u64> = (1_000_000..1_000_128).collect();
-        assert!(planner(true).lowerdir_fits_after_compaction(&parents));
+    fn deep_chains_use_the_parents_flat_tree_and_fit_a_page() {
+        let parents: Vec<u64> = (1_000_000..1_000_200).rev().collect();
+        let plan = planner(true).plan(Kind::Active, 2_000_000, &parents);
+        assert_eq!(plan.flat, Some(1_000_199));
+        assert_eq!(
+            show(&plan),
+            ["overlay overlay index=off,metacopy=on,workdir=/r/snapshots/2000000/work,upperdir=/r/snapshots/2000000/fs,lowerdir=/r/snapshots/1000199/flat::/r/cas/objects"]
+        );
+        assert!(plan.mounts[0].options.join(",").len() < PAGE_SIZE);
     }
 }

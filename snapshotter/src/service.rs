@@ -1,5 +1,10 @@
-//! The Snapshots service: containerd's snapshotter contract on top of [`MetaStore`] and
-//! the store's directories.
+//! The Snapshots service: containerd's snapshotter contract on top of the store.
+//!
+//! A snapshot is a directory `snapshots/<id>` (`fs`, and `work` while active) plus a
+//! record in the index. At Commit the layer is ingested into the CAS: every regular file
+//! becomes a metadata stub whose bytes live in `cas/objects`, and the layer's manifest is
+//! written (see `cas::ingest`). Mounts then name the CAS as overlayfs' data-only lower
+//! layer (see [`crate::mounts`]).
 //!
 //! Ordering rules, which are what keeps a `kill -9` at any instant harmless:
 //!
@@ -7,40 +12,52 @@
 //!   snapshots), rename it to `snapshots/<id>`, then insert the record and flush the
 //!   index, then answer. A crash before the record leaves an orphan directory, which
 //!   start-up and Cleanup sweep.
-//! * **Commit**: measure usage, then rewrite the record (key → name) in one batch, flush,
-//!   answer. The directory does not move.
-//! * **Remove**: delete the record (refused while children exist), flush, then delete the
-//!   directory. A crash in between leaves an orphan directory, swept later.
+//! * **Commit**: ingest (objects published and synced, manifest written), then rewrite
+//!   the record (key → name) and take the references on its objects in one batch,
+//!   flush, answer. A crash before the batch leaves an active snapshot (containerd
+//!   removes and redoes it) and objects nobody references yet (GC takes them).
+//! * **Remove**: delete the record and drop its references in one batch (refused while
+//!   children exist), flush, then delete the directory. A crash in between leaves an
+//!   orphan directory, swept later.
 //!
-//! Mutations are serialised by one writer lock; reads (Stat, Mounts, Walk) take no lock.
+//! Concurrency: index mutations are serialised by one writer lock; reads (Stat, Mounts,
+//! Walk) take none. Ingests hold the GC lock shared from before they look objects up
+//! until their references are in the index; GC holds it exclusively, so it never
+//! deletes an object an ingest has just decided to reuse.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use cas::Layout;
+use cas::gc::GcStats;
+use cas::index::{DiskUsage, Kind, MetaStore, Record};
+use cas::objects::ObjectStore;
+use cas::{Digest, Layout};
 use containerd_snapshots::{api::types::Mount, Info, Snapshotter, Usage};
-use tokio::sync::Mutex;
-use tracing::{debug, info, instrument, warn};
+use tokio::sync::{Mutex, RwLock};
+use tracing::{debug, info, instrument};
 
 use crate::error::SnapshotError;
 use crate::filter::FilterSet;
-use crate::meta::{DiskUsage, Kind, MetaStore, Record};
-use crate::mounts::{MountPlanner, OverlayFeatures};
+use crate::mounts::{MountPlanner, OverlayFeatures, Plan};
 
 /// Prefix of directories being built by Prepare/View, before their rename.
 const NEW_PREFIX: &str = "new-";
+/// Name of a committed layer's manifest inside `snapshots/<id>/`.
+const MANIFEST: &str = "manifest";
 
 /// The snapshotter.
 pub struct CasSnapshotter {
     layout: Layout,
     meta: MetaStore,
+    store: ObjectStore,
     planner: MountPlanner,
     writer: Mutex<()>,
+    gc_lock: RwLock<()>,
 }
 
 fn to_info(key: String, rec: Record) -> Info {
@@ -91,28 +108,54 @@ pub fn disk_usage(root: &Path) -> Result<DiskUsage, SnapshotError> {
     Ok(usage)
 }
 
+/// The distinct objects a committed layer's manifest names.
+fn manifest_objects(manifest: &Path) -> Result<Vec<Digest>, SnapshotError> {
+    let mut set = BTreeSet::new();
+    for entry in cas::manifest::read_manifest(manifest)? {
+        set.insert(entry?.digest);
+    }
+    Ok(set.into_iter().collect())
+}
+
+/// Removes a directory tree; a tree that is already gone is fine.
+fn remove_tree(path: &Path) -> Result<(), SnapshotError> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(SnapshotError::io("remove", path)(e)),
+        _ => Ok(()),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SnapshotError> + Send + 'static,
+) -> Result<T, SnapshotError> {
+    tokio::task::spawn_blocking(f).await?
+}
+
 impl CasSnapshotter {
-    /// Opens the store at `layout`, sweeping directories no record points to.
+    /// Opens the store at `layout`, sweeping directories no record points to and
+    /// leftovers of interrupted writes.
     pub fn open(layout: Layout) -> Result<CasSnapshotter, SnapshotError> {
         let meta = MetaStore::open(&layout.index_dir())?;
         let features = OverlayFeatures::probe();
         info!(index_off = features.index_param, "overlay features probed");
-        let planner = MountPlanner::new(layout.snapshots_dir(), features);
+        let planner = MountPlanner::new(layout.snapshots_dir(), layout.objects_dir(), features);
         let sn = CasSnapshotter {
+            store: ObjectStore::new(&layout),
             layout,
             meta,
             planner,
             writer: Mutex::new(()),
+            gc_lock: RwLock::new(()),
         };
-        let swept = sn.sweep_orphans()?;
+        let swept = sn.sweep_orphans()? + cas::gc::sweep_tmp(&sn.layout)?;
         if swept > 0 {
-            info!(swept, "removed snapshot directories without metadata");
+            info!(swept, "removed leftovers of interrupted operations");
         }
         Ok(sn)
     }
 
     /// Removes every directory under `snapshots/` that no record names. Returns how many.
-    fn sweep_orphans(&self) -> Result<usize, SnapshotError> {
+    fn sweep_orphans(&self) -> Result<u64, SnapshotError> {
         let live: HashSet<String> = self
             .meta
             .all()?
@@ -133,6 +176,47 @@ impl CasSnapshotter {
         Ok(swept)
     }
 
+    /// Makes sure the flattened tree a plan relies on exists.
+    async fn ensure_flat(&self, plan: &Plan, parents: &[u64]) -> Result<(), SnapshotError> {
+        let Some(top) = plan.flat else {
+            return Ok(());
+        };
+        let out = self.planner.flat_dir(top);
+        if out.is_dir() {
+            return Ok(());
+        }
+        let _w = self.writer.lock().await;
+        if out.is_dir() {
+            return Ok(());
+        }
+        let layers: Vec<_> = parents.iter().map(|p| self.planner.fs_dir(*p)).collect();
+        let tmp = self.planner.snapshot_dir(top).join("flat.tmp");
+        let started = std::time::Instant::now();
+        blocking(move || {
+            remove_tree(&tmp)?;
+            Ok(cas::flatten::flatten(&layers, &tmp, &out)?)
+        })
+        .await?;
+        info!(
+            snapshot = top,
+            layers = parents.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "flattened a deep chain"
+        );
+        Ok(())
+    }
+
+    async fn mounts_for(
+        &self,
+        kind: Kind,
+        id: u64,
+        parents: &[u64],
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        let plan = self.planner.plan(kind, id, parents);
+        self.ensure_flat(&plan, parents).await?;
+        Ok(plan.mounts)
+    }
+
     async fn create(
         &self,
         kind: Kind,
@@ -141,92 +225,111 @@ impl CasSnapshotter {
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, SnapshotError> {
         check_key("key", &key)?;
-        let _w = self.writer.lock().await;
-        if self.meta.get(&key)?.is_some() {
-            return Err(SnapshotError::AlreadyExists(key));
-        }
-        let parent = (!parent.is_empty()).then_some(parent);
-        let mut parent_ids = Vec::new();
-        let mut owner = None;
-        if let Some(p) = &parent {
-            let prec = self.meta.require(p)?;
-            if prec.kind != Kind::Committed {
-                return Err(SnapshotError::FailedPrecondition {
-                    key: p.clone(),
-                    reason: "parent is not committed",
-                });
+        let (id, parent_ids) = {
+            let _w = self.writer.lock().await;
+            if self.meta.get(&key)?.is_some() {
+                return Err(SnapshotError::AlreadyExists(key));
             }
-            parent_ids.push(prec.id);
-            parent_ids.extend(self.meta.parent_ids(&prec)?);
-            let pfs = self.planner.fs_dir(prec.id);
-            let md = fs::metadata(&pfs).map_err(SnapshotError::io("stat", &pfs))?;
-            owner = Some((md.uid(), md.gid()));
-        }
-        if !self.planner.lowerdir_fits_after_compaction(&parent_ids) {
-            warn!(%key, depth = parent_ids.len(), "lowerdir may exceed one page even after compaction");
-        }
-        let id = self.meta.next_id()?;
-        let tmp = self
-            .layout
-            .snapshots_dir()
-            .join(format!("{NEW_PREFIX}{id}"));
-        let dir = self.layout.snapshot_dir(id);
-        let build = || -> Result<(), SnapshotError> {
-            fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&tmp)
-                .map_err(SnapshotError::io("mkdir", &tmp))?;
-            let fsdir = tmp.join("fs");
-            fs::DirBuilder::new()
-                .mode(0o755)
-                .create(&fsdir)
-                .map_err(SnapshotError::io("mkdir", &fsdir))?;
-            if let Some((uid, gid)) = owner {
-                nix::unistd::chown(&fsdir, Some(uid.into()), Some(gid.into()))
-                    .map_err(|e| SnapshotError::io("chown", &fsdir)(e.into()))?;
+            let parent = (!parent.is_empty()).then_some(parent);
+            let mut parent_ids = Vec::new();
+            let mut owner = None;
+            if let Some(p) = &parent {
+                let prec = self.meta.require(p)?;
+                if prec.kind != Kind::Committed {
+                    return Err(SnapshotError::FailedPrecondition {
+                        key: p.clone(),
+                        reason: "parent is not committed",
+                    });
+                }
+                parent_ids.push(prec.id);
+                parent_ids.extend(self.meta.parent_ids(&prec)?);
+                let pfs = self.planner.fs_dir(prec.id);
+                let md = fs::metadata(&pfs).map_err(SnapshotError::io("stat", &pfs))?;
+                owner = Some((md.uid(), md.gid()));
             }
-            if kind == Kind::Active {
-                let work = tmp.join("work");
+            let id = self.meta.next_id()?;
+            let tmp = self
+                .layout
+                .snapshots_dir()
+                .join(format!("{NEW_PREFIX}{id}"));
+            let dir = self.layout.snapshot_dir(id);
+            let build = || -> Result<(), SnapshotError> {
                 fs::DirBuilder::new()
-                    .mode(0o711)
-                    .create(&work)
-                    .map_err(SnapshotError::io("mkdir", &work))?;
+                    .mode(0o700)
+                    .create(&tmp)
+                    .map_err(SnapshotError::io("mkdir", &tmp))?;
+                let fsdir = tmp.join("fs");
+                fs::DirBuilder::new()
+                    .mode(0o755)
+                    .create(&fsdir)
+                    .map_err(SnapshotError::io("mkdir", &fsdir))?;
+                if let Some((uid, gid)) = owner {
+                    nix::unistd::chown(&fsdir, Some(uid.into()), Some(gid.into()))
+                        .map_err(|e| SnapshotError::io("chown", &fsdir)(e.into()))?;
+                }
+                if kind == Kind::Active {
+                    let work = tmp.join("work");
+                    fs::DirBuilder::new()
+                        .mode(0o711)
+                        .create(&work)
+                        .map_err(SnapshotError::io("mkdir", &work))?;
+                }
+                fs::rename(&tmp, &dir).map_err(SnapshotError::io("rename", &dir))
+            };
+            if let Err(e) = build() {
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(e);
             }
-            fs::rename(&tmp, &dir).map_err(SnapshotError::io("rename", &dir))
+            let now = SystemTime::now();
+            let rec = Record {
+                id,
+                kind,
+                parent,
+                labels: labels.into_iter().collect(),
+                created: now,
+                updated: now,
+                usage: DiskUsage::default(),
+                logical_bytes: 0,
+            };
+            let stored = match self.meta.insert(&key, &rec) {
+                Ok(()) => self.meta.flush().await.map_err(SnapshotError::from),
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = stored {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+            debug!(%key, id, ?kind, "created");
+            (id, parent_ids)
         };
-        if let Err(e) = build() {
-            let _ = fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-        let now = SystemTime::now();
-        let rec = Record {
-            id,
-            kind,
-            parent,
-            labels: labels.into_iter().collect(),
-            created: now,
-            updated: now,
-            usage: DiskUsage::default(),
-        };
-        let stored = self.meta.insert(&key, &rec);
-        let stored = match stored {
-            Ok(()) => self.meta.flush().await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = stored {
-            let _ = fs::remove_dir_all(&dir);
-            return Err(e);
-        }
-        debug!(%key, id, ?kind, "created");
-        Ok(self.planner.plan(kind, id, &parent_ids))
+        self.mounts_for(kind, id, &parent_ids).await
     }
-}
 
-/// Removes a directory tree; a tree that is already gone is fine.
-fn remove_tree(path: &Path) -> Result<(), SnapshotError> {
-    match fs::remove_dir_all(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(SnapshotError::io("remove", path)(e)),
-        _ => Ok(()),
+    /// Collects objects no committed snapshot references. Waits for running ingests and
+    /// holds new ones off while it runs.
+    pub async fn gc(&self) -> Result<GcStats, SnapshotError> {
+        let _g = self.gc_lock.write().await;
+        let _w = self.writer.lock().await;
+        let started = std::time::Instant::now();
+        let stats = cas::gc::collect(&self.layout, &self.meta)?;
+        info!(
+            removed = stats.removed,
+            freed_bytes = stats.freed_bytes,
+            scanned = stats.scanned,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "garbage collected"
+        );
+        Ok(stats)
+    }
+
+    /// The index (read access for statistics and checks).
+    pub fn meta(&self) -> &MetaStore {
+        &self.meta
+    }
+
+    /// The store layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 }
 
@@ -275,13 +378,18 @@ impl Snapshotter for CasSnapshotter {
         Ok(to_info(key, rec))
     }
 
+    /// Usage of a committed layer is what it added to the disk: its own tree (stubs,
+    /// directories, symlinks: metadata only) plus the bytes of the objects it was first
+    /// to store. Summed over all snapshots this equals the store's physical usage at
+    /// the time each layer was committed, which is what image-fs accounting needs;
+    /// the bytes of content shared with earlier layers are not counted again.
     #[instrument(skip(self), level = "debug")]
     async fn usage(&self, key: String) -> Result<Usage, Self::Error> {
         let rec = self.meta.require(&key)?;
         let usage = match rec.kind {
             Kind::Active => {
                 let fsdir = self.planner.fs_dir(rec.id);
-                tokio::task::spawn_blocking(move || disk_usage(&fsdir)).await??
+                blocking(move || disk_usage(&fsdir)).await?
             }
             _ => rec.usage,
         };
@@ -301,7 +409,7 @@ impl Snapshotter for CasSnapshotter {
             });
         }
         let parents = self.meta.parent_ids(&rec)?;
-        Ok(self.planner.plan(rec.kind, rec.id, &parents))
+        self.mounts_for(rec.kind, rec.id, &parents).await
     }
 
     #[instrument(skip(self, labels), level = "debug")]
@@ -339,8 +447,31 @@ impl Snapshotter for CasSnapshotter {
                 reason: "only active snapshots can be committed",
             });
         }
-        let fsdir = self.planner.fs_dir(rec.id);
-        let usage = tokio::task::spawn_blocking(move || disk_usage(&fsdir)).await??;
+        if self.meta.get(&name)?.is_some() {
+            return Err(SnapshotError::AlreadyExists(name));
+        }
+        // Shared GC lock from before the first object lookup until the references land.
+        let _g = self.gc_lock.read().await;
+        let dir = self.layout.snapshot_dir(rec.id);
+        let parents = self.meta.parent_ids(&rec)?;
+        let lowers = match self.planner.plan(Kind::Active, rec.id, &parents).flat {
+            Some(top) => vec![self.planner.flat_dir(top)],
+            None => parents.iter().map(|p| self.planner.fs_dir(*p)).collect(),
+        };
+        let store = self.store.clone();
+        let tmp = self.layout.tmp_dir();
+        let started = std::time::Instant::now();
+        let (stats, usage, objects) = blocking(move || {
+            let fsdir = dir.join("fs");
+            let manifest = dir.join(MANIFEST);
+            let stats = cas::ingest::ingest_layer(&store, &tmp, &fsdir, &lowers, &manifest)?;
+            let mut usage = disk_usage(&fsdir)?;
+            usage.size += stats.new_bytes as i64;
+            usage.inodes += stats.new_objects as i64;
+            let objects = manifest_objects(&manifest)?;
+            Ok((stats, usage, objects))
+        })
+        .await?;
 
         let _w = self.writer.lock().await;
         let mut rec = self.meta.require(&key)?;
@@ -359,15 +490,27 @@ impl Snapshotter for CasSnapshotter {
         rec.created = now;
         rec.updated = now;
         rec.usage = usage;
-        self.meta.rename(&key, &name, &rec)?;
+        rec.logical_bytes = stats.logical_bytes;
+        self.meta.rename(&key, &name, &rec, &objects)?;
         self.meta.flush().await?;
-        info!(%key, %name, id = rec.id, size = usage.size, inodes = usage.inodes, "committed");
+        let work = self.planner.work_dir(rec.id);
+        let _ = fs::remove_dir_all(&work);
+        info!(
+            %key, %name, id = rec.id,
+            files = stats.files,
+            logical_bytes = stats.logical_bytes,
+            new_objects = stats.new_objects,
+            new_bytes = stats.new_bytes,
+            dropped_overlay_xattrs = stats.dropped_overlay_xattrs,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "committed"
+        );
         Ok(())
     }
 
     #[instrument(skip(self), level = "debug")]
     async fn remove(&self, key: String) -> Result<(), Self::Error> {
-        let dir: PathBuf = {
+        let dir = {
             let _w = self.writer.lock().await;
             let rec = self.meta.require(&key)?;
             if self.meta.has_children(&key)? {
@@ -376,11 +519,18 @@ impl Snapshotter for CasSnapshotter {
                     reason: "cannot remove a snapshot that has children",
                 });
             }
-            self.meta.delete(&key, &rec)?;
+            let dir = self.layout.snapshot_dir(rec.id);
+            let objects = if rec.kind == Kind::Committed {
+                let manifest = dir.join(MANIFEST);
+                blocking(move || manifest_objects(&manifest)).await?
+            } else {
+                Vec::new()
+            };
+            self.meta.delete(&key, &rec, &objects)?;
             self.meta.flush().await?;
-            self.layout.snapshot_dir(rec.id)
+            dir
         };
-        tokio::task::spawn_blocking(move || remove_tree(&dir)).await??;
+        blocking(move || remove_tree(&dir)).await?;
         debug!(%key, "removed");
         Ok(())
     }

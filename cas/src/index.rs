@@ -1,16 +1,19 @@
-//! Snapshot metadata in sled: one record per snapshot key, plus a parent→child index.
+//! The index: snapshot metadata and object reference counts in sled (`<root>/index`).
 //!
 //! Keys of the single `snapshots` tree:
 //!
 //! ```text
-//! 'S' <key>                          -> JSON Record   (the snapshot)
-//! 'C' <u32 BE len(parent)> <parent> <child> -> ''     (parent has this child)
+//! 'S' <key>                                 -> JSON Record  (the snapshot)
+//! 'C' <u32 BE len(parent)> <parent> <child> -> ''           (parent has this child)
+//! 'R' <32-byte sha256>                      -> u64 BE       (committed snapshots using the object)
 //! ```
 //!
-//! Every mutation is one `apply_batch`, so a record and its child edge appear and
-//! disappear together; callers serialise mutations (the service holds one writer lock)
-//! and [`MetaStore::flush`] before they answer, so what containerd was told survives a
-//! `kill -9`. Snapshot ids come from sled's persistent monotonic counter and are never
+//! One tree, so every mutation is one `apply_batch`: a record, its child edge and the
+//! reference counts of its objects change together or not at all. Callers serialise
+//! mutations (the daemon holds one writer lock, which is also what makes the
+//! read-modify-write of counts safe) and [`MetaStore::flush`] before they answer, so what
+//! containerd was told survives a `kill -9`. An object with no `R` entry is referenced by
+//! no committed snapshot and may be collected. Snapshot ids come from sled's persistent monotonic counter and are never
 //! reused, which is what lets directories be created *before* their record (an orphan
 //! directory after a crash is swept, never mistaken for a live snapshot).
 
@@ -20,10 +23,31 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::SnapshotError;
+use crate::digest::Digest;
 
 const RECORD: u8 = b'S';
 const CHILD: u8 = b'C';
+const REF: u8 = b'R';
+
+/// Errors of the index.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    /// No snapshot has this key.
+    #[error("snapshot {0:?} does not exist")]
+    NotFound(String),
+    /// sled failed.
+    #[error("metadata index: {0}")]
+    Sled(#[from] sled::Error),
+    /// A record could not be decoded (index corruption).
+    #[error("metadata record of {key:?} is corrupt: {source}")]
+    Corrupt {
+        /// The snapshot whose record failed to decode.
+        key: String,
+        /// The decoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
 
 /// What a snapshot is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +97,10 @@ pub struct Record {
     pub updated: SystemTime,
     /// Usage recorded at commit time (committed snapshots only).
     pub usage: DiskUsage,
+    /// Bytes of the layer's regular files, each inode once: what a non-deduplicating
+    /// snapshotter stores for this layer (committed snapshots only).
+    #[serde(default)]
+    pub logical_bytes: u64,
 }
 
 /// The metadata index.
@@ -102,8 +130,15 @@ fn child_key(parent: &str, child: &str) -> Vec<u8> {
     k
 }
 
-fn decode(key: &str, bytes: &[u8]) -> Result<Record, SnapshotError> {
-    serde_json::from_slice(bytes).map_err(|source| SnapshotError::Corrupt {
+fn ref_key(d: &Digest) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(REF);
+    k.extend_from_slice(d.as_bytes());
+    k
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<Record, IndexError> {
+    serde_json::from_slice(bytes).map_err(|source| IndexError::Corrupt {
         key: key.to_string(),
         source,
     })
@@ -116,19 +151,19 @@ fn encode(rec: &Record) -> Vec<u8> {
 
 impl MetaStore {
     /// Opens (or creates) the index in `dir`.
-    pub fn open(dir: &Path) -> Result<MetaStore, SnapshotError> {
+    pub fn open(dir: &Path) -> Result<MetaStore, IndexError> {
         let db = sled::Config::new().path(dir).open()?;
         let tree = db.open_tree("snapshots")?;
         Ok(MetaStore { db, tree })
     }
 
     /// A fresh snapshot id.
-    pub fn next_id(&self) -> Result<u64, SnapshotError> {
+    pub fn next_id(&self) -> Result<u64, IndexError> {
         Ok(self.db.generate_id()?)
     }
 
     /// The record of `key`, if any.
-    pub fn get(&self, key: &str) -> Result<Option<Record>, SnapshotError> {
+    pub fn get(&self, key: &str) -> Result<Option<Record>, IndexError> {
         match self.tree.get(record_key(key))? {
             Some(v) => decode(key, &v).map(Some),
             None => Ok(None),
@@ -136,13 +171,13 @@ impl MetaStore {
     }
 
     /// The record of `key`, or `NotFound`.
-    pub fn require(&self, key: &str) -> Result<Record, SnapshotError> {
+    pub fn require(&self, key: &str) -> Result<Record, IndexError> {
         self.get(key)?
-            .ok_or_else(|| SnapshotError::NotFound(key.to_string()))
+            .ok_or_else(|| IndexError::NotFound(key.to_string()))
     }
 
     /// Whether any snapshot names `key` as its parent.
-    pub fn has_children(&self, key: &str) -> Result<bool, SnapshotError> {
+    pub fn has_children(&self, key: &str) -> Result<bool, IndexError> {
         Ok(self
             .tree
             .scan_prefix(child_prefix(key))
@@ -152,7 +187,7 @@ impl MetaStore {
     }
 
     /// The ids of `rec`'s ancestors, immediate parent first.
-    pub fn parent_ids(&self, rec: &Record) -> Result<Vec<u64>, SnapshotError> {
+    pub fn parent_ids(&self, rec: &Record) -> Result<Vec<u64>, IndexError> {
         let mut ids = Vec::new();
         let mut next = rec.parent.clone();
         while let Some(key) = next {
@@ -164,7 +199,7 @@ impl MetaStore {
     }
 
     /// Inserts a new snapshot and its parent edge.
-    pub fn insert(&self, key: &str, rec: &Record) -> Result<(), SnapshotError> {
+    pub fn insert(&self, key: &str, rec: &Record) -> Result<(), IndexError> {
         let mut batch = sled::Batch::default();
         batch.insert(record_key(key), encode(rec));
         if let Some(parent) = &rec.parent {
@@ -174,13 +209,20 @@ impl MetaStore {
     }
 
     /// Replaces the record of an existing `key` (labels update).
-    pub fn put(&self, key: &str, rec: &Record) -> Result<(), SnapshotError> {
+    pub fn put(&self, key: &str, rec: &Record) -> Result<(), IndexError> {
         self.tree.insert(record_key(key), encode(rec))?;
         Ok(())
     }
 
-    /// Moves the snapshot at `old` to `new` with record `rec` (Commit: key → name).
-    pub fn rename(&self, old: &str, new: &str, rec: &Record) -> Result<(), SnapshotError> {
+    /// Moves the snapshot at `old` to `new` with record `rec` (Commit: key → name) and
+    /// takes one reference on each of `objects` (distinct digests).
+    pub fn rename(
+        &self,
+        old: &str,
+        new: &str,
+        rec: &Record,
+        objects: &[Digest],
+    ) -> Result<(), IndexError> {
         let mut batch = sled::Batch::default();
         batch.remove(record_key(old));
         batch.insert(record_key(new), encode(rec));
@@ -188,21 +230,66 @@ impl MetaStore {
             batch.remove(child_key(parent, old));
             batch.insert(child_key(parent, new), &[]);
         }
+        self.adjust_refs(&mut batch, objects, 1)?;
         Ok(self.tree.apply_batch(batch)?)
     }
 
-    /// Deletes `key`'s record and parent edge.
-    pub fn delete(&self, key: &str, rec: &Record) -> Result<(), SnapshotError> {
+    /// Deletes `key`'s record and parent edge and drops its references on `objects`.
+    pub fn delete(&self, key: &str, rec: &Record, objects: &[Digest]) -> Result<(), IndexError> {
         let mut batch = sled::Batch::default();
         batch.remove(record_key(key));
         if let Some(parent) = &rec.parent {
             batch.remove(child_key(parent, key));
         }
+        self.adjust_refs(&mut batch, objects, -1)?;
         Ok(self.tree.apply_batch(batch)?)
     }
 
+    fn adjust_refs(
+        &self,
+        batch: &mut sled::Batch,
+        objects: &[Digest],
+        delta: i64,
+    ) -> Result<(), IndexError> {
+        for d in objects {
+            let n = self.ref_count(d)? as i64 + delta;
+            if n > 0 {
+                batch.insert(ref_key(d), &(n as u64).to_be_bytes());
+            } else {
+                batch.remove(ref_key(d));
+            }
+        }
+        Ok(())
+    }
+
+    /// How many committed snapshots reference the object `d`.
+    pub fn ref_count(&self, d: &Digest) -> Result<u64, IndexError> {
+        Ok(self
+            .tree
+            .get(ref_key(d))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    }
+
+    /// Every referenced object and its count.
+    pub fn refs(&self) -> Result<Vec<(Digest, u64)>, IndexError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix([REF]) {
+            let (k, v) = item?;
+            let (Ok(d), Ok(n)) = (
+                <[u8; 32]>::try_from(&k[1..]),
+                <[u8; 8]>::try_from(v.as_ref()),
+            ) else {
+                continue;
+            };
+            out.push((Digest::from_bytes(d), u64::from_be_bytes(n)));
+        }
+        Ok(out)
+    }
+
     /// Every snapshot, in key order.
-    pub fn all(&self) -> Result<Vec<(String, Record)>, SnapshotError> {
+    pub fn all(&self) -> Result<Vec<(String, Record)>, IndexError> {
         let mut out = Vec::new();
         for item in self.tree.scan_prefix([RECORD]) {
             let (k, v) = item?;
@@ -214,7 +301,7 @@ impl MetaStore {
     }
 
     /// Makes every applied mutation durable.
-    pub async fn flush(&self) -> Result<(), SnapshotError> {
+    pub async fn flush(&self) -> Result<(), IndexError> {
         self.db.flush_async().await?;
         Ok(())
     }
@@ -234,6 +321,7 @@ mod tests {
             created: now,
             updated: now,
             usage: DiskUsage::default(),
+            logical_bytes: 0,
         }
     }
 
@@ -251,12 +339,16 @@ mod tests {
 
         let mut c = m.require("act").unwrap();
         c.kind = Kind::Committed;
-        m.rename("act", "layer", &c).unwrap();
+        let (x, y) = (Digest::of(b"x"), Digest::of(b"y"));
+        m.rename("act", "layer", &c, &[x, y]).unwrap();
+        assert_eq!(m.ref_count(&x).unwrap(), 1);
         assert!(m.get("act").unwrap().is_none());
         assert_eq!(m.parent_ids(&m.require("layer").unwrap()).unwrap(), vec![1]);
         assert!(m.has_children("base").unwrap());
 
-        m.delete("layer", &c).unwrap();
+        m.delete("layer", &c, &[x]).unwrap();
+        assert_eq!(m.ref_count(&x).unwrap(), 0);
+        assert_eq!(m.refs().unwrap(), vec![(y, 1)]);
         assert!(!m.has_children("base").unwrap());
         let keys: Vec<_> = m.all().unwrap().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, vec!["bas", "base"]);
@@ -277,6 +369,6 @@ mod tests {
     fn missing_key_is_not_found() {
         let dir = tempfile::tempdir().unwrap();
         let m = MetaStore::open(dir.path()).unwrap();
-        assert!(matches!(m.require("nope"), Err(SnapshotError::NotFound(_))));
+        assert!(matches!(m.require("nope"), Err(IndexError::NotFound(_))));
     }
 }

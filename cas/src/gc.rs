@@ -1,0 +1,105 @@
+//! Garbage collection: delete objects no committed snapshot references.
+//!
+//! An object is garbage when the index holds no reference count for it. The caller must
+//! exclude every ingest for the duration of [`collect`] (the daemon holds its GC lock in
+//! write mode; ingests hold it in read mode from before they look an object up until
+//! their references are recorded). Without that, an ingest could find an object, decide
+//! not to store its bytes again, and lose the object to a concurrent collection before
+//! its reference lands.
+
+use std::fs;
+use std::io;
+
+use crate::digest::Digest;
+use crate::error::CasError;
+use crate::index::MetaStore;
+use crate::layout::Layout;
+
+/// What a collection did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcStats {
+    /// Objects examined.
+    pub scanned: u64,
+    /// Objects deleted.
+    pub removed: u64,
+    /// Bytes freed by deleting them.
+    pub freed_bytes: u64,
+    /// Leftover temporary files removed from `cas/tmp`.
+    pub tmp_removed: u64,
+}
+
+/// Every object file: its digest (or `None` for a name that is not one) and path.
+pub fn list_objects(
+    layout: &Layout,
+) -> Result<Vec<(Option<Digest>, std::path::PathBuf)>, CasError> {
+    let dir = layout.objects_dir();
+    let mut out = Vec::new();
+    for fan in fs::read_dir(&dir).map_err(CasError::io("read dir", &dir))? {
+        let fan = fan.map_err(CasError::io("read dir", &dir))?;
+        let fan_name = fan.file_name().to_string_lossy().into_owned();
+        let fan_path = fan.path();
+        if !fan_path.is_dir() {
+            out.push((None, fan_path));
+            continue;
+        }
+        for obj in fs::read_dir(&fan_path).map_err(CasError::io("read dir", &fan_path))? {
+            let obj = obj.map_err(CasError::io("read dir", &fan_path))?;
+            let name = format!("{fan_name}{}", obj.file_name().to_string_lossy());
+            out.push((name.parse().ok(), obj.path()));
+        }
+    }
+    Ok(out)
+}
+
+/// Removes everything in `cas/tmp` (call only when no ingest runs: at start, or under
+/// the GC lock). Returns how many entries it removed.
+pub fn sweep_tmp(layout: &Layout) -> Result<u64, CasError> {
+    let dir = layout.tmp_dir();
+    let mut n = 0;
+    for e in fs::read_dir(&dir).map_err(CasError::io("read dir", &dir))? {
+        let p = e.map_err(CasError::io("read dir", &dir))?.path();
+        let r = if p.is_dir() {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
+        match r {
+            Ok(()) => n += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(CasError::io("remove", &p)(e)),
+        }
+    }
+    Ok(n)
+}
+
+/// Deletes unreferenced objects. See the module docs for the locking contract.
+pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
+    let mut stats = GcStats {
+        tmp_removed: sweep_tmp(layout)?,
+        ..GcStats::default()
+    };
+    for (digest, path) in list_objects(layout)? {
+        stats.scanned += 1;
+        let referenced = match digest {
+            Some(d) => {
+                meta.ref_count(&d)
+                    .map_err(|e| CasError::io("read index", &path)(io::Error::other(e)))?
+                    > 0
+            }
+            None => false,
+        };
+        if referenced {
+            continue;
+        }
+        let size = fs::symlink_metadata(&path).map(|m| m.len()).unwrap_or(0);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                stats.removed += 1;
+                stats.freed_bytes += size;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(CasError::io("remove", &path)(e)),
+        }
+    }
+    Ok(stats)
+}
