@@ -170,7 +170,11 @@ impl Config {
             let key = e.path().to_string();
             ConfigError::Invalid {
                 origin: origin.to_string(),
-                key: if key == "." { "(top level)".into() } else { key },
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
                 message: e.inner().message().trim().to_string(),
             }
         })?;
@@ -188,7 +192,10 @@ impl Config {
             return Err(invalid("root", "must be an absolute path"));
         }
         if !self.address.is_absolute() {
-            return Err(invalid("address", "must be an absolute path to a unix socket"));
+            return Err(invalid(
+                "address",
+                "must be an absolute path to a unix socket",
+            ));
         }
         Ok(())
     }
@@ -309,8 +316,11 @@ mod tests {
 
     #[test]
     fn missing_explicit_file_is_an_error() {
-        let err = Config::load(Some(Path::new("/nonexistent/c.toml")), &Overrides::default())
-            .unwrap_err();
+        let err = Config::load(
+            Some(Path::new("/nonexistent/c.toml")),
+            &Overrides::default(),
+        )
+        .unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
     }
 }
