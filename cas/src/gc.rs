@@ -16,7 +16,7 @@ use crate::index::MetaStore;
 use crate::layout::Layout;
 
 /// What a collection did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GcStats {
     /// Objects examined.
     pub scanned: u64,

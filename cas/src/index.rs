@@ -6,7 +6,12 @@
 //! 'S' <key>                                 -> JSON Record  (the snapshot)
 //! 'C' <u32 BE len(parent)> <parent> <child> -> ''           (parent has this child)
 //! 'R' <32-byte sha256>                      -> u64 BE       (committed snapshots using the object)
+//! 'N'                                       -> u64 BE       (last snapshot id handed out)
 //! ```
+//!
+//! Every record is mirrored in `snapshots/<id>/info` ([`write_info`]), written durably
+//! *before* the index changes; with the manifests, those files are what
+//! [`crate::admin::rebuild_index`] rebuilds the index from.
 //!
 //! One tree, so every mutation is one `apply_batch`: a record, its child edge and the
 //! reference counts of its objects change together or not at all. Callers serialise
@@ -28,6 +33,9 @@ use crate::digest::Digest;
 const RECORD: u8 = b'S';
 const CHILD: u8 = b'C';
 const REF: u8 = b'R';
+const NEXT_ID: &[u8] = b"N";
+/// File in `snapshots/<id>/` mirroring the snapshot's record.
+pub const INFO_FILE: &str = "info";
 
 /// Errors of the index.
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +111,8 @@ pub struct Record {
     pub logical_bytes: u64,
 }
 
-/// The metadata index.
+/// The metadata index (a cheap handle; clones share the database).
+#[derive(Clone)]
 pub struct MetaStore {
     db: sled::Db,
     tree: sled::Tree,
@@ -157,9 +166,30 @@ impl MetaStore {
         Ok(MetaStore { db, tree })
     }
 
-    /// A fresh snapshot id.
+    /// A fresh snapshot id (never 0).
     pub fn next_id(&self) -> Result<u64, IndexError> {
-        Ok(self.db.generate_id()?)
+        let v = self.tree.update_and_fetch(NEXT_ID, |old| {
+            let n = old
+                .and_then(|o| <[u8; 8]>::try_from(o).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            Some((n + 1).to_be_bytes().to_vec())
+        })?;
+        Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(1))
+    }
+
+    /// Makes every id up to `id` count as handed out.
+    pub fn reserve_ids_through(&self, id: u64) -> Result<(), IndexError> {
+        self.tree.update_and_fetch(NEXT_ID, |old| {
+            let n = old
+                .and_then(|o| <[u8; 8]>::try_from(o).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            Some(n.max(id).to_be_bytes().to_vec())
+        })?;
+        Ok(())
     }
 
     /// The record of `key`, if any.
@@ -288,6 +318,24 @@ impl MetaStore {
         Ok(out)
     }
 
+    /// Sets reference counts wholesale (index rebuild).
+    pub fn set_refs(
+        &self,
+        counts: &std::collections::HashMap<Digest, u64>,
+    ) -> Result<(), IndexError> {
+        let mut batch = sled::Batch::default();
+        for (d, n) in counts {
+            batch.insert(ref_key(d), &n.to_be_bytes());
+        }
+        Ok(self.tree.apply_batch(batch)?)
+    }
+
+    /// Makes every applied mutation durable, from synchronous code.
+    pub fn flush_blocking(&self) -> Result<(), IndexError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Every snapshot, in key order.
     pub fn all(&self) -> Result<Vec<(String, Record)>, IndexError> {
         let mut out = Vec::new();
@@ -305,6 +353,37 @@ impl MetaStore {
         self.db.flush_async().await?;
         Ok(())
     }
+}
+
+/// The on-disk mirror of a record: `snapshots/<id>/info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InfoFile {
+    /// The snapshot's key (or name, once committed).
+    pub key: String,
+    /// Its record.
+    pub record: Record,
+}
+
+/// Durably writes the mirror of `rec` into `snapshot_dir`.
+pub fn write_info(snapshot_dir: &Path, key: &str, rec: &Record) -> Result<(), crate::CasError> {
+    let info = InfoFile {
+        key: key.to_string(),
+        record: rec.clone(),
+    };
+    let bytes = serde_json::to_vec_pretty(&info).unwrap_or_default();
+    ringio::durable::replace_file(&snapshot_dir.join(INFO_FILE), &bytes)?;
+    Ok(())
+}
+
+/// Reads the mirror in `snapshot_dir`.
+pub fn read_info(snapshot_dir: &Path) -> Result<InfoFile, crate::CasError> {
+    let path = snapshot_dir.join(INFO_FILE);
+    let bytes = std::fs::read(&path).map_err(crate::CasError::io("read", &path))?;
+    serde_json::from_slice(&bytes).map_err(|e| crate::CasError::Manifest {
+        path,
+        line: e.line(),
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -363,6 +442,10 @@ mod tests {
         };
         let m = MetaStore::open(dir.path()).unwrap();
         assert!(m.next_id().unwrap() > first);
+        m.reserve_ids_through(100).unwrap();
+        assert_eq!(m.next_id().unwrap(), 101);
+        m.reserve_ids_through(5).unwrap();
+        assert_eq!(m.next_id().unwrap(), 102);
     }
 
     #[test]

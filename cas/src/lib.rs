@@ -25,9 +25,11 @@
 //! * [`ingest`]: a layer tree → stubs + objects + manifest, at Commit;
 //! * [`index`]: snapshot records and object reference counts in sled;
 //! * [`flatten`]: one stub tree standing in for a chain too deep for one mount option;
-//! * [`gc`]: deleting objects no committed snapshot references.
+//! * [`gc`]: deleting objects no committed snapshot references;
+//! * [`admin`]: statistics, fsck and index rebuild behind `casctl`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod digest;
 pub mod error;
 pub mod flatten;

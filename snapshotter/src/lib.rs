@@ -12,12 +12,14 @@
 //!   overlayfs snapshotter);
 //! * [`filter`]: containerd's filter language for Walk;
 //! * [`error`]: the one mapping from errors to gRPC status codes;
-//! * [`server`]: socket handling and graceful shutdown.
+//! * [`server`]: socket handling and graceful shutdown;
+//! * [`admin`]: the admin socket `casctl` talks to.
 //!
 //! The on-disk layout belongs to the `cas` crate, raw syscalls to `ringio`, the
 //! configuration to `config`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod error;
 pub mod filter;
 pub mod mounts;

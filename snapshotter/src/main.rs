@@ -79,8 +79,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("opening store at {}", cfg.root.display()))?,
         );
         let listener = server::bind(&cfg.address)?;
+        let admin = cas_snapshotter::admin::bind(&snapshotter)?;
         info!(root = %cfg.root.display(), address = %cfg.address.display(), "serving containerd snapshots API");
-        server::serve(snapshotter, listener, &cfg.address).await?;
+        server::serve(snapshotter, listener, &cfg.address, admin).await?;
         info!("stopped");
         anyhow::Ok(())
     })

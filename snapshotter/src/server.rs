@@ -49,8 +49,18 @@ fn socket_err(path: &Path) -> impl FnOnce(io::Error) -> ServeError + '_ {
     }
 }
 
-/// Binds `address`, creating its directory and replacing a stale socket file.
+/// Binds `address` for containerd (mode 0660), creating its directory and replacing a
+/// stale socket file.
 pub fn bind(address: &Path) -> Result<UnixListener, ServeError> {
+    let listener = bind_socket(address)?;
+    std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o660))
+        .map_err(socket_err(address))?;
+    Ok(listener)
+}
+
+/// Binds a unix socket at `address`, creating its directory and replacing a stale
+/// socket file; refuses a socket someone still answers on.
+pub fn bind_socket(address: &Path) -> Result<UnixListener, ServeError> {
     if let Some(dir) = address.parent() {
         std::fs::create_dir_all(dir).map_err(socket_err(address))?;
     }
@@ -71,10 +81,7 @@ pub fn bind(address: &Path) -> Result<UnixListener, ServeError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(socket_err(address)(e)),
     }
-    let listener = UnixListener::bind(address).map_err(socket_err(address))?;
-    std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o660))
-        .map_err(socket_err(address))?;
-    Ok(listener)
+    UnixListener::bind(address).map_err(socket_err(address))
 }
 
 /// Waits for SIGTERM or SIGINT.
@@ -92,12 +99,16 @@ async fn stop_signal() {
     }
 }
 
-/// Serves the Snapshots API on `listener` until a stop signal.
+/// Serves the Snapshots API on `listener` and the admin socket on `admin` until a stop
+/// signal.
 pub async fn serve(
     snapshotter: Arc<CasSnapshotter>,
     listener: UnixListener,
     address: &Path,
+    admin: UnixListener,
 ) -> Result<(), ServeError> {
+    let admin_path = cas::admin::admin_socket(snapshotter.layout());
+    let admin_task = tokio::spawn(crate::admin::serve(snapshotter.clone(), admin));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(containerd_snapshots::server(snapshotter))
@@ -114,6 +125,8 @@ pub async fn serve(
             }
         }
     }
+    admin_task.abort();
     let _ = std::fs::remove_file(address);
+    let _ = std::fs::remove_file(admin_path);
     Ok(())
 }

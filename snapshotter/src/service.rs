@@ -39,7 +39,7 @@ use cas::objects::ObjectStore;
 use cas::{Digest, Layout};
 use containerd_snapshots::{api::types::Mount, Info, Snapshotter, Usage};
 use tokio::sync::{Mutex, RwLock};
-use tracing::{debug, info, instrument};
+use tracing::{debug, info, instrument, warn};
 
 use crate::error::SnapshotError;
 use crate::filter::FilterSet;
@@ -47,8 +47,7 @@ use crate::mounts::{MountPlanner, OverlayFeatures, Plan};
 
 /// Prefix of directories being built by Prepare/View, before their rename.
 const NEW_PREFIX: &str = "new-";
-/// Name of a committed layer's manifest inside `snapshots/<id>/`.
-const MANIFEST: &str = "manifest";
+use cas::admin::MANIFEST_FILE as MANIFEST;
 
 /// The snapshotter.
 pub struct CasSnapshotter {
@@ -134,8 +133,27 @@ async fn blocking<T: Send + 'static>(
 impl CasSnapshotter {
     /// Opens the store at `layout`, sweeping directories no record points to and
     /// leftovers of interrupted writes.
+    ///
+    /// The index is rebuilt from the snapshots' `info` files and manifests when it
+    /// cannot be opened, or when it is missing while snapshots exist.
     pub fn open(layout: Layout) -> Result<CasSnapshotter, SnapshotError> {
-        let meta = MetaStore::open(&layout.index_dir())?;
+        let index = layout.index_dir();
+        let has_snapshots = fs::read_dir(layout.snapshots_dir())
+            .map_err(SnapshotError::io("read dir", layout.snapshots_dir()))?
+            .next()
+            .is_some();
+        if has_snapshots && !index.join("db").exists() {
+            warn!(index = %index.display(), "index missing; rebuilding it from the snapshots' info files and manifests");
+            Self::rebuild(&layout)?;
+        }
+        let meta = match MetaStore::open(&index) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "index cannot be opened; rebuilding it from the snapshots' info files and manifests");
+                Self::rebuild(&layout)?;
+                MetaStore::open(&index)?
+            }
+        };
         let features = OverlayFeatures::probe();
         info!(index_off = features.index_param, "overlay features probed");
         let planner = MountPlanner::new(layout.snapshots_dir(), layout.objects_dir(), features);
@@ -152,6 +170,19 @@ impl CasSnapshotter {
             info!(swept, "removed leftovers of interrupted operations");
         }
         Ok(sn)
+    }
+
+    fn rebuild(layout: &Layout) -> Result<(), SnapshotError> {
+        let started = std::time::Instant::now();
+        let stats = cas::admin::rebuild_index(layout)?;
+        info!(
+            snapshots = stats.snapshots,
+            referenced_objects = stats.referenced_objects,
+            skipped_dirs = stats.skipped_dirs,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "index rebuilt"
+        );
+        Ok(())
     }
 
     /// Removes every directory under `snapshots/` that no record names. Returns how many.
@@ -291,9 +322,12 @@ impl CasSnapshotter {
                 usage: DiskUsage::default(),
                 logical_bytes: 0,
             };
-            let stored = match self.meta.insert(&key, &rec) {
-                Ok(()) => self.meta.flush().await.map_err(SnapshotError::from),
+            let stored = match cas::index::write_info(&dir, &key, &rec) {
                 Err(e) => Err(e.into()),
+                Ok(()) => match self.meta.insert(&key, &rec) {
+                    Ok(()) => self.meta.flush().await.map_err(SnapshotError::from),
+                    Err(e) => Err(e.into()),
+                },
             };
             if let Err(e) = stored {
                 let _ = fs::remove_dir_all(&dir);
@@ -311,7 +345,8 @@ impl CasSnapshotter {
         let _g = self.gc_lock.write().await;
         let _w = self.writer.lock().await;
         let started = std::time::Instant::now();
-        let stats = cas::gc::collect(&self.layout, &self.meta)?;
+        let (layout, meta) = (self.layout.clone(), self.meta.clone());
+        let stats = blocking(move || Ok(cas::gc::collect(&layout, &meta)?)).await?;
         info!(
             removed = stats.removed,
             freed_bytes = stats.freed_bytes,
@@ -322,9 +357,22 @@ impl CasSnapshotter {
         Ok(stats)
     }
 
-    /// The index (read access for statistics and checks).
-    pub fn meta(&self) -> &MetaStore {
-        &self.meta
+    /// Store statistics (`casctl stats`).
+    pub async fn stats(&self) -> Result<cas::admin::Stats, SnapshotError> {
+        let (layout, meta) = (self.layout.clone(), self.meta.clone());
+        blocking(move || Ok(cas::admin::stats(&layout, &meta)?)).await
+    }
+
+    /// Consistency check (`casctl fsck`), with ingests and index changes held off so
+    /// it sees one consistent state.
+    pub async fn fsck(
+        &self,
+        verify_objects: bool,
+    ) -> Result<cas::admin::FsckReport, SnapshotError> {
+        let _g = self.gc_lock.write().await;
+        let _w = self.writer.lock().await;
+        let (layout, meta) = (self.layout.clone(), self.meta.clone());
+        blocking(move || Ok(cas::admin::fsck(&layout, &meta, verify_objects)?)).await
     }
 
     /// The store layout.
@@ -373,6 +421,8 @@ impl Snapshotter for CasSnapshotter {
             }
         }
         rec.updated = SystemTime::now();
+        let dir = self.layout.snapshot_dir(rec.id);
+        cas::index::write_info(&dir, &key, &rec)?;
         self.meta.put(&key, &rec)?;
         self.meta.flush().await?;
         Ok(to_info(key, rec))
@@ -491,6 +541,7 @@ impl Snapshotter for CasSnapshotter {
         rec.updated = now;
         rec.usage = usage;
         rec.logical_bytes = stats.logical_bytes;
+        cas::index::write_info(&self.layout.snapshot_dir(rec.id), &name, &rec)?;
         self.meta.rename(&key, &name, &rec, &objects)?;
         self.meta.flush().await?;
         let work = self.planner.work_dir(rec.id);
@@ -526,6 +577,14 @@ impl Snapshotter for CasSnapshotter {
             } else {
                 Vec::new()
             };
+            // The mirror goes first: a rebuild after a crash here must not revive it.
+            let info = dir.join(cas::index::INFO_FILE);
+            match fs::remove_file(&info) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(SnapshotError::io("remove", &info)(e))
+                }
+                _ => {}
+            }
             self.meta.delete(&key, &rec, &objects)?;
             self.meta.flush().await?;
             dir

@@ -1,0 +1,422 @@
+//! Store-wide operations behind `casctl`: statistics, consistency checks, index rebuild.
+//!
+//! Each takes the layout and (except the rebuild) the open index, so the daemon can run
+//! them under its own locks while it serves, and `casctl` can run them directly when no
+//! daemon holds the store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::error::CasError;
+use crate::gc::list_objects;
+use crate::index::{read_info, Kind, MetaStore, INFO_FILE};
+use crate::layout::Layout;
+use crate::manifest::read_manifest;
+use crate::stub::stub_target;
+
+/// Name of a committed layer's manifest inside `snapshots/<id>/`.
+pub const MANIFEST_FILE: &str = "manifest";
+
+/// What the store holds, and what deduplication saves.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Stats {
+    /// Snapshots of every kind.
+    pub snapshots: u64,
+    /// Committed layers.
+    pub committed: u64,
+    /// Objects in `cas/objects`.
+    pub objects: u64,
+    /// Bytes of those objects: what the store really keeps for file contents.
+    pub physical_bytes: u64,
+    /// Bytes of every committed layer's regular files, as a snapshotter without
+    /// deduplication would store them.
+    pub logical_bytes: u64,
+    /// `logical_bytes - physical_bytes`.
+    pub saved_bytes: i64,
+    /// `saved_bytes / logical_bytes`, in percent (0 for an empty store).
+    pub savings_percent: f64,
+    /// Objects that no committed snapshot references (collected by the next GC).
+    pub unreferenced_objects: u64,
+    /// Their bytes.
+    pub unreferenced_bytes: u64,
+}
+
+/// Computes [`Stats`].
+pub fn stats(layout: &Layout, meta: &MetaStore) -> Result<Stats, CasError> {
+    let mut s = Stats::default();
+    for (_, rec) in meta.all()? {
+        s.snapshots += 1;
+        if rec.kind == Kind::Committed {
+            s.committed += 1;
+            s.logical_bytes += rec.logical_bytes;
+        }
+    }
+    for (digest, path) in list_objects(layout)? {
+        let size = fs::symlink_metadata(&path).map(|m| m.len()).unwrap_or(0);
+        s.objects += 1;
+        s.physical_bytes += size;
+        let referenced = match digest {
+            Some(d) => meta.ref_count(&d)? > 0,
+            None => false,
+        };
+        if !referenced {
+            s.unreferenced_objects += 1;
+            s.unreferenced_bytes += size;
+        }
+    }
+    s.saved_bytes = s.logical_bytes as i64 - s.physical_bytes as i64;
+    if s.logical_bytes > 0 {
+        s.savings_percent = s.saved_bytes as f64 * 100.0 / s.logical_bytes as f64;
+    }
+    Ok(s)
+}
+
+/// One inconsistency found by [`fsck`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Problem {
+    /// A file in `cas/objects` whose name is not a digest.
+    StrayObjectFile {
+        /// The file.
+        path: PathBuf,
+    },
+    /// An object whose bytes do not hash to its name.
+    ObjectCorrupt {
+        /// Its name.
+        digest: String,
+        /// What its bytes hash to.
+        actual: String,
+    },
+    /// A manifest names an object that is not in the store.
+    ObjectMissing {
+        /// The object.
+        digest: String,
+        /// The snapshot whose manifest names it.
+        snapshot: String,
+    },
+    /// A committed snapshot has no readable manifest.
+    ManifestUnreadable {
+        /// The snapshot.
+        snapshot: String,
+        /// Why.
+        error: String,
+    },
+    /// A manifest entry and the stub at its path disagree.
+    StubMismatch {
+        /// The snapshot.
+        snapshot: String,
+        /// The path inside the layer.
+        path: PathBuf,
+        /// What disagrees.
+        reason: String,
+    },
+    /// A record names a directory that does not exist.
+    SnapshotDirMissing {
+        /// The snapshot.
+        snapshot: String,
+        /// Its directory.
+        dir: PathBuf,
+    },
+    /// A record and its `info` mirror disagree (or the mirror is missing).
+    InfoMismatch {
+        /// The snapshot.
+        snapshot: String,
+        /// What disagrees.
+        reason: String,
+    },
+    /// A directory under `snapshots/` that no record names.
+    OrphanSnapshotDir {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// The index's reference count for an object differs from the manifests.
+    RefcountMismatch {
+        /// The object.
+        digest: String,
+        /// What the index says.
+        index: u64,
+        /// How many committed manifests name it.
+        manifests: u64,
+    },
+}
+
+/// The result of [`fsck`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FsckReport {
+    /// Objects looked at.
+    pub objects: u64,
+    /// Objects whose bytes were hashed (`verify_objects`).
+    pub objects_verified: u64,
+    /// Snapshots looked at.
+    pub snapshots: u64,
+    /// Manifest entries checked against their stubs.
+    pub files: u64,
+    /// Objects no snapshot references (not an inconsistency: garbage for the next GC).
+    pub unreferenced_objects: u64,
+    /// Every inconsistency found.
+    pub problems: Vec<Problem>,
+}
+
+/// Checks objects, stubs, manifests, mirrors and the index against each other.
+/// With `verify_objects`, every object's bytes are hashed too.
+pub fn fsck(
+    layout: &Layout,
+    meta: &MetaStore,
+    verify_objects: bool,
+) -> Result<FsckReport, CasError> {
+    let mut r = FsckReport::default();
+    let mut present = std::collections::HashSet::new();
+    for (digest, path) in list_objects(layout)? {
+        r.objects += 1;
+        let Some(d) = digest else {
+            r.problems.push(Problem::StrayObjectFile { path });
+            continue;
+        };
+        present.insert(d);
+        if verify_objects {
+            let f = fs::File::open(&path).map_err(CasError::io("open", &path))?;
+            let (actual, _) = Digest::of_reader(f).map_err(CasError::io("read", &path))?;
+            r.objects_verified += 1;
+            if actual != d {
+                r.problems.push(Problem::ObjectCorrupt {
+                    digest: d.to_string(),
+                    actual: actual.to_string(),
+                });
+            }
+        }
+    }
+
+    let mut counted: HashMap<Digest, u64> = HashMap::new();
+    let mut live_dirs = std::collections::HashSet::new();
+    for (key, rec) in meta.all()? {
+        r.snapshots += 1;
+        let dir = layout.snapshot_dir(rec.id);
+        live_dirs.insert(rec.id.to_string());
+        if !dir.is_dir() {
+            r.problems
+                .push(Problem::SnapshotDirMissing { snapshot: key, dir });
+            continue;
+        }
+        match read_info(&dir) {
+            Ok(info) if info.key == key && info.record == rec => {}
+            Ok(info) if info.key != key => r.problems.push(Problem::InfoMismatch {
+                snapshot: key.clone(),
+                reason: format!("info names key {:?}", info.key),
+            }),
+            Ok(_) => r.problems.push(Problem::InfoMismatch {
+                snapshot: key.clone(),
+                reason: "info record differs from the index".into(),
+            }),
+            Err(e) => r.problems.push(Problem::InfoMismatch {
+                snapshot: key.clone(),
+                reason: e.to_string(),
+            }),
+        }
+        if rec.kind != Kind::Committed {
+            continue;
+        }
+        let entries = match read_manifest(&dir.join(MANIFEST_FILE)) {
+            Ok(e) => e,
+            Err(e) => {
+                r.problems.push(Problem::ManifestUnreadable {
+                    snapshot: key,
+                    error: e.to_string(),
+                });
+                continue;
+            }
+        };
+        let mut mine = std::collections::BTreeSet::new();
+        for entry in entries {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    r.problems.push(Problem::ManifestUnreadable {
+                        snapshot: key.clone(),
+                        error: e.to_string(),
+                    });
+                    break;
+                }
+            };
+            r.files += 1;
+            mine.insert(entry.digest);
+            if !present.contains(&entry.digest) {
+                r.problems.push(Problem::ObjectMissing {
+                    digest: entry.digest.to_string(),
+                    snapshot: key.clone(),
+                });
+            }
+            let stub = dir.join("fs").join(&entry.path);
+            let reason = match fs::symlink_metadata(&stub) {
+                Err(e) => Some(format!("stub unreadable: {e}")),
+                Ok(md) if !md.is_file() => Some("not a regular file".to_string()),
+                Ok(md) if md.len() != entry.size => Some(format!(
+                    "stub size {} but manifest says {}",
+                    md.len(),
+                    entry.size
+                )),
+                Ok(_) => match stub_target(&stub)? {
+                    Some(d) if d == entry.digest => None,
+                    Some(d) => Some(format!("stub points at {d}")),
+                    None => Some("not a stub (no metacopy/redirect)".to_string()),
+                },
+            };
+            if let Some(reason) = reason {
+                r.problems.push(Problem::StubMismatch {
+                    snapshot: key.clone(),
+                    path: entry.path,
+                    reason,
+                });
+            }
+        }
+        for d in mine {
+            *counted.entry(d).or_default() += 1;
+        }
+    }
+
+    let mut indexed: BTreeMap<Digest, u64> = meta.refs()?.into_iter().collect();
+    for (d, n) in &counted {
+        let i = indexed.remove(d).unwrap_or(0);
+        if i != *n {
+            r.problems.push(Problem::RefcountMismatch {
+                digest: d.to_string(),
+                index: i,
+                manifests: *n,
+            });
+        }
+    }
+    for (d, i) in indexed {
+        r.problems.push(Problem::RefcountMismatch {
+            digest: d.to_string(),
+            index: i,
+            manifests: 0,
+        });
+    }
+    r.unreferenced_objects = present.iter().filter(|d| !counted.contains_key(d)).count() as u64;
+
+    let sdir = layout.snapshots_dir();
+    for e in fs::read_dir(&sdir).map_err(CasError::io("read dir", &sdir))? {
+        let e = e.map_err(CasError::io("read dir", &sdir))?;
+        if !live_dirs.contains(e.file_name().to_string_lossy().as_ref()) {
+            r.problems
+                .push(Problem::OrphanSnapshotDir { dir: e.path() });
+        }
+    }
+    r.problems.sort();
+    Ok(r)
+}
+
+/// What a rebuild found.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RebuildStats {
+    /// Snapshot records restored from `info` files.
+    pub snapshots: u64,
+    /// Objects with references restored from manifests.
+    pub referenced_objects: u64,
+    /// Directories under `snapshots/` without a readable `info` (left for the sweep).
+    pub skipped_dirs: u64,
+}
+
+/// Rebuilds `index/` from the `info` mirrors and manifests. Nothing may hold the index
+/// open. The old index is kept as `index.old` until the new one is complete.
+pub fn rebuild_index(layout: &Layout) -> Result<RebuildStats, CasError> {
+    let index = layout.index_dir();
+    let fresh = layout.root().join("index.new");
+    let old = layout.root().join("index.old");
+    for d in [&fresh, &old] {
+        match fs::remove_dir_all(d) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(CasError::io("remove", d)(e))
+            }
+            _ => {}
+        }
+    }
+    let mut stats = RebuildStats::default();
+    {
+        let meta = MetaStore::open(&fresh)?;
+        let mut counts: HashMap<Digest, u64> = HashMap::new();
+        let mut max_id = 0;
+        let sdir = layout.snapshots_dir();
+        let mut infos = Vec::new();
+        for e in fs::read_dir(&sdir).map_err(CasError::io("read dir", &sdir))? {
+            let dir = e.map_err(CasError::io("read dir", &sdir))?.path();
+            if !dir.join(INFO_FILE).is_file() {
+                stats.skipped_dirs += 1;
+                continue;
+            }
+            let info = read_info(&dir)?;
+            max_id = max_id.max(info.record.id);
+            if info.record.kind == Kind::Committed {
+                let mut mine = std::collections::BTreeSet::new();
+                for entry in read_manifest(&dir.join(MANIFEST_FILE))? {
+                    mine.insert(entry?.digest);
+                }
+                for d in mine {
+                    *counts.entry(d).or_default() += 1;
+                }
+            }
+            infos.push(info);
+        }
+        for info in &infos {
+            meta.insert(&info.key, &info.record)?;
+            stats.snapshots += 1;
+        }
+        meta.set_refs(&counts)?;
+        stats.referenced_objects = counts.len() as u64;
+        meta.reserve_ids_through(max_id)?;
+        meta.flush_blocking()?;
+    }
+    if index.exists() {
+        fs::rename(&index, &old).map_err(CasError::io("rename", &index))?;
+    }
+    fs::rename(&fresh, &index).map_err(CasError::io("rename", &fresh))?;
+    ringio::durable::fsync_dir(layout.root())?;
+    let _ = fs::remove_dir_all(&old);
+    Ok(stats)
+}
+
+/// The admin socket of a running daemon, under the store root.
+pub fn admin_socket(layout: &Layout) -> PathBuf {
+    layout.root().join(ADMIN_SOCKET)
+}
+
+/// File name of the daemon's admin socket in the store root.
+pub const ADMIN_SOCKET: &str = "admin.sock";
+
+/// A request on the admin socket (one JSON line).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum AdminRequest {
+    /// [`stats`].
+    Stats,
+    /// [`fsck`].
+    Fsck {
+        /// Hash every object.
+        verify_objects: bool,
+    },
+    /// Garbage collection.
+    Gc,
+}
+
+/// The answer to an [`AdminRequest`] (one JSON line).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AdminResponse {
+    /// Statistics.
+    Stats(Stats),
+    /// An fsck report.
+    Fsck(FsckReport),
+    /// What a collection did.
+    Gc(crate::gc::GcStats),
+    /// The request failed.
+    Error(String),
+}
+
+/// Whether `path` looks like a store root (has the layout marker).
+pub fn is_store(path: &Path) -> bool {
+    path.join("layout").is_file()
+}

@@ -1,0 +1,234 @@
+//! `casctl --root DIR stats|fsck|gc|rebuild-index [--json]`: inspect and maintain a store.
+//!
+//! With a daemon running on the store, requests go to its admin socket
+//! (`<root>/admin.sock`) and run under the daemon's locks, so they are safe against
+//! concurrent pulls and removes. Without one, `casctl` opens the store itself.
+//! `rebuild-index` needs the daemon stopped (the daemon also rebuilds by itself at start
+//! when its index is unreadable).
+//!
+//! Exit status: 0 on success, 1 when `fsck` found problems, 2 on errors.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use cas::admin::{self, AdminRequest, AdminResponse, FsckReport, Stats};
+use cas::gc::GcStats;
+use cas::index::MetaStore;
+use cas::Layout;
+use clap::{Parser, Subcommand};
+
+/// Inspect and maintain a cas-snapshotter store.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Store root.
+    #[arg(long, default_value = "/var/lib/cas-snapshotter")]
+    root: PathBuf,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Logical vs physical bytes, objects, savings.
+    Stats,
+    /// Check objects, stubs, manifests and the index against each other.
+    Fsck {
+        /// Also hash every object and compare with its name.
+        #[arg(long)]
+        verify_objects: bool,
+    },
+    /// Delete objects that no committed snapshot references.
+    Gc,
+    /// Rebuild the index from the snapshots' info files and manifests (daemon stopped).
+    RebuildIndex,
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn print_stats(s: &Stats) {
+    println!(
+        "snapshots:            {} ({} committed)",
+        s.snapshots, s.committed
+    );
+    println!("objects:              {}", s.objects);
+    println!(
+        "logical bytes:        {} ({})",
+        s.logical_bytes,
+        human_bytes(s.logical_bytes)
+    );
+    println!(
+        "physical bytes:       {} ({})",
+        s.physical_bytes,
+        human_bytes(s.physical_bytes)
+    );
+    println!(
+        "saved:                {} ({:.1}%)",
+        human_bytes(s.saved_bytes.max(0) as u64),
+        s.savings_percent
+    );
+    println!(
+        "unreferenced objects: {} ({})",
+        s.unreferenced_objects,
+        human_bytes(s.unreferenced_bytes)
+    );
+}
+
+fn print_fsck(r: &FsckReport) {
+    println!(
+        "checked {} objects ({} hashed), {} snapshots, {} files; {} unreferenced objects",
+        r.objects, r.objects_verified, r.snapshots, r.files, r.unreferenced_objects
+    );
+    for p in &r.problems {
+        println!("problem: {}", serde_json::to_string(p).unwrap_or_default());
+    }
+    if r.problems.is_empty() {
+        println!("clean");
+    } else {
+        println!("{} problems", r.problems.len());
+    }
+}
+
+fn print_gc(g: &GcStats) {
+    println!(
+        "scanned {} objects, removed {} ({}), removed {} temporary files",
+        g.scanned,
+        g.removed,
+        human_bytes(g.freed_bytes),
+        g.tmp_removed
+    );
+}
+
+/// Sends `req` to a running daemon; `None` when no daemon answers.
+fn ask_daemon(layout: &Layout, req: &AdminRequest) -> anyhow::Result<Option<AdminResponse>> {
+    let Ok(mut sock) = UnixStream::connect(admin::admin_socket(layout)) else {
+        return Ok(None);
+    };
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    sock.write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(sock).read_line(&mut answer)?;
+    Ok(Some(serde_json::from_str(&answer)?))
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        admin::is_store(&args.root),
+        "{} is not a cas-snapshotter store (no layout file)",
+        args.root.display()
+    );
+    let layout = Layout::ensure(&args.root)?;
+    let req = match &args.cmd {
+        Cmd::Stats => Some(AdminRequest::Stats),
+        Cmd::Fsck { verify_objects } => Some(AdminRequest::Fsck {
+            verify_objects: *verify_objects,
+        }),
+        Cmd::Gc => Some(AdminRequest::Gc),
+        Cmd::RebuildIndex => None,
+    };
+    let online = match &req {
+        Some(r) => ask_daemon(&layout, r)?,
+        None => {
+            anyhow::ensure!(
+                UnixStream::connect(admin::admin_socket(&layout)).is_err(),
+                "a daemon is serving this store; stop it first (it rebuilds an unreadable index by itself at start)"
+            );
+            None
+        }
+    };
+    let resp = match (online, &args.cmd) {
+        (Some(resp), _) => resp,
+        (None, Cmd::RebuildIndex) => {
+            let s = admin::rebuild_index(&layout)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!(
+                    "rebuilt index: {} snapshots, {} referenced objects, {} directories skipped",
+                    s.snapshots, s.referenced_objects, s.skipped_dirs
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        (None, cmd) => {
+            let meta = MetaStore::open(&layout.index_dir()).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open the index ({e}); is a daemon holding it without answering on {}?",
+                    admin::admin_socket(&layout).display()
+                )
+            })?;
+            match cmd {
+                Cmd::Stats => AdminResponse::Stats(admin::stats(&layout, &meta)?),
+                Cmd::Fsck { verify_objects } => {
+                    AdminResponse::Fsck(admin::fsck(&layout, &meta, *verify_objects)?)
+                }
+                _ => {
+                    let g = cas::gc::collect(&layout, &meta)?;
+                    meta.flush_blocking()?;
+                    AdminResponse::Gc(g)
+                }
+            }
+        }
+    };
+    if args.json {
+        let v = match &resp {
+            AdminResponse::Stats(s) => serde_json::to_string_pretty(s)?,
+            AdminResponse::Fsck(r) => serde_json::to_string_pretty(r)?,
+            AdminResponse::Gc(g) => serde_json::to_string_pretty(g)?,
+            AdminResponse::Error(e) => anyhow::bail!("daemon: {e}"),
+        };
+        println!("{v}");
+    }
+    match resp {
+        AdminResponse::Stats(s) => {
+            if !args.json {
+                print_stats(&s);
+            }
+        }
+        AdminResponse::Fsck(r) => {
+            if !args.json {
+                print_fsck(&r);
+            }
+            if !r.problems.is_empty() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        AdminResponse::Gc(g) => {
+            if !args.json {
+                print_gc(&g);
+            }
+        }
+        AdminResponse::Error(e) => anyhow::bail!("daemon: {e}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("casctl: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
