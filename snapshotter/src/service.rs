@@ -594,15 +594,20 @@ impl Snapshotter for CasSnapshotter {
         Ok(())
     }
 
+    /// containerd calls Cleanup after its own garbage collection removed snapshots:
+    /// sweep directories without records, then collect objects nothing references.
     async fn clear(&self) -> Result<(), Self::Error> {
-        let _w = self.writer.lock().await;
-        let swept = self.sweep_orphans()?;
-        if swept > 0 {
-            info!(
-                swept,
-                "cleanup removed snapshot directories without metadata"
-            );
+        {
+            let _w = self.writer.lock().await;
+            let swept = self.sweep_orphans()?;
+            if swept > 0 {
+                info!(
+                    swept,
+                    "cleanup removed snapshot directories without metadata"
+                );
+            }
         }
+        self.gc().await?;
         Ok(())
     }
 

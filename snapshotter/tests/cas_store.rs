@@ -1,0 +1,301 @@
+//! The snapshotter against a real store and real overlayfs mounts (needs root; skips
+//! otherwise): dedup, stubs read back exactly, copy-up leaves objects alone, hostile
+//! overlay xattrs are not honoured, GC empties the store, the index rebuilds.
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use cas_snapshotter::service::CasSnapshotter;
+use containerd_snapshots::api::types::Mount;
+use containerd_snapshots::Snapshotter;
+use futures::StreamExt;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Mounts what the snapshotter returned, as containerd would; unmounts on drop.
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn new(mounts: &[Mount], target: &Path) -> Mounted {
+        fs::create_dir_all(target).unwrap();
+        let m = &mounts[0];
+        if m.r#type == "bind" {
+            let mut flags = MsFlags::MS_BIND | MsFlags::MS_REC;
+            mount(
+                Some(m.source.as_str()),
+                target,
+                None::<&str>,
+                flags,
+                None::<&str>,
+            )
+            .unwrap();
+            if m.options.iter().any(|o| o == "ro") {
+                flags |= MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+                mount(None::<&str>, target, None::<&str>, flags, None::<&str>).unwrap();
+            }
+        } else {
+            let data = m.options.join(",");
+            mount(
+                Some("overlay"),
+                target,
+                Some("overlay"),
+                MsFlags::empty(),
+                Some(data.as_str()),
+            )
+            .unwrap_or_else(|e| panic!("mount overlay {data}: {e}"));
+        }
+        Mounted(target.to_path_buf())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = umount2(&self.0, MntFlags::MNT_DETACH);
+    }
+}
+
+fn labels() -> HashMap<String, String> {
+    HashMap::new()
+}
+
+fn set_mtime(p: &Path, secs: i64) {
+    let t = nix::sys::time::TimeSpec::new(secs, 0);
+    nix::sys::stat::utimensat(
+        None,
+        p,
+        &t,
+        &t,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
+}
+
+async fn open(root: &Path) -> CasSnapshotter {
+    CasSnapshotter::open(cas::Layout::ensure(root).unwrap()).unwrap()
+}
+
+fn fs_of(root: &Path, mounts: &[Mount]) -> PathBuf {
+    // the upperdir (or bind source) of an active snapshot: where containerd's applier writes
+    let m = &mounts[0];
+    if m.r#type == "bind" {
+        return PathBuf::from(&m.source);
+    }
+    let up = m
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("upperdir="))
+        .unwrap();
+    assert!(up.starts_with(root.to_str().unwrap()));
+    PathBuf::from(up)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cas_round_trip_dedup_copy_up_hostile_gc_and_rebuild() {
+    if !is_root() {
+        eprintln!("skipped: needs root for overlay mounts");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let mnt = tmp.path().join("mnt");
+    let sn = open(&root).await;
+    let big = vec![42u8; 3 << 20];
+
+    // Layer 1 (parentless, bind mount): duplicate content, hardlinks, odd metadata.
+    let m = sn
+        .prepare("l1-active".into(), String::new(), labels())
+        .await
+        .unwrap();
+    let up = fs_of(&root, &m);
+    fs::write(up.join("a"), &big).unwrap();
+    fs::write(up.join("b"), &big).unwrap();
+    fs::hard_link(up.join("a"), up.join("c")).unwrap();
+    fs::write(up.join("empty"), b"").unwrap();
+    std::os::unix::fs::symlink("a", up.join("link")).unwrap();
+    fs::create_dir(up.join("dir")).unwrap();
+    fs::write(up.join("dir/small"), b"small file\n").unwrap();
+    xattr::set(up.join("a"), "user.fixture", b"hello").unwrap();
+    nix::unistd::chown(&up.join("a"), Some(1000.into()), Some(1000.into())).unwrap();
+    fs::set_permissions(up.join("a"), fs::Permissions::from_mode(0o4755)).unwrap();
+    set_mtime(&up.join("a"), 1_000_000);
+    set_mtime(&up.join("dir"), 2_000_000);
+    sn.commit("l1".into(), "l1-active".into(), labels())
+        .await
+        .unwrap();
+
+    // Layer 2 (overlay): a whiteout, a duplicate of layer 1's content, new content.
+    let m = sn
+        .prepare("l2-active".into(), "l1".into(), labels())
+        .await
+        .unwrap();
+    let up = fs_of(&root, &m);
+    nix::sys::stat::mknod(
+        &up.join("b"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::empty(),
+        0,
+    )
+    .unwrap();
+    fs::write(up.join("e"), &big).unwrap();
+    fs::write(up.join("f"), b"layer two\n").unwrap();
+    sn.commit("l2".into(), "l2-active".into(), labels())
+        .await
+        .unwrap();
+
+    let stats = sn.stats().await.unwrap();
+    assert_eq!(stats.objects, 3, "{stats:?}");
+    assert!(stats.logical_bytes >= 2 * big.len() as u64, "{stats:?}");
+    assert!(stats.physical_bytes < big.len() as u64 + 100, "{stats:?}");
+
+    {
+        let v = sn.view("v".into(), "l2".into(), labels()).await.unwrap();
+        let _m = Mounted::new(&v, &mnt);
+        assert_eq!(fs::read(mnt.join("a")).unwrap(), big);
+        assert_eq!(fs::read(mnt.join("e")).unwrap(), big);
+        assert!(!mnt.join("b").exists(), "whiteout not honoured");
+        assert_eq!(fs::read(mnt.join("dir/small")).unwrap(), b"small file\n");
+        let a = fs::symlink_metadata(mnt.join("a")).unwrap();
+        assert_eq!(a.mode() & 0o7777, 0o4755);
+        assert_eq!((a.uid(), a.gid()), (1000, 1000));
+        assert_eq!(a.mtime(), 1_000_000);
+        assert_eq!(
+            fs::symlink_metadata(mnt.join("dir")).unwrap().mtime(),
+            2_000_000
+        );
+        assert_eq!(
+            a.ino(),
+            fs::symlink_metadata(mnt.join("c")).unwrap().ino(),
+            "hardlink lost"
+        );
+        assert_eq!(
+            xattr::get(mnt.join("a"), "user.fixture").unwrap().unwrap(),
+            b"hello"
+        );
+        assert_eq!(fs::read_link(mnt.join("link")).unwrap(), PathBuf::from("a"));
+        assert_eq!(fs::read(mnt.join("empty")).unwrap(), b"");
+    }
+
+    // A container writes to and chmods image files: the CAS objects stay as they were.
+    let object = root
+        .join("cas/objects")
+        .join(cas::Digest::of(&big).object_relpath());
+    {
+        let m = sn
+            .prepare("ctr".into(), "l2".into(), labels())
+            .await
+            .unwrap();
+        let _m = Mounted::new(&m, &mnt);
+        use std::io::Write;
+        fs::OpenOptions::new()
+            .append(true)
+            .open(mnt.join("a"))
+            .unwrap()
+            .write_all(b"tail")
+            .unwrap();
+        fs::set_permissions(mnt.join("e"), fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(fs::read(mnt.join("e")).unwrap(), big);
+    }
+    assert_eq!(
+        fs::read(&object).unwrap(),
+        big,
+        "copy-up changed a CAS object"
+    );
+    sn.commit("l3".into(), "ctr".into(), labels())
+        .await
+        .unwrap();
+    {
+        let v = sn.view("v3".into(), "l3".into(), labels()).await.unwrap();
+        let _m = Mounted::new(&v, &mnt);
+        assert_eq!(
+            fs::read(mnt.join("e")).unwrap(),
+            big,
+            "metadata-only copy-up lost its data"
+        );
+        assert_eq!(
+            fs::symlink_metadata(mnt.join("e")).unwrap().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(fs::read(mnt.join("a")).unwrap().len(), big.len() + 4);
+    }
+
+    // A parentless layer that brings its own redirect to another layer's object.
+    let m = sn
+        .prepare("evil-active".into(), String::new(), labels())
+        .await
+        .unwrap();
+    let up = fs_of(&root, &m);
+    fs::write(up.join("steal"), b"zz").unwrap();
+    xattr::set(up.join("steal"), "trusted.overlay.metacopy", b"").unwrap();
+    xattr::set(
+        up.join("steal"),
+        "trusted.overlay.redirect",
+        cas::Digest::of(&big).redirect().as_bytes(),
+    )
+    .unwrap();
+    sn.commit("evil".into(), "evil-active".into(), labels())
+        .await
+        .unwrap();
+    {
+        let v = sn.view("ve".into(), "evil".into(), labels()).await.unwrap();
+        let _m = Mounted::new(&v, &mnt);
+        assert_eq!(
+            fs::read(mnt.join("steal")).unwrap(),
+            b"zz",
+            "a layer read another layer's object"
+        );
+    }
+
+    let report = sn.fsck(true).await.unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+
+    // Rebuild: drop the index, reopen, same snapshots and the store still checks clean.
+    let before: Vec<_> = walk(&sn).await;
+    drop(sn);
+    fs::remove_dir_all(root.join("index")).unwrap();
+    let sn = open(&root).await;
+    assert_eq!(walk(&sn).await, before);
+    let report = sn.fsck(false).await.unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+
+    // Remove everything (children first) and collect: only the empty layout is left.
+    for key in ["ve", "evil", "v3", "l3", "v", "l2", "l1"] {
+        sn.remove(key.into()).await.unwrap();
+    }
+    sn.clear().await.unwrap();
+    let left: Vec<_> = fs::read_dir(root.join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "{left:?} {:?}", walk(&sn).await);
+    let left: Vec<_> = fs::read_dir(root.join("cas/tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let st = sn.stats().await.unwrap();
+    assert_eq!(st.objects, 0, "{st:?} {:?}", sn.fsck(false).await.unwrap());
+}
+
+async fn walk(sn: &CasSnapshotter) -> Vec<(String, String, String)> {
+    let mut out: Vec<_> = sn
+        .list(String::new(), vec![])
+        .await
+        .unwrap()
+        .map(|i| {
+            let i = i.unwrap();
+            (
+                i.name,
+                i.parent,
+                format!("{:?} {:?} {:?}", i.kind, i.created_at, i.labels),
+            )
+        })
+        .collect()
+        .await;
+    out.sort();
+    out
+}
