@@ -47,6 +47,9 @@ pub enum SnapshotError {
         #[source]
         source: io::Error,
     },
+    /// The kernel cannot serve stubs (found by the start-up probe).
+    #[error(transparent)]
+    Unsupported(#[from] crate::probe::ProbeError),
     /// A blocking task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -90,6 +93,7 @@ impl From<SnapshotError> for tonic::Status {
             SnapshotError::Index(_)
             | SnapshotError::Store(_)
             | SnapshotError::Io { .. }
+            | SnapshotError::Unsupported(_)
             | SnapshotError::Task(_) => {
                 tracing::error!(error = %msg, "internal error");
                 tonic::Status::internal(msg)

@@ -10,6 +10,7 @@
 //! * snapshot metadata and refcounts live in `cas::index` (sled under `<root>/index`);
 //! * [`mounts`]: mount planning, pure and unit-tested (the shapes of containerd's
 //!   overlayfs snapshotter);
+//! * [`probe`]: the start-up check that the kernel serves stubs from the CAS;
 //! * [`filter`]: containerd's filter language for Walk;
 //! * [`error`]: the one mapping from errors to gRPC status codes;
 //! * [`server`]: socket handling and graceful shutdown;
@@ -23,5 +24,6 @@ pub mod admin;
 pub mod error;
 pub mod filter;
 pub mod mounts;
+pub mod probe;
 pub mod server;
 pub mod service;

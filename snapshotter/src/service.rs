@@ -154,8 +154,13 @@ impl CasSnapshotter {
                 MetaStore::open(&index)?
             }
         };
+        crate::probe::probe_data_only_lowers(&layout.tmp_dir())?;
         let features = OverlayFeatures::probe();
-        info!(index_off = features.index_param, "overlay features probed");
+        info!(
+            index_off = features.index_param,
+            data_only_lowers = true,
+            "overlayfs probed: stubs are served from the CAS as a data-only lower layer"
+        );
         let planner = MountPlanner::new(layout.snapshots_dir(), layout.objects_dir(), features);
         let sn = CasSnapshotter {
             store: ObjectStore::new(&layout),
