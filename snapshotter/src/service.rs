@@ -225,7 +225,12 @@ impl CasSnapshotter {
         if out.is_dir() {
             return Ok(());
         }
-        let layers: Vec<_> = parents.iter().map(|p| self.planner.fs_dir(*p)).collect();
+        // The parent's own flat tree, when it has one, already merges the rest of the
+        // chain: merging one layer over it keeps each flatten proportional to the tree.
+        let layers: Vec<_> = match parents.get(1).map(|p| self.planner.flat_dir(*p)) {
+            Some(below) if below.is_dir() => vec![self.planner.fs_dir(top), below],
+            _ => parents.iter().map(|p| self.planner.fs_dir(*p)).collect(),
+        };
         let tmp = self.planner.snapshot_dir(top).join("flat.tmp");
         let started = std::time::Instant::now();
         blocking(move || {
