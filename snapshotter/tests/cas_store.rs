@@ -299,3 +299,105 @@ async fn walk(sn: &CasSnapshotter) -> Vec<(String, String, String)> {
     out.sort();
     out
 }
+
+fn resident_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--raw", "-o", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux)");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+fn meminfo_cached() -> u64 {
+    let m = fs::read_to_string("/proc/meminfo").unwrap();
+    let line = m.lines().find(|l| l.starts_with("Cached:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+/// Two images that contain the same file, each unpacked on its own: containers of both
+/// read it from one object inode, so its bytes are in the page cache once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_images_share_one_page_cache_copy() {
+    if !is_root() {
+        eprintln!("skipped: needs root for overlay mounts");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let sn = open(&root).await;
+    // 32 MiB of content that is not all one byte, so nothing could compress or share it
+    let big: Vec<u8> = (0..32u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    for image in ["one", "two"] {
+        let m = sn
+            .prepare(format!("{image}-base-a"), String::new(), labels())
+            .await
+            .unwrap();
+        let up = fs_of(&root, &m);
+        fs::write(up.join(format!("{image}-only")), image).unwrap();
+        sn.commit(format!("{image}-base"), format!("{image}-base-a"), labels())
+            .await
+            .unwrap();
+        let m = sn
+            .prepare(format!("{image}-app-a"), format!("{image}-base"), labels())
+            .await
+            .unwrap();
+        let up = fs_of(&root, &m);
+        fs::create_dir(up.join("opt")).unwrap();
+        fs::write(up.join("opt/shared.bin"), &big).unwrap();
+        sn.commit(format!("{image}-app"), format!("{image}-app-a"), labels())
+            .await
+            .unwrap();
+    }
+    let object = root
+        .join("cas/objects")
+        .join(cas::Digest::of(&big).object_relpath());
+    drop(big);
+
+    let (m1, m2) = (tmp.path().join("c1"), tmp.path().join("c2"));
+    let v1 = sn
+        .prepare("c1".into(), "one-app".into(), labels())
+        .await
+        .unwrap();
+    let v2 = sn
+        .prepare("c2".into(), "two-app".into(), labels())
+        .await
+        .unwrap();
+    let _a = Mounted::new(&v1, &m1);
+    let _b = Mounted::new(&v2, &m2);
+
+    // Drop the object's pages, then read the file in container one.
+    let f = fs::File::open(&object).unwrap();
+    nix::fcntl::posix_fadvise(
+        std::os::fd::AsRawFd::as_raw_fd(&f),
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .unwrap();
+    assert!(resident_bytes(&object) < 1 << 20);
+    let size = fs::read(m1.join("opt/shared.bin")).unwrap().len() as u64;
+    let after_one = resident_bytes(&object);
+    assert!(
+        after_one >= size * 9 / 10,
+        "reading through the overlay did not cache the object inode ({after_one} of {size})"
+    );
+
+    // Reading the same file in container two adds (almost) nothing to the page cache.
+    let before = meminfo_cached();
+    let data = fs::read(m2.join("opt/shared.bin")).unwrap();
+    let grown = meminfo_cached().saturating_sub(before);
+    assert_eq!(data.len() as u64, size);
+    assert!(
+        grown < size / 4,
+        "page cache grew by {grown} bytes for a {size}-byte file already cached"
+    );
+    println!("second image's read grew the page cache by {grown} bytes for a {size}-byte file");
+}
