@@ -101,5 +101,14 @@ pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
             Err(e) => return Err(CasError::io("remove", &path)(e)),
         }
     }
+    // Fan-out directories left empty go too, so an emptied store is the bare layout.
+    let dir = layout.objects_dir();
+    for fan in fs::read_dir(&dir).map_err(CasError::io("read dir", &dir))? {
+        let fan = fan.map_err(CasError::io("read dir", &dir))?.path();
+        if fan.is_dir() {
+            // ENOTEMPTY is the common case and fine
+            let _ = fs::remove_dir(&fan);
+        }
+    }
     Ok(stats)
 }

@@ -279,6 +279,7 @@ async fn cas_round_trip_dedup_copy_up_hostile_gc_and_rebuild() {
     assert!(left.is_empty(), "{left:?}");
     let st = sn.stats().await.unwrap();
     assert_eq!(st.objects, 0, "{st:?} {:?}", sn.fsck(false).await.unwrap());
+    assert_eq!(fs::read_dir(root.join("cas/objects")).unwrap().count(), 0, "empty fan-out directories left");
 }
 
 async fn walk(sn: &CasSnapshotter) -> Vec<(String, String, String)> {
