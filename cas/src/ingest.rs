@@ -141,54 +141,35 @@ pub fn ingest_layer(
             }
         }
         let xattrs = own_xattrs(path)?;
-        if !lowers.is_empty() && md.size() > 0 && is_metacopy(path)? {
-            let digest = copied_up_object(path, &rel, lowers)?;
-            let size = md.size();
-            let tmp = tmp_name(tmp_dir, "stub");
-            let built = write_stub(&tmp, &md, &xattrs, &digest)
-                .and_then(|_| fs::rename(&tmp, path).map_err(CasError::io("rename", path)));
-            if let Err(e) = built {
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
+        // Which object holds the bytes, and whether this inode is to become it.
+        let (digest, publish) = if !lowers.is_empty() && md.size() > 0 && is_metacopy(path)? {
+            (copied_up_object(path, &rel, lowers)?, false)
+        } else {
+            let all = xattr::list(path).map_err(CasError::io("listxattr", path))?;
+            let dropped = all.filter(|n| is_overlay_private(n)).count() as u64;
+            stats.dropped_overlay_xattrs += dropped;
+            if dropped > 0 {
+                strip_overlay_xattrs(path)?;
             }
-            if md.nlink() > 1 {
-                linked.insert(key, (path.to_path_buf(), digest, size));
+            if md.size() == 0 {
+                continue;
             }
-            writer.push(&ManifestEntry {
-                path: rel,
-                digest,
-                size,
-            })?;
-            stats.files += 1;
-            stats.logical_bytes += size;
-            continue;
-        }
-        let all = xattr::list(path).map_err(CasError::io("listxattr", path))?;
-        let dropped = all.filter(|n| is_overlay_private(n)).count() as u64;
-        stats.dropped_overlay_xattrs += dropped;
-        if dropped > 0 {
-            strip_overlay_xattrs(path)?;
-        }
-        if md.size() == 0 {
-            continue;
-        }
-        let file = File::open(path).map_err(CasError::io("open", path))?;
-        let (digest, size) = Digest::of_reader(&file).map_err(CasError::io("read", path))?;
-        drop(file);
-        if size != md.size() {
-            return Err(CasError::Hostile {
-                path: path.to_path_buf(),
-                reason: "file changed size while the layer was being committed",
-            });
-        }
+            let file = File::open(path).map_err(CasError::io("open", path))?;
+            let (digest, size) = Digest::of_reader(&file).map_err(CasError::io("read", path))?;
+            if size != md.size() {
+                return Err(CasError::Hostile {
+                    path: path.to_path_buf(),
+                    reason: "file changed size while the layer was being committed",
+                });
+            }
+            (digest, true)
+        };
+        let size = md.size();
         let tmp = tmp_name(tmp_dir, "stub");
         let built = write_stub(&tmp, &md, &xattrs, &digest).and_then(|_| {
-            match store.ensure_from_inode(path, &digest)? {
-                Publish::New => {
-                    stats.new_objects += 1;
-                    stats.new_bytes += size;
-                }
-                Publish::Existing => {}
+            if publish && store.ensure_from_inode(path, &digest)? == Publish::New {
+                stats.new_objects += 1;
+                stats.new_bytes += size;
             }
             fs::rename(&tmp, path).map_err(CasError::io("rename", path))
         });
