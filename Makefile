@@ -1,0 +1,52 @@
+# cas-snapshotter: the commands a newcomer needs.
+#   make demo   install what is missing, start registry + containerd + daemon, pull and run
+#   make test   everything CI runs
+SHELL   := /bin/bash
+CARGO   ?= cargo
+SHARED  ?= ../shared
+PROFILE ?= debug
+BIN     := $(CURDIR)/target/$(PROFILE)
+CARGO_PROFILE := $(if $(filter release,$(PROFILE)),--release,)
+
+.PHONY: all deps build check unit conformance e2e test demo demo-down clean
+
+all: build
+
+deps:
+	bash scripts/deps.sh
+
+build:
+	$(CARGO) build --workspace --all-targets $(CARGO_PROFILE)
+
+check:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets $(CARGO_PROFILE) -- -D warnings
+	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --workspace --no-deps $(CARGO_PROFILE)
+
+# Unit tests, plus the snapshotter's store tests (real overlay mounts; they skip unless root).
+unit:
+	$(CARGO) test --workspace --exclude cas-integration $(CARGO_PROFILE)
+
+# containerd's own snapshotter conformance suite against our daemon (needs root).
+conformance: build
+	@test -x $(SHARED)/conformance/run.sh || { echo "conformance: $(SHARED)/conformance/run.sh not found (set SHARED=)"; exit 1; }
+	bash $(SHARED)/conformance/run.sh suite '$(BIN)/cas-snapshotter --root {root} --address {sock}'
+
+# End-to-end tests with real containerd, runc and a local registry (needs root).
+e2e: build
+	CAS_SNAPSHOTTER_BIN=$(BIN)/cas-snapshotter CASCTL_BIN=$(BIN)/casctl \
+	  $(CARGO) test -p cas-integration $(CARGO_PROFILE) -- --test-threads=1
+
+test: check unit conformance e2e
+	@echo "make test: all checks, unit tests, conformance and end-to-end tests passed"
+
+demo:
+	@command -v containerd >/dev/null && command -v docker-registry >/dev/null && command -v protoc >/dev/null || $(MAKE) deps
+	$(MAKE) build
+	BIN=$(BIN) bash scripts/demo.sh up
+
+demo-down:
+	BIN=$(BIN) bash scripts/demo.sh down
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages that building, testing and the demo need.
+# Idempotent: does nothing when everything is present (pass --force to reinstall).
+set -euo pipefail
+
+PACKAGES=(
+  containerd runc            # the container runtime we plug into (1.6 on Debian 12)
+  docker-registry            # a local OCI registry on 127.0.0.1 for pulls
+  protobuf-compiler          # protoc, for the gRPC code generated at build time
+  golang-go golang-github-containerd-containerd-dev   # containerd's snapshotter conformance suite
+  busybox-static             # a static shell for the fixture images' containers
+  xfsprogs attr util-linux   # mkfs.xfs, getfattr/setfattr, fincore
+  ca-certificates curl build-essential pkg-config git
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${1:-}" != --force ] && [ ${#missing[@]} -eq 0 ]; then
+  echo "deps: all packages present"
+  exit 0
+fi
+if [ "$(id -u)" != 0 ]; then
+  echo "deps: missing ${missing[*]}; run as root (apt-get)" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
+command -v cargo >/dev/null || { echo "deps: cargo not found; install a Rust toolchain (rustup) first" >&2; exit 1; }
+echo "deps: installed ${missing[*]}"
