@@ -1,0 +1,597 @@
+//! Fixture images: real OCI images built from Rust, written as OCI image layouts.
+//!
+//! A layer is a list of [`Entry`]s written into a tar exactly as image builders do: PAX
+//! `SCHILY.xattr.*` records for xattrs, GNU long names, hardlinks, symlinks, OCI
+//! whiteouts (`.wh.<name>`) and opaque markers (`.wh..wh..opq`). Every entry carries fixed
+//! metadata and entries are written in the given order, so a layer has the same digest
+//! on every build: two images that share a layer share it byte for byte.
+//!
+//! [`build_base_image`] is the main fixture (three layers exercising every kind of entry
+//! and metadata the snapshotter must reproduce); [`build_app_image`] shares its first
+//! layer. [`write_oci_layout`] builds any [`ImageSpec`], including hostile ones.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use flate2::write::GzEncoder;
+use oci_spec::image::{
+    Arch, ConfigBuilder, DescriptorBuilder, ImageConfigurationBuilder, ImageIndexBuilder,
+    ImageManifestBuilder, MediaType, OciLayoutBuilder, Os, RootFsBuilder,
+};
+use sha2::{Digest as _, Sha256};
+
+/// Text of `/etc/fixture-release` in the base image (as its last layer leaves it).
+pub const BASE_RELEASE: &str = "cas-snapshotter fixture base, layer 2\n";
+/// Text of `/etc/fixture-release` in the app image.
+pub const APP_RELEASE: &str = "cas-snapshotter fixture app\n";
+
+/// Ownership, permissions, time and xattrs of an entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    /// Permission bits, including set-id and sticky bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u64,
+    /// Group.
+    pub gid: u64,
+    /// Modification time, seconds since the epoch.
+    pub mtime: u64,
+    /// Extended attributes (name, value), written as PAX `SCHILY.xattr.<name>`.
+    pub xattrs: Vec<(String, Vec<u8>)>,
+}
+
+impl Meta {
+    /// Root-owned with `mode`, a fixed time, no xattrs.
+    pub fn new(mode: u32) -> Meta {
+        Meta {
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: 1_600_000_000,
+            xattrs: Vec::new(),
+        }
+    }
+    /// With this owner.
+    pub fn owner(mut self, uid: u64, gid: u64) -> Meta {
+        self.uid = uid;
+        self.gid = gid;
+        self
+    }
+    /// With this mtime.
+    pub fn at(mut self, mtime: u64) -> Meta {
+        self.mtime = mtime;
+        self
+    }
+    /// With one more xattr.
+    pub fn xattr(mut self, name: &str, value: &[u8]) -> Meta {
+        self.xattrs.push((name.to_string(), value.to_vec()));
+        self
+    }
+}
+
+/// One tar entry. Paths are relative to the image root (`etc/passwd`).
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// A directory.
+    Dir {
+        /// Its path.
+        path: String,
+        /// Its metadata.
+        meta: Meta,
+    },
+    /// A regular file.
+    File {
+        /// Its path.
+        path: String,
+        /// Its metadata.
+        meta: Meta,
+        /// Its bytes.
+        data: Vec<u8>,
+    },
+    /// A symbolic link.
+    Symlink {
+        /// Its path.
+        path: String,
+        /// Where it points (not resolved).
+        target: String,
+        /// Its metadata (mode is ignored by Linux).
+        meta: Meta,
+    },
+    /// A hard link to an earlier entry of the same layer.
+    Hardlink {
+        /// Its path.
+        path: String,
+        /// The path it links to.
+        target: String,
+    },
+    /// An OCI whiteout: deletes `path` from the layers below.
+    Whiteout {
+        /// The path to delete.
+        path: String,
+    },
+    /// An OCI opaque marker: hides everything below `dir` in the layers below.
+    Opaque {
+        /// The directory.
+        dir: String,
+    },
+}
+
+/// How a layer blob is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// `application/vnd.oci.image.layer.v1.tar+gzip`
+    Gzip,
+    /// `application/vnd.oci.image.layer.v1.tar`
+    None,
+}
+
+/// One layer.
+#[derive(Debug, Clone)]
+pub struct LayerSpec {
+    /// Entries in tar order (parents before children).
+    pub entries: Vec<Entry>,
+    /// Blob compression.
+    pub compression: Compression,
+}
+
+/// An image: layers bottom first, and the command of its config.
+#[derive(Debug, Clone)]
+pub struct ImageSpec {
+    /// Layers, bottom first.
+    pub layers: Vec<LayerSpec>,
+    /// The config's `Cmd`.
+    pub cmd: Vec<String>,
+}
+
+/// What [`write_oci_layout`] produced.
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    /// The OCI image layout directory.
+    pub layout_dir: PathBuf,
+    /// `sha256:…` of the manifest.
+    pub manifest_digest: String,
+    /// Uncompressed layer digests (the config's diff_ids), bottom first.
+    pub layer_diff_ids: Vec<String>,
+    /// Blob digests, bottom first.
+    pub layer_digests: Vec<String>,
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+fn header(meta: &Meta, kind: tar::EntryType, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(meta.mode);
+    h.set_uid(meta.uid);
+    h.set_gid(meta.gid);
+    h.set_mtime(meta.mtime);
+    h.set_size(size);
+    h
+}
+
+fn pax_xattrs(b: &mut tar::Builder<Vec<u8>>, meta: &Meta) -> Result<()> {
+    if meta.xattrs.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<(String, &[u8])> = meta
+        .xattrs
+        .iter()
+        .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.as_slice()))
+        .collect();
+    b.append_pax_extensions(keys.iter().map(|(k, v)| (k.as_str(), *v)))?;
+    Ok(())
+}
+
+fn whiteout_path(path: &str, name: &str) -> String {
+    match path.rsplit_once('/') {
+        Some((dir, base)) => format!("{dir}/{name}{base}"),
+        None => format!("{name}{path}"),
+    }
+}
+
+/// The uncompressed tar of a layer.
+pub fn layer_tar(layer: &LayerSpec) -> Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in &layer.entries {
+        match e {
+            Entry::Dir { path, meta } => {
+                pax_xattrs(&mut b, meta)?;
+                let mut h = header(meta, tar::EntryType::Directory, 0);
+                b.append_data(&mut h, format!("{path}/"), std::io::empty())?;
+            }
+            Entry::File { path, meta, data } => {
+                pax_xattrs(&mut b, meta)?;
+                let mut h = header(meta, tar::EntryType::Regular, data.len() as u64);
+                b.append_data(&mut h, path, data.as_slice())?;
+            }
+            Entry::Symlink { path, target, meta } => {
+                pax_xattrs(&mut b, meta)?;
+                let mut h = header(
+                    &Meta {
+                        mode: 0o777,
+                        ..meta.clone()
+                    },
+                    tar::EntryType::Symlink,
+                    0,
+                );
+                b.append_link(&mut h, path, target)?;
+            }
+            Entry::Hardlink { path, target } => {
+                let mut h = header(&Meta::new(0o644), tar::EntryType::Link, 0);
+                b.append_link(&mut h, path, target)?;
+            }
+            Entry::Whiteout { path } => {
+                let mut h = header(&Meta::new(0o644), tar::EntryType::Regular, 0);
+                b.append_data(&mut h, whiteout_path(path, ".wh."), std::io::empty())?;
+            }
+            Entry::Opaque { dir } => {
+                let mut h = header(&Meta::new(0o644), tar::EntryType::Regular, 0);
+                b.append_data(&mut h, format!("{dir}/.wh..wh..opq"), std::io::empty())?;
+            }
+        }
+    }
+    Ok(b.into_inner()?)
+}
+
+/// Writes `spec` as an OCI image layout in `out_dir` (created; must not hold another image).
+pub fn write_oci_layout(spec: &ImageSpec, out_dir: &Path) -> Result<BuiltImage> {
+    let blobs = out_dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
+    let put = |bytes: &[u8]| -> Result<String> {
+        let d = sha256(bytes);
+        fs::write(blobs.join(&d["sha256:".len()..]), bytes)?;
+        Ok(d)
+    };
+    let (mut diff_ids, mut digests, mut descs) = (Vec::new(), Vec::new(), Vec::new());
+    for layer in &spec.layers {
+        let tar = layer_tar(layer)?;
+        diff_ids.push(sha256(&tar));
+        let (blob, media) = match layer.compression {
+            Compression::Gzip => {
+                let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::default());
+                gz.write_all(&tar)?;
+                (gz.finish()?, MediaType::ImageLayerGzip)
+            }
+            Compression::None => (tar, MediaType::ImageLayer),
+        };
+        let d = put(&blob)?;
+        descs.push(
+            DescriptorBuilder::default()
+                .media_type(media)
+                .digest(d.parse::<oci_spec::image::Digest>()?)
+                .size(blob.len() as u64)
+                .build()?,
+        );
+        digests.push(d);
+    }
+    let config = ImageConfigurationBuilder::default()
+        .architecture(Arch::Amd64)
+        .os(Os::Linux)
+        .config(ConfigBuilder::default().cmd(spec.cmd.clone()).build()?)
+        .rootfs(
+            RootFsBuilder::default()
+                .typ("layers")
+                .diff_ids(diff_ids.clone())
+                .build()?,
+        )
+        .build()?;
+    let config_bytes = config.to_string()?.into_bytes();
+    let config_digest = put(&config_bytes)?;
+    let manifest = ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageManifest)
+        .config(
+            DescriptorBuilder::default()
+                .media_type(MediaType::ImageConfig)
+                .digest(config_digest.parse::<oci_spec::image::Digest>()?)
+                .size(config_bytes.len() as u64)
+                .build()?,
+        )
+        .layers(descs)
+        .build()?;
+    let manifest_bytes = manifest.to_string()?.into_bytes();
+    let manifest_digest = put(&manifest_bytes)?;
+    let index = ImageIndexBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageIndex)
+        .manifests(vec![DescriptorBuilder::default()
+            .media_type(MediaType::ImageManifest)
+            .digest(manifest_digest.parse::<oci_spec::image::Digest>()?)
+            .size(manifest_bytes.len() as u64)
+            .build()?])
+        .build()?;
+    fs::write(out_dir.join("index.json"), index.to_string()?)?;
+    let layout = OciLayoutBuilder::default()
+        .image_layout_version("1.0.0")
+        .build()?;
+    fs::write(out_dir.join("oci-layout"), serde_json::to_vec(&layout)?)?;
+    Ok(BuiltImage {
+        layout_dir: out_dir.to_path_buf(),
+        manifest_digest,
+        layer_diff_ids: diff_ids,
+        layer_digests: digests,
+    })
+}
+
+/// Deterministic, incompressible-looking bytes.
+pub fn pseudo_random(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn dir(path: &str, meta: Meta) -> Entry {
+    Entry::Dir {
+        path: path.into(),
+        meta,
+    }
+}
+fn file(path: &str, meta: Meta, data: impl Into<Vec<u8>>) -> Entry {
+    Entry::File {
+        path: path.into(),
+        meta,
+        data: data.into(),
+    }
+}
+fn symlink(path: &str, target: &str) -> Entry {
+    Entry::Symlink {
+        path: path.into(),
+        target: target.into(),
+        meta: Meta::new(0o777).at(1_600_000_100),
+    }
+}
+
+/// Adds a directory entry for every ancestor of every entry that has none, so each
+/// layer sets the times of every directory it touches (as image builders do).
+fn with_parent_dirs(entries: Vec<Entry>) -> Vec<Entry> {
+    let mut have: BTreeSet<String> = entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Dir { path, .. } => Some(path.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut out = Vec::new();
+    for e in entries {
+        let path = match &e {
+            Entry::Dir { path, .. }
+            | Entry::File { path, .. }
+            | Entry::Symlink { path, .. }
+            | Entry::Hardlink { path, .. }
+            | Entry::Whiteout { path } => path.clone(),
+            Entry::Opaque { dir } => format!("{dir}/x"),
+        };
+        let parts: Vec<&str> = path.split('/').collect();
+        for i in 1..parts.len() {
+            let p = parts[..i].join("/");
+            if have.insert(p.clone()) {
+                out.push(dir(&p, Meta::new(0o755).at(1_600_000_000 + i as u64)));
+            }
+        }
+        out.push(e);
+    }
+    out
+}
+
+/// The base image's first layer; the app image shares it byte for byte.
+fn base_layer(busybox: &[u8]) -> LayerSpec {
+    let big = pseudo_random(2 << 20, 1);
+    let long = format!(
+        "data/deep/{}/{}",
+        "d".repeat(60),
+        "long-file-name-".repeat(6)
+    );
+    let mut e = vec![
+        dir("bin", Meta::new(0o755)),
+        file("bin/busybox", Meta::new(0o755), busybox.to_vec()),
+    ];
+    for applet in [
+        "sh",
+        "cat",
+        "ls",
+        "stat",
+        "echo",
+        "head",
+        "wc",
+        "sha256sum",
+        "readlink",
+        "find",
+    ] {
+        e.push(symlink(&format!("bin/{applet}"), "busybox"));
+    }
+    e.extend([
+        dir("etc", Meta::new(0o755).at(1_600_000_200)),
+        file("etc/fixture-release", Meta::new(0o644), "cas-snapshotter fixture base, layer 1\n"),
+        file("etc/passwd", Meta::new(0o644), "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n"),
+        file("etc/group", Meta::new(0o644), "root:x:0:\nuser:x:1000:\nnogroup:x:65534:\n"),
+        dir("tmp", Meta::new(0o1777)),
+        dir("home", Meta::new(0o755)),
+        dir("home/user", Meta::new(0o700).owner(1000, 1000).at(1_600_000_300)),
+        file("home/user/notes", Meta::new(0o600).owner(1000, 1000), "private\n"),
+        dir("data", Meta::new(0o755).at(1_600_000_400).xattr("user.dir", b"yes")),
+        file("data/empty", Meta::new(0o644), ""),
+        file("data/small", Meta::new(0o644).at(1_600_000_500).xattr("user.fixture", b"hello"), "small file\n"),
+        file("data/big", Meta::new(0o644), big.clone()),
+        file("data/big-dup", Meta::new(0o640).owner(1000, 1000), big),
+        file("data/zeros", Meta::new(0o644), vec![0u8; 4 << 20]),
+        file("data/setuid", Meta::new(0o4755), "#!/bin/sh\n"),
+        file("data/setgid", Meta::new(0o2755), "#!/bin/sh\necho g\n"),
+        file("data/noperm", Meta::new(0o000), "nobody may read\n"),
+        file("data/nobody", Meta::new(0o644).owner(65534, 65534), "owned by nobody\n"),
+        file("data/hl-a", Meta::new(0o644), "three names, one inode\n"),
+        Entry::Hardlink { path: "data/hl-b".into(), target: "data/hl-a".into() },
+        dir("opt", Meta::new(0o755)),
+        Entry::Hardlink { path: "opt/hl-c".into(), target: "data/hl-a".into() },
+        symlink("data/rel", "small"),
+        symlink("data/abs", "/etc/fixture-release"),
+        symlink("data/dangling", "does/not/exist"),
+        symlink("data/dirlink", "../opt"),
+        file("data/a name with spaces ü", Meta::new(0o644), "unicode\n"),
+        file(&long, Meta::new(0o644), "long path\n"),
+        file("data/doomed", Meta::new(0o644), "whited out by layer 2\n"),
+        dir("opq", Meta::new(0o755)),
+        file("opq/old1", Meta::new(0o644), "hidden by the opaque dir of layer 3\n"),
+        file("opq/old2", Meta::new(0o644), "hidden too\n"),
+        file("replace-me-file", Meta::new(0o644), "becomes a directory\n"),
+        dir("replace-me-dir", Meta::new(0o755)),
+        file("replace-me-dir/child", Meta::new(0o644), "goes with its directory\n"),
+    ]);
+    LayerSpec {
+        entries: with_parent_dirs(e),
+        compression: Compression::Gzip,
+    }
+}
+
+/// The main fixture: three layers with whiteouts, an opaque directory, files replaced by
+/// directories and back, hardlinks, symlinks, xattrs, set-id and odd modes, non-root
+/// owners, fixed times, long and unicode names, and duplicate content within and across
+/// layers.
+pub fn build_base_image(out_dir: &Path, busybox: &Path) -> Result<BuiltImage> {
+    let busybox = fs::read(busybox).with_context(|| format!("reading {}", busybox.display()))?;
+    let l2 = vec![
+        dir("etc", Meta::new(0o755).at(1_600_001_000)),
+        file(
+            "etc/fixture-release",
+            Meta::new(0o644).at(1_600_001_001),
+            BASE_RELEASE,
+        ),
+        dir(
+            "data",
+            Meta::new(0o755).at(1_600_001_100).xattr("user.dir", b"yes"),
+        ),
+        Entry::Whiteout {
+            path: "data/doomed".into(),
+        },
+        file(
+            "data/small",
+            Meta::new(0o600)
+                .at(1_600_001_200)
+                .xattr("user.fixture", b"changed"),
+            "small file\n",
+        ),
+        dir("replace-me-file", Meta::new(0o750).at(1_600_001_300)),
+        file(
+            "replace-me-file/inside",
+            Meta::new(0o644),
+            "now a directory\n",
+        ),
+        file(
+            "replace-me-dir",
+            Meta::new(0o644).at(1_600_001_400),
+            "now a file\n",
+        ),
+    ];
+    let l3 = vec![
+        dir("opq", Meta::new(0o711).at(1_600_002_000)),
+        Entry::Opaque { dir: "opq".into() },
+        file("opq/new1", Meta::new(0o644), "only file left in opq\n"),
+        dir("etc", Meta::new(0o755).at(1_600_002_100)),
+        file(
+            "etc/layer3",
+            Meta::new(0o444).owner(1000, 65534).at(1_234_567_890),
+            "from layer three\n",
+        ),
+        dir(
+            "data",
+            Meta::new(0o755).at(1_600_002_200).xattr("user.dir", b"yes"),
+        ),
+        file(
+            "data/big-again",
+            Meta::new(0o644),
+            pseudo_random(2 << 20, 1),
+        ),
+    ];
+    let spec = ImageSpec {
+        layers: vec![
+            base_layer(&busybox),
+            LayerSpec {
+                entries: with_parent_dirs(l2),
+                compression: Compression::Gzip,
+            },
+            LayerSpec {
+                entries: with_parent_dirs(l3),
+                compression: Compression::None,
+            },
+        ],
+        cmd: vec!["/bin/sh".into()],
+    };
+    write_oci_layout(&spec, out_dir)
+}
+
+/// A second image on the base image's first layer (same digest), with its own app layer
+/// that repeats content of the base layer.
+pub fn build_app_image(out_dir: &Path, busybox: &Path) -> Result<BuiltImage> {
+    let busybox = fs::read(busybox).with_context(|| format!("reading {}", busybox.display()))?;
+    let app = vec![
+        dir("etc", Meta::new(0o755).at(1_600_010_000)),
+        file("etc/fixture-release", Meta::new(0o644), APP_RELEASE),
+        dir("app", Meta::new(0o755).at(1_600_010_100)),
+        file("app/run.sh", Meta::new(0o755), "#!/bin/sh\necho app\n"),
+        file("app/payload", Meta::new(0o644), pseudo_random(2 << 20, 1)),
+        file("app/unique", Meta::new(0o644), pseudo_random(1 << 20, 7)),
+    ];
+    let spec = ImageSpec {
+        layers: vec![
+            base_layer(&busybox),
+            LayerSpec {
+                entries: with_parent_dirs(app),
+                compression: Compression::Gzip,
+            },
+        ],
+        cmd: vec!["/app/run.sh".into()],
+    };
+    write_oci_layout(&spec, out_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_are_deterministic_and_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let bb = dir.path().join("bb");
+        fs::write(&bb, b"\x7fELF fake busybox").unwrap();
+        let a = build_base_image(&dir.path().join("a"), &bb).unwrap();
+        let b = build_base_image(&dir.path().join("b"), &bb).unwrap();
+        let app = build_app_image(&dir.path().join("app"), &bb).unwrap();
+        assert_eq!(a.manifest_digest, b.manifest_digest);
+        assert_eq!(a.layer_digests.len(), 3);
+        assert_eq!(app.layer_digests[0], a.layer_digests[0]);
+        assert_ne!(app.layer_digests[1], a.layer_digests[1]);
+        assert!(a.layout_dir.join("index.json").is_file());
+    }
+
+    #[test]
+    fn tar_has_whiteouts_xattrs_and_long_names() {
+        let layer = base_layer(b"bb");
+        let tar = layer_tar(&layer).unwrap();
+        let mut ar = tar::Archive::new(tar.as_slice());
+        let mut names = Vec::new();
+        let mut saw_xattr = false;
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            if let Some(exts) = e.pax_extensions().unwrap() {
+                for x in exts {
+                    saw_xattr |= x.unwrap().key().unwrap() == "SCHILY.xattr.user.fixture";
+                }
+            }
+            names.push(e.path().unwrap().display().to_string());
+        }
+        assert!(saw_xattr);
+        assert!(names.iter().any(|n| n.len() > 100), "no long name");
+        let l2 = whiteout_path("data/doomed", ".wh.");
+        assert_eq!(l2, "data/.wh.doomed");
+    }
+}

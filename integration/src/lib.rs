@@ -1,0 +1,18 @@
+//! Test support for cas-snapshotter's end-to-end tests, and the fixture tools.
+//!
+//! * [`fixture`]: builds real OCI images (layouts) with every kind of tar entry a
+//!   snapshotter must reproduce; `cas-fixture build` on the command line;
+//! * [`registry`]: pushes a layout to a registry (`cas-fixture push`);
+//! * [`treecmp`]: compares two root filesystems entry by entry, metadata included
+//!   (`cas-fixture compare`); the e2e tests hold our snapshotter's trees against
+//!   containerd's overlayfs with it;
+//! * [`harness`]: real registry, daemon and containerd processes, cleaned up on drop.
+//!
+//! The tests themselves live in `tests/` and need root; they skip with a message
+//! otherwise.
+#![forbid(unsafe_code)]
+
+pub mod fixture;
+pub mod harness;
+pub mod registry;
+pub mod treecmp;

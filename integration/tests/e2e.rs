@@ -1,0 +1,173 @@
+//! End-to-end: a real containerd 1.6 (Debian's) with runc and a local registry, pulling
+//! our fixture images through cas-snapshotter, checked against containerd's own
+//! overlayfs snapshotter in the same containerd. Needs root; skips otherwise.
+
+use anyhow::Result;
+use cas_integration::fixture::{APP_RELEASE, BASE_RELEASE};
+use cas_integration::harness::{require_root, Rig};
+use cas_integration::treecmp::{compare_trees, CompareOptions};
+
+fn assert_same_tree(rig: &Rig, image: &str, name: &str) -> Result<()> {
+    let ours = rig.mount("cas", image, &format!("{name}-cas"))?;
+    let theirs = rig.mount("overlayfs", image, &format!("{name}-overlayfs"))?;
+    let diffs = compare_trees(&ours.target, &theirs.target, &CompareOptions::default())?;
+    assert!(
+        diffs.is_empty(),
+        "{image}: cas differs from overlayfs:\n{}\n{}",
+        diffs
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        rig.logs()
+    );
+    Ok(())
+}
+
+#[test]
+fn pull_run_and_compare_with_overlayfs() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let rig = Rig::start()?;
+    for image in [&rig.base_ref, &rig.app_ref] {
+        rig.pull("cas", image)?;
+        rig.pull("overlayfs", image)?;
+    }
+    assert_same_tree(&rig, &rig.base_ref, "base")?;
+    assert_same_tree(&rig, &rig.app_ref, "app")?;
+
+    let out = rig.run(
+        &rig.base_ref,
+        "e2e-release",
+        &["cat", "/etc/fixture-release"],
+    )?;
+    assert_eq!(out, BASE_RELEASE);
+    let out = rig.run(
+        &rig.app_ref,
+        "e2e-app",
+        &["sh", "-c", "cat /etc/fixture-release; /app/run.sh"],
+    )?;
+    assert_eq!(out, format!("{APP_RELEASE}app\n"));
+
+    // The shared base layer is stored once, and the app layer's copy of data/big too.
+    let (code, stats) = rig.casctl(&["stats", "--json"])?;
+    assert_eq!(code, 0, "{stats}");
+    let stats: serde_json::Value = serde_json::from_str(&stats)?;
+    let (logical, physical) = (
+        stats["logical_bytes"].as_u64().unwrap(),
+        stats["physical_bytes"].as_u64().unwrap(),
+    );
+    assert!(physical < logical, "no dedup: {stats}");
+    Ok(())
+}
+
+#[test]
+fn copy_up_leaves_the_cas_untouched() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let rig = Rig::start()?;
+    rig.pull("cas", &rig.base_ref)?;
+    let before = rig.run(&rig.base_ref, "e2e-sum1", &["sha256sum", "/data/big"])?;
+    // A container rewrites, appends to and chmods files that come from the image…
+    rig.run(
+        &rig.base_ref,
+        "e2e-writer",
+        &["sh", "-c", "echo overwritten > /data/big; echo more >> /data/big-dup; chmod 600 /data/big-again; cat /data/big"],
+    )?;
+    // …and a second container of the same image still sees the original bytes.
+    let after = rig.run(
+        &rig.base_ref,
+        "e2e-sum2",
+        &["sha256sum", "/data/big", "/data/big-dup", "/data/big-again"],
+    )?;
+    let sums: Vec<&str> = after
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert_eq!(sums.len(), 3, "{after}");
+    assert!(sums.iter().all(|s| *s == sums[0]), "{after}");
+    assert_eq!(before.split_whitespace().next(), Some(sums[0]));
+    let (code, out) = rig.casctl(&["fsck", "--verify-objects"])?;
+    assert_eq!(code, 0, "{out}\n{}", rig.logs());
+    Ok(())
+}
+
+#[test]
+fn removing_images_leaves_only_the_empty_layout() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let rig = Rig::start()?;
+    rig.pull("cas", &rig.base_ref)?;
+    rig.pull("cas", &rig.app_ref)?;
+    rig.containerd
+        .ctr(&["images", "rm", "--sync", &rig.base_ref, &rig.app_ref])?;
+    // containerd's GC removes the snapshots and then calls our Cleanup
+    let mut left = String::new();
+    for _ in 0..100 {
+        left = rig
+            .containerd
+            .ctr(&["snapshots", "--snapshotter", "cas", "ls"])?;
+        if left.lines().count() <= 1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(left.lines().count() <= 1, "snapshots left:\n{left}");
+    let root = &rig.daemon.root;
+    let mut found = Vec::new();
+    for e in walkdir::WalkDir::new(root).min_depth(1) {
+        let e = e?;
+        let rel = e.path().strip_prefix(root)?.to_path_buf();
+        if rel.starts_with("index") {
+            continue;
+        }
+        found.push(rel.display().to_string());
+    }
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            "admin.sock",
+            "cas",
+            "cas/objects",
+            "cas/tmp",
+            "layout",
+            "snapshots"
+        ],
+        "{}",
+        rig.logs()
+    );
+    Ok(())
+}
+
+#[test]
+fn kill9_between_pulls_keeps_the_first_image() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut rig = Rig::start()?;
+    rig.pull("cas", &rig.base_ref)?;
+    rig.daemon.kill9();
+    rig.daemon.restart()?;
+    rig.wait_reconnected()?;
+    rig.pull("cas", &rig.app_ref)?;
+    assert_eq!(
+        rig.run(
+            &rig.base_ref,
+            "e2e-after-kill",
+            &["cat", "/etc/fixture-release"]
+        )?,
+        BASE_RELEASE
+    );
+    rig.pull("overlayfs", &rig.base_ref)?;
+    assert_same_tree(&rig, &rig.base_ref, "base-after-kill")?;
+    let (code, out) = rig.casctl(&["fsck"])?;
+    assert_eq!(code, 0, "{out}");
+    // and a clean stop is quick
+    let took = rig.daemon.stop()?;
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+    Ok(())
+}
