@@ -312,7 +312,7 @@ mod tests {
         fs::write(root.join("g"), b"bytes").unwrap();
         fs::hard_link(root.join("g"), root.join("d/g2")).unwrap();
         std::os::unix::fs::symlink("d/f", root.join("l")).unwrap();
-        for p in ["d/f", "g", "d"] {
+        for p in ["d/f", "g", "l", "d"] {
             let t = nix::sys::time::TimeSpec::new(1_000, 5);
             nix::sys::stat::utimensat(
                 None,
@@ -389,6 +389,15 @@ mod tests {
         let (_t, a, b) = pair();
         fs::remove_file(b.join("l")).unwrap();
         std::os::unix::fs::symlink("elsewhere", b.join("l")).unwrap();
+        let t = nix::sys::time::TimeSpec::new(1_000, 5);
+        nix::sys::stat::utimensat(
+            None,
+            &b.join("l"),
+            &t,
+            &t,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
         assert_eq!(kinds(&a, &b), ["l: symlink d/f vs elsewhere"]);
 
         let (_t, a, b) = pair();
