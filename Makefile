@@ -35,7 +35,7 @@ conformance: build
 # End-to-end tests with real containerd, runc and a local registry (needs root).
 e2e: build
 	CAS_SNAPSHOTTER_BIN=$(BIN)/cas-snapshotter CASCTL_BIN=$(BIN)/casctl \
-	  $(CARGO) test -p cas-integration $(CARGO_PROFILE) -- --test-threads=1
+	  $(CARGO) test -p cas-integration --lib --bins --tests $(CARGO_PROFILE) -- --test-threads=1
 
 test: check unit conformance e2e
 	@echo "make test: all checks, unit tests, conformance and end-to-end tests passed"
