@@ -171,3 +171,118 @@ fn kill9_between_pulls_keeps_the_first_image() -> Result<()> {
     assert!(took < std::time::Duration::from_secs(10), "{took:?}");
     Ok(())
 }
+
+#[test]
+fn hostile_overlay_xattrs_in_a_layer_are_not_honoured() -> Result<()> {
+    use cas_integration::fixture::{
+        pseudo_random, write_oci_layout, Compression, Entry, ImageSpec, LayerSpec, Meta,
+    };
+    use sha2::{Digest, Sha256};
+    if !require_root() {
+        return Ok(());
+    }
+    let rig = Rig::start()?;
+    rig.pull("cas", &rig.base_ref)?; // puts data/big's object in the store
+    let target = hex::encode(Sha256::digest(pseudo_random(2 << 20, 1)));
+    let redirect = format!("/{}/{}", &target[..2], &target[2..]);
+    let steal = Meta::new(0o644)
+        .xattr("trusted.overlay.metacopy", b"")
+        .xattr("trusted.overlay.redirect", redirect.as_bytes());
+    let spec = ImageSpec {
+        layers: vec![LayerSpec {
+            entries: vec![
+                Entry::Dir {
+                    path: "bin".into(),
+                    meta: Meta::new(0o755),
+                },
+                Entry::File {
+                    path: "bin/busybox".into(),
+                    meta: Meta::new(0o755),
+                    data: std::fs::read(cas_integration::harness::busybox_path())?,
+                },
+                Entry::Symlink {
+                    path: "bin/cat".into(),
+                    target: "busybox".into(),
+                    meta: Meta::new(0o777),
+                },
+                Entry::File {
+                    path: "steal".into(),
+                    meta: steal,
+                    data: b"my own bytes\n".to_vec(),
+                },
+            ],
+            compression: Compression::Gzip,
+        }],
+        cmd: vec!["/bin/cat".into(), "/steal".into()],
+    };
+    let built = write_oci_layout(&spec, &rig.dir.path().join("img-hostile"))?;
+    cas_integration::registry::push_layout(
+        &built.layout_dir,
+        &rig.registry.addr,
+        "fixture/hostile",
+        "1",
+    )?;
+    let image = format!("{}/fixture/hostile:1", rig.registry.addr);
+    rig.pull("cas", &image)?;
+    rig.pull("overlayfs", &image)?;
+    assert_eq!(
+        rig.run(&image, "e2e-hostile", &["cat", "/steal"])?,
+        "my own bytes\n"
+    );
+    assert_same_tree(&rig, &image, "hostile")?;
+    let (code, out) = rig.casctl(&["fsck"])?;
+    assert_eq!(code, 0, "{out}");
+    Ok(())
+}
+
+#[test]
+fn casctl_gc_racing_pulls_and_removes_loses_nothing() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let rig = Rig::start()?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| -> Result<()> {
+        let gc = s.spawn(|| -> Result<u32> {
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (code, out) = rig.casctl(&["gc"])?;
+                anyhow::ensure!(code == 0, "casctl gc failed: {out}");
+                runs += 1;
+            }
+            Ok(runs)
+        });
+        let work = (|| -> Result<()> {
+            for _ in 0..3 {
+                rig.pull("cas", &rig.base_ref)?;
+                rig.pull("cas", &rig.app_ref)?;
+                rig.containerd
+                    .ctr(&["images", "rm", "--sync", &rig.base_ref])?;
+                assert_eq!(
+                    rig.run(
+                        &rig.app_ref,
+                        "e2e-gc-race",
+                        &["cat", "/etc/fixture-release"]
+                    )?,
+                    APP_RELEASE
+                );
+                rig.containerd
+                    .ctr(&["images", "rm", "--sync", &rig.app_ref])?;
+            }
+            rig.pull("cas", &rig.base_ref)?;
+            Ok(())
+        })();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let runs = gc
+            .join()
+            .map_err(|_| anyhow::anyhow!("gc thread panicked"))??;
+        work?;
+        assert!(runs > 0);
+        Ok(())
+    })?;
+    let (code, out) = rig.casctl(&["fsck", "--verify-objects"])?;
+    assert_eq!(code, 0, "{out}\n{}", rig.logs());
+    rig.pull("overlayfs", &rig.base_ref)?;
+    assert_same_tree(&rig, &rig.base_ref, "base-after-gc-race")?;
+    Ok(())
+}
