@@ -8,7 +8,7 @@ PROFILE ?= debug
 BIN     := $(CURDIR)/target/$(PROFILE)
 CARGO_PROFILE := $(if $(filter release,$(PROFILE)),--release,)
 
-.PHONY: all deps build check unit conformance e2e test demo demo-down clean
+.PHONY: all deps build check unit conformance e2e test demo demo-down bench-dedup clean
 
 all: build
 
@@ -27,9 +27,13 @@ check:
 unit:
 	$(CARGO) test --workspace --exclude cas-integration $(CARGO_PROFILE)
 
-# containerd's own snapshotter conformance suite against our daemon (needs root).
+# containerd's own snapshotter conformance suite against our daemon (needs root), in the
+# materialised mode first (what kernels without data-only lower layers get), then in the
+# default mode, whose summary line closes the run.
 conformance: build
 	@test -x $(SHARED)/conformance/run.sh || { echo "conformance: $(SHARED)/conformance/run.sh not found (set SHARED=)"; exit 1; }
+	printf '[store]\nmount_mode = "materialised"\n' > $(CURDIR)/target/materialised.toml
+	bash $(SHARED)/conformance/run.sh suite '$(BIN)/cas-snapshotter --root {root} --address {sock} --config $(CURDIR)/target/materialised.toml'
 	bash $(SHARED)/conformance/run.sh suite '$(BIN)/cas-snapshotter --root {root} --address {sock}'
 
 # End-to-end tests with real containerd, runc and a local registry (needs root).
@@ -47,6 +51,12 @@ demo:
 
 demo-down:
 	BIN=$(BIN) bash scripts/demo.sh down
+
+# Benchmark (not a test): bytes on disk for a family of near-duplicate Debian images,
+# containerd's overlayfs vs ours, against the theoretical maximum. Needs root and network
+# access to the Debian mirror the first time (images are cached outside the repo).
+bench-dedup: build
+	BIN=$(BIN) bash bench/dedup.sh
 
 clean:
 	$(CARGO) clean

@@ -191,6 +191,7 @@ pub fn fsck(
         }
     }
 
+    let stubs = layout.mode()? != Some(crate::layout::StoreMode::Materialised);
     let mut counted: HashMap<Digest, u64> = HashMap::new();
     let mut live_dirs = std::collections::HashSet::new();
     for (key, rec) in meta.all()? {
@@ -259,6 +260,7 @@ pub fn fsck(
                     md.len(),
                     entry.size
                 )),
+                Ok(_) if !stubs => None,
                 Ok(_) => match stub_target(&stub)? {
                     Some(d) if d == entry.digest => None,
                     Some(d) => Some(format!("stub points at {d}")),

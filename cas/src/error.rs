@@ -28,6 +28,9 @@ pub enum CasError {
     /// A durable publish (temp + fsync + rename) failed.
     #[error(transparent)]
     Durable(#[from] ringio::durable::DurableError),
+    /// The layout (version or mode marker) failed.
+    #[error(transparent)]
+    Layout(#[from] crate::layout::LayoutError),
     /// The index failed.
     #[error(transparent)]
     Index(#[from] crate::index::IndexError),

@@ -40,12 +40,14 @@ use nix::sys::time::TimeSpec;
 
 use crate::digest::Digest;
 use crate::error::CasError;
+use crate::layout::StoreMode;
 use crate::manifest::{ManifestEntry, ManifestWriter};
-use crate::objects::{ObjectStore, Publish};
+use crate::objects::{reflink_capable, ObjectStore, Publish};
 use std::os::unix::ffi::OsStrExt;
 
 use crate::stub::{
-    is_overlay_private, own_xattrs, stub_target, write_stub, XATTR_METACOPY, XATTR_REDIRECT,
+    apply_metadata, is_overlay_private, own_xattrs, stub_target, write_stub, XATTR_METACOPY,
+    XATTR_REDIRECT,
 };
 
 /// What one ingest did; the figures behind dedup statistics.
@@ -83,7 +85,9 @@ pub fn ingest_layer(
     fs_dir: &Path,
     lowers: &[PathBuf],
     manifest: &Path,
+    mode: StoreMode,
 ) -> Result<IngestStats, CasError> {
+    let reflink = mode == StoreMode::Materialised && reflink_capable(fs_dir);
     let mut stats = IngestStats::default();
     let mut writer = ManifestWriter::create(manifest)?;
     // (dev, ino) of a hardlinked original -> (stub path, digest, size)
@@ -142,37 +146,46 @@ pub fn ingest_layer(
         }
         let xattrs = own_xattrs(path)?;
         // Which object holds the bytes, and whether this inode is to become it.
-        let (digest, publish) = if !lowers.is_empty() && md.size() > 0 && is_metacopy(path)? {
-            (copied_up_object(path, &rel, lowers)?, false)
-        } else {
-            let all = xattr::list(path).map_err(CasError::io("listxattr", path))?;
-            let dropped = all.filter(|n| is_overlay_private(n)).count() as u64;
-            stats.dropped_overlay_xattrs += dropped;
-            if dropped > 0 {
-                strip_overlay_xattrs(path)?;
-            }
-            if md.size() == 0 {
-                continue;
-            }
-            let file = File::open(path).map_err(CasError::io("open", path))?;
-            let (digest, size) = Digest::of_reader(&file).map_err(CasError::io("read", path))?;
-            if size != md.size() {
-                return Err(CasError::Hostile {
-                    path: path.to_path_buf(),
-                    reason: "file changed size while the layer was being committed",
-                });
-            }
-            (digest, true)
-        };
+        let stubs = mode == StoreMode::Stubs;
+        let (digest, publish) =
+            if stubs && !lowers.is_empty() && md.size() > 0 && is_metacopy(path)? {
+                (copied_up_object(path, &rel, lowers)?, false)
+            } else {
+                let all = xattr::list(path).map_err(CasError::io("listxattr", path))?;
+                let dropped = all.filter(|n| is_overlay_private(n)).count() as u64;
+                stats.dropped_overlay_xattrs += dropped;
+                if dropped > 0 {
+                    strip_overlay_xattrs(path)?;
+                }
+                if md.size() == 0 {
+                    continue;
+                }
+                let file = File::open(path).map_err(CasError::io("open", path))?;
+                let (digest, size) =
+                    Digest::of_reader(&file).map_err(CasError::io("read", path))?;
+                if size != md.size() {
+                    return Err(CasError::Hostile {
+                        path: path.to_path_buf(),
+                        reason: "file changed size while the layer was being committed",
+                    });
+                }
+                (digest, true)
+            };
         let size = md.size();
-        let tmp = tmp_name(tmp_dir, "stub");
-        let built = write_stub(&tmp, &md, &xattrs, &digest).and_then(|_| {
-            if publish && store.ensure_from_inode(path, &digest)? == Publish::New {
-                stats.new_objects += 1;
-                stats.new_bytes += size;
-            }
-            fs::rename(&tmp, path).map_err(CasError::io("rename", path))
-        });
+        let tmp = tmp_name(tmp_dir, if stubs { "stub" } else { "copy" });
+        let built = if stubs {
+            write_stub(&tmp, &md, &xattrs, &digest).and_then(|_| {
+                if publish && store.ensure_from_inode(path, &digest, true)? == Publish::New {
+                    stats.new_objects += 1;
+                    stats.new_bytes += size;
+                }
+                fs::rename(&tmp, path).map_err(CasError::io("rename", path))
+            })
+        } else {
+            materialise(
+                store, &tmp, path, &md, &xattrs, &digest, reflink, &mut stats,
+            )
+        };
         if let Err(e) = built {
             let _ = fs::remove_file(&tmp);
             return Err(e);
@@ -202,6 +215,58 @@ pub fn ingest_layer(
     nix::unistd::syncfs(root.as_raw_fd()).map_err(|e| CasError::io("syncfs", fs_dir)(e.into()))?;
     writer.finish()?;
     Ok(stats)
+}
+
+/// Materialised mode: the layer keeps a real file. New content: the file's inode also
+/// becomes the object. Known content: the file becomes a hardlink of the object when
+/// every bit of metadata matches, a reflink copy of it on filesystems that share extents,
+/// and otherwise stays as it is.
+#[allow(clippy::too_many_arguments)]
+fn materialise(
+    store: &ObjectStore,
+    tmp: &Path,
+    path: &Path,
+    md: &fs::Metadata,
+    xattrs: &[(std::ffi::OsString, Vec<u8>)],
+    digest: &Digest,
+    reflink: bool,
+    stats: &mut IngestStats,
+) -> Result<(), CasError> {
+    if store.ensure_from_inode(path, digest, false)? == Publish::New {
+        stats.new_objects += 1;
+        stats.new_bytes += md.size();
+        return Ok(());
+    }
+    let object = store.path(digest);
+    let omd = fs::symlink_metadata(&object).map_err(CasError::io("stat", &object))?;
+    if (omd.dev(), omd.ino()) == (md.dev(), md.ino()) {
+        return Ok(());
+    }
+    let same = (
+        omd.mode(),
+        omd.uid(),
+        omd.gid(),
+        omd.mtime(),
+        omd.mtime_nsec(),
+    ) == (md.mode(), md.uid(), md.gid(), md.mtime(), md.mtime_nsec())
+        && own_xattrs(&object)? == xattrs;
+    if same {
+        fs::hard_link(&object, tmp).map_err(CasError::io("link", tmp))?;
+    } else if reflink {
+        fs::copy(&object, tmp).map_err(CasError::io("copy", tmp))?;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(tmp)
+            .map_err(CasError::io("open", tmp))?;
+        // the copy took the object's xattrs: replace them with the file's own
+        for name in xattr::list(tmp).map_err(CasError::io("listxattr", tmp))? {
+            xattr::remove(tmp, &name).map_err(CasError::io("removexattr", tmp))?;
+        }
+        apply_metadata(&f, tmp, md, xattrs)?;
+    } else {
+        return Ok(());
+    }
+    fs::rename(tmp, path).map_err(CasError::io("rename", path))
 }
 
 fn is_metacopy(path: &Path) -> Result<bool, CasError> {

@@ -9,6 +9,28 @@ pub const LAYOUT_VERSION: u32 = 1;
 
 /// File at the root holding [`LAYOUT_VERSION`].
 const LAYOUT_FILE: &str = "layout";
+/// File at the root holding the store's [`StoreMode`], fixed when the first layer is served.
+const MODE_FILE: &str = "mode";
+
+/// How the store's committed layers hold their files. Fixed for the life of a store:
+/// a layer ingested as stubs cannot be served without data-only lower layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreMode {
+    /// Metadata stubs served over `cas/objects` as overlayfs' data-only lower layer.
+    Stubs,
+    /// Real files: hardlinks of objects where metadata matches exactly, reflinked or own
+    /// copies otherwise; mounts are plain overlayfs.
+    Materialised,
+}
+
+impl StoreMode {
+    fn name(self) -> &'static str {
+        match self {
+            StoreMode::Stubs => "stubs",
+            StoreMode::Materialised => "materialised",
+        }
+    }
+}
 
 /// Errors creating or opening the layout.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +103,33 @@ impl Layout {
         Ok(layout)
     }
 
+    /// The mode recorded for this store, if any. A store written before modes were
+    /// recorded that already has snapshots holds stubs.
+    pub fn mode(&self) -> Result<Option<StoreMode>, LayoutError> {
+        let path = self.root.join(MODE_FILE);
+        match fs::read_to_string(&path) {
+            Ok(s) if s.trim() == "stubs" => Ok(Some(StoreMode::Stubs)),
+            Ok(s) if s.trim() == "materialised" => Ok(Some(StoreMode::Materialised)),
+            Ok(found) => Err(LayoutError::Version { path, found }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let populated = fs::read_dir(self.snapshots_dir())
+                    .map(|mut d| d.next().is_some())
+                    .unwrap_or(false);
+                Ok(populated.then_some(StoreMode::Stubs))
+            }
+            Err(source) => Err(LayoutError::Io { path, source }),
+        }
+    }
+
+    /// Records the store's mode (durably).
+    pub fn set_mode(&self, mode: StoreMode) -> Result<(), LayoutError> {
+        ringio::durable::replace_file(
+            &self.root.join(MODE_FILE),
+            format!("{}\n", mode.name()).as_bytes(),
+        )?;
+        Ok(())
+    }
+
     /// The store root.
     pub fn root(&self) -> &Path {
         &self.root
@@ -125,6 +174,15 @@ mod tests {
             assert!(d.is_dir(), "{}", d.display());
         }
         assert_eq!(l.snapshot_dir(7), dir.path().join("snapshots/7"));
+    }
+
+    #[test]
+    fn mode_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layout::ensure(dir.path()).unwrap();
+        assert_eq!(l.mode().unwrap(), None);
+        l.set_mode(StoreMode::Materialised).unwrap();
+        assert_eq!(l.mode().unwrap(), Some(StoreMode::Materialised));
     }
 
     #[test]

@@ -43,4 +43,4 @@ pub mod stub;
 
 pub use digest::Digest;
 pub use error::CasError;
-pub use layout::{Layout, LayoutError};
+pub use layout::{Layout, LayoutError, StoreMode};

@@ -20,6 +20,15 @@ use crate::layout::Layout;
 /// Mode of every object: readable, never writable (overlayfs copies up before writes).
 pub const OBJECT_MODE: u32 = 0o444;
 
+/// Whether files on the filesystem of `path` can share extents (XFS, btrfs): a copy
+/// with `copy_file_range(2)` there is a reflink and costs no data blocks.
+pub fn reflink_capable(path: &Path) -> bool {
+    use nix::sys::statfs::{statfs, BTRFS_SUPER_MAGIC, XFS_SUPER_MAGIC};
+    statfs(path)
+        .map(|s| s.filesystem_type() == XFS_SUPER_MAGIC || s.filesystem_type() == BTRFS_SUPER_MAGIC)
+        .unwrap_or(false)
+}
+
 /// Whether a publish added content or found it already stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Publish {
@@ -63,8 +72,16 @@ impl ObjectStore {
     }
 
     /// Publishes the inode at `src` (which must hold exactly the bytes of `digest`) as
-    /// that object, unless the object already exists.
-    pub fn ensure_from_inode(&self, src: &Path, digest: &Digest) -> Result<Publish, CasError> {
+    /// that object, unless the object already exists. In stub mode the inode's metadata
+    /// is normalised first (it then belongs to the store alone); in materialised mode
+    /// (`normalise == false`) the layer keeps the inode as its file and the object is a
+    /// second name of it.
+    pub fn ensure_from_inode(
+        &self,
+        src: &Path,
+        digest: &Digest,
+        normalise: bool,
+    ) -> Result<Publish, CasError> {
         let dst = self.path(digest);
         if fs::symlink_metadata(&dst).is_ok() {
             return Ok(Publish::Existing);
@@ -76,12 +93,16 @@ impl ObjectStore {
             TMP_SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         fs::hard_link(src, &tmp).map_err(CasError::io("link", &tmp))?;
-        let result = self.normalise_and_link(&tmp, &dst);
+        let result = if normalise {
+            self.normalise(&tmp).and_then(|_| self.link(&tmp, &dst))
+        } else {
+            self.link(&tmp, &dst)
+        };
         let _ = fs::remove_file(&tmp);
         result
     }
 
-    fn normalise_and_link(&self, tmp: &Path, dst: &Path) -> Result<Publish, CasError> {
+    fn normalise(&self, tmp: &Path) -> Result<(), CasError> {
         nix::unistd::chown(tmp, Some(0.into()), Some(0.into()))
             .map_err(|e| CasError::io("chown", tmp)(e.into()))?;
         fs::set_permissions(tmp, fs::Permissions::from_mode(OBJECT_MODE))
@@ -89,6 +110,10 @@ impl ObjectStore {
         for name in xattr::list(tmp).map_err(CasError::io("listxattr", tmp))? {
             xattr::remove(tmp, &name).map_err(CasError::io("removexattr", tmp))?;
         }
+        Ok(())
+    }
+
+    fn link(&self, tmp: &Path, dst: &Path) -> Result<Publish, CasError> {
         if let Some(fan) = dst.parent() {
             match fs::create_dir(fan) {
                 Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
@@ -121,8 +146,11 @@ mod tests {
         fs::write(&b, b"same").unwrap();
         fs::set_permissions(&a, fs::Permissions::from_mode(0o4755)).unwrap();
         let d = Digest::of(b"same");
-        assert_eq!(store.ensure_from_inode(&a, &d).unwrap(), Publish::New);
-        assert_eq!(store.ensure_from_inode(&b, &d).unwrap(), Publish::Existing);
+        assert_eq!(store.ensure_from_inode(&a, &d, true).unwrap(), Publish::New);
+        assert_eq!(
+            store.ensure_from_inode(&b, &d, true).unwrap(),
+            Publish::Existing
+        );
         let md = fs::metadata(store.path(&d)).unwrap();
         assert_eq!(md.mode() & 0o7777, OBJECT_MODE);
         assert_eq!(fs::read(store.path(&d)).unwrap(), b"same");

@@ -51,6 +51,28 @@ pub fn own_xattrs(path: &Path) -> Result<Vec<(OsString, Vec<u8>)>, CasError> {
     Ok(out)
 }
 
+/// Gives the open file `f` (at `at`) the owner, mode, xattrs and times of `md` and
+/// `xattrs`. Times come last, since every other change would touch them.
+pub fn apply_metadata(
+    f: &File,
+    at: &Path,
+    md: &Metadata,
+    xattrs: &[(OsString, Vec<u8>)],
+) -> Result<(), CasError> {
+    let io = |op| CasError::io(op, at);
+    // chown clears set-id bits and file capabilities: owner first, then mode and xattrs.
+    nix::unistd::fchown(f.as_raw_fd(), Some(md.uid().into()), Some(md.gid().into()))
+        .map_err(|e| io("chown")(e.into()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(md.mode() & 0o7777))
+        .map_err(io("chmod"))?;
+    for (name, value) in xattrs {
+        f.set_xattr(name, value).map_err(io("setxattr"))?;
+    }
+    let atime = TimeSpec::new(md.atime(), md.atime_nsec());
+    let mtime = TimeSpec::new(md.mtime(), md.mtime_nsec());
+    futimens(f.as_raw_fd(), &atime, &mtime).map_err(|e| io("utimens")(e.into()))
+}
+
 /// Creates at `at` (which must not exist) a stub for a file with metadata `md` and
 /// xattrs `xattrs` whose bytes are the object `digest`.
 pub fn write_stub(
@@ -67,20 +89,10 @@ pub fn write_stub(
         .open(at)
         .map_err(io("create"))?;
     f.set_len(md.size()).map_err(io("truncate"))?;
-    // chown clears set-id bits and file capabilities: owner first, then mode and xattrs.
-    nix::unistd::fchown(f.as_raw_fd(), Some(md.uid().into()), Some(md.gid().into()))
-        .map_err(|e| io("chown")(e.into()))?;
-    f.set_permissions(std::fs::Permissions::from_mode(md.mode() & 0o7777))
-        .map_err(io("chmod"))?;
-    for (name, value) in xattrs {
-        f.set_xattr(name, value).map_err(io("setxattr"))?;
-    }
     f.set_xattr(XATTR_METACOPY, b"").map_err(io("setxattr"))?;
     f.set_xattr(XATTR_REDIRECT, digest.redirect().as_bytes())
         .map_err(io("setxattr"))?;
-    let atime = TimeSpec::new(md.atime(), md.atime_nsec());
-    let mtime = TimeSpec::new(md.mtime(), md.mtime_nsec());
-    futimens(f.as_raw_fd(), &atime, &mtime).map_err(|e| io("utimens")(e.into()))?;
+    apply_metadata(&f, at, md, xattrs)?;
     Ok(f)
 }
 

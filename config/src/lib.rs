@@ -13,6 +13,9 @@
 //! [log]
 //! level = "info"      # trace | debug | info | warn | error
 //! format = "text"     # text | json
+//!
+//! [store]
+//! mount_mode = "auto" # auto | data-only | materialised
 //! ```
 //!
 //! Parsing ([`Config::from_toml`]) is separate from I/O ([`Config::load`]) so every rule
@@ -129,6 +132,29 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
+/// How committed layers are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum MountMode {
+    /// Stubs over the CAS as a data-only lower layer when the kernel can (probed at
+    /// start), otherwise materialised (default).
+    #[default]
+    Auto,
+    /// Require stubs over a data-only lower layer; refuse to start without kernel support.
+    DataOnly,
+    /// Layers keep real files: hardlinks to objects where metadata matches exactly,
+    /// reflinks on filesystems that have them, otherwise the file's own copy.
+    Materialised,
+}
+
+/// The `[store]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// How committed layers are served. A store keeps the mode it was created with.
+    pub mount_mode: MountMode,
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -139,6 +165,8 @@ pub struct Config {
     pub address: PathBuf,
     /// Logging.
     pub log: LogConfig,
+    /// The store.
+    pub store: StoreConfig,
 }
 
 impl Default for Config {
@@ -147,6 +175,7 @@ impl Default for Config {
             root: PathBuf::from(DEFAULT_ROOT),
             address: PathBuf::from(DEFAULT_ADDRESS),
             log: LogConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -257,6 +286,9 @@ mod tests {
         assert_eq!(cfg.address, PathBuf::from("/run/x.sock"));
         assert_eq!(cfg.log.level, LogLevel::Debug);
         assert_eq!(cfg.log.format, LogFormat::Json);
+        let cfg = Config::from_toml("[store]\nmount_mode = \"materialised\"\n", "t").unwrap();
+        assert_eq!(cfg.store.mount_mode, MountMode::Materialised);
+        assert!(Config::from_toml("[store]\nmount_mode = \"fuse\"\n", "t").is_err());
     }
 
     #[test]

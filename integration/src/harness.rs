@@ -181,31 +181,47 @@ pub struct Daemon {
     /// Snapshots API socket.
     pub sock: PathBuf,
     log: PathBuf,
+    config: Option<PathBuf>,
 }
 
 impl Daemon {
-    /// Starts `bin --root root --address sock` and waits for the socket to answer.
-    pub fn start(bin: &Path, root: &Path, sock: &Path, log: &Path) -> Result<Daemon> {
-        let proc = Self::spawn(bin, root, sock, log)?;
+    /// Starts `bin --root root --address sock [--config config]` and waits for the
+    /// socket to answer.
+    pub fn start(
+        bin: &Path,
+        root: &Path,
+        sock: &Path,
+        log: &Path,
+        config: Option<&Path>,
+    ) -> Result<Daemon> {
+        let proc = Self::spawn(bin, root, sock, log, config)?;
         Ok(Daemon {
             proc,
             bin: bin.to_path_buf(),
             root: root.to_path_buf(),
             sock: sock.to_path_buf(),
             log: log.to_path_buf(),
+            config: config.map(Path::to_path_buf),
         })
     }
 
-    fn spawn(bin: &Path, root: &Path, sock: &Path, log: &Path) -> Result<Proc> {
-        let mut proc = Proc::spawn(
-            Command::new(bin)
-                .arg("--root")
-                .arg(root)
-                .arg("--address")
-                .arg(sock)
-                .env("RUST_LOG", "info"),
-            log,
-        )?;
+    fn spawn(
+        bin: &Path,
+        root: &Path,
+        sock: &Path,
+        log: &Path,
+        config: Option<&Path>,
+    ) -> Result<Proc> {
+        let mut cmd = Command::new(bin);
+        cmd.arg("--root")
+            .arg(root)
+            .arg("--address")
+            .arg(sock)
+            .env("RUST_LOG", "info");
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let mut proc = Proc::spawn(&mut cmd, log)?;
         let s = sock.to_path_buf();
         let up = wait_until("the snapshotter socket", Duration::from_secs(15), || {
             std::os::unix::net::UnixStream::connect(&s).is_ok()
@@ -224,7 +240,13 @@ impl Daemon {
     /// Starts it again on the same root and socket.
     pub fn restart(&mut self) -> Result<()> {
         self.proc.kill9();
-        self.proc = Self::spawn(&self.bin, &self.root, &self.sock, &self.log)?;
+        self.proc = Self::spawn(
+            &self.bin,
+            &self.root,
+            &self.sock,
+            &self.log,
+            self.config.as_deref(),
+        )?;
         Ok(())
     }
 
@@ -394,6 +416,11 @@ pub struct Rig {
 impl Rig {
     /// Builds the fixtures and starts everything.
     pub fn start() -> Result<Rig> {
+        Self::start_with_config(None)
+    }
+
+    /// Like [`Rig::start`], with this text as the daemon's config file.
+    pub fn start_with_config(config: Option<&str>) -> Result<Rig> {
         let dir = tempfile::Builder::new().prefix("cas-e2e-").tempdir()?;
         let d = dir.path();
         let busybox = busybox_path();
@@ -403,11 +430,19 @@ impl Rig {
         push_layout(&base.layout_dir, &registry.addr, "fixture/base", "1")?;
         push_layout(&app.layout_dir, &registry.addr, "fixture/app", "1")?;
         let bin = workspace_bin("cas-snapshotter", "CAS_SNAPSHOTTER_BIN")?;
+        let cfg = match config {
+            Some(text) => {
+                fs::write(d.join("config.toml"), text)?;
+                Some(d.join("config.toml"))
+            }
+            None => None,
+        };
         let daemon = Daemon::start(
             &bin,
             &d.join("store"),
             &d.join("cas.sock"),
             &d.join("cas-snapshotter.log"),
+            cfg.as_deref(),
         )?;
         let containerd = Containerd::start(&d.join("containerd"), &daemon.sock)?;
         let base_ref = format!("{}/fixture/base:1", registry.addr);

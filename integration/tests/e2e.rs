@@ -62,6 +62,29 @@ fn pull_run_and_compare_with_overlayfs() -> Result<()> {
     Ok(())
 }
 
+/// Kernels without data-only lower layers get a materialised store; it must serve the
+/// same trees.
+#[test]
+fn materialised_store_matches_overlayfs() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let rig = Rig::start_with_config(Some("[store]\nmount_mode = \"materialised\"\n"))?;
+    for image in [&rig.base_ref, &rig.app_ref] {
+        rig.pull("cas", image)?;
+        rig.pull("overlayfs", image)?;
+    }
+    assert_same_tree(&rig, &rig.base_ref, "base")?;
+    assert_same_tree(&rig, &rig.app_ref, "app")?;
+    assert_eq!(
+        rig.run(&rig.base_ref, "e2e-mat", &["cat", "/etc/fixture-release"])?,
+        BASE_RELEASE
+    );
+    let (code, out) = rig.casctl(&["fsck", "--verify-objects"])?;
+    assert_eq!(code, 0, "{out}");
+    Ok(())
+}
+
 #[test]
 fn copy_up_leaves_the_cas_untouched() -> Result<()> {
     if !require_root() {

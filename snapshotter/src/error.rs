@@ -50,6 +50,17 @@ pub enum SnapshotError {
     /// The kernel cannot serve stubs (found by the start-up probe).
     #[error(transparent)]
     Unsupported(#[from] crate::probe::ProbeError),
+    /// The configured mount mode cannot serve the store's layers.
+    #[error("the store holds {stored:?} layers, which mount_mode {requested:?} cannot serve")]
+    ModeMismatch {
+        /// What the store was created with.
+        stored: cas::StoreMode,
+        /// What the configuration asks for.
+        requested: config::MountMode,
+    },
+    /// The store's layout markers failed.
+    #[error(transparent)]
+    Layout(#[from] cas::LayoutError),
     /// A blocking task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -94,6 +105,8 @@ impl From<SnapshotError> for tonic::Status {
             | SnapshotError::Store(_)
             | SnapshotError::Io { .. }
             | SnapshotError::Unsupported(_)
+            | SnapshotError::ModeMismatch { .. }
+            | SnapshotError::Layout(_)
             | SnapshotError::Task(_) => {
                 tracing::error!(error = %msg, "internal error");
                 tonic::Status::internal(msg)

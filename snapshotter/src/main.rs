@@ -75,7 +75,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let layout = cas::Layout::ensure(&cfg.root)
             .with_context(|| format!("opening store at {}", cfg.root.display()))?;
         let snapshotter = Arc::new(
-            CasSnapshotter::open(layout)
+            CasSnapshotter::open(layout, cfg.store.mount_mode)
                 .with_context(|| format!("opening store at {}", cfg.root.display()))?,
         );
         let listener = server::bind(&cfg.address)?;

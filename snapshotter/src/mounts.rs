@@ -25,10 +25,16 @@
 //! relative-path compaction does not understand `::`. When the layers do not fit,
 //! the plan names the parent's flattened tree (`snapshots/<parent>/flat`, see
 //! `cas::flatten`) as the only stub layer instead.
+//!
+//! A materialised store (kernels without data-only lower layers, see `cas::StoreMode`)
+//! holds real files, so its mounts are exactly those of containerd's overlayfs
+//! snapshotter: a read-only bind mount for a view of one layer, `lowerdir=p1:p2:…` without
+//! `::` or `metacopy`, and containerd compacts deep chains itself.
 
 use std::path::{Path, PathBuf};
 
 use cas::index::Kind;
+use cas::StoreMode;
 use containerd_snapshots::api::types::Mount;
 
 /// One page: the most `mount(2)` accepts for its data argument (with the trailing NUL).
@@ -65,15 +71,22 @@ pub struct MountPlanner {
     snapshots_dir: PathBuf,
     objects_dir: PathBuf,
     features: OverlayFeatures,
+    mode: StoreMode,
 }
 
 impl MountPlanner {
     /// A planner for the snapshots in `snapshots_dir` backed by `objects_dir`.
-    pub fn new(snapshots_dir: PathBuf, objects_dir: PathBuf, features: OverlayFeatures) -> Self {
+    pub fn new(
+        snapshots_dir: PathBuf,
+        objects_dir: PathBuf,
+        features: OverlayFeatures,
+        mode: StoreMode,
+    ) -> Self {
         MountPlanner {
             snapshots_dir,
             objects_dir,
             features,
+            mode,
         }
     }
 
@@ -100,23 +113,29 @@ impl MountPlanner {
     /// The mounts of snapshot `id` of `kind` whose ancestors are `parents` (immediate
     /// parent first).
     pub fn plan(&self, kind: Kind, id: u64, parents: &[u64]) -> Plan {
-        if parents.is_empty() {
-            let mode = if kind == Kind::View { "ro" } else { "rw" };
-            return Plan {
-                mounts: vec![Mount {
-                    r#type: "bind".into(),
-                    source: self.fs_dir(id).display().to_string(),
-                    target: String::new(),
-                    options: vec![mode.into(), "rbind".into()],
-                }],
-                flat: None,
-            };
+        let materialised = self.mode == StoreMode::Materialised;
+        let bind = |dir: PathBuf, mode: &str| Plan {
+            mounts: vec![Mount {
+                r#type: "bind".into(),
+                source: dir.display().to_string(),
+                target: String::new(),
+                options: vec![mode.into(), "rbind".into()],
+            }],
+            flat: None,
+        };
+        match (kind, parents) {
+            (Kind::View, []) => return bind(self.fs_dir(id), "ro"),
+            (_, []) => return bind(self.fs_dir(id), "rw"),
+            (Kind::View, [only]) if materialised => return bind(self.fs_dir(*only), "ro"),
+            _ => {}
         }
         let mut options = Vec::new();
         if self.features.index_param {
             options.push("index=off".to_string());
         }
-        options.push("metacopy=on".to_string());
+        if !materialised {
+            options.push("metacopy=on".to_string());
+        }
         if kind != Kind::View {
             options.push(format!("workdir={}", self.work_dir(id).display()));
             options.push(format!("upperdir={}", self.fs_dir(id).display()));
@@ -126,9 +145,13 @@ impl MountPlanner {
             .iter()
             .map(|p| self.fs_dir(*p).display().to_string())
             .collect();
-        options.push(format!("lowerdir={}::{objects}", layers.join(":")));
+        if materialised {
+            options.push(format!("lowerdir={}", layers.join(":")));
+        } else {
+            options.push(format!("lowerdir={}::{objects}", layers.join(":")));
+        }
         let mut flat = None;
-        if options.join(",").len() >= PAGE_SIZE {
+        if !materialised && options.join(",").len() >= PAGE_SIZE {
             options.pop();
             options.push(format!(
                 "lowerdir={}::{objects}",
@@ -157,7 +180,28 @@ mod tests {
             "/r/snapshots".into(),
             "/r/cas/objects".into(),
             OverlayFeatures { index_param },
+            StoreMode::Stubs,
         )
+    }
+
+    #[test]
+    fn materialised_stores_mount_like_containerds_overlayfs() {
+        let p = MountPlanner::new(
+            "/r/snapshots".into(),
+            "/r/cas/objects".into(),
+            OverlayFeatures { index_param: true },
+            StoreMode::Materialised,
+        );
+        assert_eq!(
+            show(&p.plan(Kind::View, 5, &[3])),
+            ["bind /r/snapshots/3/fs ro,rbind"]
+        );
+        assert_eq!(
+            show(&p.plan(Kind::Active, 9, &[4, 2])),
+            ["overlay overlay index=off,workdir=/r/snapshots/9/work,upperdir=/r/snapshots/9/fs,lowerdir=/r/snapshots/4/fs:/r/snapshots/2/fs"]
+        );
+        let deep: Vec<u64> = (1_000_000..1_000_200).collect();
+        assert_eq!(p.plan(Kind::Active, 1, &deep).flat, None);
     }
 
     fn show(p: &Plan) -> Vec<String> {

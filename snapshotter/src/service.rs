@@ -36,7 +36,8 @@ use std::time::SystemTime;
 use cas::gc::GcStats;
 use cas::index::{DiskUsage, Kind, MetaStore, Record};
 use cas::objects::ObjectStore;
-use cas::{Digest, Layout};
+use cas::{Digest, Layout, StoreMode};
+use config::MountMode;
 use containerd_snapshots::{api::types::Mount, Info, Snapshotter, Usage};
 use tokio::sync::{Mutex, RwLock};
 use tracing::{debug, info, instrument, warn};
@@ -51,6 +52,7 @@ use cas::admin::MANIFEST_FILE as MANIFEST;
 
 /// The snapshotter.
 pub struct CasSnapshotter {
+    mode: StoreMode,
     layout: Layout,
     meta: MetaStore,
     store: ObjectStore,
@@ -136,7 +138,7 @@ impl CasSnapshotter {
     ///
     /// The index is rebuilt from the snapshots' `info` files and manifests when it
     /// cannot be opened, or when it is missing while snapshots exist.
-    pub fn open(layout: Layout) -> Result<CasSnapshotter, SnapshotError> {
+    pub fn open(layout: Layout, requested: MountMode) -> Result<CasSnapshotter, SnapshotError> {
         let index = layout.index_dir();
         let has_snapshots = fs::read_dir(layout.snapshots_dir())
             .map_err(SnapshotError::io("read dir", layout.snapshots_dir()))?
@@ -154,15 +156,13 @@ impl CasSnapshotter {
                 MetaStore::open(&index)?
             }
         };
-        crate::probe::probe_data_only_lowers(&layout.tmp_dir())?;
+        let mode = Self::choose_mode(&layout, requested)?;
         let features = OverlayFeatures::probe();
-        info!(
-            index_off = features.index_param,
-            data_only_lowers = true,
-            "overlayfs probed: stubs are served from the CAS as a data-only lower layer"
-        );
-        let planner = MountPlanner::new(layout.snapshots_dir(), layout.objects_dir(), features);
+        info!(index_off = features.index_param, ?mode, "store mode chosen");
+        let planner =
+            MountPlanner::new(layout.snapshots_dir(), layout.objects_dir(), features, mode);
         let sn = CasSnapshotter {
+            mode,
             store: ObjectStore::new(&layout),
             layout,
             meta,
@@ -175,6 +175,43 @@ impl CasSnapshotter {
             info!(swept, "removed leftovers of interrupted operations");
         }
         Ok(sn)
+    }
+
+    /// The store's mode: the one it was created with, else the configured one, where
+    /// `auto` means stubs when the start-up probe shows the kernel can serve them.
+    fn choose_mode(layout: &Layout, requested: MountMode) -> Result<StoreMode, SnapshotError> {
+        let stored = layout.mode()?;
+        let mismatch = |stored: StoreMode| SnapshotError::ModeMismatch { stored, requested };
+        let probe = || crate::probe::probe_data_only_lowers(&layout.tmp_dir());
+        let mode = match (stored, requested) {
+            (Some(StoreMode::Stubs), MountMode::Materialised) => {
+                return Err(mismatch(StoreMode::Stubs))
+            }
+            (Some(StoreMode::Materialised), MountMode::DataOnly) => {
+                return Err(mismatch(StoreMode::Materialised))
+            }
+            (Some(StoreMode::Stubs), _) | (None, MountMode::DataOnly) => {
+                probe()?;
+                StoreMode::Stubs
+            }
+            (Some(StoreMode::Materialised), _) | (None, MountMode::Materialised) => {
+                StoreMode::Materialised
+            }
+            (None, MountMode::Auto) => match probe() {
+                Ok(()) => StoreMode::Stubs,
+                Err(e) => {
+                    warn!(error = %e, "overlayfs cannot serve stubs here: layers are stored materialised (dedup only through hardlinks and reflinks)");
+                    StoreMode::Materialised
+                }
+            },
+        };
+        if stored.is_none() {
+            layout.set_mode(mode)?;
+        }
+        if mode == StoreMode::Stubs {
+            info!("overlayfs probed: stubs are served from the CAS as a data-only lower layer");
+        }
+        Ok(mode)
     }
 
     fn rebuild(layout: &Layout) -> Result<(), SnapshotError> {
@@ -520,14 +557,18 @@ impl Snapshotter for CasSnapshotter {
         };
         let store = self.store.clone();
         let tmp = self.layout.tmp_dir();
+        let mode = self.mode;
         let started = std::time::Instant::now();
         let (stats, usage, objects) = blocking(move || {
             let fsdir = dir.join("fs");
             let manifest = dir.join(MANIFEST);
-            let stats = cas::ingest::ingest_layer(&store, &tmp, &fsdir, &lowers, &manifest)?;
+            let stats = cas::ingest::ingest_layer(&store, &tmp, &fsdir, &lowers, &manifest, mode)?;
             let mut usage = disk_usage(&fsdir)?;
-            usage.size += stats.new_bytes as i64;
-            usage.inodes += stats.new_objects as i64;
+            if mode == StoreMode::Stubs {
+                // materialised layers already hold their new objects' inodes
+                usage.size += stats.new_bytes as i64;
+                usage.inodes += stats.new_objects as i64;
+            }
             let objects = manifest_objects(&manifest)?;
             Ok((stats, usage, objects))
         })

@@ -8,6 +8,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use cas_snapshotter::service::CasSnapshotter;
+use config::MountMode;
 use containerd_snapshots::api::types::Mount;
 use containerd_snapshots::Snapshotter;
 use futures::StreamExt;
@@ -76,7 +77,11 @@ fn set_mtime(p: &Path, secs: i64) {
 }
 
 async fn open(root: &Path) -> CasSnapshotter {
-    CasSnapshotter::open(cas::Layout::ensure(root).unwrap()).unwrap()
+    open_in(root, MountMode::Auto).await
+}
+
+async fn open_in(root: &Path, mode: MountMode) -> CasSnapshotter {
+    CasSnapshotter::open(cas::Layout::ensure(root).unwrap(), mode).unwrap()
 }
 
 fn fs_of(root: &Path, mounts: &[Mount]) -> PathBuf {
@@ -96,6 +101,16 @@ fn fs_of(root: &Path, mounts: &[Mount]) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cas_round_trip_dedup_copy_up_hostile_gc_and_rebuild() {
+    round_trip(MountMode::Auto).await;
+}
+
+/// The same in the materialised mode kernels without data-only lower layers get.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn materialised_round_trip() {
+    round_trip(MountMode::Materialised).await;
+}
+
+async fn round_trip(mode: MountMode) {
     if !is_root() {
         eprintln!("skipped: needs root for overlay mounts");
         return;
@@ -103,7 +118,7 @@ async fn cas_round_trip_dedup_copy_up_hostile_gc_and_rebuild() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
     let mnt = tmp.path().join("mnt");
-    let sn = open(&root).await;
+    let sn = open_in(&root, mode).await;
     let big = vec![42u8; 3 << 20];
 
     // Layer 1 (parentless, bind mount): duplicate content, hardlinks, odd metadata.
@@ -257,7 +272,7 @@ async fn cas_round_trip_dedup_copy_up_hostile_gc_and_rebuild() {
     let before: Vec<_> = walk(&sn).await;
     drop(sn);
     fs::remove_dir_all(root.join("index")).unwrap();
-    let sn = open(&root).await;
+    let sn = open_in(&root, mode).await;
     assert_eq!(walk(&sn).await, before);
     let report = sn.fsck(false).await.unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
