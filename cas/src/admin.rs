@@ -422,3 +422,199 @@ pub enum AdminResponse {
 pub fn is_store(path: &Path) -> bool {
     path.join("layout").is_file()
 }
+
+/// What [`reconcile`] repaired.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReconcileStats {
+    /// Snapshots whose record matched their `info` mirror.
+    pub consistent: u64,
+    /// Index records brought forward to their mirror (a Commit or label Update whose
+    /// mirror was written when the process died).
+    pub rolled_forward: u64,
+    /// Records whose mirror was already deleted (a Remove that was under way): removed.
+    pub removes_completed: u64,
+    /// Directories whose record never reached the index (a Prepare or View that was never
+    /// answered): removed.
+    pub creates_rolled_back: u64,
+}
+
+/// Brings the index in line with the `info` mirrors after an unclean stop.
+///
+/// Every change writes the mirror durably before the index, and deletes it first on
+/// Remove, so the mirror is the newer truth wherever the two disagree: records are rolled
+/// forward to it, records without a mirror are removed, and directories whose record never
+/// landed are deleted (containerd was never answered for them). Reference counts follow
+/// the manifests of the records that change. Nothing may mutate the index meanwhile.
+pub fn reconcile(layout: &Layout, meta: &MetaStore) -> Result<ReconcileStats, CasError> {
+    let mut stats = ReconcileStats::default();
+    let mut by_id: HashMap<u64, (String, crate::index::Record)> = meta
+        .all()?
+        .into_iter()
+        .map(|(k, r)| (r.id, (k, r)))
+        .collect();
+    let objects_of = |dir: &Path, rec: &crate::index::Record| -> Result<Vec<Digest>, CasError> {
+        if rec.kind != Kind::Committed {
+            return Ok(Vec::new());
+        }
+        let mut set = std::collections::BTreeSet::new();
+        for e in read_manifest(&dir.join(MANIFEST_FILE))? {
+            set.insert(e?.digest);
+        }
+        Ok(set.into_iter().collect())
+    };
+    let sdir = layout.snapshots_dir();
+    for e in fs::read_dir(&sdir).map_err(CasError::io("read dir", &sdir))? {
+        let dir = e.map_err(CasError::io("read dir", &sdir))?.path();
+        let Some(id) = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue; // temporary directories: swept by the caller
+        };
+        let info = if dir.join(INFO_FILE).is_file() {
+            Some(read_info(&dir)?)
+        } else {
+            None
+        };
+        match (by_id.remove(&id), info) {
+            (Some((key, rec)), Some(info)) if info.key == key && info.record == rec => {
+                stats.consistent += 1
+            }
+            (Some((key, rec)), Some(info)) => {
+                // commit (key -> name, references taken) or a label update
+                let objects = if rec.kind != Kind::Committed {
+                    objects_of(&dir, &info.record)?
+                } else {
+                    Vec::new()
+                };
+                meta.rename(&key, &info.key, &info.record, &objects)?;
+                stats.rolled_forward += 1;
+            }
+            (Some((key, rec)), None) => {
+                let objects = objects_of(&dir, &rec)?;
+                meta.delete(&key, &rec, &objects)?;
+                match fs::remove_dir_all(&dir) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(CasError::io("remove", &dir)(e))
+                    }
+                    _ => {}
+                }
+                stats.removes_completed += 1;
+            }
+            (None, _) => {
+                match fs::remove_dir_all(&dir) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(CasError::io("remove", &dir)(e))
+                    }
+                    _ => {}
+                }
+                stats.creates_rolled_back += 1;
+            }
+        }
+    }
+    // records whose directory is gone entirely: a Remove that got as far as the directory
+    for (_, (key, rec)) in by_id {
+        meta.delete(&key, &rec, &[])?;
+        stats.removes_completed += 1;
+    }
+    meta.flush_blocking()?;
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{write_info, DiskUsage, Record};
+    use crate::manifest::{ManifestEntry, ManifestWriter};
+    use std::time::SystemTime;
+
+    fn rec(id: u64, kind: Kind) -> Record {
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000 + id);
+        Record {
+            id,
+            kind,
+            parent: None,
+            labels: Default::default(),
+            created: now,
+            updated: now,
+            usage: DiskUsage::default(),
+            logical_bytes: 0,
+        }
+    }
+
+    fn snapshot(layout: &Layout, meta: &MetaStore, key: &str, r: &Record) -> PathBuf {
+        let dir = layout.snapshot_dir(r.id);
+        fs::create_dir_all(dir.join("fs")).unwrap();
+        write_info(&dir, key, r).unwrap();
+        meta.insert(key, r).unwrap();
+        dir
+    }
+
+    #[test]
+    fn reconcile_repairs_each_interrupted_operation() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::ensure(tmp.path()).unwrap();
+        let meta = MetaStore::open(&layout.index_dir()).unwrap();
+        let digest = Digest::of(b"x");
+
+        // untouched
+        snapshot(&layout, &meta, "ok", &rec(1, Kind::Active));
+        // a Commit that wrote its mirror (and manifest) but not the index
+        let dir = snapshot(&layout, &meta, "active", &rec(2, Kind::Active));
+        let mut w = ManifestWriter::create(&dir.join(MANIFEST_FILE)).unwrap();
+        w.push(&ManifestEntry {
+            path: "f".into(),
+            digest,
+            size: 1,
+        })
+        .unwrap();
+        w.finish().unwrap();
+        write_info(&dir, "layer", &rec(2, Kind::Committed)).unwrap();
+        // a Remove that deleted the mirror only
+        let gone = snapshot(&layout, &meta, "doomed", &rec(3, Kind::Active));
+        fs::remove_file(gone.join(INFO_FILE)).unwrap();
+        // a Prepare whose record never landed
+        let orphan = layout.snapshot_dir(4);
+        fs::create_dir_all(orphan.join("fs")).unwrap();
+        write_info(&orphan, "never", &rec(4, Kind::Active)).unwrap();
+
+        let stats = reconcile(&layout, &meta).unwrap();
+        assert_eq!(
+            stats,
+            ReconcileStats {
+                consistent: 1,
+                rolled_forward: 1,
+                removes_completed: 1,
+                creates_rolled_back: 1
+            }
+        );
+        let keys: Vec<_> = meta
+            .all()
+            .unwrap()
+            .into_iter()
+            .map(|(k, r)| (k, r.kind))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("layer".to_string(), Kind::Committed),
+                ("ok".to_string(), Kind::Active)
+            ]
+        );
+        assert_eq!(meta.ref_count(&digest).unwrap(), 1);
+        assert!(!gone.exists() && !orphan.exists());
+        let again = reconcile(&layout, &meta).unwrap();
+        assert_eq!(again.consistent, 2);
+        // the synthetic manifest names an object and a stub that do not exist; everything
+        // else (mirrors, reference counts, directories) must now agree
+        let problems = fsck(&layout, &meta, false).unwrap().problems;
+        assert!(
+            problems.iter().all(|p| matches!(
+                p,
+                Problem::ObjectMissing { .. } | Problem::StubMismatch { .. }
+            )),
+            "{problems:?}"
+        );
+    }
+}

@@ -156,6 +156,16 @@ impl CasSnapshotter {
                 MetaStore::open(&index)?
             }
         };
+        let started = std::time::Instant::now();
+        let fixed = cas::admin::reconcile(&layout, &meta)?;
+        info!(
+            consistent = fixed.consistent,
+            rolled_forward = fixed.rolled_forward,
+            removes_completed = fixed.removes_completed,
+            creates_rolled_back = fixed.creates_rolled_back,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "recovery: index reconciled with the snapshots' info files"
+        );
         let mode = Self::choose_mode(&layout, requested)?;
         let features = OverlayFeatures::probe();
         info!(index_off = features.index_param, ?mode, "store mode chosen");
