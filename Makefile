@@ -8,7 +8,7 @@ PROFILE ?= debug
 BIN     := $(CURDIR)/target/$(PROFILE)
 CARGO_PROFILE := $(if $(filter release,$(PROFILE)),--release,)
 
-.PHONY: all deps build check unit conformance e2e test demo demo-down bench-dedup clean
+.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench-dedup clean
 
 all: build
 
@@ -40,6 +40,12 @@ conformance: build
 e2e: build
 	CAS_SNAPSHOTTER_BIN=$(BIN)/cas-snapshotter CASCTL_BIN=$(BIN)/casctl \
 	  $(CARGO) test -p cas-integration --lib --bins --tests $(CARGO_PROFILE) -- --test-threads=1
+
+# The crash loop alone, as long as you like: make crash-test N=500
+N ?= 100
+crash-test: build
+	CAS_SNAPSHOTTER_BIN=$(BIN)/cas-snapshotter CASCTL_BIN=$(BIN)/casctl CAS_CRASH_ITERATIONS=$(N) \
+	  $(CARGO) test -p cas-integration --test crash $(CARGO_PROFILE) -- --nocapture
 
 test: check unit conformance e2e
 	@echo "make test: all checks, unit tests, conformance and end-to-end tests passed"

@@ -486,6 +486,23 @@ impl Rig {
         Ok(())
     }
 
+    /// Like [`Rig::pull`], retrying while containerd's connection to a restarted
+    /// snapshotter is still coming back (`unavailable`), as a user would.
+    pub fn pull_after_restart(&self, snapshotter: &str, image: &str) -> Result<()> {
+        let mut last = None;
+        for _ in 0..10 {
+            match self.pull(snapshotter, image) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.to_string().contains("unavailable") => {
+                    last = Some(e);
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("pull kept failing")))
+    }
+
     /// Mounts `image` unpacked by `snapshotter` read-only at a new directory named `name`.
     pub fn mount(&self, snapshotter: &str, image: &str, name: &str) -> Result<ImageMount<'_>> {
         let target = self.dir.path().join("mnt").join(name);

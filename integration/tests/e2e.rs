@@ -176,7 +176,7 @@ fn kill9_between_pulls_keeps_the_first_image() -> Result<()> {
     rig.daemon.kill9();
     rig.daemon.restart()?;
     rig.wait_reconnected()?;
-    rig.pull("cas", &rig.app_ref)?;
+    rig.pull_after_restart("cas", &rig.app_ref)?;
     assert_eq!(
         rig.run(
             &rig.base_ref,
