@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -15,7 +14,7 @@ use crate::digest::Digest;
 use crate::error::CasError;
 use crate::gc::list_objects;
 use crate::index::{read_info, Kind, MetaStore, INFO_FILE};
-use crate::layout::Layout;
+use crate::layout::{remove_tree, Layout};
 use crate::manifest::read_manifest;
 use crate::stub::stub_target;
 
@@ -330,12 +329,7 @@ pub fn rebuild_index(layout: &Layout) -> Result<RebuildStats, CasError> {
     let fresh = layout.root().join("index.new");
     let old = layout.root().join("index.old");
     for d in [&fresh, &old] {
-        match fs::remove_dir_all(d) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(CasError::io("remove", d)(e))
-            }
-            _ => {}
-        }
+        remove_tree(d)?;
     }
     let mut stats = RebuildStats::default();
     {
@@ -494,21 +488,11 @@ pub fn reconcile(layout: &Layout, meta: &MetaStore) -> Result<ReconcileStats, Ca
             (Some((key, rec)), None) => {
                 let objects = objects_of(&dir, &rec)?;
                 meta.delete(&key, &rec, &objects)?;
-                match fs::remove_dir_all(&dir) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                        return Err(CasError::io("remove", &dir)(e))
-                    }
-                    _ => {}
-                }
+                remove_tree(&dir)?;
                 stats.removes_completed += 1;
             }
             (None, _) => {
-                match fs::remove_dir_all(&dir) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                        return Err(CasError::io("remove", &dir)(e))
-                    }
-                    _ => {}
-                }
+                remove_tree(&dir)?;
                 stats.creates_rolled_back += 1;
             }
         }

@@ -4,6 +4,16 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+/// Removes a directory tree; one that is already gone is fine (idempotent cleanup).
+pub fn remove_tree(path: &Path) -> Result<(), crate::CasError> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(crate::CasError::io("remove", path)(e))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Version of the on-disk layout; bumped when an existing root needs migration.
 pub const LAYOUT_VERSION: u32 = 1;
 
