@@ -8,7 +8,7 @@ PROFILE ?= debug
 BIN     := $(CURDIR)/target/$(PROFILE)
 CARGO_PROFILE := $(if $(filter release,$(PROFILE)),--release,)
 
-.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench-dedup clean
+.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down clean
 
 all: build
 
@@ -57,12 +57,6 @@ demo:
 
 demo-down:
 	BIN=$(BIN) bash scripts/demo.sh down
-
-# Benchmark (not a test): bytes on disk for a family of near-duplicate Debian images,
-# containerd's overlayfs vs ours, against the theoretical maximum. Needs root and network
-# access to the Debian mirror the first time (images are cached outside the repo).
-bench-dedup: build
-	BIN=$(BIN) bash bench/dedup.sh
 
 clean:
 	$(CARGO) clean
