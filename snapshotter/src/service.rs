@@ -59,6 +59,22 @@ pub struct CasSnapshotter {
     planner: MountPlanner,
     writer: Mutex<()>,
     gc_lock: RwLock<()>,
+    /// Ids of active snapshots being ingested by a Commit right now.
+    committing: std::sync::Mutex<HashSet<u64>>,
+}
+
+/// Marks an active snapshot as being committed; unmarks it when dropped.
+struct CommitGuard<'a> {
+    set: &'a std::sync::Mutex<HashSet<u64>>,
+    id: u64,
+}
+
+impl Drop for CommitGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.set.lock() {
+            s.remove(&self.id);
+        }
+    }
 }
 
 fn to_info(key: String, rec: Record) -> Info {
@@ -179,6 +195,7 @@ impl CasSnapshotter {
             planner,
             writer: Mutex::new(()),
             gc_lock: RwLock::new(()),
+            committing: std::sync::Mutex::new(HashSet::new()),
         };
         let swept = sn.sweep_orphans()? + cas::gc::sweep_tmp(&sn.layout)?;
         if swept > 0 {
@@ -557,6 +574,23 @@ impl Snapshotter for CasSnapshotter {
         if self.meta.get(&name)?.is_some() {
             return Err(SnapshotError::AlreadyExists(name));
         }
+        // One ingest per snapshot: a second Commit of the same key must not walk the tree
+        // the first one is rewriting.
+        let newly = self
+            .committing
+            .lock()
+            .map(|mut s| s.insert(rec.id))
+            .unwrap_or(false);
+        if !newly {
+            return Err(SnapshotError::FailedPrecondition {
+                key,
+                reason: "a commit of this snapshot is already in progress",
+            });
+        }
+        let _c = CommitGuard {
+            set: &self.committing,
+            id: rec.id,
+        };
         // Shared GC lock from before the first object lookup until the references land.
         let _g = self.gc_lock.read().await;
         let dir = self.layout.snapshot_dir(rec.id);
