@@ -158,6 +158,7 @@ fn removing_images_leaves_only_the_empty_layout() -> Result<()> {
             "cas/objects",
             "cas/tmp",
             "layout",
+            "mode",
             "snapshots"
         ],
         "{}",
