@@ -130,19 +130,21 @@ pub fn ingest_layer(
         }
         let rel = path.strip_prefix(fs_dir).unwrap_or(path).to_path_buf();
         let key = (md.dev(), md.ino());
-        if md.nlink() > 1 {
-            if let Some((stub, digest, size)) = linked.get(&key) {
-                let tmp = tmp_name(tmp_dir, "link");
-                fs::hard_link(stub, &tmp).map_err(CasError::io("link", &tmp))?;
-                fs::rename(&tmp, path).map_err(CasError::io("rename", path))?;
-                writer.push(&ManifestEntry {
-                    path: rel,
-                    digest: *digest,
-                    size: *size,
-                })?;
-                stats.files += 1;
-                continue;
-            }
+        // Looked up whatever the link count is now: once the first name became a stub,
+        // an original whose content was already stored is held by the other names alone
+        // (nlink 1 for the last one). Files not yet visited are alive since before the
+        // walk, so their inode numbers cannot be reused ones.
+        if let Some((stub, digest, size)) = linked.get(&key) {
+            let tmp = tmp_name(tmp_dir, "link");
+            fs::hard_link(stub, &tmp).map_err(CasError::io("link", &tmp))?;
+            fs::rename(&tmp, path).map_err(CasError::io("rename", path))?;
+            writer.push(&ManifestEntry {
+                path: rel,
+                digest: *digest,
+                size: *size,
+            })?;
+            stats.files += 1;
+            continue;
         }
         let xattrs = own_xattrs(path)?;
         // Which object holds the bytes, and whether this inode is to become it.
@@ -178,8 +180,11 @@ pub fn ingest_layer(
                 if publish && store.ensure_from_inode(path, &digest, true)? == Publish::New {
                     stats.new_objects += 1;
                     stats.new_bytes += size;
+                    crate::crash_point!("ingest.object-published");
                 }
-                fs::rename(&tmp, path).map_err(CasError::io("rename", path))
+                fs::rename(&tmp, path).map_err(CasError::io("rename", path))?;
+                crate::crash_point!("ingest.stub-in-place");
+                Ok(())
             })
         } else {
             materialise(
@@ -211,9 +216,12 @@ pub fn ingest_layer(
         )
         .map_err(|e| CasError::io("utimens", dir)(e.into()))?;
     }
+    crate::crash_point!("ingest.before-syncfs");
     let root = File::open(fs_dir).map_err(CasError::io("open", fs_dir))?;
     nix::unistd::syncfs(root.as_raw_fd()).map_err(|e| CasError::io("syncfs", fs_dir)(e.into()))?;
+    crate::crash_point!("ingest.before-manifest");
     writer.finish()?;
+    crate::crash_point!("ingest.after-manifest");
     Ok(stats)
 }
 
@@ -325,4 +333,57 @@ fn strip_overlay_xattrs(path: &Path) -> Result<(), CasError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::Layout;
+
+    fn layer(root: &Path, name: &str, files: &[(&str, &[u8])], links: &[(&str, &str)]) -> PathBuf {
+        let fs_dir = root.join(name);
+        fs::create_dir_all(&fs_dir).unwrap();
+        for (path, data) in files {
+            fs::write(fs_dir.join(path), data).unwrap();
+        }
+        for (from, to) in links {
+            fs::hard_link(fs_dir.join(from), fs_dir.join(to)).unwrap();
+        }
+        fs_dir
+    }
+
+    /// A hardlinked file whose content is already stored: the original inode is not
+    /// linked into the store, so after its first name became a stub the other name is
+    /// its last link. It must still become a hardlink of the same stub, counted once.
+    #[test]
+    fn hardlinks_of_already_stored_content_stay_hardlinks() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: stubs carry trusted.* xattrs, which need root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::ensure(&dir.path().join("store")).unwrap();
+        let store = ObjectStore::new(&layout);
+        let data: &[u8] = b"#!/usr/bin/perl shared between two images";
+        for (n, name) in ["one", "two"].iter().enumerate() {
+            let fs_dir = layer(dir.path(), name, &[("perl", data)], &[("perl", "perl5")]);
+            let manifest = dir.path().join(format!("{name}.manifest"));
+            let stats = ingest_layer(
+                &store,
+                &layout.tmp_dir(),
+                &fs_dir,
+                &[],
+                &manifest,
+                StoreMode::Stubs,
+            )
+            .unwrap();
+            assert_eq!(stats.files, 2, "layer {name}");
+            assert_eq!(stats.logical_bytes, data.len() as u64, "layer {name}");
+            assert_eq!(stats.new_objects, u64::from(n == 0), "layer {name}");
+            let a = fs::symlink_metadata(fs_dir.join("perl")).unwrap();
+            let b = fs::symlink_metadata(fs_dir.join("perl5")).unwrap();
+            assert_eq!(a.ino(), b.ino(), "layer {name}: names must share one stub");
+            assert_eq!(a.nlink(), 2, "layer {name}");
+        }
+    }
 }
