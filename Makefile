@@ -8,7 +8,7 @@ PROFILE ?= debug
 BIN     := $(CURDIR)/target/$(PROFILE)
 CARGO_PROFILE := $(if $(filter release,$(PROFILE)),--release,)
 
-.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down clean
+.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench-dedup clean
 
 all: build
 
@@ -49,6 +49,14 @@ crash-test: build
 
 test: check unit conformance e2e
 	@echo "make test: all checks, unit tests, conformance and end-to-end tests passed"
+
+# Dedup on a family of near-duplicate Debian images, overlayfs and ours in one run:
+# make bench-dedup [VERSIONS=3]; images are cached in /var/cache/cas-bench.
+VERSIONS ?= 3
+bench-dedup:
+	@command -v debootstrap >/dev/null || $(MAKE) deps
+	$(CARGO) build --release -p cas-snapshotter -p cas -p cas-integration --bins
+	BIN=$(CURDIR)/target/release VERSIONS=$(VERSIONS) bash scripts/bench-dedup.sh
 
 demo:
 	@command -v containerd >/dev/null && command -v docker-registry >/dev/null && command -v protoc >/dev/null || $(MAKE) deps

@@ -10,6 +10,7 @@ PACKAGES=(
   golang-go golang-github-containerd-containerd-dev   # containerd's snapshotter conformance suite
   busybox-static             # a static shell for the fixture images' containers
   xfsprogs attr util-linux   # mkfs.xfs, getfattr/setfattr, fincore
+  debootstrap                # Debian base images for make bench-dedup
   ca-certificates curl build-essential pkg-config git
 )
 

@@ -92,10 +92,12 @@ pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
             continue;
         }
         let size = fs::symlink_metadata(&path).map(|m| m.len()).unwrap_or(0);
+        crate::crash_point!("gc.before-delete");
         match fs::remove_file(&path) {
             Ok(()) => {
                 stats.removed += 1;
                 stats.freed_bytes += size;
+                crate::crash_point!("gc.after-delete");
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(CasError::io("remove", &path)(e)),

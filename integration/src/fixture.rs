@@ -238,8 +238,54 @@ pub fn layer_tar(layer: &LayerSpec) -> Result<Vec<u8>> {
     Ok(b.into_inner()?)
 }
 
+/// A layer blob already written into a layout's `blobs/sha256`.
+#[derive(Debug, Clone)]
+pub struct LayerBlob {
+    /// `sha256:…` of the blob as stored (compressed).
+    pub digest: String,
+    /// `sha256:…` of the uncompressed tar (the config's diff_id).
+    pub diff_id: String,
+    /// Bytes of the blob.
+    pub size: u64,
+    /// Its media type.
+    pub compression: Compression,
+}
+
 /// Writes `spec` as an OCI image layout in `out_dir` (created; must not hold another image).
 pub fn write_oci_layout(spec: &ImageSpec, out_dir: &Path) -> Result<BuiltImage> {
+    let blobs = out_dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
+    let mut layers = Vec::new();
+    for layer in &spec.layers {
+        let tar = layer_tar(layer)?;
+        let diff_id = sha256(&tar);
+        let blob = match layer.compression {
+            Compression::Gzip => {
+                let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::default());
+                gz.write_all(&tar)?;
+                gz.finish()?
+            }
+            Compression::None => tar,
+        };
+        let digest = sha256(&blob);
+        fs::write(blobs.join(&digest["sha256:".len()..]), &blob)?;
+        layers.push(LayerBlob {
+            digest,
+            diff_id,
+            size: blob.len() as u64,
+            compression: layer.compression,
+        });
+    }
+    finish_oci_layout(out_dir, &layers, &spec.cmd)
+}
+
+/// Writes config, manifest, index and `oci-layout` for `layers` (bottom first), whose
+/// blobs are already in `out_dir/blobs/sha256`.
+pub fn finish_oci_layout(
+    out_dir: &Path,
+    layers: &[LayerBlob],
+    cmd: &[String],
+) -> Result<BuiltImage> {
     let blobs = out_dir.join("blobs/sha256");
     fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
     let put = |bytes: &[u8]| -> Result<String> {
@@ -247,32 +293,25 @@ pub fn write_oci_layout(spec: &ImageSpec, out_dir: &Path) -> Result<BuiltImage> 
         fs::write(blobs.join(&d["sha256:".len()..]), bytes)?;
         Ok(d)
     };
-    let (mut diff_ids, mut digests, mut descs) = (Vec::new(), Vec::new(), Vec::new());
-    for layer in &spec.layers {
-        let tar = layer_tar(layer)?;
-        diff_ids.push(sha256(&tar));
-        let (blob, media) = match layer.compression {
-            Compression::Gzip => {
-                let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::default());
-                gz.write_all(&tar)?;
-                (gz.finish()?, MediaType::ImageLayerGzip)
-            }
-            Compression::None => (tar, MediaType::ImageLayer),
+    let mut descs = Vec::new();
+    for l in layers {
+        let media = match l.compression {
+            Compression::Gzip => MediaType::ImageLayerGzip,
+            Compression::None => MediaType::ImageLayer,
         };
-        let d = put(&blob)?;
         descs.push(
             DescriptorBuilder::default()
                 .media_type(media)
-                .digest(d.parse::<oci_spec::image::Digest>()?)
-                .size(blob.len() as u64)
+                .digest(l.digest.parse::<oci_spec::image::Digest>()?)
+                .size(l.size)
                 .build()?,
         );
-        digests.push(d);
     }
+    let diff_ids: Vec<String> = layers.iter().map(|l| l.diff_id.clone()).collect();
     let config = ImageConfigurationBuilder::default()
         .architecture(Arch::Amd64)
         .os(Os::Linux)
-        .config(ConfigBuilder::default().cmd(spec.cmd.clone()).build()?)
+        .config(ConfigBuilder::default().cmd(cmd.to_vec()).build()?)
         .rootfs(
             RootFsBuilder::default()
                 .typ("layers")
@@ -314,7 +353,7 @@ pub fn write_oci_layout(spec: &ImageSpec, out_dir: &Path) -> Result<BuiltImage> 
         layout_dir: out_dir.to_path_buf(),
         manifest_digest,
         layer_diff_ids: diff_ids,
-        layer_digests: digests,
+        layer_digests: layers.iter().map(|l| l.digest.clone()).collect(),
     })
 }
 

@@ -212,12 +212,24 @@ impl Daemon {
         log: &Path,
         config: Option<&Path>,
     ) -> Result<Proc> {
+        Self::spawn_env(bin, root, sock, log, config, &[])
+    }
+
+    fn spawn_env(
+        bin: &Path,
+        root: &Path,
+        sock: &Path,
+        log: &Path,
+        config: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Result<Proc> {
         let mut cmd = Command::new(bin);
         cmd.arg("--root")
             .arg(root)
             .arg("--address")
             .arg(sock)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied());
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }
@@ -248,6 +260,25 @@ impl Daemon {
             self.config.as_deref(),
         )?;
         Ok(())
+    }
+
+    /// Like [`Daemon::restart`], with extra environment (e.g. `FAILPOINTS`).
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
+        self.proc.kill9();
+        self.proc = Self::spawn_env(
+            &self.bin,
+            &self.root,
+            &self.sock,
+            &self.log,
+            self.config.as_deref(),
+            env,
+        )?;
+        Ok(())
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.proc.alive()
     }
 
     /// SIGTERM; returns how long the daemon took to exit (error past 10 s).

@@ -6,6 +6,8 @@
 //! * [`treecmp`]: compares two root filesystems entry by entry, metadata included
 //!   (`cas-fixture compare`); the e2e tests hold our snapshotter's trees against
 //!   containerd's overlayfs with it;
+//! * [`rootfs`]: layers from directories (root filesystems and overlay upper dirs), for
+//!   the benchmark images (`cas-bench`);
 //! * [`harness`]: real registry, daemon and containerd processes, cleaned up on drop.
 //!
 //! The tests themselves live in `tests/` and need root; they skip with a message
@@ -15,4 +17,5 @@
 pub mod fixture;
 pub mod harness;
 pub mod registry;
+pub mod rootfs;
 pub mod treecmp;

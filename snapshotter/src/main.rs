@@ -48,6 +48,8 @@ fn init_logging(cfg: &Config) {
 }
 
 fn main() -> ExitCode {
+    // Crash points (see the `cas` crate) are armed only by FAILPOINTS in the environment.
+    let _failpoints = cas::fail::FailScenario::setup();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -385,6 +385,7 @@ impl CasSnapshotter {
                 let _ = fs::remove_dir_all(&tmp);
                 return Err(e);
             }
+            cas::crash_point!("create.after-dir");
             let now = SystemTime::now();
             let rec = Record {
                 id,
@@ -398,10 +399,13 @@ impl CasSnapshotter {
             };
             let stored = match cas::index::write_info(&dir, &key, &rec) {
                 Err(e) => Err(e.into()),
-                Ok(()) => match self.meta.insert(&key, &rec) {
-                    Ok(()) => self.meta.flush().await.map_err(SnapshotError::from),
-                    Err(e) => Err(e.into()),
-                },
+                Ok(()) => {
+                    cas::crash_point!("create.after-info");
+                    match self.meta.insert(&key, &rec) {
+                        Ok(()) => self.meta.flush().await.map_err(SnapshotError::from),
+                        Err(e) => Err(e.into()),
+                    }
+                }
             };
             if let Err(e) = stored {
                 let _ = fs::remove_dir_all(&dir);
@@ -617,6 +621,7 @@ impl Snapshotter for CasSnapshotter {
             Ok((stats, usage, objects))
         })
         .await?;
+        cas::crash_point!("commit.after-ingest");
 
         let _w = self.writer.lock().await;
         let mut rec = self.meta.require(&key)?;
@@ -637,8 +642,10 @@ impl Snapshotter for CasSnapshotter {
         rec.usage = usage;
         rec.logical_bytes = stats.logical_bytes;
         cas::index::write_info(&self.layout.snapshot_dir(rec.id), &name, &rec)?;
+        cas::crash_point!("commit.after-info");
         self.meta.rename(&key, &name, &rec, &objects)?;
         self.meta.flush().await?;
+        cas::crash_point!("commit.after-index");
         let work = self.planner.work_dir(rec.id);
         let _ = fs::remove_dir_all(&work);
         info!(
@@ -680,8 +687,10 @@ impl Snapshotter for CasSnapshotter {
                 }
                 _ => {}
             }
+            cas::crash_point!("remove.after-info");
             self.meta.delete(&key, &rec, &objects)?;
             self.meta.flush().await?;
+            cas::crash_point!("remove.after-index");
             dir
         };
         blocking(move || remove_tree(&dir)).await?;

@@ -1,0 +1,452 @@
+//! `cas-bench`: benchmark images and the dedup benchmark (`make bench-dedup`).
+//!
+//! ```text
+//! cas-bench images --cache DIR --versions N   # OCI layouts from DIR/rootfs/{base,app}-i
+//! cas-bench dedup  --cache DIR --versions N --out FILE.md
+//! ```
+//!
+//! `scripts/bench-dedup.sh` builds the root filesystems (`debootstrap` bases, and an
+//! `apt-get install` step run in an overlay mount above each base) and then runs both
+//! commands. `dedup` starts a registry, containerd and our daemon, pulls every image of
+//! the family with containerd's overlayfs snapshotter and with ours in the same
+//! containerd, and after each version of the family reports:
+//!
+//! * bytes on disk of each snapshotter (`du`: blocks of every inode counted once,
+//!   directories and metadata included, containerd's content store excluded);
+//! * our file-level savings from `casctl stats` (logical = what the layers' regular
+//!   files hold, physical = the objects);
+//! * the file-level theoretical maximum, measured independently of our code: every
+//!   regular file in containerd's overlayfs snapshots hashed, distinct contents against
+//!   all contents (inodes counted once per layer, as overlayfs stores them).
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use cas_integration::fixture::finish_oci_layout;
+use cas_integration::harness::{workspace_bin, Containerd, Daemon, Registry};
+use cas_integration::registry::push_layout;
+use cas_integration::rootfs::{write_dir_layer, DirKind};
+use clap::{Parser, Subcommand};
+use sha2::{Digest as _, Sha256};
+
+/// Benchmark images and the dedup benchmark.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build OCI layouts `images/base-i` (one layer) and `images/app-i` (base + app
+    /// layer) from `rootfs/base-i` and the overlay upper `rootfs/app-i/upper`.
+    Images {
+        #[arg(long)]
+        cache: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        versions: usize,
+    },
+    /// Pull the family into overlayfs and into cas-snapshotter; report bytes on disk.
+    Dedup {
+        #[arg(long)]
+        cache: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        versions: usize,
+        /// Markdown report to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Where registry, containerd and the store live (default: a new temp dir).
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let r = match args.cmd {
+        Cmd::Images { cache, versions } => images(&cache, versions),
+        Cmd::Dedup {
+            cache,
+            versions,
+            out,
+            workdir,
+        } => dedup(&cache, versions, &out, workdir.as_deref()),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cas-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cmd() -> Vec<String> {
+    vec!["/bin/sh".into()]
+}
+
+/// Builds whatever layout is missing. A layout is complete once its `.done` marker
+/// exists next to it; the script removes the markers when it rebuilds a root fs.
+fn images(cache: &Path, versions: usize) -> Result<()> {
+    for i in 1..=versions {
+        let base_dir = cache.join(format!("images/base-{i}"));
+        let app_dir = cache.join(format!("images/app-{i}"));
+        let done = |d: &Path| d.with_extension("done");
+        if done(&base_dir).exists() && done(&app_dir).exists() {
+            continue;
+        }
+        for d in [&base_dir, &app_dir] {
+            let _ = fs::remove_dir_all(d);
+            let _ = fs::remove_file(done(d));
+        }
+        let t = Instant::now();
+        let rootfs = cache.join(format!("rootfs/base-{i}"));
+        let upper = cache.join(format!("rootfs/app-{i}/upper"));
+        let base_blobs = base_dir.join("blobs/sha256");
+        let base = write_dir_layer(&rootfs, DirKind::Rootfs, &base_blobs)?;
+        finish_oci_layout(&base_dir, std::slice::from_ref(&base), &cmd())?;
+        let app_blobs = app_dir.join("blobs/sha256");
+        fs::create_dir_all(&app_blobs)?;
+        let name = &base.digest["sha256:".len()..];
+        fs::hard_link(base_blobs.join(name), app_blobs.join(name))?;
+        let app = write_dir_layer(&upper, DirKind::OverlayUpper, &app_blobs)?;
+        finish_oci_layout(&app_dir, &[base.clone(), app.clone()], &cmd())?;
+        File::create(done(&base_dir))?;
+        File::create(done(&app_dir))?;
+        println!(
+            "version {i}: base layer {} ({}), app layer {} ({}) in {:.1}s",
+            short(&base.digest),
+            mib(base.size),
+            short(&app.digest),
+            mib(app.size),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn short(d: &str) -> &str {
+    &d["sha256:".len().."sha256:".len() + 12]
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+fn mb(b: u64) -> String {
+    format!("{:.1}", b as f64 / 1e6)
+}
+
+/// `du -sB1 -x`: bytes of allocated blocks, each inode once.
+fn du(path: &Path) -> Result<u64> {
+    let out = Command::new("du")
+        .arg("-sB1")
+        .arg("-x")
+        .arg(path)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "du {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .next()
+        .context("du printed nothing")?
+        .parse()
+        .context("du output")
+}
+
+/// Regular-file contents of unpacked layers, hashed once per layer directory.
+#[derive(Default)]
+struct Contents {
+    /// Layer directories already counted.
+    seen_layers: HashSet<PathBuf>,
+    /// Distinct content digest -> its size.
+    distinct: HashMap<[u8; 32], u64>,
+    /// Bytes of every regular file (inodes counted once per layer).
+    total: u64,
+    /// Files counted.
+    files: u64,
+}
+
+impl Contents {
+    fn add_layer(&mut self, dir: &Path) -> Result<()> {
+        if !self.seen_layers.insert(dir.to_path_buf()) {
+            return Ok(());
+        }
+        let mut inodes = HashSet::new();
+        let mut buf = vec![0u8; 1 << 20];
+        for e in walkdir::WalkDir::new(dir).follow_links(false) {
+            let e = e?;
+            if !e.file_type().is_file() {
+                continue;
+            }
+            let md = e.metadata()?;
+            if !inodes.insert(md.ino()) {
+                continue;
+            }
+            let mut f = File::open(e.path())?;
+            let mut h = Sha256::new();
+            loop {
+                let n = match f.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                h.update(&buf[..n]);
+            }
+            self.distinct.insert(h.finalize().into(), md.len());
+            self.total += md.len();
+            self.files += 1;
+        }
+        Ok(())
+    }
+
+    fn distinct_bytes(&self) -> u64 {
+        self.distinct.values().sum()
+    }
+
+    fn max_savings(&self) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        100.0 * (1.0 - self.distinct_bytes() as f64 / self.total as f64)
+    }
+}
+
+struct Row {
+    versions: usize,
+    images: usize,
+    overlay_du: u64,
+    cas_du: u64,
+    logical: u64,
+    physical: u64,
+    objects: u64,
+    files: u64,
+    total: u64,
+    distinct: u64,
+    max_savings: f64,
+}
+
+impl Row {
+    fn du_savings(&self) -> f64 {
+        100.0 * (1.0 - self.cas_du as f64 / self.overlay_du as f64)
+    }
+    fn file_savings(&self) -> f64 {
+        100.0 * (1.0 - self.physical as f64 / self.logical as f64)
+    }
+}
+
+fn dedup(cache: &Path, versions: usize, out: &Path, workdir: Option<&Path>) -> Result<()> {
+    let tmp;
+    let work = match workdir {
+        Some(w) => {
+            fs::create_dir_all(w)?;
+            w.to_path_buf()
+        }
+        None => {
+            tmp = tempfile::Builder::new().prefix("cas-bench-").tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let registry = Registry::start(&work.join("registry"))?;
+    for i in 1..=versions {
+        for kind in ["base", "app"] {
+            let layout = cache.join(format!("images/{kind}-{i}"));
+            if !layout.with_extension("done").exists() {
+                bail!(
+                    "{} is missing: run `cas-bench images` first",
+                    layout.display()
+                );
+            }
+            push_layout(
+                &layout,
+                &registry.addr,
+                &format!("bench/{kind}"),
+                &i.to_string(),
+            )?;
+        }
+    }
+    let bin = workspace_bin("cas-snapshotter", "CAS_SNAPSHOTTER_BIN")?;
+    let store = work.join("store");
+    let daemon = Daemon::start(
+        &bin,
+        &store,
+        &work.join("cas.sock"),
+        &work.join("cas-snapshotter.log"),
+        None,
+    )?;
+    let containerd = Containerd::start(&work.join("containerd"), &daemon.sock)?;
+    let overlay_root = containerd
+        .dir
+        .join("root/io.containerd.snapshotter.v1.overlayfs");
+    let casctl = workspace_bin("casctl", "CASCTL_BIN")?;
+
+    let mut contents = Contents::default();
+    let mut rows = Vec::new();
+    for i in 1..=versions {
+        for kind in ["base", "app"] {
+            let image = format!("{}/bench/{kind}:{i}", registry.addr);
+            for sn in ["overlayfs", "cas"] {
+                let t = Instant::now();
+                containerd
+                    .ctr(&[
+                        "images",
+                        "pull",
+                        "--plain-http",
+                        "--snapshotter",
+                        sn,
+                        &image,
+                    ])
+                    .with_context(|| format!("pulling {image} with {sn}"))?;
+                println!(
+                    "pulled {image} with {sn} in {:.1}s",
+                    t.elapsed().as_secs_f64()
+                );
+            }
+        }
+        // The overlayfs snapshots are the unpacked layers: the independent measure.
+        for e in fs::read_dir(overlay_root.join("snapshots"))? {
+            contents.add_layer(&e?.path().join("fs"))?;
+        }
+        let stats = Command::new(&casctl)
+            .arg("--root")
+            .arg(&store)
+            .args(["stats", "--json"])
+            .output()?;
+        if !stats.status.success() {
+            bail!("casctl stats: {}", String::from_utf8_lossy(&stats.stderr));
+        }
+        let s: serde_json::Value = serde_json::from_slice(&stats.stdout)?;
+        let field = |k: &str| s[k].as_u64().with_context(|| format!("stats has no {k}"));
+        let row = Row {
+            versions: i,
+            images: 2 * i,
+            overlay_du: du(&overlay_root.join("snapshots"))?,
+            cas_du: du(&store)?,
+            logical: field("logical_bytes")?,
+            physical: field("physical_bytes")?,
+            objects: field("objects")?,
+            files: contents.files,
+            total: contents.total,
+            distinct: contents.distinct_bytes(),
+            max_savings: contents.max_savings(),
+        };
+        println!(
+            "{} version(s): overlayfs {} MB, cas {} MB on disk ({:.1}% saved); files {:.1}% saved, maximum {:.1}%",
+            i,
+            mb(row.overlay_du),
+            mb(row.cas_du),
+            row.du_savings(),
+            row.file_savings(),
+            row.max_savings
+        );
+        rows.push(row);
+    }
+    // One container from the last app image, to show the deduplicated tree runs.
+    let image = format!("{}/bench/app:{versions}", registry.addr);
+    let ran = containerd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "cas",
+        &image,
+        "bench-run",
+        "python3",
+        "-c",
+        "import ssl, sys; print(sys.version.split()[0], ssl.OPENSSL_VERSION)",
+    ])?;
+    println!("container from {image}: {}", ran.trim());
+    let fsck = Command::new(&casctl)
+        .arg("--root")
+        .arg(&store)
+        .arg("fsck")
+        .output()?;
+    if !fsck.status.success() {
+        bail!("casctl fsck: {}", String::from_utf8_lossy(&fsck.stdout));
+    }
+    let report = render(&rows, ran.trim());
+    if let Some(dir) = out.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(out, &report).with_context(|| format!("writing {}", out.display()))?;
+    println!("\n{report}");
+    drop(containerd);
+    drop(daemon);
+    drop(registry);
+    Ok(())
+}
+
+fn render(rows: &[Row], ran: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Dedup benchmark: Debian image families\n");
+    let _ = writeln!(
+        s,
+        "Each version is an independent `debootstrap --variant=minbase bookworm` base image \
+         and an app image (`apt-get install` of a few packages in a layer above that base). \
+         A row holds every image of versions 1..N, pulled in one containerd with its \
+         overlayfs snapshotter and with cas-snapshotter. Produced by `make bench-dedup`.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| versions | images | overlayfs on disk (MB) | cas on disk (MB) | saved on disk | \
+         files: logical / physical (MB) | files saved | theoretical max | gap (pts) |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {:.1}% | {} / {} | {:.1}% | {:.1}% | {:.1} |",
+            r.versions,
+            r.images,
+            mb(r.overlay_du),
+            mb(r.cas_du),
+            r.du_savings(),
+            mb(r.logical),
+            mb(r.physical),
+            r.file_savings(),
+            r.max_savings,
+            r.max_savings - r.file_savings(),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nIndependent measure (containerd's overlayfs snapshots, every regular file hashed):\n"
+    );
+    let _ = writeln!(s, "| versions | regular files | all contents (MB) | distinct contents (MB) | objects in cas |");
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} |",
+            r.versions,
+            r.files,
+            mb(r.total),
+            mb(r.distinct),
+            r.objects
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n*On disk* is `du -sB1 -x` of containerd's overlayfs `snapshots/` and of the whole \
+         cas-snapshotter root (objects, stubs, manifests, index); both include directories. \
+         *Files* is `casctl stats`: logical is what the layers' regular files hold, physical \
+         the objects that store them. The theoretical maximum is 1 - distinct/all over the \
+         regular files of the same layers, keyed on content only. A container from the last \
+         app image printed: `{ran}`; `casctl fsck` was clean."
+    );
+    s
+}

@@ -1,0 +1,85 @@
+//! Deterministic crash points: for every step of ingest, commit, create, remove and GC
+//! after which the disk holds a different state, the daemon is started with that point
+//! armed (`FAILPOINTS=<point>=return`, see the `cas` crate), driven through a pull, an
+//! image removal and a GC until it kills itself there, and restarted. After each crash the
+//! store must check clean with `casctl fsck`, and the image must pull again and run.
+//! Needs root; skips otherwise.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use cas_integration::fixture::APP_RELEASE;
+use cas_integration::harness::{require_root, Rig};
+
+/// Every crash point, in the order a pull, a removal and a GC reach them.
+const POINTS: &[&str] = &[
+    "create.after-dir",
+    "create.after-info",
+    "ingest.object-published",
+    "ingest.stub-in-place",
+    "ingest.before-syncfs",
+    "ingest.before-manifest",
+    "ingest.after-manifest",
+    "commit.after-ingest",
+    "commit.after-info",
+    "commit.after-index",
+    "remove.after-info",
+    "remove.after-index",
+    "gc.before-delete",
+    "gc.after-delete",
+];
+
+#[test]
+fn every_crash_point_recovers_to_a_clean_store() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut rig = Rig::start()?;
+    let image = rig.app_ref.clone();
+    for point in POINTS {
+        // Start from a store without the image, so the pull below stores everything anew.
+        let _ = rig.containerd.ctr(&["images", "rm", "--sync", &image]);
+        let (code, out) = rig.casctl(&["gc"])?;
+        assert_eq!(code, 0, "{out}");
+        let armed = format!("{point}=return");
+        rig.daemon.restart_with_env(&[("FAILPOINTS", &armed)])?;
+        rig.wait_reconnected()?;
+        // Drive the daemon through every kind of step until it dies at the point.
+        for step in 0..3 {
+            if !rig.daemon.alive() {
+                break;
+            }
+            let _ = match step {
+                0 => rig.pull("cas", &image),
+                1 => rig
+                    .containerd
+                    .ctr(&["images", "rm", "--sync", &image])
+                    .map(|_| ()),
+                _ => rig.casctl(&["gc"]).map(|_| ()),
+            };
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        ensure!(
+            !rig.daemon.alive(),
+            "crash point {point} was never reached:\n{}",
+            rig.logs()
+        );
+        rig.daemon.restart()?;
+        rig.wait_reconnected()?;
+        let (code, out) = rig.casctl(&["fsck"])?;
+        assert_eq!(
+            code,
+            0,
+            "fsck after a crash at {point}:\n{out}\n{}",
+            rig.logs()
+        );
+        rig.pull_after_restart("cas", &image)?;
+        let out = rig.run(&image, "faults", &["cat", "/etc/fixture-release"])?;
+        assert_eq!(out, APP_RELEASE, "after a crash at {point}");
+        // Leave a store with the image and nothing else pending for the next point.
+        let (code, out) = rig.casctl(&["fsck", "--verify-objects"])?;
+        assert_eq!(code, 0, "after a crash at {point}:\n{out}");
+        println!("crash point {point}: recovered, fsck clean, image runs");
+    }
+    Ok(())
+}
