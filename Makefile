@@ -51,7 +51,8 @@ test: check unit conformance e2e
 	@echo "make test: all checks, unit tests, conformance and end-to-end tests passed"
 
 # Dedup on a family of near-duplicate Debian images, overlayfs and ours in one run:
-# make bench-dedup [VERSIONS=3]; images are cached in /var/cache/cas-bench.
+# make bench-dedup [VERSIONS=3] [WORKDIR=/mnt/xfs/dir OUT=…]; images are cached in
+# /var/cache/cas-bench.
 VERSIONS ?= 3
 bench-dedup:
 	@command -v debootstrap >/dev/null || $(MAKE) deps

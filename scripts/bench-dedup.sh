@@ -19,6 +19,9 @@ SUITE=${SUITE:-bookworm}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 APP_PACKAGES=${APP_PACKAGES:-python3 curl ca-certificates}
 OUT=${OUT:-bench/results/dedup.md}
+# Where registry, containerd and both snapshotters keep their data (default: a temp dir
+# on /tmp's filesystem). Point it at another filesystem to compare, e.g. XFS.
+WORKDIR=${WORKDIR:-}
 BIN=${BIN:?BIN= must name the directory of the built binaries}
 
 [[ $(id -u) == 0 ]] || { echo "bench-dedup: needs root (debootstrap, chroot, mounts, containerd)"; exit 1; }
@@ -72,4 +75,4 @@ for i in $(seq 1 "$VERSIONS"); do
 done
 "$BIN/cas-bench" images --cache "$CACHE" --versions "$VERSIONS"
 CAS_SNAPSHOTTER_BIN=$BIN/cas-snapshotter CASCTL_BIN=$BIN/casctl \
-  "$BIN/cas-bench" dedup --cache "$CACHE" --versions "$VERSIONS" --out "$OUT"
+  "$BIN/cas-bench" dedup --cache "$CACHE" --versions "$VERSIONS" --out "$OUT" ${WORKDIR:+--workdir "$WORKDIR"}

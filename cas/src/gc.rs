@@ -58,16 +58,10 @@ pub fn sweep_tmp(layout: &Layout) -> Result<u64, CasError> {
     let mut n = 0;
     for e in fs::read_dir(&dir).map_err(CasError::io("read dir", &dir))? {
         let p = e.map_err(CasError::io("read dir", &dir))?.path();
-        let r = if p.is_dir() {
-            fs::remove_dir_all(&p)
-        } else {
-            fs::remove_file(&p)
-        };
-        match r {
-            Ok(()) => n += 1,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(CasError::io("remove", &p)(e)),
-        }
+        // A removed snapshot's tree may be being deleted by its Remove at the same time:
+        // both deletions tolerate entries that are already gone.
+        crate::layout::remove_tree(&p)?;
+        n += 1;
     }
     Ok(n)
 }

@@ -6,11 +6,24 @@ use std::path::{Path, PathBuf};
 
 /// Removes a directory tree; one that is already gone is fine (idempotent cleanup).
 pub fn remove_tree(path: &Path) -> Result<(), crate::CasError> {
-    match fs::remove_dir_all(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(crate::CasError::io("remove", path)(e))
+    let mut last = None;
+    // Another cleanup may be deleting the same tree: an entry vanishing under our walk
+    // is retried, and a tree that is gone is done.
+    for _ in 0..3 {
+        let r = match fs::symlink_metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Ok(md) if !md.is_dir() => fs::remove_file(path),
+            _ => fs::remove_dir_all(path),
+        };
+        match r {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => last = Some(e),
+            _ if !path.exists() => return Ok(()),
+            _ => {}
         }
-        _ => Ok(()),
+    }
+    match last {
+        Some(e) => Err(crate::CasError::io("remove", path)(e)),
+        None => Ok(()),
     }
 }
 

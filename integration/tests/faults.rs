@@ -25,6 +25,7 @@ const POINTS: &[&str] = &[
     "commit.after-index",
     "remove.after-info",
     "remove.after-index",
+    "remove.after-rename",
     "gc.before-delete",
     "gc.after-delete",
 ];

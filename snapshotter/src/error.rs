@@ -95,9 +95,11 @@ impl From<SnapshotError> for tonic::Status {
             SnapshotError::Io { ref source, .. }
                 if source.raw_os_error() == Some(nix::libc::ENOSPC) =>
             {
-                tonic::Status::resource_exhausted(msg)
+                tonic::Status::resource_exhausted(format!("the store's filesystem is full: {msg}"))
             }
-            SnapshotError::Store(ref e) if e.is_enospc() => tonic::Status::resource_exhausted(msg),
+            SnapshotError::Store(ref e) if e.is_enospc() => {
+                tonic::Status::resource_exhausted(format!("the store's filesystem is full: {msg}"))
+            }
             SnapshotError::Store(cas::CasError::Hostile { .. }) => {
                 tonic::Status::invalid_argument(msg)
             }

@@ -136,10 +136,7 @@ fn manifest_objects(manifest: &Path) -> Result<Vec<Digest>, SnapshotError> {
 
 /// Removes a directory tree; a tree that is already gone is fine.
 fn remove_tree(path: &Path) -> Result<(), SnapshotError> {
-    match fs::remove_dir_all(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(SnapshotError::io("remove", path)(e)),
-        _ => Ok(()),
-    }
+    Ok(cas::layout::remove_tree(path)?)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -691,7 +688,18 @@ impl Snapshotter for CasSnapshotter {
             self.meta.delete(&key, &rec, &objects)?;
             self.meta.flush().await?;
             cas::crash_point!("remove.after-index");
-            dir
+            // Out of `snapshots/` while still under the lock, so no reader (fsck, the
+            // orphan sweep) sees a directory without a record; deleted outside it. A
+            // crash leaves it in `cas/tmp`, which is swept at start and by GC.
+            let trash = self.layout.tmp_dir().join(format!("removed-{}", rec.id));
+            match fs::rename(&dir, &trash) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(SnapshotError::io("rename", &dir)(e))
+                }
+                _ => {}
+            }
+            cas::crash_point!("remove.after-rename");
+            trash
         };
         blocking(move || remove_tree(&dir)).await?;
         debug!(%key, "removed");

@@ -1,0 +1,252 @@
+//! A full disk: the store lives on a small ext4 filesystem on a loop file made by the
+//! test, which a filler file leaves with little room. A pull of an image too big for it
+//! must fail with a clear error and leave the store consistent; once the filler is gone,
+//! the same pull succeeds and the image runs.
+//!
+//! Two fill levels hit the two places a layer needs space: containerd's applier writing
+//! the files into our active snapshot, and our Commit (stubs, whose xattrs take a block
+//! each on ext4, the manifest, the index). Needs root; skips otherwise.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use cas_integration::fixture::{
+    pseudo_random, write_oci_layout, Compression, Entry, ImageSpec, LayerSpec, Meta,
+};
+use cas_integration::harness::{
+    busybox_path, require_root, workspace_bin, Containerd, Daemon, Registry,
+};
+use cas_integration::registry::push_layout;
+
+const SMALL_FILES: usize = 1500;
+
+/// busybox, one 20 MiB file and many small distinct files.
+fn big_image(out: &Path) -> Result<()> {
+    let busybox = fs::read(busybox_path())?;
+    let mut entries = vec![
+        Entry::Dir {
+            path: "bin".into(),
+            meta: Meta::new(0o755),
+        },
+        Entry::File {
+            path: "bin/busybox".into(),
+            meta: Meta::new(0o755),
+            data: busybox,
+        },
+        Entry::Symlink {
+            path: "bin/sh".into(),
+            target: "busybox".into(),
+            meta: Meta::new(0o777),
+        },
+        Entry::Symlink {
+            path: "bin/cat".into(),
+            target: "busybox".into(),
+            meta: Meta::new(0o777),
+        },
+        Entry::Dir {
+            path: "data".into(),
+            meta: Meta::new(0o755),
+        },
+        Entry::File {
+            path: "data/big".into(),
+            meta: Meta::new(0o644),
+            data: pseudo_random(20 << 20, 11),
+        },
+        Entry::Dir {
+            path: "data/small".into(),
+            meta: Meta::new(0o755),
+        },
+    ];
+    for i in 0..SMALL_FILES {
+        entries.push(Entry::File {
+            path: format!("data/small/f{i:04}"),
+            meta: Meta::new(0o644),
+            data: format!("small file {i}\n").into_bytes(),
+        });
+    }
+    let spec = ImageSpec {
+        layers: vec![LayerSpec {
+            entries,
+            compression: Compression::Gzip,
+        }],
+        cmd: vec!["/bin/sh".into()],
+    };
+    write_oci_layout(&spec, out)?;
+    Ok(())
+}
+
+/// An ext4 filesystem on a loop file, unmounted on drop.
+struct LoopFs {
+    mnt: PathBuf,
+}
+
+impl LoopFs {
+    fn new(dir: &Path, size_mib: u64) -> Result<LoopFs> {
+        let img = dir.join("store.img");
+        let mnt = dir.join("store-fs");
+        fs::create_dir_all(&mnt)?;
+        fs::File::create(&img)?.set_len(size_mib << 20)?;
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0"])
+            .arg(&img))?;
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt))?;
+        Ok(LoopFs { mnt })
+    }
+
+    fn available(&self) -> Result<u64> {
+        let st = nix::sys::statvfs::statvfs(&self.mnt)?;
+        Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+    }
+
+    /// Leaves about `free` bytes available, with a filler file.
+    fn fill_to(&self, free: u64) -> Result<()> {
+        let filler = self.mnt.join("filler");
+        let _ = fs::remove_file(&filler);
+        let size = self.available()?.saturating_sub(free);
+        run(Command::new("fallocate")
+            .arg("-l")
+            .arg(size.to_string())
+            .arg(&filler))
+    }
+
+    fn unfill(&self) -> Result<()> {
+        fs::remove_file(self.mnt.join("filler")).context("removing the filler")
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        cas_integration::harness::unmount_below(&self.mnt);
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// `ctr images pull`, retried while containerd redials a restarted daemon.
+fn pull(containerd: &Containerd, image: &str) -> Result<String> {
+    let mut last = None;
+    for _ in 0..50 {
+        match containerd.ctr(&[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "cas",
+            image,
+        ]) {
+            Err(e) if e.to_string().contains("unavailable") => {
+                last = Some(e);
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            r => return r,
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("pull kept failing")))
+}
+
+fn casctl(root: &Path, args: &[&str]) -> Result<(i32, String)> {
+    let out = Command::new(workspace_bin("casctl", "CASCTL_BIN")?)
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
+#[test]
+fn a_full_disk_fails_the_pull_cleanly_and_the_retry_succeeds() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let dir = tempfile::Builder::new().prefix("cas-enospc-").tempdir()?;
+    let d = dir.path();
+    big_image(&d.join("img"))?;
+    let registry = Registry::start(&d.join("registry"))?;
+    push_layout(&d.join("img"), &registry.addr, "enospc/big", "1")?;
+    let image = format!("{}/enospc/big:1", registry.addr);
+    let loopfs = LoopFs::new(d, 160)?;
+    let store = loopfs.mnt.join("store");
+    let mut daemon = Daemon::start(
+        &workspace_bin("cas-snapshotter", "CAS_SNAPSHOTTER_BIN")?,
+        &store,
+        &d.join("cas.sock"),
+        &d.join("cas-snapshotter.log"),
+        None,
+    )?;
+    let containerd = Containerd::start(&d.join("containerd"), &daemon.sock)?;
+    let logs = |daemon: &Daemon| {
+        format!(
+            "--- cas-snapshotter ---\n{}\n--- containerd ---\n{}",
+            daemon.log(),
+            containerd.log()
+        )
+    };
+
+    // 8 MiB free: the applier runs out writing the layer. 24 MiB free: the files fit,
+    // the stubs' xattr blocks of the Commit do not.
+    for free_mib in [8u64, 24] {
+        loopfs.fill_to(free_mib << 20)?;
+        let err = match pull(&containerd, &image) {
+            Ok(_) => bail!("the pull with {free_mib} MiB free succeeded"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.to_lowercase().contains("no space left on device"),
+            "with {free_mib} MiB free the pull must say the disk is full:\n{err}\n{}",
+            logs(&daemon)
+        );
+        println!(
+            "{free_mib} MiB free: pull failed: {}",
+            err.lines()
+                .find(|l| l.to_lowercase().contains("no space"))
+                .unwrap_or_default()
+        );
+        let (code, out) = casctl(&store, &["fsck"])?;
+        assert_eq!(
+            code,
+            0,
+            "fsck with a full disk ({free_mib} MiB free):\n{out}\n{}",
+            logs(&daemon)
+        );
+
+        // Space comes back: the same pull succeeds, through the same daemon and after a
+        // restart alike.
+        loopfs.unfill()?;
+        pull(&containerd, &image)?;
+        let out = containerd.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "cas",
+            &image,
+            "enospc",
+            "cat",
+            "/data/small/f1234",
+        ])?;
+        assert_eq!(out, "small file 1234\n");
+        let (code, out) = casctl(&store, &["fsck", "--verify-objects"])?;
+        assert_eq!(code, 0, "{out}");
+        containerd.ctr(&["images", "rm", "--sync", &image])?;
+        let (code, out) = casctl(&store, &["gc"])?;
+        assert_eq!(code, 0, "{out}");
+        daemon.restart()?;
+    }
+    drop(containerd);
+    daemon.stop()?;
+    Ok(())
+}
