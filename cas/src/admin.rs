@@ -12,11 +12,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::error::CasError;
-use crate::gc::list_objects;
+use crate::gc::{list_aliases, list_objects};
 use crate::index::{read_info, Kind, MetaStore, INFO_FILE};
 use crate::layout::{remove_tree, Layout};
 use crate::manifest::read_manifest;
-use crate::stub::stub_target;
+use crate::stub::{stub_target, StubTarget};
 
 /// Name of a committed layer's manifest inside `snapshots/<id>/`.
 pub const MANIFEST_FILE: &str = "manifest";
@@ -128,6 +128,12 @@ pub enum Problem {
         /// What disagrees.
         reason: String,
     },
+    /// An alias that is not a second name of its object (left by a crash; GC removes
+    /// it).
+    StrayAlias {
+        /// The alias.
+        path: PathBuf,
+    },
     /// A directory under `snapshots/` that no record names.
     OrphanSnapshotDir {
         /// The directory.
@@ -151,6 +157,9 @@ pub struct FsckReport {
     pub objects: u64,
     /// Objects whose bytes were hashed (`verify_objects`).
     pub objects_verified: u64,
+    /// Short second names of objects ([`crate::Digest::alias`]) looked at.
+    #[serde(default)]
+    pub aliases: u64,
     /// Snapshots looked at.
     pub snapshots: u64,
     /// Manifest entries checked against their stubs.
@@ -187,6 +196,24 @@ pub fn fsck(
                     actual: actual.to_string(),
                 });
             }
+        }
+    }
+
+    // Aliases: each must be a second name of the object whose alias it is.
+    let objects = crate::objects::ObjectStore::new(layout);
+    let mut by_alias: HashMap<String, Vec<Digest>> = HashMap::new();
+    for d in &present {
+        by_alias.entry(d.alias()).or_default().push(*d);
+    }
+    for (alias, path) in list_aliases(layout)? {
+        r.aliases += 1;
+        let target = StubTarget::Alias(alias.clone());
+        let mut owned = false;
+        for d in by_alias.get(&alias).into_iter().flatten() {
+            owned |= objects.target_is(&target, d)?;
+        }
+        if !owned {
+            r.problems.push(Problem::StrayAlias { path });
         }
     }
 
@@ -261,8 +288,8 @@ pub fn fsck(
                 )),
                 Ok(_) if !stubs => None,
                 Ok(_) => match stub_target(&stub)? {
-                    Some(d) if d == entry.digest => None,
-                    Some(d) => Some(format!("stub points at {d}")),
+                    Some(t) if objects.target_is(&t, &entry.digest)? => None,
+                    Some(t) => Some(format!("stub points at {t:?}")),
                     None => Some("not a stub (no metacopy/redirect)".to_string()),
                 },
             };

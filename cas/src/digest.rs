@@ -66,12 +66,40 @@ impl Digest {
         PathBuf::from(&h[..2]).join(&h[2..])
     }
 
+    /// The object's short second name at the top of the objects directory: the first
+    /// 17 bytes (136 bits) of the digest in unpadded base64url, 23 characters.
+    ///
+    /// It exists for the stubs' sake. A stub's `trusted.overlay.redirect` of at most 24
+    /// bytes, next to an empty `trusted.overlay.metacopy`, fits in the inode of ext4's
+    /// default 256-byte inodes; the full `/ab/cdef…` redirect (66 bytes) does not, and
+    /// costs every stub a 4 KiB xattr block. The alias is a hardlink of the object, made
+    /// only when the name is free or already the same inode, so a prefix collision (even
+    /// a crafted one) can only cost a stub the long redirect, never point it at other
+    /// bytes.
+    pub fn alias(&self) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&self.0[..ALIAS_BYTES])
+    }
+
     /// The overlayfs redirect that points a metacopy stub at this object in the
     /// data-only lower layer: `/ab/cdef…`.
     pub fn redirect(&self) -> String {
         let h = self.hex();
         format!("/{}/{}", &h[..2], &h[2..])
     }
+}
+
+/// Bytes of the digest an alias keeps.
+const ALIAS_BYTES: usize = 17;
+/// Characters of an alias ([`Digest::alias`]).
+pub const ALIAS_LEN: usize = 23;
+
+/// Whether `name` has the shape of an alias (23 base64url characters).
+pub fn is_alias_name(name: &str) -> bool {
+    name.len() == ALIAS_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 impl FromStr for Digest {
@@ -119,6 +147,11 @@ mod tests {
         assert_eq!(d, format!("sha256:{EMPTY}").parse().unwrap());
         assert_eq!(d.object_relpath(), PathBuf::from("e3").join(&EMPTY[2..]));
         assert_eq!(d.redirect(), format!("/e3/{}", &EMPTY[2..]));
+        // the first 17 bytes, base64url: short enough for an in-inode ext4 xattr
+        assert_eq!(d.alias(), "47DEQpj8HBSa-_TImW-5JCc");
+        assert_eq!(d.alias().len(), ALIAS_LEN);
+        assert!(is_alias_name(&d.alias()));
+        assert!(!is_alias_name("e3") && !is_alias_name(&d.hex()));
     }
 
     #[test]

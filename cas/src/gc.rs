@@ -7,13 +7,17 @@
 //! not to store its bytes again, and lose the object to a concurrent collection before
 //! its reference lands.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 
 use crate::digest::Digest;
 use crate::error::CasError;
 use crate::index::MetaStore;
 use crate::layout::Layout;
+use crate::objects::ObjectStore;
+use crate::stub::StubTarget;
 
 /// What a collection did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -39,13 +43,29 @@ pub fn list_objects(
         let fan_name = fan.file_name().to_string_lossy().into_owned();
         let fan_path = fan.path();
         if !fan_path.is_dir() {
-            out.push((None, fan_path));
+            if !crate::digest::is_alias_name(&fan_name) {
+                out.push((None, fan_path));
+            }
             continue;
         }
         for obj in fs::read_dir(&fan_path).map_err(CasError::io("read dir", &fan_path))? {
             let obj = obj.map_err(CasError::io("read dir", &fan_path))?;
             let name = format!("{fan_name}{}", obj.file_name().to_string_lossy());
             out.push((name.parse().ok(), obj.path()));
+        }
+    }
+    Ok(out)
+}
+
+/// Every alias at the top of the objects directory: its name and path.
+pub fn list_aliases(layout: &Layout) -> Result<Vec<(String, std::path::PathBuf)>, CasError> {
+    let dir = layout.objects_dir();
+    let mut out = Vec::new();
+    for e in fs::read_dir(&dir).map_err(CasError::io("read dir", &dir))? {
+        let e = e.map_err(CasError::io("read dir", &dir))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if crate::digest::is_alias_name(&name) && !e.path().is_dir() {
+            out.push((name, e.path()));
         }
     }
     Ok(out)
@@ -68,6 +88,11 @@ pub fn sweep_tmp(layout: &Layout) -> Result<u64, CasError> {
 
 /// Deletes unreferenced objects. See the module docs for the locking contract.
 pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
+    let objects = ObjectStore::new(layout);
+    // alias -> the object that keeps it (objects that stay)
+    // (a crafted prefix collision gives two objects one alias name: the alias is the
+    // inode of whichever took it first)
+    let mut kept: HashMap<String, Vec<Digest>> = HashMap::new();
     let mut stats = GcStats {
         tmp_removed: sweep_tmp(layout)?,
         ..GcStats::default()
@@ -83,15 +108,52 @@ pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
             None => false,
         };
         if referenced {
+            if let Some(d) = digest {
+                kept.entry(d.alias()).or_default().push(d);
+            }
             continue;
         }
         let size = fs::symlink_metadata(&path).map(|m| m.len()).unwrap_or(0);
         crate::crash_point!("gc.before-delete");
+        // The alias first: a crash in between leaves an unreferenced object (the next
+        // GC takes it), never an alias without its object.
+        if let Some(d) = digest {
+            objects.remove_alias(&d)?;
+        }
         match fs::remove_file(&path) {
             Ok(()) => {
                 stats.removed += 1;
                 stats.freed_bytes += size;
                 crate::crash_point!("gc.after-delete");
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(CasError::io("remove", &path)(e)),
+        }
+    }
+    // Aliases whose object is gone (one link left: the alias itself) or that name
+    // another object; both only after a crash or by hand.
+    for (alias, path) in list_aliases(layout)? {
+        let md = match fs::symlink_metadata(&path) {
+            Ok(md) => md,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(CasError::io("stat", &path)(e)),
+        };
+        if md.nlink() > 1 {
+            let target = StubTarget::Alias(alias.clone());
+            let mut owned = false;
+            for d in kept.get(&alias).into_iter().flatten() {
+                owned |= objects.target_is(&target, d)?;
+            }
+            if owned {
+                continue;
+            }
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                stats.removed += 1;
+                if md.nlink() == 1 {
+                    stats.freed_bytes += md.len();
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(CasError::io("remove", &path)(e)),

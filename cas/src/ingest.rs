@@ -93,6 +93,8 @@ pub fn ingest_layer(
     // (dev, ino) of a hardlinked original -> (stub path, digest, size)
     let mut linked: HashMap<(u64, u64), (PathBuf, Digest, u64)> = HashMap::new();
     let mut dir_times: Vec<(PathBuf, TimeSpec, TimeSpec)> = Vec::new();
+    // digest -> the redirect its stubs get (short alias, or the full path)
+    let mut redirects: HashMap<Digest, String> = HashMap::new();
 
     let walk = walkdir::WalkDir::new(fs_dir)
         .follow_links(false)
@@ -151,7 +153,7 @@ pub fn ingest_layer(
         let stubs = mode == StoreMode::Stubs;
         let (digest, publish) =
             if stubs && !lowers.is_empty() && md.size() > 0 && is_metacopy(path)? {
-                (copied_up_object(path, &rel, lowers)?, false)
+                (copied_up_object(store, path, &rel, lowers)?, false)
             } else {
                 let all = xattr::list(path).map_err(CasError::io("listxattr", path))?;
                 let dropped = all.filter(|n| is_overlay_private(n)).count() as u64;
@@ -176,16 +178,26 @@ pub fn ingest_layer(
         let size = md.size();
         let tmp = tmp_name(tmp_dir, if stubs { "stub" } else { "copy" });
         let built = if stubs {
-            write_stub(&tmp, &md, &xattrs, &digest).and_then(|_| {
+            let mut stub = || -> Result<(), CasError> {
                 if publish && store.ensure_from_inode(path, &digest, true)? == Publish::New {
                     stats.new_objects += 1;
                     stats.new_bytes += size;
                     crate::crash_point!("ingest.object-published");
                 }
+                let redirect = match redirects.get(&digest) {
+                    Some(r) => r.clone(),
+                    None => {
+                        let r = store.redirect_for(&digest)?;
+                        redirects.insert(digest, r.clone());
+                        r
+                    }
+                };
+                write_stub(&tmp, &md, &xattrs, &redirect)?;
                 fs::rename(&tmp, path).map_err(CasError::io("rename", path))?;
                 crate::crash_point!("ingest.stub-in-place");
                 Ok(())
-            })
+            };
+            stub()
         } else {
             materialise(
                 store, &tmp, path, &md, &xattrs, &digest, reflink, &mut stats,
@@ -285,7 +297,12 @@ fn is_metacopy(path: &Path) -> Result<bool, CasError> {
 
 /// The object behind a metadata-only copy-up at `rel`: the stub of the same path (or of
 /// the path its `redirect` names) in the topmost lower layer that has it.
-fn copied_up_object(path: &Path, rel: &Path, lowers: &[PathBuf]) -> Result<Digest, CasError> {
+fn copied_up_object(
+    store: &ObjectStore,
+    path: &Path,
+    rel: &Path,
+    lowers: &[PathBuf],
+) -> Result<Digest, CasError> {
     let origin = match xattr::get(path, XATTR_REDIRECT).map_err(CasError::io("getxattr", path))? {
         Some(r) => {
             let r = PathBuf::from(std::ffi::OsStr::from_bytes(&r));
@@ -310,8 +327,10 @@ fn copied_up_object(path: &Path, rel: &Path, lowers: &[PathBuf]) -> Result<Diges
         let candidate = lower.join(&origin);
         match fs::symlink_metadata(&candidate) {
             Ok(md) if md.is_file() => {
-                if let Some(d) = stub_target(&candidate)? {
-                    return Ok(d);
+                if let Some(t) = stub_target(&candidate)? {
+                    if let Some(d) = store.resolve(&t)? {
+                        return Ok(d);
+                    }
                 }
                 break;
             }
@@ -384,6 +403,11 @@ mod tests {
             let b = fs::symlink_metadata(fs_dir.join("perl5")).unwrap();
             assert_eq!(a.ino(), b.ino(), "layer {name}: names must share one stub");
             assert_eq!(a.nlink(), 2, "layer {name}");
+            // the short alias redirect: fits in an ext4 inode next to metacopy
+            let r = xattr::get(fs_dir.join("perl"), XATTR_REDIRECT)
+                .unwrap()
+                .unwrap();
+            assert_eq!(r, format!("/{}", Digest::of(data).alias()).into_bytes());
         }
     }
 }

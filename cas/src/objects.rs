@@ -6,16 +6,23 @@
 //! then linking it under `objects/ab/cdef…`. `link(2)` refuses to replace, so two
 //! commits racing on the same content both succeed and exactly one inode wins
 //! ("already exists" is success): inserts are idempotent.
+//!
+//! In stub mode each object also gets a short second name, its alias
+//! (`objects/<23 base64url chars>`, see [`Digest::alias`]), which stubs redirect to so
+//! that their xattrs fit in the inode. The alias is a hardlink of the object: the same
+//! inode, the same page cache. It is made only if the name is free or already this
+//! inode; otherwise stubs keep the long redirect. GC removes an alias with its object.
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::digest::Digest;
 use crate::error::CasError;
 use crate::layout::Layout;
+use crate::stub::StubTarget;
 
 /// Mode of every object: readable, never writable (overlayfs copies up before writes).
 pub const OBJECT_MODE: u32 = 0o444;
@@ -102,6 +109,71 @@ impl ObjectStore {
         result
     }
 
+    /// Path of an alias.
+    pub fn alias_path(&self, alias: &str) -> PathBuf {
+        self.objects.join(alias)
+    }
+
+    /// The redirect a stub of `digest` (an existing object) gets: `/<alias>` once the
+    /// alias is this object's inode, otherwise the object's full `/ab/cdef…`.
+    pub fn redirect_for(&self, digest: &Digest) -> Result<String, CasError> {
+        let alias = digest.alias();
+        let object = self.path(digest);
+        let at = self.alias_path(&alias);
+        let ok = match fs::hard_link(&object, &at) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => same_inode(&at, &object)?,
+            Err(e) => return Err(CasError::io("link", at)(e)),
+        };
+        Ok(if ok {
+            format!("/{alias}")
+        } else {
+            tracing::debug!(%digest, alias, "alias taken by another object: long redirect");
+            digest.redirect()
+        })
+    }
+
+    /// Whether `target` is `digest`'s object: for an alias, by name and inode.
+    pub fn target_is(&self, target: &StubTarget, digest: &Digest) -> Result<bool, CasError> {
+        Ok(match target {
+            StubTarget::Object(d) => d == digest,
+            StubTarget::Alias(a) => {
+                *a == digest.alias() && same_inode(&self.alias_path(a), &self.path(digest))?
+            }
+        })
+    }
+
+    /// The object a stub target names. An alias is resolved by hashing what it holds
+    /// (used for the rare metadata-only copy-up), and must be that object's alias.
+    pub fn resolve(&self, target: &StubTarget) -> Result<Option<Digest>, CasError> {
+        match target {
+            StubTarget::Object(d) => Ok(Some(*d)),
+            StubTarget::Alias(a) => {
+                let path = self.alias_path(a);
+                let f = match fs::File::open(&path) {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                    r => r.map_err(CasError::io("open", &path))?,
+                };
+                let (d, _) = Digest::of_reader(f).map_err(CasError::io("read", &path))?;
+                Ok(self.target_is(target, &d)?.then_some(d))
+            }
+        }
+    }
+
+    /// Removes `digest`'s alias if it is this object's (before the object goes).
+    pub fn remove_alias(&self, digest: &Digest) -> Result<(), CasError> {
+        let at = self.alias_path(&digest.alias());
+        if same_inode(&at, &self.path(digest))? {
+            match fs::remove_file(&at) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(CasError::io("remove", at)(e))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     fn normalise(&self, tmp: &Path) -> Result<(), CasError> {
         nix::unistd::chown(tmp, Some(0.into()), Some(0.into()))
             .map_err(|e| CasError::io("chown", tmp)(e.into()))?;
@@ -128,6 +200,19 @@ impl ObjectStore {
             Err(e) => Err(CasError::io("link", dst)(e)),
         }
     }
+}
+
+/// Whether two paths are one inode (`false` if either is missing).
+fn same_inode(a: &Path, b: &Path) -> Result<bool, CasError> {
+    let stat = |p: &Path| match fs::symlink_metadata(p) {
+        Ok(md) => Ok(Some((md.dev(), md.ino()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(CasError::io("stat", p)(e)),
+    };
+    Ok(match (stat(a)?, stat(b)?) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    })
 }
 
 #[cfg(test)]
@@ -160,5 +245,42 @@ mod tests {
             "tmp not swept"
         );
         assert!(store.contains(&d));
+    }
+
+    #[test]
+    fn aliases_are_the_object_or_are_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::ensure(&dir.path().join("root")).unwrap();
+        let store = ObjectStore::new(&layout);
+        let publish = |bytes: &[u8]| {
+            let f = dir.path().join("root/f");
+            fs::write(&f, bytes).unwrap();
+            let d = Digest::of(bytes);
+            store.ensure_from_inode(&f, &d, true).unwrap();
+            fs::remove_file(&f).unwrap();
+            d
+        };
+        let d = publish(b"aliased");
+        let r = store.redirect_for(&d).unwrap();
+        assert_eq!(r, format!("/{}", d.alias()));
+        assert!(r.len() <= 24, "{r} must fit in an ext4 inode");
+        assert_eq!(store.redirect_for(&d).unwrap(), r, "idempotent");
+        let target = StubTarget::Alias(d.alias());
+        assert_eq!(store.resolve(&target).unwrap(), Some(d));
+        assert!(store.target_is(&target, &d).unwrap());
+
+        // Another object squatting on the alias name (a prefix collision): the long
+        // redirect is used and the squatter is never taken for the object.
+        let e = publish(b"other");
+        fs::remove_file(store.alias_path(&d.alias())).unwrap();
+        fs::hard_link(store.path(&e), store.alias_path(&d.alias())).unwrap();
+        assert_eq!(store.redirect_for(&d).unwrap(), d.redirect());
+        assert!(!store.target_is(&target, &d).unwrap());
+        assert_eq!(store.resolve(&target).unwrap(), None);
+        store.remove_alias(&d).unwrap();
+        assert!(
+            store.alias_path(&d.alias()).exists(),
+            "not d's alias: stays"
+        );
     }
 }

@@ -79,7 +79,7 @@ pub fn write_stub(
     at: &Path,
     md: &Metadata,
     xattrs: &[(OsString, Vec<u8>)],
-    digest: &Digest,
+    redirect: &str,
 ) -> Result<File, CasError> {
     let io = |op| CasError::io(op, at);
     let f = OpenOptions::new()
@@ -90,14 +90,35 @@ pub fn write_stub(
         .map_err(io("create"))?;
     f.set_len(md.size()).map_err(io("truncate"))?;
     f.set_xattr(XATTR_METACOPY, b"").map_err(io("setxattr"))?;
-    f.set_xattr(XATTR_REDIRECT, digest.redirect().as_bytes())
+    f.set_xattr(XATTR_REDIRECT, redirect.as_bytes())
         .map_err(io("setxattr"))?;
     apply_metadata(&f, at, md, xattrs)?;
     Ok(f)
 }
 
+/// What a stub's redirect names in the objects directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StubTarget {
+    /// `/ab/cdef…`: the object itself.
+    Object(Digest),
+    /// `/<alias>`: the object's short name ([`Digest::alias`]); which object it is
+    /// follows from the alias's inode, see [`crate::objects::ObjectStore::resolve`].
+    Alias(String),
+}
+
+impl StubTarget {
+    /// Whether this target is `digest`'s: by name here; callers that must know the
+    /// alias is the same inode ask the object store.
+    pub fn names(&self, digest: &Digest) -> bool {
+        match self {
+            StubTarget::Object(d) => d == digest,
+            StubTarget::Alias(a) => *a == digest.alias(),
+        }
+    }
+}
+
 /// The object a stub points at, or `None` if `path` is not one of our stubs.
-pub fn stub_target(path: &Path) -> Result<Option<Digest>, CasError> {
+pub fn stub_target(path: &Path) -> Result<Option<StubTarget>, CasError> {
     let Some(redirect) =
         xattr::get(path, XATTR_REDIRECT).map_err(CasError::io("getxattr", path))?
     else {
@@ -110,10 +131,10 @@ pub fn stub_target(path: &Path) -> Result<Option<Digest>, CasError> {
         return Ok(None);
     }
     let text = String::from_utf8_lossy(&redirect);
-    let hex: String = text
-        .trim_start_matches('/')
-        .chars()
-        .filter(|&c| c != '/')
-        .collect();
-    Ok(hex.parse().ok())
+    let name = text.trim_start_matches('/');
+    if crate::digest::is_alias_name(name) {
+        return Ok(Some(StubTarget::Alias(name.to_string())));
+    }
+    let hex: String = name.chars().filter(|&c| c != '/').collect();
+    Ok(hex.parse().ok().map(StubTarget::Object))
 }

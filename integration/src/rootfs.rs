@@ -230,7 +230,7 @@ mod tests {
         let blob = write_dir_layer(src.path(), DirKind::Rootfs, out.path()).unwrap();
         let got = entries(&out.path().join(&blob.digest["sha256:".len()..]));
         let names: Vec<&str> = got.iter().map(|(p, _, _)| p.as_str()).collect();
-        assert_eq!(names, ["bin", "usr/", "usr/bin/", "usr/bin/a", "usr/bin/b"]);
+        assert_eq!(names, ["bin", "usr", "usr/bin", "usr/bin/a", "usr/bin/b"]);
         assert_eq!(got[0].1, tar::EntryType::Symlink);
         assert_eq!(got[4].1, tar::EntryType::Link);
         assert_eq!(got[4].2.as_deref(), Some("usr/bin/a"));
@@ -268,9 +268,9 @@ mod tests {
         assert_eq!(
             names,
             [
-                "etc/",
+                "etc",
                 "etc/.wh.gone",
-                "etc/opaque/",
+                "etc/opaque",
                 "etc/opaque/.wh..wh..opq"
             ]
         );

@@ -3,9 +3,9 @@
 //! must fail with a clear error and leave the store consistent; once the filler is gone,
 //! the same pull succeeds and the image runs.
 //!
-//! Two fill levels hit the two places a layer needs space: containerd's applier writing
-//! the files into our active snapshot, and our Commit (stubs, whose xattrs take a block
-//! each on ext4, the manifest, the index). Needs root; skips otherwise.
+//! Two fills hit the two places a layer needs space: few free blocks stop containerd's
+//! applier writing the files into our active snapshot; few free inodes let the files in
+//! but stop our Commit, whose stubs are new inodes. Needs root; skips otherwise.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -21,6 +21,13 @@ use cas_integration::harness::{
 use cas_integration::registry::push_layout;
 
 const SMALL_FILES: usize = 1500;
+
+/// How full a fill leaves the filesystem.
+#[derive(Debug, Clone, Copy)]
+enum Free {
+    Bytes(u64),
+    Inodes(u64),
+}
 
 /// busybox, one 20 MiB file and many small distinct files.
 fn big_image(out: &Path) -> Result<()> {
@@ -103,19 +110,31 @@ impl LoopFs {
         Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
     }
 
-    /// Leaves about `free` bytes available, with a filler file.
-    fn fill_to(&self, free: u64) -> Result<()> {
+    /// Leaves about `free` bytes, or `free` inodes, available, with filler files.
+    fn fill_to(&self, free: Free) -> Result<()> {
         let filler = self.mnt.join("filler");
-        let _ = fs::remove_file(&filler);
-        let size = self.available()?.saturating_sub(free);
-        run(Command::new("fallocate")
-            .arg("-l")
-            .arg(size.to_string())
-            .arg(&filler))
+        fs::create_dir_all(&filler)?;
+        match free {
+            Free::Bytes(bytes) => {
+                let size = self.available()?.saturating_sub(bytes);
+                run(Command::new("fallocate")
+                    .arg("-l")
+                    .arg(size.to_string())
+                    .arg(filler.join("blocks")))
+            }
+            Free::Inodes(inodes) => {
+                let st = nix::sys::statvfs::statvfs(&self.mnt)?;
+                let n = (st.files_available() as u64).saturating_sub(inodes);
+                for i in 0..n {
+                    fs::File::create(filler.join(format!("i{i}")))?;
+                }
+                Ok(())
+            }
+        }
     }
 
     fn unfill(&self) -> Result<()> {
-        fs::remove_file(self.mnt.join("filler")).context("removing the filler")
+        fs::remove_dir_all(self.mnt.join("filler")).context("removing the fillers")
     }
 }
 
@@ -197,21 +216,22 @@ fn a_full_disk_fails_the_pull_cleanly_and_the_retry_succeeds() -> Result<()> {
         )
     };
 
-    // 8 MiB free: the applier runs out writing the layer. 24 MiB free: the files fit,
-    // the stubs' xattr blocks of the Commit do not.
-    for free_mib in [8u64, 24] {
-        loopfs.fill_to(free_mib << 20)?;
+    // 8 MiB free: the applier runs out of blocks writing the layer. 2200 inodes free:
+    // the layer's ~1500 files fit, the Commit's stubs (one new inode each, the files'
+    // own inodes become the objects) do not.
+    for free in [Free::Bytes(8 << 20), Free::Inodes(2200)] {
+        loopfs.fill_to(free)?;
         let err = match pull(&containerd, &image) {
-            Ok(_) => bail!("the pull with {free_mib} MiB free succeeded"),
+            Ok(_) => bail!("the pull with {free:?} free succeeded"),
             Err(e) => format!("{e:#}"),
         };
         assert!(
             err.to_lowercase().contains("no space left on device"),
-            "with {free_mib} MiB free the pull must say the disk is full:\n{err}\n{}",
+            "with {free:?} free the pull must say the disk is full:\n{err}\n{}",
             logs(&daemon)
         );
         println!(
-            "{free_mib} MiB free: pull failed: {}",
+            "{free:?} free: pull failed: {}",
             err.lines()
                 .find(|l| l.to_lowercase().contains("no space"))
                 .unwrap_or_default()
@@ -220,7 +240,7 @@ fn a_full_disk_fails_the_pull_cleanly_and_the_retry_succeeds() -> Result<()> {
         assert_eq!(
             code,
             0,
-            "fsck with a full disk ({free_mib} MiB free):\n{out}\n{}",
+            "fsck with a full disk ({free:?} free):\n{out}\n{}",
             logs(&daemon)
         );
 
