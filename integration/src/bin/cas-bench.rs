@@ -385,8 +385,8 @@ fn dedup(cache: &Path, versions: usize, out: &Path, workdir: Option<&Path>) -> R
     if !fsck.status.success() {
         bail!("casctl fsck: {}", String::from_utf8_lossy(&fsck.stdout));
     }
-    let fstype = Command::new("stat")
-        .args(["-f", "-c", "%T"])
+    let fstype = Command::new("findmnt")
+        .args(["-no", "FSTYPE", "--target"])
         .arg(&work)
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
