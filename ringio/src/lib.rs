@@ -11,9 +11,12 @@
 //! * a plain-syscall fallback with the same API where io_uring is unavailable.
 //!
 //! Today it provides the durable-publish primitives of the fallback path
-//! ([`durable`]), which the store's layout and commit code build on.
+//! ([`durable`]) and the commit journal ([`journal`]): one record per metadata change,
+//! written as one `pwritev2(RWF_ATOMIC | RWF_DSYNC)` block where the filesystem reports
+//! atomic write units, otherwise as a temp file + fsync + rename.
 //!
 //! Every `unsafe` block carries a `// SAFETY:` comment naming the invariant and who
 //! upholds it; buffers handed to the kernel are never touched until their completion.
 
 pub mod durable;
+pub mod journal;
