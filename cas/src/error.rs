@@ -28,6 +28,9 @@ pub enum CasError {
     /// A durable publish (temp + fsync + rename) failed.
     #[error(transparent)]
     Durable(#[from] ringio::durable::DurableError),
+    /// The commit journal failed.
+    #[error(transparent)]
+    Journal(ringio::journal::JournalError),
     /// The layout (version or mode marker) failed.
     #[error(transparent)]
     Layout(#[from] crate::layout::LayoutError),
@@ -55,6 +58,13 @@ impl CasError {
 
     /// Whether the underlying cause is a full disk.
     pub fn is_enospc(&self) -> bool {
-        matches!(self, CasError::Io { source, .. } if source.raw_os_error() == Some(nix::libc::ENOSPC))
+        let enospc = Some(nix::libc::ENOSPC);
+        match self {
+            CasError::Io { source, .. } => source.raw_os_error() == enospc,
+            CasError::Journal(ringio::journal::JournalError::Io { source, .. }) => {
+                source.raw_os_error() == enospc
+            }
+            _ => false,
+        }
     }
 }

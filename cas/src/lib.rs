@@ -24,6 +24,7 @@
 //! * [`manifest`]: a layer's path → object list;
 //! * [`ingest`]: a layer tree → stubs + objects + manifest, at Commit;
 //! * [`index`]: snapshot records and object reference counts in sled;
+//! * [`journal`]: commit records, checkpoints and their replay at start;
 //! * [`flatten`]: one stub tree standing in for a chain too deep for one mount option;
 //! * [`gc`]: deleting objects no committed snapshot references;
 //! * [`admin`]: statistics, fsck and index rebuild behind `casctl`.
@@ -67,6 +68,7 @@ pub mod flatten;
 pub mod gc;
 pub mod index;
 pub mod ingest;
+pub mod journal;
 pub mod layout;
 pub mod manifest;
 pub mod objects;

@@ -16,6 +16,7 @@
 //!
 //! [store]
 //! mount_mode = "auto" # auto | data-only | materialised
+//! journal = "auto"    # auto (RWF_ATOMIC where supported) | rename
 //! ```
 //!
 //! Parsing ([`Config::from_toml`]) is separate from I/O ([`Config::load`]) so every rule
@@ -147,12 +148,26 @@ pub enum MountMode {
     Materialised,
 }
 
+/// How commit records are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum JournalKind {
+    /// One `pwritev2(RWF_ATOMIC | RWF_DSYNC)` block per record where the store's
+    /// filesystem reports atomic write units (`statx`), otherwise `rename` (default).
+    #[default]
+    Auto,
+    /// Always a temp file + fsync + rename per record.
+    Rename,
+}
+
 /// The `[store]` section.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// How committed layers are served. A store keeps the mode it was created with.
     pub mount_mode: MountMode,
+    /// How commit records are made durable.
+    pub journal: JournalKind,
 }
 
 /// The whole configuration.
@@ -288,6 +303,7 @@ mod tests {
         assert_eq!(cfg.log.format, LogFormat::Json);
         let cfg = Config::from_toml("[store]\nmount_mode = \"materialised\"\n", "t").unwrap();
         assert_eq!(cfg.store.mount_mode, MountMode::Materialised);
+        assert_eq!(cfg.store.journal, JournalKind::Auto);
         assert!(Config::from_toml("[store]\nmount_mode = \"fuse\"\n", "t").is_err());
     }
 

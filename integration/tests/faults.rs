@@ -1,5 +1,5 @@
-//! Deterministic crash points: for every step of ingest, commit, create, remove and GC
-//! after which the disk holds a different state, the daemon is started with that point
+//! Deterministic crash points: for every step of ingest, commit, create, remove, GC and
+//! the journal's checkpoint after which the disk holds a different state, the daemon is started with that point
 //! armed (`FAILPOINTS=<point>=return`, see the `cas` crate), driven through a pull, an
 //! image removal and a GC until it kills itself there, and restarted. After each crash the
 //! store must check clean with `casctl fsck`, and the image must pull again and run.
@@ -21,6 +21,7 @@ const POINTS: &[&str] = &[
     "ingest.before-manifest",
     "ingest.after-manifest",
     "commit.after-ingest",
+    "commit.after-record",
     "commit.after-info",
     "commit.after-index",
     "remove.after-info",
@@ -28,6 +29,7 @@ const POINTS: &[&str] = &[
     "remove.after-rename",
     "gc.before-delete",
     "gc.after-delete",
+    "journal.before-checkpoint",
 ];
 
 #[test]
@@ -68,6 +70,10 @@ fn every_crash_point_recovers_to_a_clean_store() -> Result<()> {
                     _ => break,
                 }
             }
+        }
+        if *point == "journal.before-checkpoint" && rig.daemon.alive() {
+            // checkpoints run every few hundred records and at shutdown: stop it
+            let _ = rig.daemon.stop();
         }
         std::thread::sleep(Duration::from_millis(200));
         ensure!(

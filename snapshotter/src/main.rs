@@ -77,13 +77,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         let layout = cas::Layout::ensure(&cfg.root)
             .with_context(|| format!("opening store at {}", cfg.root.display()))?;
         let snapshotter = Arc::new(
-            CasSnapshotter::open(layout, cfg.store.mount_mode)
+            CasSnapshotter::open_with(layout, cfg.store.mount_mode, cfg.store.journal)
                 .with_context(|| format!("opening store at {}", cfg.root.display()))?,
         );
         let listener = server::bind(&cfg.address)?;
         let admin = cas_snapshotter::admin::bind(&snapshotter)?;
         info!(root = %cfg.root.display(), address = %cfg.address.display(), "serving containerd snapshots API");
-        server::serve(snapshotter, listener, &cfg.address, admin).await?;
+        server::serve(snapshotter.clone(), listener, &cfg.address, admin).await?;
+        snapshotter
+            .checkpoint()
+            .await
+            .context("checkpointing the journal at shutdown")?;
         info!("stopped");
         anyhow::Ok(())
     })

@@ -35,10 +35,12 @@ use std::time::SystemTime;
 
 use cas::gc::GcStats;
 use cas::index::{DiskUsage, Kind, MetaStore, Record};
+use cas::journal::{Change, CommitLog};
 use cas::objects::ObjectStore;
 use cas::{Digest, Layout, StoreMode};
-use config::MountMode;
+use config::{JournalKind, MountMode};
 use containerd_snapshots::{api::types::Mount, Info, Snapshotter, Usage};
+use ringio::journal::JournalMode;
 use tokio::sync::{Mutex, RwLock};
 use tracing::{debug, info, instrument, warn};
 
@@ -61,6 +63,8 @@ pub struct CasSnapshotter {
     gc_lock: RwLock<()>,
     /// Ids of active snapshots being ingested by a Commit right now.
     committing: std::sync::Mutex<HashSet<u64>>,
+    /// Commit records (see `cas::journal`).
+    log: CommitLog,
 }
 
 /// Marks an active snapshot as being committed; unmarks it when dropped.
@@ -152,6 +156,30 @@ impl CasSnapshotter {
     /// The index is rebuilt from the snapshots' `info` files and manifests when it
     /// cannot be opened, or when it is missing while snapshots exist.
     pub fn open(layout: Layout, requested: MountMode) -> Result<CasSnapshotter, SnapshotError> {
+        Self::open_with(layout, requested, JournalKind::Auto)
+    }
+
+    /// [`CasSnapshotter::open`] with the journal backend chosen by config.
+    pub fn open_with(
+        layout: Layout,
+        requested: MountMode,
+        journal: JournalKind,
+    ) -> Result<CasSnapshotter, SnapshotError> {
+        let started = std::time::Instant::now();
+        let mode = match journal {
+            JournalKind::Auto => JournalMode::Auto,
+            JournalKind::Rename => JournalMode::ForceRename,
+        };
+        let log = CommitLog::open(&layout, mode)?;
+        let replayed = log.replay()?;
+        info!(
+            backend = %log.backend(),
+            records = replayed.records,
+            mirrors_written = replayed.written,
+            mirrors_deleted = replayed.deleted,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "recovery: journal replayed"
+        );
         let index = layout.index_dir();
         let has_snapshots = fs::read_dir(layout.snapshots_dir())
             .map_err(SnapshotError::io("read dir", layout.snapshots_dir()))?
@@ -193,6 +221,7 @@ impl CasSnapshotter {
             writer: Mutex::new(()),
             gc_lock: RwLock::new(()),
             committing: std::sync::Mutex::new(HashSet::new()),
+            log,
         };
         let swept = sn.sweep_orphans()? + cas::gc::sweep_tmp(&sn.layout)?;
         if swept > 0 {
@@ -412,6 +441,14 @@ impl CasSnapshotter {
             (id, parent_ids)
         };
         self.mounts_for(kind, id, &parent_ids).await
+    }
+
+    /// Makes every journaled change durable in the index and mirrors and retires the
+    /// records (at shutdown; also done every few hundred records).
+    pub async fn checkpoint(&self) -> Result<(), SnapshotError> {
+        let _w = self.writer.lock().await;
+        self.log.checkpoint(&self.meta)?;
+        Ok(())
     }
 
     /// Collects objects no committed snapshot references. Waits for running ingests and
@@ -638,10 +675,25 @@ impl Snapshotter for CasSnapshotter {
         rec.updated = now;
         rec.usage = usage;
         rec.logical_bytes = stats.logical_bytes;
-        cas::index::write_info(&self.layout.snapshot_dir(rec.id), &name, &rec)?;
-        cas::crash_point!("commit.after-info");
-        self.meta.rename(&key, &name, &rec, &objects)?;
-        self.meta.flush().await?;
+        // The Commit is durable once its record is: one journal write. Mirror and index
+        // follow without flushes; a checkpoint or the replay at start makes them durable.
+        let change = Change::Put {
+            id: rec.id,
+            key: name.clone(),
+            record: rec.clone(),
+        };
+        let sdir = self.layout.snapshot_dir(rec.id);
+        if self.log.record(&change, &self.meta)? {
+            cas::crash_point!("commit.after-record");
+            cas::journal::write_info_lazy(&sdir, &name, &rec)?;
+            cas::crash_point!("commit.after-info");
+            self.meta.rename(&key, &name, &rec, &objects)?;
+        } else {
+            cas::index::write_info(&sdir, &name, &rec)?;
+            cas::crash_point!("commit.after-info");
+            self.meta.rename(&key, &name, &rec, &objects)?;
+            self.meta.flush().await?;
+        }
         cas::crash_point!("commit.after-index");
         let work = self.planner.work_dir(rec.id);
         let _ = fs::remove_dir_all(&work);

@@ -1,0 +1,225 @@
+//! Commit records: what makes a Commit (and a Remove) durable.
+//!
+//! A Commit's layer (objects, stubs, manifest) is made durable by the ingest's `syncfs`.
+//! What remains is the snapshot's new record: before the journal, that took a durable
+//! `info` mirror (temp file, fsync, rename, directory fsync) plus a flush of the sled
+//! index, three device flushes per Commit. Now the record goes to the journal
+//! (`<root>/journal`, [`ringio::journal`]): one `RWF_ATOMIC | RWF_DSYNC` block where the
+//! filesystem supports atomic writes, one small file otherwise. The `info` mirror is then
+//! written without fsync and the index without a flush; both become durable in batches
+//! at a *checkpoint* (index flush, `syncfs`, then the journal's checkpoint block), every
+//! [`CHECKPOINT_EVERY`] records and at shutdown.
+//!
+//! At start, [`CommitLog::replay`] rewrites, durably, the `info` mirror of every snapshot named by a
+//! record past the checkpoint (the last record of a snapshot wins; a removal deletes the
+//! mirror), before the index is reconciled with the mirrors as it always is. A crash at
+//! any point thus leaves either the old state or the new: a record that is in the
+//! journal is applied, one that is not was never answered.
+//!
+//! Records hold the same JSON as the `info` mirror. One that does not fit in a journal
+//! block (huge labels) takes the old path: durable mirror and index flush.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::CasError;
+use crate::index::{InfoFile, MetaStore, Record, INFO_FILE};
+use crate::layout::Layout;
+use ringio::journal::{Backend, Journal, JournalError, JournalMode};
+
+/// Records between checkpoints.
+pub const CHECKPOINT_EVERY: u64 = 256;
+
+/// One change to a snapshot's record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Change {
+    /// Snapshot `id` now has `record` under `key`.
+    Put {
+        /// The snapshot's directory number.
+        id: u64,
+        /// Its key or name.
+        key: String,
+        /// Its record.
+        record: Record,
+    },
+    /// Snapshot `id` is gone.
+    Delete {
+        /// The snapshot's directory number.
+        id: u64,
+    },
+}
+
+impl Change {
+    fn id(&self) -> u64 {
+        match self {
+            Change::Put { id, .. } | Change::Delete { id } => *id,
+        }
+    }
+}
+
+/// What [`CommitLog::replay`] did at start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Replayed {
+    /// Records past the checkpoint.
+    pub records: u64,
+    /// Mirrors rewritten.
+    pub written: u64,
+    /// Mirrors deleted.
+    pub deleted: u64,
+}
+
+/// The store's journal: appends and checkpoints, one at a time.
+pub struct CommitLog {
+    journal: std::sync::Mutex<Journal>,
+    layout: Layout,
+}
+
+fn jerr(e: JournalError) -> CasError {
+    CasError::Journal(e)
+}
+
+impl CommitLog {
+    /// Opens the journal of `layout` (`<root>/journal`).
+    pub fn open(layout: &Layout, mode: JournalMode) -> Result<CommitLog, CasError> {
+        let journal = Journal::open(&layout.root().join("journal"), mode).map_err(jerr)?;
+        Ok(CommitLog {
+            journal: std::sync::Mutex::new(journal),
+            layout: layout.clone(),
+        })
+    }
+
+    /// The backend the journal runs on.
+    pub fn backend(&self) -> Backend {
+        self.lock().backend()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes `change` durable. Returns `false`, writing nothing, when the record is too
+    /// large for a journal block: the caller then makes the change durable itself. A
+    /// full journal is checkpointed first (`meta` is flushed for that).
+    pub fn record(&self, change: &Change, meta: &MetaStore) -> Result<bool, CasError> {
+        let payload = serde_json::to_vec(change).map_err(|e| {
+            CasError::Journal(JournalError::Io {
+                op: "encode",
+                path: self.layout.root().join("journal"),
+                source: io::Error::other(e),
+            })
+        })?;
+        let mut j = self.lock();
+        if payload.len() > ringio::journal::MAX_PAYLOAD {
+            return Ok(false);
+        }
+        if j.pending() >= CHECKPOINT_EVERY {
+            self.checkpoint_locked(&mut j, meta)?;
+        }
+        match j.append(&payload) {
+            Ok(_) => Ok(true),
+            Err(JournalError::Full(_)) => {
+                self.checkpoint_locked(&mut j, meta)?;
+                j.append(&payload).map_err(jerr)?;
+                Ok(true)
+            }
+            Err(e) => Err(jerr(e)),
+        }
+    }
+
+    /// Makes everything the journal holds durable elsewhere (index flush, `syncfs` of
+    /// the store for the mirrors), then retires the records.
+    pub fn checkpoint(&self, meta: &MetaStore) -> Result<(), CasError> {
+        let mut j = self.lock();
+        self.checkpoint_locked(&mut j, meta)
+    }
+
+    fn checkpoint_locked(&self, j: &mut Journal, meta: &MetaStore) -> Result<(), CasError> {
+        if j.pending() == 0 {
+            return Ok(());
+        }
+        let last = j.checkpoint_seq() + j.pending();
+        meta.flush_blocking()?;
+        let root =
+            fs::File::open(self.layout.root()).map_err(CasError::io("open", self.layout.root()))?;
+        nix::unistd::syncfs(root.as_raw_fd())
+            .map_err(|e| CasError::io("syncfs", self.layout.root())(e.into()))?;
+        crate::crash_point!("journal.before-checkpoint");
+        j.checkpoint(last).map_err(jerr)
+    }
+
+    /// Brings the `info` mirrors up to date with the records past the checkpoint
+    /// (durably), and checkpoints. Call at start, before the index is reconciled.
+    pub fn replay(&self) -> Result<Replayed, CasError> {
+        let mut j = self.lock();
+        let records = j.records().map_err(jerr)?;
+        let mut out = Replayed {
+            records: records.len() as u64,
+            ..Replayed::default()
+        };
+        // the last change of each snapshot wins
+        let mut last: BTreeMap<u64, Change> = BTreeMap::new();
+        for (seq, payload) in records {
+            match serde_json::from_slice::<Change>(&payload) {
+                Ok(c) => {
+                    last.insert(c.id(), c);
+                }
+                Err(e) => tracing::warn!(seq, error = %e, "journal record not understood; skipped"),
+            }
+        }
+        for (id, change) in last {
+            let dir = self.layout.snapshot_dir(id);
+            match change {
+                Change::Put { key, record, .. } => {
+                    if !dir.join("fs").is_dir() {
+                        // removed since (its Delete record is older than a checkpoint
+                        // that covered it, or the removal was never answered)
+                        continue;
+                    }
+                    crate::index::write_info(&dir, &key, &record)?;
+                    out.written += 1;
+                }
+                Change::Delete { .. } => {
+                    let info = dir.join(INFO_FILE);
+                    match fs::remove_file(&info) {
+                        Ok(()) => {
+                            ringio::durable::fsync_dir(&dir)?;
+                            out.deleted += 1;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(CasError::io("remove", &info)(e)),
+                    }
+                }
+            }
+        }
+        if j.pending() > 0 {
+            let last = j.checkpoint_seq() + j.pending();
+            let root = fs::File::open(self.layout.root())
+                .map_err(CasError::io("open", self.layout.root()))?;
+            nix::unistd::syncfs(root.as_raw_fd())
+                .map_err(|e| CasError::io("syncfs", self.layout.root())(e.into()))?;
+            j.checkpoint(last).map_err(jerr)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Writes a snapshot's `info` mirror without fsync (a journal record covers it).
+pub fn write_info_lazy(
+    snapshot_dir: &std::path::Path,
+    key: &str,
+    rec: &Record,
+) -> Result<(), CasError> {
+    let bytes = serde_json::to_vec_pretty(&InfoFile {
+        key: key.to_string(),
+        record: rec.clone(),
+    })
+    .map_err(|e| CasError::io("encode", snapshot_dir)(io::Error::other(e)))?;
+    let tmp = snapshot_dir.join(format!(".{INFO_FILE}.tmp-{}", std::process::id()));
+    fs::write(&tmp, &bytes).map_err(CasError::io("write", &tmp))?;
+    fs::rename(&tmp, snapshot_dir.join(INFO_FILE)).map_err(CasError::io("rename", snapshot_dir))
+}
