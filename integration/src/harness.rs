@@ -297,6 +297,71 @@ impl Daemon {
     }
 }
 
+/// Which filesystem a [`LoopFs`] gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsKind {
+    /// ext4 with no blocks reserved for root (so fills are exact).
+    Ext4,
+    /// XFS (atomic writes on recent kernels).
+    Xfs,
+}
+
+/// A filesystem on a loop file made by a test, mounted at `mnt` and unmounted (with
+/// everything below it) on drop.
+pub struct LoopFs {
+    /// Where it is mounted.
+    pub mnt: PathBuf,
+}
+
+impl LoopFs {
+    /// Makes a `size_mib` filesystem in `dir/store.img` and mounts it at `dir/store-fs`.
+    pub fn new(dir: &Path, size_mib: u64, kind: FsKind) -> Result<LoopFs> {
+        let img = dir.join("store.img");
+        let mnt = dir.join("store-fs");
+        fs::create_dir_all(&mnt)?;
+        fs::File::create(&img)?.set_len(size_mib << 20)?;
+        let mut mkfs = match kind {
+            FsKind::Ext4 => {
+                let mut c = Command::new("mkfs.ext4");
+                c.args(["-q", "-F", "-m", "0"]);
+                c
+            }
+            FsKind::Xfs => {
+                let mut c = Command::new("mkfs.xfs");
+                c.args(["-q", "-f"]);
+                c
+            }
+        };
+        let out = mkfs
+            .arg(&img)
+            .output()
+            .with_context(|| format!("running {mkfs:?}"))?;
+        if !out.status.success() {
+            bail!("{mkfs:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let out = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "mounting {}: {}",
+                img.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(LoopFs { mnt })
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        unmount_below(&self.mnt);
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+}
+
 /// A private containerd (the distribution's, 1.6 on Debian 12).
 pub struct Containerd {
     proc: Proc,

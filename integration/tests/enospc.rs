@@ -8,7 +8,7 @@
 //! but stop our Commit, whose stubs are new inodes. Needs root; skips otherwise.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -16,7 +16,7 @@ use cas_integration::fixture::{
     pseudo_random, write_oci_layout, Compression, Entry, ImageSpec, LayerSpec, Meta,
 };
 use cas_integration::harness::{
-    busybox_path, require_root, workspace_bin, Containerd, Daemon, Registry,
+    busybox_path, require_root, workspace_bin, Containerd, Daemon, FsKind, LoopFs, Registry,
 };
 use cas_integration::registry::push_layout;
 
@@ -84,65 +84,37 @@ fn big_image(out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// An ext4 filesystem on a loop file, unmounted on drop.
-struct LoopFs {
-    mnt: PathBuf,
+/// Bytes available on the loop filesystem.
+fn available(lfs: &LoopFs) -> Result<u64> {
+    let st = nix::sys::statvfs::statvfs(&lfs.mnt)?;
+    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
-impl LoopFs {
-    fn new(dir: &Path, size_mib: u64) -> Result<LoopFs> {
-        let img = dir.join("store.img");
-        let mnt = dir.join("store-fs");
-        fs::create_dir_all(&mnt)?;
-        fs::File::create(&img)?.set_len(size_mib << 20)?;
-        run(Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-m", "0"])
-            .arg(&img))?;
-        run(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&img)
-            .arg(&mnt))?;
-        Ok(LoopFs { mnt })
-    }
-
-    fn available(&self) -> Result<u64> {
-        let st = nix::sys::statvfs::statvfs(&self.mnt)?;
-        Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
-    }
-
-    /// Leaves about `free` bytes, or `free` inodes, available, with filler files.
-    fn fill_to(&self, free: Free) -> Result<()> {
-        let filler = self.mnt.join("filler");
-        fs::create_dir_all(&filler)?;
-        match free {
-            Free::Bytes(bytes) => {
-                let size = self.available()?.saturating_sub(bytes);
-                run(Command::new("fallocate")
-                    .arg("-l")
-                    .arg(size.to_string())
-                    .arg(filler.join("blocks")))
+/// Leaves about `free` bytes, or `free` inodes, available, with filler files.
+fn fill_to(lfs: &LoopFs, free: Free) -> Result<()> {
+    let filler = lfs.mnt.join("filler");
+    fs::create_dir_all(&filler)?;
+    match free {
+        Free::Bytes(bytes) => {
+            let size = available(lfs)?.saturating_sub(bytes);
+            run(Command::new("fallocate")
+                .arg("-l")
+                .arg(size.to_string())
+                .arg(filler.join("blocks")))
+        }
+        Free::Inodes(inodes) => {
+            let st = nix::sys::statvfs::statvfs(&lfs.mnt)?;
+            let n = (st.files_available() as u64).saturating_sub(inodes);
+            for i in 0..n {
+                fs::File::create(filler.join(format!("i{i}")))?;
             }
-            Free::Inodes(inodes) => {
-                let st = nix::sys::statvfs::statvfs(&self.mnt)?;
-                let n = (st.files_available() as u64).saturating_sub(inodes);
-                for i in 0..n {
-                    fs::File::create(filler.join(format!("i{i}")))?;
-                }
-                Ok(())
-            }
+            Ok(())
         }
     }
-
-    fn unfill(&self) -> Result<()> {
-        fs::remove_dir_all(self.mnt.join("filler")).context("removing the fillers")
-    }
 }
 
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        cas_integration::harness::unmount_below(&self.mnt);
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-    }
+fn unfill(lfs: &LoopFs) -> Result<()> {
+    fs::remove_dir_all(lfs.mnt.join("filler")).context("removing the fillers")
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -198,7 +170,7 @@ fn a_full_disk_fails_the_pull_cleanly_and_the_retry_succeeds() -> Result<()> {
     let registry = Registry::start(&d.join("registry"))?;
     push_layout(&d.join("img"), &registry.addr, "enospc/big", "1")?;
     let image = format!("{}/enospc/big:1", registry.addr);
-    let loopfs = LoopFs::new(d, 160)?;
+    let loopfs = LoopFs::new(d, 160, FsKind::Ext4)?;
     let store = loopfs.mnt.join("store");
     let mut daemon = Daemon::start(
         &workspace_bin("cas-snapshotter", "CAS_SNAPSHOTTER_BIN")?,
@@ -220,7 +192,7 @@ fn a_full_disk_fails_the_pull_cleanly_and_the_retry_succeeds() -> Result<()> {
     // the layer's ~1500 files fit, the Commit's stubs (one new inode each, the files'
     // own inodes become the objects) do not.
     for free in [Free::Bytes(8 << 20), Free::Inodes(2200)] {
-        loopfs.fill_to(free)?;
+        fill_to(&loopfs, free)?;
         let err = match pull(&containerd, &image) {
             Ok(_) => bail!("the pull with {free:?} free succeeded"),
             Err(e) => format!("{e:#}"),
@@ -246,7 +218,7 @@ fn a_full_disk_fails_the_pull_cleanly_and_the_retry_succeeds() -> Result<()> {
 
         // Space comes back: the same pull succeeds, through the same daemon and after a
         // restart alike.
-        loopfs.unfill()?;
+        unfill(&loopfs)?;
         pull(&containerd, &image)?;
         let out = containerd.ctr(&[
             "run",
