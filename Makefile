@@ -8,7 +8,7 @@ PROFILE ?= debug
 BIN     := $(CURDIR)/target/$(PROFILE)
 CARGO_PROFILE := $(if $(filter release,$(PROFILE)),--release,)
 
-.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench-dedup clean
+.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench-dedup bench-recovery clean
 
 all: build
 
@@ -58,6 +58,10 @@ bench-dedup:
 	@command -v debootstrap >/dev/null || $(MAKE) deps
 	$(CARGO) build --release -p cas-snapshotter -p cas -p cas-integration --bins
 	BIN=$(CURDIR)/target/release VERSIONS=$(VERSIONS) bash scripts/bench-dedup.sh
+
+# Start-up recovery time with 1,000 committed snapshots (journal replay + reconcile).
+bench-recovery:
+	$(CARGO) test --release -p cas-snapshotter --test recovery -- --ignored --nocapture
 
 demo:
 	@command -v containerd >/dev/null && command -v docker-registry >/dev/null && command -v protoc >/dev/null || $(MAKE) deps
