@@ -43,6 +43,9 @@ pub struct Stats {
     pub unreferenced_objects: u64,
     /// Their bytes.
     pub unreferenced_bytes: u64,
+    /// How commit records are made durable (filled in by the running daemon).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal: Option<String>,
 }
 
 /// Computes [`Stats`].

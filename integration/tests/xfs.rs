@@ -105,6 +105,15 @@ fn atomic_journal_on_xfs_survives_kill9() -> Result<()> {
         assert_eq!(out, release);
     }
     let casctl = workspace_bin("casctl", "CASCTL_BIN")?;
+    let out = std::process::Command::new(&casctl)
+        .arg("--root")
+        .arg(&store)
+        .args(["stats", "--json"])
+        .output()?;
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let journal = stats["journal"].as_str().unwrap_or_default().to_string();
+    println!("stats: journal = {journal}");
+    assert_eq!(journal.contains("RWF_ATOMIC"), atomic, "{stats}");
     let out = std::process::Command::new(casctl)
         .arg("--root")
         .arg(&store)

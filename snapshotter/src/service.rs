@@ -472,7 +472,9 @@ impl CasSnapshotter {
     /// Store statistics (`casctl stats`).
     pub async fn stats(&self) -> Result<cas::admin::Stats, SnapshotError> {
         let (layout, meta) = (self.layout.clone(), self.meta.clone());
-        blocking(move || Ok(cas::admin::stats(&layout, &meta)?)).await
+        let mut s = blocking(move || Ok(cas::admin::stats(&layout, &meta)?)).await?;
+        s.journal = Some(self.log.backend().to_string());
+        Ok(s)
     }
 
     /// Consistency check (`casctl fsck`), with ingests and index changes held off so

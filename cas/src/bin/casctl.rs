@@ -91,6 +91,9 @@ fn print_stats(s: &Stats) {
         s.unreferenced_objects,
         human_bytes(s.unreferenced_bytes)
     );
+    if let Some(j) = &s.journal {
+        println!("journal:              {j}");
+    }
 }
 
 fn print_fsck(r: &FsckReport) {
