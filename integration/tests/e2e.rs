@@ -157,6 +157,9 @@ fn removing_images_leaves_only_the_empty_layout() -> Result<()> {
             "cas",
             "cas/objects",
             "cas/tmp",
+            "journal",
+            "journal/journal.d",
+            "journal/journal.d/checkpoint",
             "layout",
             "mode",
             "snapshots"

@@ -774,6 +774,8 @@ impl Snapshotter for CasSnapshotter {
             }
         }
         self.gc().await?;
+        // A quiet moment after containerd's own GC: retire the journal's records too.
+        self.checkpoint().await?;
         Ok(())
     }
 
