@@ -8,7 +8,7 @@ PROFILE ?= debug
 BIN     := $(CURDIR)/target/$(PROFILE)
 CARGO_PROFILE := $(if $(filter release,$(PROFILE)),--release,)
 
-.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench-dedup bench-recovery clean
+.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench-dedup bench-recovery install uninstall dist-check clean
 
 all: build
 
@@ -47,7 +47,7 @@ crash-test: build
 	CAS_SNAPSHOTTER_BIN=$(BIN)/cas-snapshotter CASCTL_BIN=$(BIN)/casctl CAS_CRASH_ITERATIONS=$(N) \
 	  $(CARGO) test -p cas-integration --test crash $(CARGO_PROFILE) -- --nocapture
 
-test: check unit conformance e2e
+test: check unit dist-check conformance e2e
 	@echo "make test: all checks, unit tests, conformance and end-to-end tests passed"
 
 # Dedup on a family of near-duplicate Debian images, overlayfs and ours in one run:
@@ -70,6 +70,35 @@ demo:
 
 demo-down:
 	BIN=$(BIN) bash scripts/demo.sh down
+
+# Install on a node: binaries, systemd unit, default config (kept if present), and the
+# containerd config snippet. make install [PREFIX=/usr/local] [DESTDIR=] [INSTALL_PROFILE=release]
+PREFIX          ?= /usr/local
+DESTDIR         ?=
+INSTALL_PROFILE ?= release
+UNITDIR         ?= /etc/systemd/system
+install:
+	$(CARGO) build -p cas-snapshotter -p cas --bins $(if $(filter release,$(INSTALL_PROFILE)),--release,)
+	install -D -m 0755 target/$(INSTALL_PROFILE)/cas-snapshotter $(DESTDIR)$(PREFIX)/bin/cas-snapshotter
+	install -D -m 0755 target/$(INSTALL_PROFILE)/casctl $(DESTDIR)$(PREFIX)/bin/casctl
+	install -d $(DESTDIR)$(UNITDIR)
+	sed 's|/usr/local/bin/|$(PREFIX)/bin/|' dist/cas-snapshotter.service > $(DESTDIR)$(UNITDIR)/cas-snapshotter.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/cas-snapshotter.service
+	test -e $(DESTDIR)/etc/cas-snapshotter/config.toml || install -D -m 0644 dist/config.toml $(DESTDIR)/etc/cas-snapshotter/config.toml
+	install -D -m 0644 dist/containerd-cas.toml $(DESTDIR)$(PREFIX)/share/cas-snapshotter/containerd-cas.toml
+	@echo "installed. Next: add $(PREFIX)/share/cas-snapshotter/containerd-cas.toml to /etc/containerd/config.toml,"
+	@echo "then: systemctl daemon-reload && systemctl enable --now cas-snapshotter && systemctl restart containerd"
+
+# Removes what install put in place; the config and the store (/var/lib/cas-snapshotter) stay.
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/cas-snapshotter $(DESTDIR)$(PREFIX)/bin/casctl
+	rm -f $(DESTDIR)$(UNITDIR)/cas-snapshotter.service
+	rm -rf $(DESTDIR)$(PREFIX)/share/cas-snapshotter
+	@echo "kept: /etc/cas-snapshotter/config.toml and the store (remove them by hand if you mean to)"
+
+# install/uninstall into a scratch DESTDIR, the unit checked by systemd-analyze verify.
+dist-check: build
+	bash scripts/dist-check.sh
 
 clean:
 	$(CARGO) clean
