@@ -17,6 +17,9 @@
 //! [store]
 //! mount_mode = "auto" # auto | data-only | materialised
 //! journal = "auto"    # auto (RWF_ATOMIC where supported) | rename
+//!
+//! [gc]
+//! interval = "off"    # off | a duration ("30m", "6h"): scheduled GC
 //! ```
 //!
 //! Parsing ([`Config::from_toml`]) is separate from I/O ([`Config::load`]) so every rule
@@ -26,6 +29,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -170,6 +174,33 @@ pub struct StoreConfig {
     pub journal: JournalKind,
 }
 
+/// The `[gc]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// How often the daemon collects unreferenced objects by itself, besides
+    /// containerd's Cleanup and `casctl gc`: `"off"` (default) or a duration such as
+    /// `"30m"` or `"6h"`. Changes take effect on SIGHUP.
+    #[serde(deserialize_with = "interval")]
+    pub interval: Option<Duration>,
+}
+
+fn interval<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text == "off" {
+        return Ok(None);
+    }
+    match humantime::parse_duration(&text) {
+        Ok(d) if d >= Duration::from_secs(1) => Ok(Some(d)),
+        Ok(_) => Err(serde::de::Error::custom(
+            "an interval must be at least 1s (or \"off\")",
+        )),
+        Err(e) => Err(serde::de::Error::custom(format!(
+            "`{text}` is not \"off\" or a duration such as \"30m\" or \"6h\": {e}"
+        ))),
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -182,6 +213,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The store.
     pub store: StoreConfig,
+    /// Scheduled garbage collection.
+    pub gc: GcConfig,
 }
 
 impl Default for Config {
@@ -191,6 +224,7 @@ impl Default for Config {
             address: PathBuf::from(DEFAULT_ADDRESS),
             log: LogConfig::default(),
             store: StoreConfig::default(),
+            gc: GcConfig::default(),
         }
     }
 }
@@ -305,6 +339,30 @@ mod tests {
         assert_eq!(cfg.store.mount_mode, MountMode::Materialised);
         assert_eq!(cfg.store.journal, JournalKind::Auto);
         assert!(Config::from_toml("[store]\nmount_mode = \"fuse\"\n", "t").is_err());
+        let cfg = Config::from_toml("[store]\njournal = \"rename\"\n", "t").unwrap();
+        assert_eq!(cfg.store.journal, JournalKind::Rename);
+    }
+
+    #[test]
+    fn gc_interval_is_off_or_a_duration() {
+        assert_eq!(Config::default().gc.interval, None);
+        let gc = |v: &str| Config::from_toml(&format!("[gc]\ninterval = \"{v}\"\n"), "g.toml");
+        assert_eq!(gc("off").unwrap().gc.interval, None);
+        assert_eq!(
+            gc("30m").unwrap().gc.interval,
+            Some(Duration::from_secs(1800))
+        );
+        assert_eq!(
+            gc("1h 30m").unwrap().gc.interval,
+            Some(Duration::from_secs(5400))
+        );
+        for bad in ["often", "0s", "10ms", ""] {
+            let msg = gc(bad).unwrap_err().to_string();
+            assert!(
+                msg.contains("gc.interval") && msg.contains("g.toml"),
+                "{bad}: {msg}"
+            );
+        }
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! * [`filter`]: containerd's filter language for Walk;
 //! * [`error`]: the one mapping from errors to gRPC status codes;
 //! * [`server`]: socket handling and graceful shutdown;
-//! * [`admin`]: the admin socket `casctl` talks to.
+//! * [`admin`]: the admin socket `casctl` talks to;
+//! * [`ops`]: configuration reload on SIGHUP and scheduled GC.
 //!
 //! The on-disk layout belongs to the `cas` crate, raw syscalls to `ringio`, the
 //! configuration to `config`.
@@ -24,6 +25,7 @@ pub mod admin;
 pub mod error;
 pub mod filter;
 pub mod mounts;
+pub mod ops;
 pub mod probe;
 pub mod server;
 pub mod service;

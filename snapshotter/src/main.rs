@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use cas_snapshotter::{server, service::CasSnapshotter};
+use cas_snapshotter::{ops, server, service::CasSnapshotter};
 use clap::Parser;
 use config::{Config, LogFormat, LogLevel, Overrides};
 use tracing::info;
@@ -30,21 +30,29 @@ struct Args {
     log_level: Option<LogLevel>,
 }
 
-fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!(
-            "{},sled=warn,h2=warn,tower=warn",
-            cfg.log.level
-        ))
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match cfg.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+fn init_logging(cfg: &Config) -> ops::LogHandle {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    // RUST_LOG, when set, decides at start; SIGHUP applies the configured level.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| ops::filter_for(cfg.log.level));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let output = match cfg.log.format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .init();
+    handle
 }
 
 fn main() -> ExitCode {
@@ -66,7 +74,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         log_level: args.log_level,
     };
     let cfg = Config::load(args.config.as_deref(), &overrides)?;
-    init_logging(&cfg);
+    let log_handle = init_logging(&cfg);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -82,7 +90,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
         let listener = server::bind(&cfg.address)?;
         let admin = cas_snapshotter::admin::bind(&snapshotter)?;
-        info!(root = %cfg.root.display(), address = %cfg.address.display(), "serving containerd snapshots API");
+        let (gc_tx, gc_rx) = tokio::sync::watch::channel(cfg.gc.interval);
+        tokio::spawn(ops::scheduled_gc(snapshotter.clone(), gc_rx));
+        tokio::spawn(
+            ops::Reloader::new(args.config.clone(), overrides.clone(), cfg.clone(), log_handle, gc_tx)
+                .run(),
+        );
+        info!(root = %cfg.root.display(), address = %cfg.address.display(), gc_interval = ?cfg.gc.interval, "serving containerd snapshots API");
         server::serve(snapshotter.clone(), listener, &cfg.address, admin).await?;
         snapshotter
             .checkpoint()
