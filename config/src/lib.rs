@@ -20,6 +20,9 @@
 //!
 //! [gc]
 //! interval = "off"    # off | a duration ("30m", "6h"): scheduled GC
+//!
+//! [metrics]
+//! address = "127.0.0.1:9109"   # Prometheus text at /metrics; absent = off
 //! ```
 //!
 //! Parsing ([`Config::from_toml`]) is separate from I/O ([`Config::load`]) so every rule
@@ -201,6 +204,15 @@ fn interval<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
     }
 }
 
+/// The `[metrics]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where Prometheus text metrics are served (`http://<address>/metrics`), e.g.
+    /// `"127.0.0.1:9109"`. Absent: off (default). Changes take effect on SIGHUP.
+    pub address: Option<std::net::SocketAddr>,
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -215,6 +227,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// Scheduled garbage collection.
     pub gc: GcConfig,
+    /// The metrics endpoint.
+    pub metrics: MetricsConfig,
 }
 
 impl Default for Config {
@@ -225,6 +239,7 @@ impl Default for Config {
             log: LogConfig::default(),
             store: StoreConfig::default(),
             gc: GcConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -356,6 +371,9 @@ mod tests {
             gc("1h 30m").unwrap().gc.interval,
             Some(Duration::from_secs(5400))
         );
+        let m = Config::from_toml("[metrics]\naddress = \"127.0.0.1:9109\"\n", "m").unwrap();
+        assert_eq!(m.metrics.address, Some("127.0.0.1:9109".parse().unwrap()));
+        assert!(Config::from_toml("[metrics]\naddress = \"localhost\"\n", "m").is_err());
         for bad in ["often", "0s", "10ms", ""] {
             let msg = gc(bad).unwrap_err().to_string();
             assert!(

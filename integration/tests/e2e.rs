@@ -313,3 +313,66 @@ fn casctl_gc_racing_pulls_and_removes_loses_nothing() -> Result<()> {
     assert_same_tree(&rig, &rig.base_ref, "base-after-gc-race")?;
     Ok(())
 }
+
+/// `GET /metrics` over plain HTTP/1.1; the body.
+fn scrape(addr: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    anyhow::ensure!(text.starts_with("HTTP/1.1 200"), "{text}");
+    Ok(text)
+}
+
+/// The value of the first sample line that starts with `series`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn metrics_show_requests_ingest_store_and_gc() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
+    let rig = Rig::start_with_config(Some(&format!("[metrics]\naddress = \"{addr}\"\n")))?;
+    rig.pull("cas", &rig.base_ref)?;
+    rig.pull("cas", &rig.app_ref)?;
+    let (code, _) = rig.casctl(&["gc"])?;
+    assert_eq!(code, 0);
+    let text = scrape(&addr)?;
+    let at_least = |series: &str, min: f64| {
+        let v = sample(&text, series);
+        assert!(
+            v.is_some_and(|v| v >= min),
+            "{series} = {v:?}, expected >= {min}:\n{text}"
+        );
+    };
+    // base: 3 layers; app: its first layer is the base's, plus one of its own
+    at_least("cas_ingested_layers_total", 4.0);
+    at_least("cas_ingest_logical_bytes_total", 1.0);
+    at_least(
+        "cas_grpc_request_duration_seconds_count{method=\"Prepare\"}",
+        4.0,
+    );
+    at_least(
+        "cas_grpc_request_duration_seconds_count{method=\"Commit\"}",
+        4.0,
+    );
+    at_least("cas_objects", 1.0);
+    at_least("cas_physical_bytes", 1.0);
+    at_least("cas_logical_bytes", 1.0);
+    at_least("cas_savings_ratio", 0.01); // the shared layer and repeated content
+    at_least("cas_gc_runs_total", 1.0);
+    at_least("cas_recovery_seconds", 0.0);
+    Ok(())
+}

@@ -15,7 +15,8 @@
 //! * [`error`]: the one mapping from errors to gRPC status codes;
 //! * [`server`]: socket handling and graceful shutdown;
 //! * [`admin`]: the admin socket `casctl` talks to;
-//! * [`ops`]: configuration reload on SIGHUP and scheduled GC.
+//! * [`ops`]: configuration reload on SIGHUP and scheduled GC;
+//! * [`metrics`]: Prometheus text metrics.
 //!
 //! The on-disk layout belongs to the `cas` crate, raw syscalls to `ringio`, the
 //! configuration to `config`.
@@ -24,6 +25,7 @@
 pub mod admin;
 pub mod error;
 pub mod filter;
+pub mod metrics;
 pub mod mounts;
 pub mod ops;
 pub mod probe;

@@ -92,9 +92,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         let admin = cas_snapshotter::admin::bind(&snapshotter)?;
         let (gc_tx, gc_rx) = tokio::sync::watch::channel(cfg.gc.interval);
         tokio::spawn(ops::scheduled_gc(snapshotter.clone(), gc_rx));
+        let (metrics_tx, metrics_rx) = tokio::sync::watch::channel(cfg.metrics.address);
+        tokio::spawn(cas_snapshotter::metrics::serve(snapshotter.clone(), metrics_rx));
         tokio::spawn(
-            ops::Reloader::new(args.config.clone(), overrides.clone(), cfg.clone(), log_handle, gc_tx)
-                .run(),
+            ops::Reloader::new(
+                args.config.clone(),
+                overrides.clone(),
+                cfg.clone(),
+                log_handle,
+                gc_tx,
+                metrics_tx,
+            )
+            .run(),
         );
         info!(root = %cfg.root.display(), address = %cfg.address.display(), gc_interval = ?cfg.gc.interval, "serving containerd snapshots API");
         server::serve(snapshotter.clone(), listener, &cfg.address, admin).await?;

@@ -2,7 +2,7 @@
 //!
 //! On SIGHUP the configuration is read again exactly as at start (the same file, the
 //! same command-line overrides on top). What can change safely while serving is
-//! applied at once: the log level and the GC interval. Everything else (root, socket,
+//! applied at once: the log level, the GC interval and the metrics address. Everything else (root, socket,
 //! store settings, log format) keeps its running value, and the log says that a restart
 //! is needed for it. A file that does not parse or validate changes nothing: the error
 //! is logged and the previous configuration stays.
@@ -37,17 +37,19 @@ pub struct Reloader {
     running: Config,
     log: LogHandle,
     gc: watch::Sender<Option<Duration>>,
+    metrics: watch::Sender<Option<std::net::SocketAddr>>,
 }
 
 impl Reloader {
     /// `running` is the configuration the daemon started with; `gc` feeds
-    /// [`scheduled_gc`].
+    /// [`scheduled_gc`], `metrics` feeds [`crate::metrics::serve`].
     pub fn new(
         path: Option<PathBuf>,
         overrides: Overrides,
         running: Config,
         log: LogHandle,
         gc: watch::Sender<Option<Duration>>,
+        metrics: watch::Sender<Option<std::net::SocketAddr>>,
     ) -> Reloader {
         Reloader {
             path,
@@ -55,6 +57,7 @@ impl Reloader {
             running,
             log,
             gc,
+            metrics,
         }
     }
 
@@ -110,6 +113,11 @@ impl Reloader {
             self.running.gc = new.gc.clone();
             let _ = self.gc.send(new.gc.interval);
             info!(interval = ?new.gc.interval, "GC schedule changed");
+        }
+        if new.metrics != self.running.metrics {
+            self.running.metrics = new.metrics.clone();
+            let _ = self.metrics.send(new.metrics.address);
+            info!(address = ?new.metrics.address, "metrics address changed");
         }
         info!("configuration reloaded");
     }

@@ -111,6 +111,9 @@ pub async fn serve(
     let admin_task = tokio::spawn(crate::admin::serve(snapshotter.clone(), admin));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        .layer(crate::metrics::RequestTimerLayer(
+            snapshotter.metrics().clone(),
+        ))
         .add_service(containerd_snapshots::server(snapshotter))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
             let _ = stop_rx.await;

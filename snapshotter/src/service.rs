@@ -65,6 +65,8 @@ pub struct CasSnapshotter {
     committing: std::sync::Mutex<HashSet<u64>>,
     /// Commit records (see `cas::journal`).
     log: CommitLog,
+    /// What `/metrics` exports.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Marks an active snapshot as being committed; unmarks it when dropped.
@@ -222,12 +224,23 @@ impl CasSnapshotter {
             gc_lock: RwLock::new(()),
             committing: std::sync::Mutex::new(HashSet::new()),
             log,
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         };
         let swept = sn.sweep_orphans()? + cas::gc::sweep_tmp(&sn.layout)?;
         if swept > 0 {
             info!(swept, "removed leftovers of interrupted operations");
         }
+        sn.metrics.recovered_in(started.elapsed());
+        info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "recovery done"
+        );
         Ok(sn)
+    }
+
+    /// The daemon's metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     /// The store's mode: the one it was created with, else the configured one, where
@@ -466,6 +479,7 @@ impl CasSnapshotter {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "garbage collected"
         );
+        self.metrics.collected(stats.removed, stats.freed_bytes);
         Ok(stats)
     }
 
@@ -697,6 +711,7 @@ impl Snapshotter for CasSnapshotter {
             self.meta.flush().await?;
         }
         cas::crash_point!("commit.after-index");
+        self.metrics.ingested(stats.logical_bytes, stats.new_bytes);
         let work = self.planner.work_dir(rec.id);
         let _ = fs::remove_dir_all(&work);
         info!(

@@ -57,15 +57,34 @@ fn sighup_applies_what_it_can_and_keeps_serving() {
         .unwrap();
     let mut at = wait_for(&log, "serving containerd snapshots API", 0);
 
-    // Valid: debug logging and GC every second.
+    // Valid: debug logging, GC every second, metrics on.
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     fs::write(
         &cfg,
-        format!("{base}[log]\nlevel = \"debug\"\n[gc]\ninterval = \"1s\"\n"),
+        format!(
+            "{base}[log]\nlevel = \"debug\"\n[gc]\ninterval = \"1s\"\n[metrics]\naddress = \"{metrics}\"\n"
+        ),
     )
     .unwrap();
     signal(&child, Signal::SIGHUP);
     at = wait_for(&log, "log level changed", at);
     at = wait_for(&log, "GC schedule changed", at);
+    wait_for(&log, "serving metrics at /metrics", at);
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(metrics).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        assert!(text.contains("cas_recovery_seconds"), "{text}");
+    }
     at = wait_for(&log, "scheduled garbage collection", at);
     at = wait_for(&log, "garbage collected", at);
 

@@ -1,0 +1,325 @@
+//! Prometheus text metrics (`[metrics] address`, off by default), served at `/metrics`.
+//!
+//! Series (all prefixed `cas_`):
+//!
+//! * store: `objects`, `logical_bytes`, `physical_bytes`, `savings_ratio` (from the same
+//!   figures as `casctl stats`, recomputed at most every [`STATS_MAX_AGE`] on scrape,
+//!   since they walk the object directory);
+//! * ingest: `ingested_layers_total`, `ingest_logical_bytes_total` (what the layers
+//!   hold), `ingest_new_bytes_total` (what they added to the store);
+//! * `grpc_request_duration_seconds{method}`: a histogram per Snapshots method, measured
+//!   by a tower layer around the gRPC server;
+//! * GC: `gc_runs_total`, `gc_freed_objects_total`, `gc_freed_bytes_total`;
+//! * `recovery_seconds`: how long the last start's recovery (journal replay, index
+//!   reconcile, sweeps) took.
+//!
+//! Fast-path versus fallback applies and ring queue depth belong to the differ and the
+//! io_uring workers and will be added with them.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::service::CasSnapshotter;
+
+/// Store figures older than this are recomputed on scrape.
+pub const STATS_MAX_AGE: Duration = Duration::from_secs(10);
+
+type Labels = Vec<(String, String)>;
+type Hist = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn request_histogram() -> Histogram {
+    // 0.25 ms .. ~8 s
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+/// Every series the daemon exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Hist,
+    objects: Gauge,
+    logical_bytes: Gauge,
+    physical_bytes: Gauge,
+    savings_ratio: Gauge<f64, AtomicU64>,
+    ingested_layers: Counter,
+    ingest_logical_bytes: Counter,
+    ingest_new_bytes: Counter,
+    gc_runs: Counter,
+    gc_freed_objects: Counter,
+    gc_freed_bytes: Counter,
+    recovery_seconds: Gauge<f64, AtomicU64>,
+    stats_at: Mutex<Option<Instant>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every series at zero.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("cas");
+        let requests: Hist = Family::new_with_constructor(request_histogram);
+        registry.register(
+            "grpc_request_duration_seconds",
+            "Time to answer a Snapshots API request, per method",
+            requests.clone(),
+        );
+        let m = Metrics {
+            registry: Registry::default(),
+            requests,
+            objects: Gauge::default(),
+            logical_bytes: Gauge::default(),
+            physical_bytes: Gauge::default(),
+            savings_ratio: Gauge::default(),
+            ingested_layers: Counter::default(),
+            ingest_logical_bytes: Counter::default(),
+            ingest_new_bytes: Counter::default(),
+            gc_runs: Counter::default(),
+            gc_freed_objects: Counter::default(),
+            gc_freed_bytes: Counter::default(),
+            recovery_seconds: Gauge::default(),
+            stats_at: Mutex::new(None),
+        };
+        registry.register("objects", "Objects in the store", m.objects.clone());
+        registry.register(
+            "logical_bytes",
+            "Bytes of every committed layer's regular files (what overlayfs would store)",
+            m.logical_bytes.clone(),
+        );
+        registry.register(
+            "physical_bytes",
+            "Bytes of the objects that hold them",
+            m.physical_bytes.clone(),
+        );
+        registry.register(
+            "savings_ratio",
+            "1 - physical / logical",
+            m.savings_ratio.clone(),
+        );
+        registry.register(
+            "ingested_layers",
+            "Layers committed",
+            m.ingested_layers.clone(),
+        );
+        registry.register(
+            "ingest_logical_bytes",
+            "Bytes of the regular files of committed layers",
+            m.ingest_logical_bytes.clone(),
+        );
+        registry.register(
+            "ingest_new_bytes",
+            "Bytes committed layers added to the store (new objects)",
+            m.ingest_new_bytes.clone(),
+        );
+        registry.register("gc_runs", "Garbage collections", m.gc_runs.clone());
+        registry.register(
+            "gc_freed_objects",
+            "Objects deleted by garbage collection",
+            m.gc_freed_objects.clone(),
+        );
+        registry.register(
+            "gc_freed_bytes",
+            "Bytes freed by garbage collection",
+            m.gc_freed_bytes.clone(),
+        );
+        registry.register(
+            "recovery_seconds",
+            "Time the last start spent on recovery",
+            m.recovery_seconds.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// One answered request of `method`.
+    pub fn observe_request(&self, method: &str, took: Duration) {
+        self.requests
+            .get_or_create(&vec![("method".to_string(), method.to_string())])
+            .observe(took.as_secs_f64());
+    }
+
+    /// One committed layer.
+    pub fn ingested(&self, logical_bytes: u64, new_bytes: u64) {
+        self.ingested_layers.inc();
+        self.ingest_logical_bytes.inc_by(logical_bytes);
+        self.ingest_new_bytes.inc_by(new_bytes);
+    }
+
+    /// One garbage collection.
+    pub fn collected(&self, objects: u64, bytes: u64) {
+        self.gc_runs.inc();
+        self.gc_freed_objects.inc_by(objects);
+        self.gc_freed_bytes.inc_by(bytes);
+    }
+
+    /// The start-up recovery time.
+    pub fn recovered_in(&self, took: Duration) {
+        self.recovery_seconds.set(took.as_secs_f64());
+    }
+
+    /// Whether the store figures are due for a refresh (and marks them refreshed).
+    fn stats_due(&self) -> bool {
+        let mut at = self.stats_at.lock().unwrap_or_else(|p| p.into_inner());
+        let due = at.is_none_or(|t| t.elapsed() >= STATS_MAX_AGE);
+        if due {
+            *at = Some(Instant::now());
+        }
+        due
+    }
+
+    fn set_stats(&self, s: &cas::admin::Stats) {
+        self.objects.set(s.objects as i64);
+        self.logical_bytes.set(s.logical_bytes as i64);
+        self.physical_bytes.set(s.physical_bytes as i64);
+        self.savings_ratio.set(s.savings_percent / 100.0);
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &self.registry) {
+            warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// Times every gRPC request by the last segment of its path (the method).
+#[derive(Clone)]
+pub struct RequestTimer<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+/// The tower layer that makes a [`RequestTimer`].
+#[derive(Clone)]
+pub struct RequestTimerLayer(pub Arc<Metrics>);
+
+impl<S> tower::Layer<S> for RequestTimerLayer {
+    type Service = RequestTimer<S>;
+    fn layer(&self, inner: S) -> RequestTimer<S> {
+        RequestTimer {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+impl<S, B> tower::Service<http::Request<B>> for RequestTimer<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = req
+            .uri()
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let metrics = self.metrics.clone();
+        let started = Instant::now();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let r = fut.await;
+            metrics.observe_request(&method, started.elapsed());
+            r
+        })
+    }
+}
+
+async fn answer(
+    sn: Arc<CasSnapshotter>,
+    req: hyper::Request<hyper::Body>,
+) -> Result<hyper::Response<hyper::Body>, std::convert::Infallible> {
+    if req.uri().path() != "/metrics" {
+        let mut not_found = hyper::Response::new(hyper::Body::from("try /metrics\n"));
+        *not_found.status_mut() = hyper::StatusCode::NOT_FOUND;
+        return Ok(not_found);
+    }
+    let m = sn.metrics();
+    if m.stats_due() {
+        match sn.stats().await {
+            Ok(s) => m.set_stats(&s),
+            Err(e) => warn!(error = %e, "store statistics for metrics failed"),
+        }
+    }
+    let mut resp = hyper::Response::new(hyper::Body::from(m.encode()));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    Ok(resp)
+}
+
+/// Serves `/metrics` on the address the channel holds (`None`: not at all), moving to
+/// a new address when it changes (SIGHUP), forever.
+pub async fn serve(sn: Arc<CasSnapshotter>, mut address: watch::Receiver<Option<SocketAddr>>) {
+    loop {
+        let current = *address.borrow_and_update();
+        let Some(addr) = current else {
+            if address.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let sn2 = sn.clone();
+        let make = hyper::service::make_service_fn(move |_| {
+            let sn = sn2.clone();
+            async move {
+                Ok::<_, std::convert::Infallible>(hyper::service::service_fn(move |req| {
+                    answer(sn.clone(), req)
+                }))
+            }
+        });
+        let server = match hyper::Server::try_bind(&addr) {
+            Ok(b) => b.serve(make),
+            Err(e) => {
+                warn!(%addr, error = %e, "cannot serve metrics; waiting for a new address");
+                if address.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        info!(%addr, "serving metrics at /metrics");
+        let mut stop = address.clone();
+        let graceful = server.with_graceful_shutdown(async move {
+            let _ = stop.changed().await;
+        });
+        if let Err(e) = graceful.await {
+            warn!(error = %e, "metrics server failed; retrying in a second");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        // the address changed (or the server failed): go round with the new one
+        if address.has_changed().is_err() {
+            return;
+        }
+    }
+}
