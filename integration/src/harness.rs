@@ -297,6 +297,24 @@ impl Daemon {
     }
 }
 
+/// Whether this machine can attach a loop device (`losetup -f`); prints why not.
+pub fn loop_devices_available() -> bool {
+    match Command::new("losetup").arg("-f").output() {
+        Ok(o) if o.status.success() => true,
+        Ok(o) => {
+            eprintln!(
+                "skipped: no loop device available (losetup -f: {})",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            false
+        }
+        Err(e) => {
+            eprintln!("skipped: losetup not found ({e}); install util-linux");
+            false
+        }
+    }
+}
+
 /// Which filesystem a [`LoopFs`] gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsKind {

@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::Result;
 use cas_integration::fixture::{build_app_image, build_base_image, APP_RELEASE, BASE_RELEASE};
 use cas_integration::harness::{
-    busybox_path, require_root, workspace_bin, Containerd, Daemon, FsKind, LoopFs, Registry,
+    busybox_path, loop_devices_available, require_root, workspace_bin, Containerd, Daemon, FsKind,
+    LoopFs, Registry,
 };
 use cas_integration::registry::push_layout;
 
@@ -36,7 +37,7 @@ fn pull(containerd: &Containerd, image: &str) -> Result<()> {
 
 #[test]
 fn atomic_journal_on_xfs_survives_kill9() -> Result<()> {
-    if !require_root() {
+    if !require_root() || !loop_devices_available() {
         return Ok(());
     }
     if std::process::Command::new("mkfs.xfs")

@@ -584,6 +584,14 @@ mod tests {
                 eprintln!("skipping: mkfs.xfs is not installed (xfsprogs)");
                 return None;
             }
+            if !Command::new("losetup")
+                .arg("-f")
+                .output()
+                .is_ok_and(|o| o.status.success())
+            {
+                eprintln!("skipping: no loop device available (losetup -f)");
+                return None;
+            }
             let dir = tempfile::tempdir().unwrap();
             let img = dir.path().join("xfs.img");
             let mnt = dir.path().join("mnt");
