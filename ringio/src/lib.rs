@@ -23,4 +23,7 @@ pub mod durable;
 pub mod journal;
 pub mod pool;
 
-pub use pool::{Backend, BackendChoice, Pool, PoolConfig, PoolError, PoolStats};
+pub use pool::{
+    probe_io_uring, Backend, BackendChoice, Pool, PoolConfig, PoolError, PoolStats,
+    UringUnavailable,
+};
