@@ -58,7 +58,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -531,8 +531,8 @@ struct Unpacker<'a> {
     t: &'a Target<'a>,
     manifest: Option<ManifestWriter>,
     stats: UnpackStats,
-    /// Regular files of this layer by path: (digest, size); for hardlinks.
-    files: HashMap<PathBuf, (Digest, u64)>,
+    /// The digests of the layer's most recent regular files, for hardlinks to them.
+    recent: RecentFiles,
     /// Directories and the metadata to restore once every entry is in.
     dirs: Vec<(PathBuf, FileMeta)>,
     objects: Vec<PendingObject>,
@@ -581,7 +581,7 @@ impl<'a> Unpacker<'a> {
             t,
             manifest: Some(ManifestWriter::create(t.manifest)?),
             stats: UnpackStats::default(),
-            files: HashMap::new(),
+            recent: RecentFiles::default(),
             dirs: Vec::new(),
             objects: Vec::new(),
             stubs: Vec::new(),
@@ -693,13 +693,9 @@ impl<'a> Unpacker<'a> {
                 if self.pending_paths.iter().any(|p| p.starts_with(rel)) {
                     self.flush()?;
                 }
-                self.files.retain(|p, _| !p.starts_with(rel));
                 Ok(crate::layout::remove_tree(&abs)?)
             }
-            Ok(_) => {
-                self.files.remove(rel);
-                fs::remove_file(&abs).map_err(|e| CasError::io("remove", &abs)(e).into())
-            }
+            Ok(_) => fs::remove_file(&abs).map_err(|e| CasError::io("remove", &abs)(e).into()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(CasError::io("stat", abs)(e).into()),
         }
@@ -866,10 +862,9 @@ impl<'a> Unpacker<'a> {
                     }
                 }
                 fs::hard_link(&tabs, &abs).map_err(CasError::io("link", &abs))?;
-                if let Some((digest, size)) = self.files.get(&target).copied() {
+                if let Some((digest, size)) = self.linked_content(&tabs)? {
                     self.stats.files += 1;
                     self.push_manifest(&rel, digest, size)?;
-                    self.files.insert(rel, (digest, size));
                 }
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
@@ -903,6 +898,20 @@ impl<'a> Unpacker<'a> {
             }
         }
         Ok(())
+    }
+
+    /// The object and size behind an existing file of this layer (a hardlink's target),
+    /// or `None` when it is not a stub (an empty file, a device, a symlink).
+    fn linked_content(&mut self, abs: &Path) -> Result<Option<(Digest, u64)>, CasError> {
+        let md = fs::symlink_metadata(abs).map_err(CasError::io("stat", abs))?;
+        if let Some(hit) = self.recent.get(md.ino()) {
+            return Ok(Some(hit));
+        }
+        let Some(target) = crate::stub::stub_target(abs)? else {
+            return Ok(None);
+        };
+        // An old target: name the object from the stub (an alias is read to be sure).
+        Ok(self.t.store.resolve(&target)?.map(|d| (d, md.len())))
     }
 
     fn push_manifest(&mut self, rel: &Path, digest: Digest, size: u64) -> Result<(), CasError> {
@@ -979,7 +988,6 @@ impl<'a> Unpacker<'a> {
         self.stats.files += 1;
         self.stats.logical_bytes += size;
         self.push_manifest(&rel, digest, size)?;
-        self.files.insert(rel.clone(), (digest, size));
         self.pending_paths.insert(rel.clone());
         self.stubs.push(PendingStub {
             path: rel,
@@ -1055,7 +1063,9 @@ impl<'a> Unpacker<'a> {
                 }
             };
             let abs = self.abs(&s.path);
-            write_stub(&abs, &s.meta, &s.xattrs, &redirect)?;
+            let f = write_stub(&abs, &s.meta, &s.xattrs, &redirect)?;
+            let ino = f.metadata().map_err(CasError::io("stat", &abs))?.ino();
+            self.recent.insert(ino, s.digest, s.meta.size);
         }
         self.pending_paths.clear();
         Ok(())
@@ -1093,6 +1103,35 @@ impl<'a> Unpacker<'a> {
         if let Some(m) = self.manifest.take() {
             m.abandon();
         }
+    }
+}
+
+/// Hardlink targets remembered: tar writers put a hardlink right after (or close to) its
+/// target, so the last few thousand files answer nearly every lookup with bounded memory;
+/// an older target is looked up from its stub.
+const RECENT_FILES: usize = 1 << 16;
+
+/// The digests of the most recently written stubs, by inode, at most [`RECENT_FILES`].
+#[derive(Default)]
+struct RecentFiles {
+    map: HashMap<u64, (Digest, u64)>,
+    order: std::collections::VecDeque<u64>,
+}
+
+impl RecentFiles {
+    fn insert(&mut self, ino: u64, digest: Digest, size: u64) {
+        if self.map.insert(ino, (digest, size)).is_none() {
+            self.order.push_back(ino);
+        }
+        while self.order.len() > RECENT_FILES {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    fn get(&self, ino: u64) -> Option<(Digest, u64)> {
+        self.map.get(&ino).copied()
     }
 }
 
