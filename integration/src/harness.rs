@@ -922,13 +922,18 @@ impl Rig {
             None
         };
         let bin = workspace_bin("cas-snapshotter", "CAS_SNAPSHOTTER_BIN")?;
-        let cfg = match &opts.daemon_config {
-            Some(text) => {
-                fs::write(d.join("config.toml"), text)?;
-                Some(d.join("config.toml"))
-            }
-            None => None,
-        };
+        // The differ reads blobs from this test's containerd, never the host's.
+        let ctrd = d.join("containerd");
+        let mut text = opts.daemon_config.clone().unwrap_or_default();
+        if !text.contains("[differ]") {
+            text += &format!(
+                "\n[differ]\ncontent_dir = \"{}\"\ncontainerd_address = \"{}\"\n",
+                ctrd.join("root/io.containerd.content.v1.content").display(),
+                ctrd.join("containerd.sock").display()
+            );
+        }
+        fs::write(d.join("config.toml"), text)?;
+        let cfg = Some(d.join("config.toml"));
         let daemon = Daemon::start(
             &bin,
             &d.join("store"),
@@ -936,7 +941,7 @@ impl Rig {
             &d.join("cas-snapshotter.log"),
             cfg.as_deref(),
         )?;
-        let containerd = Containerd::start_with(&d.join("containerd"), &daemon.sock, &copts)?;
+        let containerd = Containerd::start_with(&ctrd, &daemon.sock, &copts)?;
         let base_ref = format!("{}/fixture/base:1", registry.addr);
         let app_ref = format!("{}/fixture/app:1", registry.addr);
         Ok(Rig {

@@ -41,9 +41,18 @@ fn assert_same_tree(rig: &Rig, image: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Which way layers came into the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Applied by `cas-diff` in one pass.
+    FastPath,
+    /// Written by containerd's applier, ingested at Commit.
+    Commit,
+}
+
 /// Pull both fixtures with cas and with overlayfs, compare the trees, run containers,
-/// and check the shared content is stored once.
-fn core_flow(rig: &Rig) -> Result<()> {
+/// and check the shared content is stored once and that the layers came in by `path`.
+fn core_flow(rig: &Rig, path: Path) -> Result<()> {
     for image in [&rig.base_ref, &rig.app_ref] {
         rig.pull("cas", image).map_err(|e| e.context(rig.logs()))?;
         rig.pull("overlayfs", image)?;
@@ -68,21 +77,42 @@ fn core_flow(rig: &Rig) -> Result<()> {
     let logical = stats["logical_bytes"].as_u64().unwrap_or(0);
     let physical = stats["physical_bytes"].as_u64().unwrap_or(u64::MAX);
     assert!(physical < logical, "no dedup: {stats}");
+    let paths = &stats["ingest_paths"];
+    let fast = paths["fast_path_applies"].as_u64().unwrap_or(0);
+    let ingested = paths["commit_ingests"].as_u64().unwrap_or(0);
+    let layers = stats["committed"].as_u64().unwrap_or(0);
+    match path {
+        Path::FastPath => assert!(
+            fast >= layers && fast > 0 && ingested == 0 && paths["failed_applies"] == 0,
+            "expected every layer through cas-diff: {stats}\n{}",
+            rig.logs()
+        ),
+        Path::Commit => assert!(fast == 0 && ingested >= layers, "{stats}"),
+    }
     let (code, out) = rig.casctl(&["fsck", "--verify-objects"])?;
     assert_eq!(code, 0, "{out}\n{}", rig.logs());
     Ok(())
 }
 
-/// containerd 1.7 with `cas-diff` first in the diff service's order: until the daemon
-/// serves Diff, each Apply answers Unimplemented and the diff service moves on to the
-/// walking differ, so pulls work either way.
+/// containerd 1.7 with `cas-diff` first in the diff service's order: every layer is
+/// applied by our differ in one pass.
 #[test]
 fn containerd_1_7_pulls_runs_and_matches_overlayfs() -> Result<()> {
     let Some(rig) = rig_on(ContainerdOptions::cached("1.7").differ(true))? else {
         return Ok(());
     };
     assert!(rig.containerd.differ);
-    core_flow(&rig)
+    core_flow(&rig, Path::FastPath)
+}
+
+/// containerd 1.7 without our differ: containerd's applier writes the layers and Commit
+/// ingests them.
+#[test]
+fn containerd_1_7_without_our_differ() -> Result<()> {
+    let Some(rig) = rig_on(ContainerdOptions::cached("1.7"))? else {
+        return Ok(());
+    };
+    core_flow(&rig, Path::Commit)
 }
 
 /// containerd 2.x, ctr through the transfer service, which unpacks `cas` with the walking
@@ -92,14 +122,12 @@ fn containerd_2_pulls_runs_and_matches_overlayfs() -> Result<()> {
     let Some(rig) = rig_on(ContainerdOptions::cached("2"))? else {
         return Ok(());
     };
-    core_flow(&rig)
+    core_flow(&rig, Path::Commit)
 }
 
-/// containerd 2.x with `cas-diff` declared: first in the diff service's order (clients
-/// that unpack themselves, `ctr pull --local`) and the transfer service's differ for
-/// `cas`. The diff service falls back to walking on Unimplemented; the transfer service
-/// does not, so until the daemon serves Diff a transfer pull into cas fails
-/// ("method Transfer not implemented…"), and the test says so instead of failing.
+/// containerd 2.x with `cas-diff` declared: the transfer service's differ for `cas` (no
+/// fallback there) and first in the diff service's order (`ctr pull --local`). Both pull
+/// paths apply every layer in one pass.
 #[test]
 fn containerd_2_with_our_differ() -> Result<()> {
     let Some(rig) = rig_on(ContainerdOptions::cached("2").differ(true))? else {
@@ -117,15 +145,5 @@ fn containerd_2_with_our_differ() -> Result<()> {
     ])?;
     rig.pull("overlayfs", &rig.base_ref)?;
     assert_same_tree(&rig, &rig.base_ref, "base-local")?;
-    match rig.pull("cas", &rig.app_ref) {
-        Ok(()) => core_flow(&rig),
-        Err(e) if e.to_string().contains("not implemented") => {
-            eprintln!(
-                "skipped: the transfer service's pull through cas-diff: the daemon does not serve Diff ({})",
-                e.to_string().lines().next().unwrap_or_default()
-            );
-            Ok(())
-        }
-        Err(e) => Err(e.context(rig.logs())),
-    }
+    core_flow(&rig, Path::FastPath)
 }

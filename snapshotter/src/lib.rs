@@ -1,4 +1,4 @@
-//! The cas-snapshotter daemon: containerd's Snapshots service over a unix socket.
+//! The cas-snapshotter daemon: containerd's Snapshots and Diff services over a unix socket.
 //!
 //! containerd loads it as a proxy plugin (`[proxy_plugins.cas] type = "snapshot"`) and
 //! sends every Prepare/View/Commit/Remove/Stat/Update/Usage/Walk/Cleanup of the `cas`
@@ -14,6 +14,7 @@
 //! * [`filter`]: containerd's filter language for Walk;
 //! * [`error`]: the one mapping from errors to gRPC status codes;
 //! * [`server`]: socket handling and graceful shutdown;
+//! * [`diff`]: the Diff service (`cas-diff`): layers applied in one pass;
 //! * [`admin`]: the admin socket `casctl` talks to;
 //! * [`ops`]: configuration reload on SIGHUP and scheduled GC;
 //! * [`metrics`]: Prometheus text metrics.
@@ -23,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod diff;
 pub mod error;
 pub mod filter;
 pub mod metrics;

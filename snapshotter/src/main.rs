@@ -88,6 +88,23 @@ fn run(args: Args) -> anyhow::Result<()> {
             CasSnapshotter::open_with(layout, cfg.store.mount_mode, cfg.store.journal)
                 .with_context(|| format!("opening store at {}", cfg.root.display()))?,
         );
+        let pool = ringio::Pool::start(&ringio::PoolConfig {
+            workers: cfg.ring.workers,
+            buffers: cfg.ring.buffers,
+            buffer_size: cfg.ring.buffer_size,
+            queue_depth: cfg.ring.queue_depth,
+            backend: match cfg.ring.backend {
+                config::RingBackend::Auto => ringio::BackendChoice::Auto,
+                config::RingBackend::Threads => ringio::BackendChoice::Threads,
+            },
+        })
+        .context("starting the I/O workers")?;
+        match pool.fallback_reason() {
+            Some(why) => info!(backend = pool.backend().as_str(), reason = %why, "I/O workers started without io_uring"),
+            None => info!(backend = pool.backend().as_str(), workers = cfg.ring.workers, "I/O workers started"),
+        }
+        snapshotter.metrics().attach_pool(pool.clone());
+        let differ = cas_snapshotter::diff::CasDiffer::new(snapshotter.clone(), cfg.differ.clone(), pool);
         let listener = server::bind(&cfg.address)?;
         let admin = cas_snapshotter::admin::bind(&snapshotter)?;
         let (gc_tx, gc_rx) = tokio::sync::watch::channel(cfg.gc.interval);
@@ -105,8 +122,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             )
             .run(),
         );
-        info!(root = %cfg.root.display(), address = %cfg.address.display(), gc_interval = ?cfg.gc.interval, "serving containerd snapshots API");
-        server::serve(snapshotter.clone(), listener, &cfg.address, admin).await?;
+        info!(root = %cfg.root.display(), address = %cfg.address.display(), gc_interval = ?cfg.gc.interval, "serving containerd's Snapshots and Diff APIs");
+        server::serve(snapshotter.clone(), differ, listener, &cfg.address, admin).await?;
         snapshotter
             .checkpoint()
             .await

@@ -99,10 +99,11 @@ async fn stop_signal() {
     }
 }
 
-/// Serves the Snapshots API on `listener` and the admin socket on `admin` until a stop
-/// signal.
+/// Serves the Snapshots and Diff APIs on `listener` and the admin socket on `admin`
+/// until a stop signal.
 pub async fn serve(
     snapshotter: Arc<CasSnapshotter>,
+    differ: crate::diff::CasDiffer,
     listener: UnixListener,
     address: &Path,
     admin: UnixListener,
@@ -115,6 +116,7 @@ pub async fn serve(
             snapshotter.metrics().clone(),
         ))
         .add_service(containerd_snapshots::server(snapshotter))
+        .add_service(crate::diff::server(differ))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
             let _ = stop_rx.await;
         });

@@ -1,0 +1,406 @@
+//! The Diff service (`cas-diff`): containerd's `Apply` on our own mounts, in one pass.
+//!
+//! containerd (>= 1.7.4) loads it as a second proxy plugin on the Snapshots socket,
+//! `[proxy_plugins.cas-diff] type = "diff"`. During an unpack it Prepares an active
+//! snapshot, calls `Apply(descriptor, mounts)` and then Commits the snapshot. Where the
+//! mounts are one of our active snapshots (a bind of, or an overlay whose upper is,
+//! `snapshots/<id>/fs`), the layer blob is read from containerd's content store and
+//! unpacked straight into stubs, objects and a manifest ([`cas::unpack`]); Commit then
+//! has nothing left to ingest. The reply carries the digest of the uncompressed tar,
+//! which containerd checks against the image's diffID.
+//!
+//! ## Blobs
+//! The blob is read from `[differ] content_dir` (`blobs/sha256/<hex>`, with the I/O
+//! pool's fixed-buffer reads) when it is there, otherwise streamed through containerd's
+//! Content API on `[differ] containerd_address`, in the namespace of the request.
+//!
+//! ## When containerd's own applier must do it
+//! Everything this service cannot apply is answered `Unimplemented`, which containerd's
+//! diff service (1.7's default path, and `ctr pull --local` on 2.x) takes as "try the next
+//! differ" (`default = ["cas-diff", "walking"]`): mounts that are not our active snapshots,
+//! media types other than plain/gzip/zstd tar layers (encrypted ones, for instance),
+//! requests with stream-processor payloads, a materialised store, a blob neither
+//! readable nor streamable, or `[differ] enabled = false`. containerd 2.x's transfer
+//! service, when its `unpack_config` names `cas-diff`, has no such fallback: there every
+//! one of these is a failed pull, so name `cas-diff` only for the `cas` snapshotter.
+//!
+//! `Diff` (making a diff between two mounts, e.g. `ctr snapshots diff` or commits of
+//! containers into images) answers `Unimplemented`: containerd's walking differ does it.
+
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cas::unpack::Limits;
+use cas::Digest;
+use config::DifferConfig;
+use containerd_snapshots::api::types::Mount;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info};
+
+use crate::error::SnapshotError;
+use crate::service::CasSnapshotter;
+
+/// Code generated from the vendored containerd protos (see `proto/README.md`).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    /// `containerd.types` (the `Mount` type is `containerd-snapshots`' own).
+    pub mod containerd {
+        /// `containerd.types`.
+        pub mod types {
+            tonic::include_proto!("containerd.types");
+        }
+        /// `containerd.services`.
+        pub mod services {
+            /// `containerd.services.diff`.
+            pub mod diff {
+                /// `containerd.services.diff.v1`.
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.diff.v1");
+                }
+            }
+            /// `containerd.services.content`.
+            pub mod content {
+                /// `containerd.services.content.v1`.
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.content.v1");
+                }
+            }
+        }
+    }
+}
+
+use proto::containerd::services::content::v1::{content_client::ContentClient, ReadContentRequest};
+use proto::containerd::services::diff::v1::diff_server::{Diff, DiffServer};
+use proto::containerd::services::diff::v1::{
+    ApplyRequest, ApplyResponse, DiffRequest, DiffResponse,
+};
+use proto::containerd::types::Descriptor;
+
+/// The media type of what Apply returns: the uncompressed tar.
+pub const MEDIA_TYPE_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+/// gRPC metadata key containerd puts the namespace in.
+const NAMESPACE_HEADER: &str = "containerd-namespace";
+/// Chunks of a streamed blob buffered between the Content API and the unpack.
+const STREAM_CHUNKS: usize = 16;
+
+/// Whether `media_type` is a layer this service unpacks: OCI and Docker tar layers,
+/// plain, gzip or zstd (the compression itself is told from the blob's first bytes).
+pub fn is_layer_media_type(media_type: &str) -> bool {
+    matches!(
+        media_type,
+        "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+            | "application/vnd.docker.image.rootfs.diff.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.zstd"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+    )
+}
+
+/// The layer directory (`…/snapshots/<id>/fs`) a mount list writes into: the source of
+/// a single bind mount, or the `upperdir` of a single overlay mount.
+pub fn layer_dir_of(mounts: &[Mount]) -> Option<PathBuf> {
+    let [m] = mounts else {
+        return None;
+    };
+    let bind = m.r#type == "bind" || m.options.iter().any(|o| o == "bind" || o == "rbind");
+    if bind {
+        return Some(PathBuf::from(&m.source));
+    }
+    if m.r#type == "overlay" {
+        return m
+            .options
+            .iter()
+            .find_map(|o| o.strip_prefix("upperdir="))
+            .map(PathBuf::from);
+    }
+    None
+}
+
+/// The Diff service.
+pub struct CasDiffer {
+    sn: Arc<CasSnapshotter>,
+    cfg: DifferConfig,
+    pool: ringio::Pool,
+}
+
+impl CasDiffer {
+    /// A differ applying into `sn`'s active snapshots with `pool`'s workers.
+    pub fn new(sn: Arc<CasSnapshotter>, cfg: DifferConfig, pool: ringio::Pool) -> CasDiffer {
+        CasDiffer { sn, cfg, pool }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_bytes: self.cfg.max_layer_bytes,
+            max_ratio: self.cfg.max_expansion,
+            ..Limits::default()
+        }
+    }
+
+    async fn apply_request(
+        &self,
+        req: ApplyRequest,
+        namespace: Option<String>,
+    ) -> Result<Descriptor, SnapshotError> {
+        let not = |why: String| Err(SnapshotError::NotApplicable(why));
+        if !self.cfg.enabled {
+            return not("the differ is disabled ([differ] enabled = false)".into());
+        }
+        let Some(desc) = req.diff else {
+            return Err(SnapshotError::InvalidArgument(
+                "apply request without a layer descriptor".into(),
+            ));
+        };
+        if !is_layer_media_type(&desc.media_type) {
+            return not(format!(
+                "media type {:?} is not a tar layer",
+                desc.media_type
+            ));
+        }
+        if !req.payloads.is_empty() {
+            return not("the layer needs stream processors (payloads)".into());
+        }
+        let Some(fs_dir) = layer_dir_of(&req.mounts) else {
+            return not("the mounts are not a single bind or overlay mount".into());
+        };
+        let Some((key, _)) = self.sn.active_by_fs_dir(&fs_dir)? else {
+            return not(format!(
+                "{} is not an active cas snapshot",
+                fs_dir.display()
+            ));
+        };
+        if self.sn.mode() != cas::StoreMode::Stubs {
+            return not("the store is materialised (no data-only lower layers)".into());
+        }
+        let Ok(digest) = desc.digest.parse::<Digest>() else {
+            return not(format!("digest {:?} is not sha256", desc.digest));
+        };
+        let size = u64::try_from(desc.size).map_err(|_| {
+            SnapshotError::InvalidArgument(format!("negative blob size {}", desc.size))
+        })?;
+        let blob = self.open_blob(&digest, namespace).await?;
+        let applied = self
+            .sn
+            .apply_blob(&key, blob, size, Some(digest), self.limits(), &self.pool)
+            .await?;
+        Ok(Descriptor {
+            media_type: MEDIA_TYPE_TAR.to_string(),
+            digest: format!("sha256:{}", applied.diff_id.hex()),
+            size: applied.uncompressed_size as i64,
+            annotations: Default::default(),
+        })
+    }
+
+    /// The blob, from the content directory or else through the Content API.
+    async fn open_blob(
+        &self,
+        digest: &Digest,
+        namespace: Option<String>,
+    ) -> Result<Box<dyn Read + Send>, SnapshotError> {
+        let path = self.cfg.content_dir.join("blobs/sha256").join(digest.hex());
+        match self.pool.read_file(&path) {
+            Ok(r) => {
+                debug!(blob = %path.display(), "reading the blob from the content store");
+                return Ok(Box::new(r));
+            }
+            Err(e) => {
+                debug!(blob = %path.display(), error = %e, "blob not readable in content_dir; trying the Content API")
+            }
+        }
+        match stream_blob(&self.cfg.containerd_address, digest, namespace).await {
+            Ok(r) => Ok(Box::new(r)),
+            Err(e) => Err(SnapshotError::NotApplicable(format!(
+                "blob sha256:{} is neither in {} nor readable through containerd's Content API at {}: {e}",
+                digest.hex(),
+                self.cfg.content_dir.display(),
+                self.cfg.containerd_address.display()
+            ))),
+        }
+    }
+}
+
+/// Opens a read of `digest` through containerd's Content API; the bytes arrive on a
+/// bounded channel read by the (blocking) unpack.
+async fn stream_blob(
+    address: &Path,
+    digest: &Digest,
+    namespace: Option<String>,
+) -> Result<BlobStream, Box<dyn std::error::Error + Send + Sync>> {
+    let address = address.to_path_buf();
+    // The URI is required by tonic and ignored by the connector.
+    let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_| {
+            tokio::net::UnixStream::connect(address.clone())
+        }))
+        .await?;
+    let mut client = ContentClient::new(channel);
+    let mut req = Request::new(ReadContentRequest {
+        digest: format!("sha256:{}", digest.hex()),
+        offset: 0,
+        size: 0,
+    });
+    if let Some(ns) = namespace.and_then(|n| n.parse().ok()) {
+        req.metadata_mut().insert(NAMESPACE_HEADER, ns);
+    }
+    let mut stream = client.read(req).await?.into_inner();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(STREAM_CHUNKS);
+    tokio::spawn(async move {
+        loop {
+            let next = stream.message().await;
+            let item = match next {
+                Ok(Some(m)) => Ok(m.data),
+                Ok(None) => break,
+                Err(status) => Err(io::Error::other(format!("content API: {status}"))),
+            };
+            let failed = item.is_err();
+            // The channel is bounded: wait for room off the runtime's threads.
+            let tx = tx.clone();
+            let sent = tokio::task::spawn_blocking(move || tx.send(item).is_ok())
+                .await
+                .unwrap_or(false);
+            if !sent || failed {
+                break;
+            }
+        }
+    });
+    Ok(BlobStream {
+        rx,
+        chunk: Vec::new(),
+        pos: 0,
+    })
+}
+
+/// A blob streamed through the Content API.
+struct BlobStream {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for BlobStream {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(Ok(c)) => {
+                    self.chunk = c;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.chunk.len() - self.pos);
+        out[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[tonic::async_trait]
+impl Diff for CasDiffer {
+    async fn apply(&self, req: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
+        let namespace = req
+            .metadata()
+            .get(NAMESPACE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let req = req.into_inner();
+        let digest = req
+            .diff
+            .as_ref()
+            .map(|d| d.digest.clone())
+            .unwrap_or_default();
+        match self.apply_request(req, namespace).await {
+            Ok(applied) => Ok(Response::new(ApplyResponse {
+                applied: Some(applied),
+            })),
+            Err(SnapshotError::NotApplicable(why)) => {
+                self.sn.metrics().apply_fallback();
+                info!(layer = %digest, reason = %why, "apply handed back to containerd's applier");
+                Err(SnapshotError::NotApplicable(why).into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn diff(&self, _req: Request<DiffRequest>) -> Result<Response<DiffResponse>, Status> {
+        Err(Status::unimplemented(
+            "cas-diff applies layers only; containerd's walking differ creates diffs",
+        ))
+    }
+}
+
+/// The tonic service for `differ`.
+pub fn server(differ: CasDiffer) -> DiffServer<CasDiffer> {
+    DiffServer::new(differ)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mount(kind: &str, source: &str, options: &[&str]) -> Mount {
+        Mount {
+            r#type: kind.into(),
+            source: source.into(),
+            target: String::new(),
+            options: options.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn layer_dir_is_the_bind_source_or_the_overlay_upper() {
+        let bind = mount("bind", "/r/snapshots/3/fs", &["rw", "rbind"]);
+        assert_eq!(
+            layer_dir_of(&[bind]),
+            Some(PathBuf::from("/r/snapshots/3/fs"))
+        );
+        let ovl = mount(
+            "overlay",
+            "overlay",
+            &[
+                "metacopy=on",
+                "lowerdir=/r/snapshots/1/fs::/r/cas/objects",
+                "upperdir=/r/snapshots/4/fs",
+                "workdir=/r/snapshots/4/work",
+            ],
+        );
+        assert_eq!(
+            layer_dir_of(&[ovl.clone()]),
+            Some(PathBuf::from("/r/snapshots/4/fs"))
+        );
+        // a view (no upper), several mounts, or another kind: not ours to apply into
+        assert_eq!(
+            layer_dir_of(&[mount("overlay", "overlay", &["lowerdir=/a::/b"])]),
+            None
+        );
+        assert_eq!(layer_dir_of(&[ovl.clone(), ovl]), None);
+        assert_eq!(layer_dir_of(&[mount("erofs", "/x", &[])]), None);
+        assert_eq!(layer_dir_of(&[]), None);
+    }
+
+    #[test]
+    fn layer_media_types() {
+        assert!(is_layer_media_type(
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+        ));
+        assert!(is_layer_media_type(
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+        ));
+        assert!(is_layer_media_type(
+            "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        ));
+        assert!(!is_layer_media_type(
+            "application/vnd.oci.image.layer.v1.tar+gzip+encrypted"
+        ));
+        assert!(!is_layer_media_type(
+            "application/vnd.oci.image.config.v1+json"
+        ));
+    }
+}
