@@ -372,7 +372,7 @@ mod tests {
             ],
         );
         assert_eq!(
-            layer_dir_of(&[ovl.clone()]),
+            layer_dir_of(std::slice::from_ref(&ovl)),
             Some(PathBuf::from("/r/snapshots/4/fs"))
         );
         // a view (no upper), several mounts, or another kind: not ours to apply into
