@@ -329,21 +329,22 @@ fn cri_pulls_runs_a_pod_and_reports_image_fs_usage() -> Result<()> {
 }
 
 /// The same with `cas-diff` as the transfer service's differ for cas, which CRI pulls
-/// through on 2.1. The transfer service does not fall back to walking, so until the daemon
-/// serves Diff the pull fails ("not implemented") and the test says so.
+/// through on 2.1: every layer of the pod's images is applied in one pass.
 #[test]
 fn cri_with_our_differ() -> Result<()> {
     let Some(rig) = cri_rig(ContainerdOptions::cached("2").differ(true))? else {
         return Ok(());
     };
-    match block_on(cri_flow(&rig))? {
-        Ok(()) => Ok(()),
-        Err(e) if format!("{e:#}").contains("not implemented") => {
-            eprintln!(
-                "skipped: CRI pulls through cas-diff: the daemon does not serve Diff ({e:#})"
-            );
-            Ok(())
-        }
-        Err(e) => Err(e.context(rig.logs())),
-    }
+    block_on(cri_flow(&rig))?.map_err(|e| e.context(rig.logs()))?;
+    let (code, stats) = rig.casctl(&["stats", "--json"])?;
+    assert_eq!(code, 0, "{stats}");
+    let stats: serde_json::Value = serde_json::from_str(&stats)?;
+    let paths = &stats["ingest_paths"];
+    assert!(
+        paths["fast_path_applies"].as_u64().unwrap_or(0) > 0
+            && paths["commit_ingests"].as_u64() == Some(0),
+        "CRI pulls did not go through cas-diff: {stats}\n{}",
+        rig.logs()
+    );
+    Ok(())
 }
