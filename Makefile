@@ -8,7 +8,7 @@ PROFILE ?= debug
 BIN     := $(CURDIR)/target/$(PROFILE)
 CARGO_PROFILE := $(if $(filter release,$(PROFILE)),--release,)
 
-.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench-dedup bench-recovery install uninstall dist-check clean
+.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench-dedup bench-journal bench-recovery install uninstall dist-check clean
 
 all: build
 
@@ -58,6 +58,11 @@ bench-dedup:
 	@command -v debootstrap >/dev/null || $(MAKE) deps
 	$(CARGO) build --release -p cas-snapshotter -p cas -p cas-integration --bins
 	BIN=$(CURDIR)/target/release VERSIONS=$(VERSIONS) bash scripts/bench-dedup.sh
+
+# Commit record latency (p50/p99) of both journal backends: RWF_ATOMIC on an XFS loop
+# filesystem made for the run, temp file + rename on XFS and on /tmp's filesystem.
+bench-journal:
+	$(CARGO) test --release -p ringio --test journal_latency -- --ignored --nocapture --test-threads=1
 
 # Start-up recovery time with 1,000 committed snapshots (journal replay + reconcile).
 bench-recovery:

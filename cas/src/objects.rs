@@ -109,6 +109,14 @@ impl ObjectStore {
         result
     }
 
+    /// Publishes `tmp`, a file this process wrote for the store (owner root, mode
+    /// [`OBJECT_MODE`], no xattrs, holding exactly the bytes of `digest`), by linking it
+    /// as the object; the caller removes `tmp` afterwards. "Already exists" is
+    /// [`Publish::Existing`].
+    pub fn publish_written(&self, tmp: &Path, digest: &Digest) -> Result<Publish, CasError> {
+        self.link(tmp, &self.path(digest))
+    }
+
     /// Path of an alias.
     pub fn alias_path(&self, alias: &str) -> PathBuf {
         self.objects.join(alias)

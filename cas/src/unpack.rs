@@ -533,6 +533,9 @@ struct Unpacker<'a> {
     stats: UnpackStats,
     /// The digests of the layer's most recent regular files, for hardlinks to them.
     recent: RecentFiles,
+    /// Directories of the layer known to exist as real directories (not symlinks): a
+    /// parent found here needs no resolving and no creating.
+    known_dirs: HashSet<PathBuf>,
     /// Directories and the metadata to restore once every entry is in.
     dirs: Vec<(PathBuf, FileMeta)>,
     objects: Vec<PendingObject>,
@@ -582,6 +585,7 @@ impl<'a> Unpacker<'a> {
             manifest: Some(ManifestWriter::create(t.manifest)?),
             stats: UnpackStats::default(),
             recent: RecentFiles::default(),
+            known_dirs: HashSet::new(),
             dirs: Vec::new(),
             objects: Vec::new(),
             stubs: Vec::new(),
@@ -600,6 +604,9 @@ impl<'a> Unpacker<'a> {
     /// Resolves `rel` (a cleaned parent path) inside the layer: symlinks in the layer
     /// are followed, but never out of it. Components that do not exist yet are kept.
     fn resolve_parent(&self, rel: &Path) -> Result<PathBuf, CasError> {
+        if rel.as_os_str().is_empty() || self.known_dirs.contains(rel) {
+            return Ok(rel.to_path_buf());
+        }
         let mut todo: Vec<OsString> = rel
             .components()
             .rev()
@@ -646,6 +653,9 @@ impl<'a> Unpacker<'a> {
     /// Makes sure every directory of `rel` exists, creating missing ones with the
     /// attributes the same directory has in the layers below.
     fn ensure_dirs(&mut self, rel: &Path) -> Result<(), CasError> {
+        if rel.as_os_str().is_empty() || self.known_dirs.contains(rel) {
+            return Ok(());
+        }
         let mut cur = PathBuf::new();
         for comp in rel.components() {
             cur.push(comp);
@@ -677,6 +687,7 @@ impl<'a> Unpacker<'a> {
                 self.dirs.push((cur.clone(), meta));
             }
         }
+        self.known_dirs.insert(rel.to_path_buf());
         Ok(())
     }
 
@@ -686,6 +697,9 @@ impl<'a> Unpacker<'a> {
             self.flush()?;
         }
         let abs = self.abs(rel);
+        if keep_dir && self.known_dirs.contains(rel) {
+            return Ok(());
+        }
         match fs::symlink_metadata(&abs) {
             Ok(md) if md.is_dir() && keep_dir => Ok(()),
             Ok(md) if md.is_dir() => {
@@ -693,6 +707,7 @@ impl<'a> Unpacker<'a> {
                 if self.pending_paths.iter().any(|p| p.starts_with(rel)) {
                     self.flush()?;
                 }
+                self.known_dirs.retain(|d| !d.starts_with(rel));
                 Ok(crate::layout::remove_tree(&abs)?)
             }
             Ok(_) => fs::remove_file(&abs).map_err(|e| CasError::io("remove", &abs)(e).into()),
@@ -821,6 +836,7 @@ impl<'a> Unpacker<'a> {
                 for (n, v) in &em.xattrs {
                     xattr::set(&abs, n, v).map_err(CasError::io("setxattr", &abs))?;
                 }
+                self.known_dirs.insert(rel.clone());
                 self.dirs.push((rel, em.meta));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
@@ -1033,7 +1049,7 @@ impl<'a> Unpacker<'a> {
                 Ok(()) => self
                     .t
                     .store
-                    .ensure_from_inode(&o.tmp, &o.digest, true)
+                    .publish_written(&o.tmp, &o.digest)
                     .map_err(UnpackError::from)
                     .map(|p| {
                         if p == Publish::New {

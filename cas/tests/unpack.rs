@@ -435,3 +435,63 @@ fn symlinked_parents_resolve_inside_the_layer() {
     assert!(dir.join("fs/tmp/file").is_file());
     assert!(!Path::new("/tmp/file").exists() || fs::read("/tmp/file").unwrap() != b"data");
 }
+
+/// Throughput of one apply (not a timed test: `cargo test --release -p cas --test unpack
+/// apply_throughput -- --ignored --nocapture`): 50,000 small files and 4 large ones,
+/// gzip, into a fresh store and then again (all content known), next to `tar -xzf` of
+/// the same blob. Medians of 3.
+#[test]
+#[ignore = "benchmark"]
+fn apply_throughput() {
+    if !root() {
+        return;
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..50_000u64 {
+        let data = pseudo_random(1024 + (i as usize * 37) % 7168, i);
+        let name = format!("d{}/e{}/f{i}", i % 50, i % 7);
+        b.append_data(&mut header(tar::EntryType::Regular, data.len() as u64, 0o644), &name, &data[..])
+            .unwrap();
+    }
+    for i in 0..4u64 {
+        let data = pseudo_random(32 << 20, 1000 + i);
+        b.append_data(&mut header(tar::EntryType::Regular, data.len() as u64, 0o644), format!("big{i}"), &data[..])
+            .unwrap();
+    }
+    let tar = b.into_inner().unwrap();
+    let blob = gzip(&tar);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    std::fs::write(scratch.path().join("blob.tgz"), &blob).unwrap();
+    let (mut fresh, mut again, mut tarx) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..3 {
+        let mut s = Store::new(BackendChoice::Auto);
+        let t = std::time::Instant::now();
+        s.apply(&blob, None, Limits::default()).1.map_err(|f| f.error).unwrap();
+        fresh.push(t.elapsed().as_secs_f64());
+        let t = std::time::Instant::now();
+        s.apply(&blob, None, Limits::default()).1.map_err(|f| f.error).unwrap();
+        again.push(t.elapsed().as_secs_f64());
+        let out = scratch.path().join(format!("x{run}"));
+        std::fs::create_dir(&out).unwrap();
+        let t = std::time::Instant::now();
+        let st = std::process::Command::new("tar")
+            .arg("-xzf")
+            .arg(scratch.path().join("blob.tgz"))
+            .arg("-C")
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        tarx.push(t.elapsed().as_secs_f64());
+    }
+    let mb = tar.len() as f64 / 1e6;
+    let (f, a, x) = (median(fresh), median(again), median(tarx));
+    println!("layer: {mb:.0} MB uncompressed, {:.0} MB gzip, 50,004 files", blob.len() as f64 / 1e6);
+    println!("apply, new content:   {f:.2} s ({:.0} MB/s)", mb / f);
+    println!("apply, known content: {a:.2} s ({:.0} MB/s)", mb / a);
+    println!("tar -xzf:             {x:.2} s ({:.0} MB/s)", mb / x);
+}
