@@ -371,6 +371,19 @@ impl LoopFs {
         }
         Ok(LoopFs { mnt })
     }
+
+    /// The block device under it (`loop3`), for its `/sys/block/<dev>/stat`.
+    pub fn device(&self) -> Result<String> {
+        let out = Command::new("findmnt")
+            .args(["-no", "SOURCE", "--mountpoint"])
+            .arg(&self.mnt)
+            .output()?;
+        let src = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        match src.strip_prefix("/dev/") {
+            Some(dev) if out.status.success() => Ok(dev.to_string()),
+            _ => bail!("no block device mounted at {}", self.mnt.display()),
+        }
+    }
 }
 
 impl Drop for LoopFs {
@@ -380,9 +393,42 @@ impl Drop for LoopFs {
     }
 }
 
-/// A private containerd (the distribution's, 1.6 on Debian 12).
+/// How [`Containerd::start_with`] runs containerd.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerdOptions {
+    /// Directory holding `containerd` and `ctr` (default: both from `PATH`, the
+    /// distribution's 1.6 on Debian 12).
+    pub bin_dir: Option<PathBuf>,
+    /// Also register our daemon's socket as the diff plugin `cas-diff` and make the
+    /// diff service try it first (`default = ["cas-diff", "walking"]`). Only for
+    /// containerd >= 1.7.4: 1.6 panics at start on a `type = "diff"` proxy plugin.
+    pub cas_diff: bool,
+}
+
+impl ContainerdOptions {
+    /// The `containerd` binary these options run.
+    pub fn containerd_bin(&self) -> PathBuf {
+        self.bin("containerd")
+    }
+
+    /// The `ctr` binary that goes with it.
+    pub fn ctr_bin(&self) -> PathBuf {
+        self.bin("ctr")
+    }
+
+    fn bin(&self, name: &str) -> PathBuf {
+        match &self.bin_dir {
+            Some(d) => d.join(name),
+            None => PathBuf::from(name),
+        }
+    }
+}
+
+/// A private containerd (the distribution's, 1.6 on Debian 12, unless
+/// [`ContainerdOptions::bin_dir`] names another).
 pub struct Containerd {
     proc: Proc,
+    ctr: PathBuf,
     /// Its working directory (root, state, sockets, config).
     pub dir: PathBuf,
     /// Its gRPC socket.
@@ -392,6 +438,15 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd under `dir` with our snapshotter at `snapshotter_sock`.
     pub fn start(dir: &Path, snapshotter_sock: &Path) -> Result<Containerd> {
+        Self::start_with(dir, snapshotter_sock, &ContainerdOptions::default())
+    }
+
+    /// Like [`Containerd::start`], with another binary or our differ.
+    pub fn start_with(
+        dir: &Path,
+        snapshotter_sock: &Path,
+        opts: &ContainerdOptions,
+    ) -> Result<Containerd> {
         fs::create_dir_all(dir)?;
         let sock = dir.join("containerd.sock");
         let cfg = dir.join("config.toml");
@@ -414,18 +469,34 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     address = "{snap}"
 [plugins."io.containerd.internal.v1.opt"]
   path = "{d}/opt"
-"#,
+{diff}"#,
                 d = dir.display(),
                 sock = sock.display(),
-                snap = snapshotter_sock.display()
+                snap = snapshotter_sock.display(),
+                diff = if opts.cas_diff {
+                    format!(
+                        r#"[proxy_plugins.cas-diff]
+  type = "diff"
+  address = "{}"
+[plugins."io.containerd.service.v1.diff-service"]
+  default = ["cas-diff", "walking"]
+"#,
+                        snapshotter_sock.display()
+                    )
+                } else {
+                    String::new()
+                }
             ),
         )?;
         let proc = Proc::spawn(
-            Command::new("containerd").arg("--config").arg(&cfg),
+            Command::new(opts.containerd_bin())
+                .arg("--config")
+                .arg(&cfg),
             &dir.join("containerd.log"),
         )?;
         let mut c = Containerd {
             proc,
+            ctr: opts.ctr_bin(),
             dir: dir.to_path_buf(),
             sock,
         };
@@ -440,7 +511,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     /// Runs `ctr --address <sock> args…`; stdout on success, stderr in the error.
     pub fn ctr(&self, args: &[&str]) -> Result<String> {
-        let out: Output = Command::new("ctr")
+        let out: Output = Command::new(&self.ctr)
             .arg("--address")
             .arg(&self.sock)
             .args(args)
@@ -459,6 +530,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     /// The log so far.
     pub fn log(&self) -> String {
         self.proc.log_tail()
+    }
+
+    /// containerd's pid.
+    pub fn pid(&self) -> Option<i32> {
+        self.proc.pid().map(|p| p.as_raw())
     }
 }
 
