@@ -983,7 +983,7 @@ fn render(
             "containerd's `snapshots/benchsuite` through the conformance harness: 16 layers per \
              iteration, each Prepare, mount + write ~10 files of 1 MiB + unmount, Commit; \
              `overlayfs` is containerd's own overlayfs snapshotter served over gRPC by the \
-             harness's reference server. Milliseconds per layer, median [min–max] over the counts.\n"
+             harness's reference server. Milliseconds per layer; *total* is the median [min–max] over the counts, the steps are the last count's (upstream prints them once).\n"
         );
         let _ = writeln!(
             s,
