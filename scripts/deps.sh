@@ -13,7 +13,14 @@ PACKAGES=(
   debootstrap                # Debian base images for make bench-dedup
   fio pigz zstd              # physical limits of make bench (disk, decompression)
   ca-certificates curl build-essential pkg-config git
+  gpgv xz-utils debian-archive-keyring   # checking the newer containerd .debs (below)
 )
+
+# containerd 1.7 and 2.x for the version and CRI tests, unpacked beside the system's 1.6
+# (scripts/containerd-versions.sh; skips what it already has).
+fetch_containerd_versions() {
+  bash "$(dirname "$0")/containerd-versions.sh"
+}
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -21,6 +28,7 @@ for p in "${PACKAGES[@]}"; do
 done
 if [ "${1:-}" != --force ] && [ ${#missing[@]} -eq 0 ]; then
   echo "deps: all packages present"
+  fetch_containerd_versions
   exit 0
 fi
 if [ "$(id -u)" != 0 ]; then
@@ -32,3 +40,4 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
 command -v cargo >/dev/null || { echo "deps: cargo not found; install a Rust toolchain (rustup) first" >&2; exit 1; }
 echo "deps: installed ${missing[*]}"
+fetch_containerd_versions

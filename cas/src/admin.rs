@@ -46,6 +46,25 @@ pub struct Stats {
     /// How commit records are made durable (filled in by the running daemon).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal: Option<String>,
+    /// How layers came in since the daemon started (filled in by the running daemon).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingest_paths: Option<IngestPaths>,
+}
+
+/// How layers came in since the daemon started: the Diff service's one-pass applies, or
+/// containerd's applier followed by an ingest at Commit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IngestPaths {
+    /// Layers applied by the Diff service in one pass.
+    pub fast_path_applies: u64,
+    /// Applies handed back to containerd's applier (`Unimplemented`).
+    pub fallback_applies: u64,
+    /// Applies that failed.
+    pub failed_applies: u64,
+    /// Layers written by containerd's applier and ingested at Commit.
+    pub commit_ingests: u64,
+    /// The I/O workers' backend (`io_uring` or `threads`).
+    pub io_backend: Option<String>,
 }
 
 /// Computes [`Stats`].

@@ -1,16 +1,24 @@
 //! Garbage collection: delete objects no committed snapshot references.
 //!
-//! An object is garbage when the index holds no reference count for it. The caller must
+//! An object is garbage when the index holds no reference count for it and no active
+//! snapshot's manifest names it. (An active snapshot has a manifest once the Diff
+//! service applied a layer into it: its objects are published at Apply and referenced
+//! at Commit, a separate call; in between, that manifest is what keeps them.) The caller must
 //! exclude every ingest for the duration of [`collect`] (the daemon holds its GC lock in
 //! write mode; ingests hold it in read mode from before they look an object up until
 //! their references are recorded). Without that, an ingest could find an object, decide
 //! not to store its bytes again, and lose the object to a concurrent collection before
 //! its reference lands.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use crate::admin::MANIFEST_FILE;
+use crate::index::Kind;
+use crate::manifest::read_manifest;
 
 use crate::digest::Digest;
 use crate::error::CasError;
@@ -86,6 +94,72 @@ pub fn sweep_tmp(layout: &Layout) -> Result<u64, CasError> {
     Ok(n)
 }
 
+/// Objects named by the manifests of active snapshots (applied but not yet committed).
+pub fn pending_objects(layout: &Layout, meta: &MetaStore) -> Result<HashSet<Digest>, CasError> {
+    let mut out = HashSet::new();
+    for (_, rec) in meta.all()? {
+        if rec.kind != Kind::Active {
+            continue;
+        }
+        let manifest = layout.snapshot_dir(rec.id).join(MANIFEST_FILE);
+        if !manifest.exists() {
+            continue;
+        }
+        for entry in read_manifest(&manifest)? {
+            out.insert(entry?.digest);
+        }
+    }
+    Ok(out)
+}
+
+/// Whether nothing keeps `d`: no reference count and no pending manifest.
+fn is_garbage(meta: &MetaStore, pending: &HashSet<Digest>, d: &Digest) -> Result<bool, CasError> {
+    let n = meta
+        .ref_count(d)
+        .map_err(|e| CasError::io("read index", d.hex())(io::Error::other(e)))?;
+    Ok(n == 0 && !pending.contains(d))
+}
+
+/// Deletes one object (its alias first). Returns the bytes freed, if it was there.
+fn remove_object(objects: &ObjectStore, d: &Digest, path: &Path) -> Result<Option<u64>, CasError> {
+    let size = fs::symlink_metadata(path).map(|m| m.len()).unwrap_or(0);
+    crate::crash_point!("gc.before-delete");
+    // The alias first: a crash in between leaves an unreferenced object (the next GC
+    // takes it), never an alias without its object.
+    objects.remove_alias(d)?;
+    match fs::remove_file(path) {
+        Ok(()) => {
+            crate::crash_point!("gc.after-delete");
+            Ok(Some(size))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(CasError::io("remove", path)(e)),
+    }
+}
+
+/// Deletes those of `candidates` that nothing keeps (after a failed or abandoned apply:
+/// the objects it published). Same locking contract as [`collect`].
+pub fn collect_objects(
+    layout: &Layout,
+    meta: &MetaStore,
+    candidates: &[Digest],
+) -> Result<GcStats, CasError> {
+    let objects = ObjectStore::new(layout);
+    let pending = pending_objects(layout, meta)?;
+    let mut stats = GcStats::default();
+    for d in candidates {
+        stats.scanned += 1;
+        if !is_garbage(meta, &pending, d)? {
+            continue;
+        }
+        if let Some(size) = remove_object(&objects, d, &objects.path(d))? {
+            stats.removed += 1;
+            stats.freed_bytes += size;
+        }
+    }
+    Ok(stats)
+}
+
 /// Deletes unreferenced objects. See the module docs for the locking contract.
 pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
     let objects = ObjectStore::new(layout);
@@ -97,37 +171,30 @@ pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
         tmp_removed: sweep_tmp(layout)?,
         ..GcStats::default()
     };
+    let pending = pending_objects(layout, meta)?;
     for (digest, path) in list_objects(layout)? {
         stats.scanned += 1;
-        let referenced = match digest {
-            Some(d) => {
-                meta.ref_count(&d)
-                    .map_err(|e| CasError::io("read index", &path)(io::Error::other(e)))?
-                    > 0
-            }
-            None => false,
+        let garbage = match &digest {
+            Some(d) => is_garbage(meta, &pending, d)?,
+            None => true,
         };
-        if referenced {
+        if !garbage {
             if let Some(d) = digest {
                 kept.entry(d.alias()).or_default().push(d);
             }
             continue;
         }
-        let size = fs::symlink_metadata(&path).map(|m| m.len()).unwrap_or(0);
-        crate::crash_point!("gc.before-delete");
-        // The alias first: a crash in between leaves an unreferenced object (the next
-        // GC takes it), never an alias without its object.
-        if let Some(d) = digest {
-            objects.remove_alias(&d)?;
-        }
-        match fs::remove_file(&path) {
-            Ok(()) => {
-                stats.removed += 1;
-                stats.freed_bytes += size;
-                crate::crash_point!("gc.after-delete");
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(CasError::io("remove", &path)(e)),
+        let freed = match &digest {
+            Some(d) => remove_object(&objects, d, &path)?,
+            None => match fs::remove_file(&path) {
+                Ok(()) => Some(0),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(CasError::io("remove", &path)(e)),
+            },
+        };
+        if let Some(size) = freed {
+            stats.removed += 1;
+            stats.freed_bytes += size;
         }
     }
     // Aliases whose object is gone (one link left: the alias itself) or that name

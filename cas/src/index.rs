@@ -34,6 +34,9 @@ const RECORD: u8 = b'S';
 const CHILD: u8 = b'C';
 const REF: u8 = b'R';
 const NEXT_ID: &[u8] = b"N";
+/// sled's page cache. Its default (1 GiB) lets the daemon's memory grow with every
+/// object ever referenced; the index is small and read mostly by key.
+const CACHE_BYTES: u64 = 32 << 20;
 /// File in `snapshots/<id>/` mirroring the snapshot's record.
 pub const INFO_FILE: &str = "info";
 
@@ -161,7 +164,10 @@ fn encode(rec: &Record) -> Vec<u8> {
 impl MetaStore {
     /// Opens (or creates) the index in `dir`.
     pub fn open(dir: &Path) -> Result<MetaStore, IndexError> {
-        let db = sled::Config::new().path(dir).open()?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(CACHE_BYTES)
+            .open()?;
         let tree = db.open_tree("snapshots")?;
         Ok(MetaStore { db, tree })
     }

@@ -192,7 +192,7 @@ pub fn ingest_layer(
                         r
                     }
                 };
-                write_stub(&tmp, &md, &xattrs, &redirect)?;
+                write_stub(&tmp, &(&md).into(), &xattrs, &redirect)?;
                 fs::rename(&tmp, path).map_err(CasError::io("rename", path))?;
                 crate::crash_point!("ingest.stub-in-place");
                 Ok(())
@@ -282,7 +282,7 @@ fn materialise(
         for name in xattr::list(tmp).map_err(CasError::io("listxattr", tmp))? {
             xattr::remove(tmp, &name).map_err(CasError::io("removexattr", tmp))?;
         }
-        apply_metadata(&f, tmp, md, xattrs)?;
+        apply_metadata(&f, tmp, &md.into(), xattrs)?;
     } else {
         return Ok(());
     }

@@ -23,6 +23,8 @@
 //! * [`stub`]: metadata stubs and the rule that layers never bring overlayfs xattrs;
 //! * [`manifest`]: a layer's path → object list;
 //! * [`ingest`]: a layer tree → stubs + objects + manifest, at Commit;
+//! * [`unpack`]: a compressed layer blob → stubs + objects + manifest in one pass (the
+//!   differ's fast path);
 //! * [`index`]: snapshot records and object reference counts in sled;
 //! * [`journal`]: commit records, checkpoints and their replay at start;
 //! * [`flatten`]: one stub tree standing in for a chain too deep for one mount option;
@@ -73,6 +75,7 @@ pub mod layout;
 pub mod manifest;
 pub mod objects;
 pub mod stub;
+pub mod unpack;
 
 pub use digest::Digest;
 pub use error::CasError;

@@ -111,6 +111,13 @@ impl ManifestWriter {
     }
 }
 
+impl ManifestWriter {
+    /// Drops the manifest being written: nothing appears at the target.
+    pub fn abandon(self) {
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
 /// Streams the entries of the manifest at `path`.
 pub fn read_manifest(
     path: &Path,

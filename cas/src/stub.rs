@@ -51,33 +51,61 @@ pub fn own_xattrs(path: &Path) -> Result<Vec<(OsString, Vec<u8>)>, CasError> {
     Ok(out)
 }
 
+/// The metadata a stub (or a file of a layer) carries: what `stat` shows of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileMeta {
+    /// Permission bits including set-id and sticky (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Access time.
+    pub atime: TimeSpec,
+    /// Modification time.
+    pub mtime: TimeSpec,
+}
+
+impl From<&Metadata> for FileMeta {
+    fn from(md: &Metadata) -> Self {
+        FileMeta {
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            size: md.size(),
+            atime: TimeSpec::new(md.atime(), md.atime_nsec()),
+            mtime: TimeSpec::new(md.mtime(), md.mtime_nsec()),
+        }
+    }
+}
+
 /// Gives the open file `f` (at `at`) the owner, mode, xattrs and times of `md` and
 /// `xattrs`. Times come last, since every other change would touch them.
 pub fn apply_metadata(
     f: &File,
     at: &Path,
-    md: &Metadata,
+    md: &FileMeta,
     xattrs: &[(OsString, Vec<u8>)],
 ) -> Result<(), CasError> {
     let io = |op| CasError::io(op, at);
     // chown clears set-id bits and file capabilities: owner first, then mode and xattrs.
-    nix::unistd::fchown(f.as_raw_fd(), Some(md.uid().into()), Some(md.gid().into()))
+    nix::unistd::fchown(f.as_raw_fd(), Some(md.uid.into()), Some(md.gid.into()))
         .map_err(|e| io("chown")(e.into()))?;
-    f.set_permissions(std::fs::Permissions::from_mode(md.mode() & 0o7777))
+    f.set_permissions(std::fs::Permissions::from_mode(md.mode & 0o7777))
         .map_err(io("chmod"))?;
     for (name, value) in xattrs {
         f.set_xattr(name, value).map_err(io("setxattr"))?;
     }
-    let atime = TimeSpec::new(md.atime(), md.atime_nsec());
-    let mtime = TimeSpec::new(md.mtime(), md.mtime_nsec());
-    futimens(f.as_raw_fd(), &atime, &mtime).map_err(|e| io("utimens")(e.into()))
+    futimens(f.as_raw_fd(), &md.atime, &md.mtime).map_err(|e| io("utimens")(e.into()))
 }
 
 /// Creates at `at` (which must not exist) a stub for a file with metadata `md` and
-/// xattrs `xattrs` whose bytes are the object `digest`.
+/// xattrs `xattrs` whose bytes are the object `redirect` names.
 pub fn write_stub(
     at: &Path,
-    md: &Metadata,
+    md: &FileMeta,
     xattrs: &[(OsString, Vec<u8>)],
     redirect: &str,
 ) -> Result<File, CasError> {
@@ -88,7 +116,7 @@ pub fn write_stub(
         .mode(0o600)
         .open(at)
         .map_err(io("create"))?;
-    f.set_len(md.size()).map_err(io("truncate"))?;
+    f.set_len(md.size).map_err(io("truncate"))?;
     f.set_xattr(XATTR_METACOPY, b"").map_err(io("setxattr"))?;
     f.set_xattr(XATTR_REDIRECT, redirect.as_bytes())
         .map_err(io("setxattr"))?;

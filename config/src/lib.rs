@@ -23,6 +23,20 @@
 //!
 //! [metrics]
 //! address = "127.0.0.1:9109"   # Prometheus text at /metrics; absent = off
+//!
+//! [differ]                     # the Diff service (cas-diff): one-pass layer applies
+//! enabled = true
+//! content_dir = "/var/lib/containerd/io.containerd.content.v1.content"
+//! containerd_address = "/run/containerd/containerd.sock"   # Content API fallback
+//! max_layer_bytes = 274877906944   # uncompressed bytes a layer may have
+//! max_expansion = 1000             # uncompressed per compressed byte, beyond 1 GiB
+//!
+//! [ring]                       # I/O workers for blob reads and object writes
+//! workers = 2
+//! buffers = 16                 # registered buffers per worker
+//! buffer_size = 262144
+//! queue_depth = 64             # writes queued per worker before producers wait
+//! backend = "auto"             # auto (io_uring where it works) | threads
 //! ```
 //!
 //! Parsing ([`Config::from_toml`]) is separate from I/O ([`Config::load`]) so every rule
@@ -213,6 +227,80 @@ pub struct MetricsConfig {
     pub address: Option<std::net::SocketAddr>,
 }
 
+/// Default of `[differ] content_dir`: the content store of containerd's default root.
+pub const DEFAULT_CONTENT_DIR: &str = "/var/lib/containerd/io.containerd.content.v1.content";
+/// Default of `[differ] containerd_address`: containerd's default socket.
+pub const DEFAULT_CONTAINERD_ADDRESS: &str = "/run/containerd/containerd.sock";
+
+/// The `[differ]` section: the Diff service (`cas-diff`) that applies layers in one pass.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DifferConfig {
+    /// Serve the Diff service on the socket (default true). Off, every Apply answers
+    /// `Unimplemented` and containerd falls back to its own applier.
+    pub enabled: bool,
+    /// containerd's content store directory; blobs are read from `blobs/sha256/…` here
+    /// when readable, otherwise streamed through containerd's Content API.
+    pub content_dir: PathBuf,
+    /// containerd's socket, for the Content API.
+    pub containerd_address: PathBuf,
+    /// Uncompressed bytes a layer may expand to, whatever its blob size.
+    pub max_layer_bytes: u64,
+    /// Uncompressed bytes allowed per compressed byte beyond 1 GiB (decompression bombs).
+    pub max_expansion: u64,
+}
+
+impl Default for DifferConfig {
+    fn default() -> Self {
+        DifferConfig {
+            enabled: true,
+            content_dir: PathBuf::from(DEFAULT_CONTENT_DIR),
+            containerd_address: PathBuf::from(DEFAULT_CONTAINERD_ADDRESS),
+            max_layer_bytes: 256 << 30,
+            max_expansion: 1000,
+        }
+    }
+}
+
+/// Which I/O backend the `[ring]` workers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RingBackend {
+    /// io_uring where the kernel allows it (probed at start), otherwise threads (default).
+    #[default]
+    Auto,
+    /// Plain threads with pread/pwrite.
+    Threads,
+}
+
+/// The `[ring]` section: the I/O workers that read blobs and write new objects.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RingConfig {
+    /// Worker threads, each with its own ring and buffers.
+    pub workers: usize,
+    /// Registered buffers per worker.
+    pub buffers: usize,
+    /// Bytes per buffer.
+    pub buffer_size: usize,
+    /// Writes queued per worker before producers wait (backpressure).
+    pub queue_depth: usize,
+    /// io_uring or plain threads.
+    pub backend: RingBackend,
+}
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        RingConfig {
+            workers: 2,
+            buffers: 16,
+            buffer_size: 256 << 10,
+            queue_depth: 64,
+            backend: RingBackend::Auto,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -229,6 +317,10 @@ pub struct Config {
     pub gc: GcConfig,
     /// The metrics endpoint.
     pub metrics: MetricsConfig,
+    /// The Diff service.
+    pub differ: DifferConfig,
+    /// The I/O workers.
+    pub ring: RingConfig,
 }
 
 impl Default for Config {
@@ -240,6 +332,8 @@ impl Default for Config {
             store: StoreConfig::default(),
             gc: GcConfig::default(),
             metrics: MetricsConfig::default(),
+            differ: DifferConfig::default(),
+            ring: RingConfig::default(),
         }
     }
 }
@@ -288,6 +382,34 @@ impl Config {
             return Err(invalid(
                 "address",
                 "must be an absolute path to a unix socket",
+            ));
+        }
+        if !self.differ.content_dir.is_absolute() {
+            return Err(invalid("differ.content_dir", "must be an absolute path"));
+        }
+        if !self.differ.containerd_address.is_absolute() {
+            return Err(invalid(
+                "differ.containerd_address",
+                "must be an absolute path to a unix socket",
+            ));
+        }
+        if self.differ.max_expansion == 0 || self.differ.max_layer_bytes == 0 {
+            return Err(invalid(
+                "differ",
+                "max_expansion and max_layer_bytes must be positive",
+            ));
+        }
+        let r = &self.ring;
+        if r.workers == 0 || r.workers > 64 {
+            return Err(invalid("ring.workers", "must be between 1 and 64"));
+        }
+        if r.buffers == 0 || r.queue_depth == 0 {
+            return Err(invalid("ring", "buffers and queue_depth must be positive"));
+        }
+        if r.buffer_size < 4096 || r.buffer_size > 16 << 20 || !r.buffer_size.is_multiple_of(4096) {
+            return Err(invalid(
+                "ring.buffer_size",
+                "must be a multiple of 4096 between 4 KiB and 16 MiB",
             ));
         }
         Ok(())
@@ -380,6 +502,33 @@ mod tests {
                 msg.contains("gc.interval") && msg.contains("g.toml"),
                 "{bad}: {msg}"
             );
+        }
+    }
+
+    #[test]
+    fn differ_and_ring_sections_parse_and_validate() {
+        let d = Config::default();
+        assert!(d.differ.enabled);
+        assert_eq!(d.ring.workers, 2);
+        let cfg = Config::from_toml(
+            "[differ]\nenabled = false\ncontent_dir = \"/srv/c\"\nmax_expansion = 50\n[ring]\nworkers = 4\nbackend = \"threads\"\n",
+            "t",
+        )
+        .unwrap();
+        assert!(!cfg.differ.enabled);
+        assert_eq!(cfg.differ.content_dir, PathBuf::from("/srv/c"));
+        assert_eq!(cfg.differ.max_expansion, 50);
+        assert_eq!(cfg.ring.workers, 4);
+        assert_eq!(cfg.ring.backend, RingBackend::Threads);
+        for (bad, key) in [
+            ("[ring]\nworkers = 0\n", "ring.workers"),
+            ("[ring]\nbuffer_size = 1000\n", "ring.buffer_size"),
+            ("[ring]\nbackend = \"uring\"\n", "ring.backend"),
+            ("[differ]\ncontent_dir = \"rel\"\n", "differ.content_dir"),
+            ("[differ]\nspeed = 1\n", "speed"),
+        ] {
+            let msg = Config::from_toml(bad, "f.toml").unwrap_err().to_string();
+            assert!(msg.contains(key) && msg.contains("f.toml"), "{bad}: {msg}");
         }
     }
 

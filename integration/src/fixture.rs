@@ -836,6 +836,30 @@ pub fn build_app_image(out_dir: &Path, busybox: &Path) -> Result<BuiltImage> {
     write_oci_layout(&spec, out_dir)
 }
 
+/// The command of [`build_pause_image`]: waits until SIGTERM, then exits 0.
+pub const PAUSE_CMD: &str = "trap 'exit 0' TERM; sleep 2147483647 & wait";
+
+/// A sandbox ("pause") image for the CRI plugin: one layer with busybox (`sh`, `sleep`),
+/// whose command holds the pod until it is stopped.
+pub fn build_pause_image(out_dir: &Path, busybox: &Path) -> Result<BuiltImage> {
+    let busybox = fs::read(busybox).with_context(|| format!("reading {}", busybox.display()))?;
+    let mut entries = vec![
+        dir("bin", Meta::new(0o755)),
+        file("bin/busybox", Meta::new(0o755), busybox),
+    ];
+    for applet in ["sh", "sleep"] {
+        entries.push(symlink(&format!("bin/{applet}"), "busybox"));
+    }
+    let spec = ImageSpec {
+        layers: vec![LayerSpec {
+            entries,
+            compression: Compression::Gzip,
+        }],
+        cmd: vec!["/bin/sh".into(), "-c".into(), PAUSE_CMD.into()],
+    };
+    write_oci_layout(&spec, out_dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

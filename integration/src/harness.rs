@@ -393,70 +393,264 @@ impl Drop for LoopFs {
     }
 }
 
-/// How [`Containerd::start_with`] runs containerd.
-#[derive(Debug, Clone, Default)]
-pub struct ContainerdOptions {
-    /// Directory holding `containerd` and `ctr` (default: both from `PATH`, the
-    /// distribution's 1.6 on Debian 12).
-    pub bin_dir: Option<PathBuf>,
-    /// Also register our daemon's socket as the diff plugin `cas-diff` and make the
-    /// diff service try it first (`default = ["cas-diff", "walking"]`). Only for
-    /// containerd >= 1.7.4: 1.6 panics at start on a `type = "diff"` proxy plugin.
-    pub cas_diff: bool,
+/// Where `scripts/containerd-versions.sh` unpacks containerd releases
+/// (`$CAS_CONTAINERD_CACHE`, default `/var/cache/cas-snapshotter/containerd`).
+pub fn containerd_cache() -> PathBuf {
+    PathBuf::from(
+        std::env::var("CAS_CONTAINERD_CACHE")
+            .unwrap_or_else(|_| "/var/cache/cas-snapshotter/containerd".into()),
+    )
 }
 
-impl ContainerdOptions {
-    /// The `containerd` binary these options run.
-    pub fn containerd_bin(&self) -> PathBuf {
-        self.bin("containerd")
+/// Which containerd binaries a test runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerdBin {
+    /// The distribution's `containerd` and `ctr` on `PATH` (1.6 on Debian 12).
+    System,
+    /// A release series unpacked by `scripts/containerd-versions.sh`:
+    /// `<cache>/<series>/usr/bin` (series `1.7` or `2`).
+    Cached(String),
+    /// Another directory holding `containerd`, `ctr` and the shim (a build of one's own).
+    Dir(PathBuf),
+}
+
+impl ContainerdBin {
+    /// From a command-line word: `1.6` or `system` for the system's, a path (with a `/`)
+    /// for [`ContainerdBin::Dir`], anything else a cached series (`1.7`, `2`).
+    pub fn from_arg(arg: &str) -> ContainerdBin {
+        match arg {
+            "1.6" | "system" => ContainerdBin::System,
+            a if a.contains('/') => ContainerdBin::Dir(PathBuf::from(a)),
+            series => ContainerdBin::Cached(series.to_string()),
+        }
     }
 
-    /// The `ctr` binary that goes with it.
-    pub fn ctr_bin(&self) -> PathBuf {
-        self.bin("ctr")
+    /// The directory holding `containerd`, `ctr` and the shims; `None` for the system's.
+    pub fn dir(&self) -> Option<PathBuf> {
+        match self {
+            ContainerdBin::System => None,
+            ContainerdBin::Cached(series) => {
+                Some(containerd_cache().join(series).join("usr").join("bin"))
+            }
+            ContainerdBin::Dir(dir) => Some(dir.clone()),
+        }
     }
 
-    fn bin(&self, name: &str) -> PathBuf {
-        match &self.bin_dir {
+    fn program(&self, name: &str) -> PathBuf {
+        match self.dir() {
             Some(d) => d.join(name),
             None => PathBuf::from(name),
         }
     }
-}
 
-/// A private containerd (the distribution's, 1.6 on Debian 12, unless
-/// [`ContainerdOptions::bin_dir`] names another).
-pub struct Containerd {
-    proc: Proc,
-    ctr: PathBuf,
-    /// Its working directory (root, state, sockets, config).
-    pub dir: PathBuf,
-    /// Its gRPC socket.
-    pub sock: PathBuf,
-}
-
-impl Containerd {
-    /// Starts containerd under `dir` with our snapshotter at `snapshotter_sock`.
-    pub fn start(dir: &Path, snapshotter_sock: &Path) -> Result<Containerd> {
-        Self::start_with(dir, snapshotter_sock, &ContainerdOptions::default())
+    /// Whether the binaries are there (a cached series may not have been fetched).
+    pub fn present(&self) -> bool {
+        self.dir()
+            .is_none_or(|d| d.join("containerd").is_file() && d.join("ctr").is_file())
     }
 
-    /// Like [`Containerd::start`], with another binary or our differ.
-    pub fn start_with(
-        dir: &Path,
-        snapshotter_sock: &Path,
-        opts: &ContainerdOptions,
-    ) -> Result<Containerd> {
-        fs::create_dir_all(dir)?;
-        let sock = dir.join("containerd.sock");
-        let cfg = dir.join("config.toml");
-        fs::write(
-            &cfg,
-            format!(
-                r#"version = 2
+    /// Like [`ContainerdBin::present`], and prints why not (a test's "skipped").
+    pub fn available(&self) -> bool {
+        if self.present() {
+            return true;
+        }
+        let dir = self.dir().unwrap_or_default();
+        let hint = match self {
+            ContainerdBin::Cached(_) => " (run scripts/containerd-versions.sh, or make deps)",
+            _ => "",
+        };
+        eprintln!("skipped: no containerd in {}{hint}", dir.display());
+        false
+    }
+
+    /// `containerd --version`, parsed.
+    pub fn version(&self) -> Result<ContainerdVersion> {
+        let out = Command::new(self.program("containerd"))
+            .arg("--version")
+            .output()
+            .with_context(|| {
+                format!("running {} --version", self.program("containerd").display())
+            })?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ContainerdVersion::parse(&text)
+            .with_context(|| format!("no version in `containerd --version`: {text}"))
+    }
+}
+
+/// A containerd release number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ContainerdVersion {
+    /// 1, 2, …
+    pub major: u32,
+    /// Minor release.
+    pub minor: u32,
+    /// Patch release.
+    pub patch: u32,
+}
+
+impl ContainerdVersion {
+    /// The first proxy-differ release: 1.6 panics at start on a `type = "diff"` entry.
+    pub const PROXY_DIFFER: ContainerdVersion = ContainerdVersion {
+        major: 1,
+        minor: 7,
+        patch: 4,
+    };
+
+    /// The first release with the transfer service.
+    pub const TRANSFER: ContainerdVersion = ContainerdVersion {
+        major: 1,
+        minor: 7,
+        patch: 0,
+    };
+
+    /// From `containerd --version`: `containerd github.com/containerd/containerd/v2 2.1.9+unknown`
+    /// or Debian's `… 1.7.24~ds1 1.7.24~ds1-6+deb13u1`.
+    pub fn parse(text: &str) -> Option<ContainerdVersion> {
+        let word = text.split_whitespace().nth(2)?;
+        let word = word.trim_start_matches('v');
+        let mut nums = word
+            .split(|c: char| !c.is_ascii_digit())
+            .take(3)
+            .map(|n| n.parse::<u32>().ok());
+        Some(ContainerdVersion {
+            major: nums.next()??,
+            minor: nums.next()??,
+            patch: nums.next().flatten().unwrap_or(0),
+        })
+    }
+
+    /// Whether its config file is version 3 (containerd 2.x) rather than 2.
+    pub fn config_v3(self) -> bool {
+        self.major >= 2
+    }
+}
+
+impl std::fmt::Display for ContainerdBin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ContainerdBin::System => write!(f, "the system's"),
+            ContainerdBin::Cached(series) => write!(f, "cached series {series}"),
+            ContainerdBin::Dir(dir) => write!(f, "{}", dir.display()),
+        }
+    }
+}
+
+impl std::fmt::Display for ContainerdVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// The CRI plugin, for Kubernetes' view of the snapshotter (containerd 2.x only).
+#[derive(Debug, Clone)]
+pub struct CriOptions {
+    /// The pinned sandbox ("pause") image, pulled through our snapshotter like any other.
+    pub sandbox_image: String,
+}
+
+/// How a test's containerd is set up.
+#[derive(Debug, Clone)]
+pub struct ContainerdOptions {
+    /// Which binaries.
+    pub bin: ContainerdBin,
+    /// Whether to declare our differ (`[proxy_plugins.cas-diff]`, first in the diff
+    /// service's order and, on 2.x, the transfer service's differ for `cas`). Ignored
+    /// before 1.7.4, which does not know proxy differs.
+    pub with_differ: bool,
+    /// The CRI plugin (disabled when `None`).
+    pub cri: Option<CriOptions>,
+    /// Registries (`host:port`) that containerd itself (the transfer service, CRI) reaches
+    /// over plain HTTP; `ctr --plain-http` covers only pulls that ctr does itself.
+    pub plain_http_registries: Vec<String>,
+}
+
+impl Default for ContainerdOptions {
+    fn default() -> Self {
+        ContainerdOptions {
+            bin: ContainerdBin::System,
+            with_differ: false,
+            cri: None,
+            plain_http_registries: Vec::new(),
+        }
+    }
+}
+
+impl ContainerdOptions {
+    /// A cached release series (`1.7`, `2`), no differ, no CRI.
+    pub fn cached(series: &str) -> ContainerdOptions {
+        Self::with_bin(ContainerdBin::Cached(series.to_string()))
+    }
+
+    /// These binaries, no differ, no CRI.
+    pub fn with_bin(bin: ContainerdBin) -> ContainerdOptions {
+        ContainerdOptions {
+            bin,
+            ..ContainerdOptions::default()
+        }
+    }
+
+    /// With or without our differ.
+    pub fn differ(mut self, with_differ: bool) -> ContainerdOptions {
+        self.with_differ = with_differ;
+        self
+    }
+
+    /// With the CRI plugin.
+    pub fn cri(mut self, cri: CriOptions) -> ContainerdOptions {
+        self.cri = Some(cri);
+        self
+    }
+}
+
+/// Paths a containerd config names.
+#[derive(Debug, Clone)]
+pub struct ContainerdPaths {
+    /// Working directory: root, state, opt, debug socket, hosts, CNI config.
+    pub dir: PathBuf,
+    /// containerd's gRPC socket.
+    pub sock: PathBuf,
+    /// Our daemon's socket (Snapshots, and Diff for `cas-diff`).
+    pub snapshotter_sock: PathBuf,
+}
+
+/// Whether a config for `version` with `opts` declares `cas-diff`.
+pub fn differ_declared(version: ContainerdVersion, opts: &ContainerdOptions) -> bool {
+    opts.with_differ && version >= ContainerdVersion::PROXY_DIFFER
+}
+
+/// The config file for `version`: config version 2 up to 1.7, 3 from 2.0. containerd 1.6
+/// never gets a `type = "diff"` entry (it panics at start on one).
+pub fn containerd_config(
+    version: ContainerdVersion,
+    opts: &ContainerdOptions,
+    paths: &ContainerdPaths,
+) -> Result<String> {
+    let d = paths.dir.display();
+    let sock = paths.sock.display();
+    let snap = paths.snapshotter_sock.display();
+    let differ = differ_declared(version, opts);
+    let v3 = version.config_v3();
+    if opts.cri.is_some() && !v3 {
+        bail!("the harness configures CRI for containerd 2.x only (this is {version})");
+    }
+    // Plugin names are quoted with ' in version 3 (as `containerd config default` writes
+    // them) and " in version 2; both are TOML.
+    let q = if v3 { '\'' } else { '"' };
+    let plugin = |id: &str| format!("plugins.{q}{id}{q}");
+    let mut disabled = vec!["io.containerd.nri.v1.nri"];
+    if opts.cri.is_none() {
+        disabled.extend([
+            "io.containerd.grpc.v1.cri",
+            "io.containerd.cri.v1.images",
+            "io.containerd.cri.v1.runtime",
+            "io.containerd.podsandbox.controller.v1.podsandbox",
+        ]);
+    }
+    let mut c = format!(
+        r#"version = {cv}
 root = "{d}/root"
 state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+disabled_plugins = [{disabled}]
 [grpc]
   address = "{sock}"
 [ttrpc]
@@ -467,51 +661,170 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   [proxy_plugins.cas]
     type = "snapshot"
     address = "{snap}"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-{diff}"#,
-                d = dir.display(),
-                sock = sock.display(),
-                snap = snapshotter_sock.display(),
-                diff = if opts.cas_diff {
-                    format!(
-                        r#"[proxy_plugins.cas-diff]
-  type = "diff"
-  address = "{}"
-[plugins."io.containerd.service.v1.diff-service"]
-  default = ["cas-diff", "walking"]
 "#,
-                        snapshotter_sock.display()
-                    )
-                } else {
-                    String::new()
-                }
+        cv = if v3 { 3 } else { 2 },
+        disabled = disabled
+            .iter()
+            .map(|p| format!("\"{p}\""))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    if differ {
+        c += &format!(
+            r#"  [proxy_plugins.cas-diff]
+    type = "diff"
+    address = "{snap}"
+"#
+        );
+    }
+    c += &format!(
+        r#"[{opt}]
+  path = "{d}/opt"
+"#,
+        opt = plugin("io.containerd.internal.v1.opt")
+    );
+    if differ {
+        // Clients that unpack themselves (ctr --local, ctr on 1.7, CRI on 1.7) go through
+        // the diff service, which tries each differ in turn and moves on when one answers
+        // NotImplemented.
+        c += &format!(
+            "[{}]\n  default = [\"cas-diff\", \"walking\"]\n",
+            plugin("io.containerd.service.v1.diff-service")
+        );
+    }
+    if version >= ContainerdVersion::TRANSFER {
+        // The transfer service (ctr pull and CRI on 2.x; `ctr pull --local=false` on 1.7)
+        // unpacks with one differ per snapshotter and platform, and fails when it fails: no
+        // fallback. Name a differ for every entry, because a proxy differ claims the host
+        // platform and two matching differs are chosen between at random.
+        let t = plugin("io.containerd.transfer.v1.local");
+        c += &format!("[{t}]\n  config_path = \"{d}/certs.d\"\n");
+        for (sn, df) in [
+            ("cas", if differ { "cas-diff" } else { "walking" }),
+            ("overlayfs", "walking"),
+        ] {
+            c += &format!(
+                "  [[{t}.unpack_config]]\n    platform = \"linux\"\n    snapshotter = \"{sn}\"\n    differ = \"{df}\"\n"
+            );
+        }
+    }
+    if let Some(cri) = &opts.cri {
+        let images = plugin("io.containerd.cri.v1.images");
+        let runtime = plugin("io.containerd.cri.v1.runtime");
+        let grpc = plugin("io.containerd.grpc.v1.cri");
+        c += &format!(
+            r#"[{images}]
+  snapshotter = "cas"
+  # seconds between CRI's passes over snapshot Usage (ImageFsInfo); 10 by default
+  stats_collect_period = 1
+  [{images}.pinned_images]
+    sandbox = "{sandbox}"
+  [{images}.registry]
+    config_path = "{d}/certs.d"
+[{runtime}]
+  # Containers may not lower their oom_score_adj below containerd's: the sandbox asks for
+  # -998, which needs CAP_SYS_RESOURCE, and test machines (containers) may lack it.
+  restrict_oom_score_adj = true
+  [{runtime}.cni]
+    bin_dirs = ["{d}/cni/bin"]
+    conf_dir = "{d}/cni/net.d"
+  [{runtime}.containerd.runtimes.runc.options]
+    Root = "{d}/runc"
+[{grpc}]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+"#,
+            sandbox = cri.sandbox_image,
+        );
+    }
+    Ok(c)
+}
+
+/// `hosts.toml` files under `dir/certs.d` that send pulls from these registries over
+/// plain HTTP (the transfer service and CRI read them; `ctr --plain-http` does not need them).
+fn write_plain_http_hosts(dir: &Path, registries: &[String]) -> Result<()> {
+    for r in registries {
+        let d = dir.join("certs.d").join(r);
+        fs::create_dir_all(&d)?;
+        fs::write(
+            d.join("hosts.toml"),
+            format!(
+                "server = \"http://{r}\"\n[host.\"http://{r}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
             ),
         )?;
-        let proc = Proc::spawn(
-            Command::new(opts.containerd_bin())
-                .arg("--config")
-                .arg(&cfg),
-            &dir.join("containerd.log"),
-        )?;
+    }
+    Ok(())
+}
+
+/// A private containerd: the distribution's (1.6 on Debian 12) or a cached release.
+pub struct Containerd {
+    proc: Proc,
+    bin: ContainerdBin,
+    /// Its release.
+    pub version: ContainerdVersion,
+    /// Whether its config declares `cas-diff`.
+    pub differ: bool,
+    /// Its working directory (root, state, sockets, config).
+    pub dir: PathBuf,
+    /// Its gRPC socket.
+    pub sock: PathBuf,
+}
+
+impl Containerd {
+    /// Starts the system's containerd under `dir` with our snapshotter at `snapshotter_sock`.
+    pub fn start(dir: &Path, snapshotter_sock: &Path) -> Result<Containerd> {
+        Self::start_with(dir, snapshotter_sock, &ContainerdOptions::default())
+    }
+
+    /// Starts containerd as `opts` says, under `dir`, with our daemon at `snapshotter_sock`.
+    pub fn start_with(
+        dir: &Path,
+        snapshotter_sock: &Path,
+        opts: &ContainerdOptions,
+    ) -> Result<Containerd> {
+        fs::create_dir_all(dir)?;
+        let version = opts.bin.version()?;
+        let paths = ContainerdPaths {
+            dir: dir.to_path_buf(),
+            sock: dir.join("containerd.sock"),
+            snapshotter_sock: snapshotter_sock.to_path_buf(),
+        };
+        let cfg = dir.join("config.toml");
+        fs::write(&cfg, containerd_config(version, opts, &paths)?)?;
+        write_plain_http_hosts(dir, &opts.plain_http_registries)?;
+        if opts.cri.is_some() {
+            fs::create_dir_all(dir.join("cni/net.d"))?;
+            fs::create_dir_all(dir.join("cni/bin"))?;
+        }
+        let mut cmd = Command::new(opts.bin.program("containerd"));
+        cmd.arg("--config").arg(&cfg);
+        if let Some(bin_dir) = opts.bin.dir() {
+            // containerd finds its shim on PATH first: the release's, not the system's.
+            let path = std::env::var("PATH").unwrap_or_default();
+            cmd.env("PATH", format!("{}:{path}", bin_dir.display()));
+        }
+        let proc = Proc::spawn(&mut cmd, &dir.join("containerd.log"))?;
         let mut c = Containerd {
             proc,
-            ctr: opts.ctr_bin(),
+            bin: opts.bin.clone(),
+            version,
+            differ: differ_declared(version, opts),
             dir: dir.to_path_buf(),
-            sock,
+            sock: paths.sock,
         };
         let up = wait_until("containerd", Duration::from_secs(30), || {
             c.ctr(&["version"]).is_ok()
         });
         if up.is_err() || !c.proc.alive() {
-            bail!("containerd did not start:\n{}", c.proc.log_tail());
+            bail!("containerd {version} did not start:\n{}", c.proc.log_tail());
         }
         Ok(c)
     }
 
-    /// Runs `ctr --address <sock> args…`; stdout on success, stderr in the error.
+    /// Runs `ctr --address <sock> args…` (the ctr of the same release); stdout on
+    /// success, stderr in the error.
     pub fn ctr(&self, args: &[&str]) -> Result<String> {
-        let out: Output = Command::new(&self.ctr)
+        let out: Output = Command::new(self.bin.program("ctr"))
             .arg("--address")
             .arg(&self.sock)
             .args(args)
@@ -530,6 +843,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     /// The log so far.
     pub fn log(&self) -> String {
         self.proc.log_tail()
+    }
+
+    /// The whole log (for looking for a message).
+    pub fn full_log(&self) -> String {
+        fs::read_to_string(&self.proc.log).unwrap_or_default()
     }
 
     /// containerd's pid.
@@ -581,6 +899,17 @@ impl Drop for Containerd {
     }
 }
 
+/// How a [`Rig`] is set up.
+#[derive(Debug, Clone, Default)]
+pub struct RigOptions {
+    /// Text of the daemon's config file.
+    pub daemon_config: Option<String>,
+    /// Which containerd and how (its `cri` is filled in when [`RigOptions::cri`] is set).
+    pub containerd: ContainerdOptions,
+    /// Enable the CRI plugin, with our pause image pushed as `fixture/pause:1`.
+    pub cri: bool,
+}
+
 /// Registry + daemon + containerd under one temporary directory, with the fixture
 /// images pushed as `fixture/base:1` and `fixture/app:1`.
 pub struct Rig {
@@ -599,6 +928,8 @@ pub struct Rig {
     pub base_ref: String,
     /// Reference of the app image.
     pub app_ref: String,
+    /// Reference of the sandbox image, when CRI is on.
+    pub pause_ref: Option<String>,
     /// Everything lives here.
     pub dir: tempfile::TempDir,
 }
@@ -606,11 +937,19 @@ pub struct Rig {
 impl Rig {
     /// Builds the fixtures and starts everything.
     pub fn start() -> Result<Rig> {
-        Self::start_with_config(None)
+        Self::start_with(RigOptions::default())
     }
 
     /// Like [`Rig::start`], with this text as the daemon's config file.
     pub fn start_with_config(config: Option<&str>) -> Result<Rig> {
+        Self::start_with(RigOptions {
+            daemon_config: config.map(str::to_string),
+            ..RigOptions::default()
+        })
+    }
+
+    /// Builds the fixtures and starts everything as `opts` says.
+    pub fn start_with(opts: RigOptions) -> Result<Rig> {
         let dir = tempfile::Builder::new().prefix("cas-e2e-").tempdir()?;
         let d = dir.path();
         let busybox = busybox_path();
@@ -619,8 +958,21 @@ impl Rig {
         let registry = Registry::start(&d.join("registry"))?;
         push_layout(&base.layout_dir, &registry.addr, "fixture/base", "1")?;
         push_layout(&app.layout_dir, &registry.addr, "fixture/app", "1")?;
+        let mut copts = opts.containerd.clone();
+        copts.plain_http_registries.push(registry.addr.clone());
+        let pause_ref = if opts.cri {
+            let pause = fixture::build_pause_image(&d.join("img-pause"), &busybox)?;
+            push_layout(&pause.layout_dir, &registry.addr, "fixture/pause", "1")?;
+            let r = format!("{}/fixture/pause:1", registry.addr);
+            copts.cri = Some(CriOptions {
+                sandbox_image: r.clone(),
+            });
+            Some(r)
+        } else {
+            None
+        };
         let bin = workspace_bin("cas-snapshotter", "CAS_SNAPSHOTTER_BIN")?;
-        let cfg = match config {
+        let cfg = match &opts.daemon_config {
             Some(text) => {
                 fs::write(d.join("config.toml"), text)?;
                 Some(d.join("config.toml"))
@@ -634,7 +986,7 @@ impl Rig {
             &d.join("cas-snapshotter.log"),
             cfg.as_deref(),
         )?;
-        let containerd = Containerd::start(&d.join("containerd"), &daemon.sock)?;
+        let containerd = Containerd::start_with(&d.join("containerd"), &daemon.sock, &copts)?;
         let base_ref = format!("{}/fixture/base:1", registry.addr);
         let app_ref = format!("{}/fixture/app:1", registry.addr);
         Ok(Rig {
@@ -645,6 +997,7 @@ impl Rig {
             app,
             base_ref,
             app_ref,
+            pause_ref,
             dir,
         })
     }
@@ -759,5 +1112,138 @@ impl Drop for ImageMount<'_> {
             unmount_below(&self.target);
             let _ = nix::mount::umount2(&self.target, nix::mount::MntFlags::MNT_DETACH);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(major: u32, minor: u32, patch: u32) -> ContainerdVersion {
+        ContainerdVersion {
+            major,
+            minor,
+            patch,
+        }
+    }
+
+    fn paths() -> ContainerdPaths {
+        ContainerdPaths {
+            dir: "/t/ctrd".into(),
+            sock: "/t/ctrd/containerd.sock".into(),
+            snapshotter_sock: "/t/cas.sock".into(),
+        }
+    }
+
+    fn render(version: ContainerdVersion, opts: &ContainerdOptions) -> toml::Table {
+        let text = containerd_config(version, opts, &paths()).unwrap();
+        text.parse().unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    #[test]
+    fn versions_parse_from_containerd_output() {
+        let debian17 =
+            "containerd github.com/containerd/containerd 1.7.24~ds1 1.7.24~ds1-6+deb13u1\n";
+        assert_eq!(ContainerdVersion::parse(debian17), Some(v(1, 7, 24)));
+        let v2 = "containerd github.com/containerd/containerd/v2 2.1.9+unknown \n";
+        assert_eq!(ContainerdVersion::parse(v2), Some(v(2, 1, 9)));
+        let upstream = "containerd github.com/containerd/containerd v1.6.20 2806fc1\n";
+        assert_eq!(ContainerdVersion::parse(upstream), Some(v(1, 6, 20)));
+        assert_eq!(ContainerdVersion::parse("nothing"), None);
+    }
+
+    #[test]
+    fn containerd_binaries_from_a_word() {
+        assert_eq!(ContainerdBin::from_arg("1.6"), ContainerdBin::System);
+        assert_eq!(ContainerdBin::from_arg("system"), ContainerdBin::System);
+        assert_eq!(
+            ContainerdBin::from_arg("2"),
+            ContainerdBin::Cached("2".into())
+        );
+        assert_eq!(
+            ContainerdBin::from_arg("./build/bin"),
+            ContainerdBin::Dir("./build/bin".into())
+        );
+        assert!(ContainerdBin::System.present());
+    }
+
+    #[test]
+    fn containerd_1_6_never_gets_a_diff_entry() {
+        let opts = ContainerdOptions::default().differ(true);
+        let text = containerd_config(v(1, 6, 20), &opts, &paths()).unwrap();
+        assert!(!text.contains("\"diff\""), "{text}");
+        assert!(!text.contains("cas-diff"), "{text}");
+        let c = render(v(1, 7, 3), &opts);
+        assert!(c["proxy_plugins"].get("cas-diff").is_none());
+        assert_eq!(c["version"].as_integer(), Some(2));
+    }
+
+    #[test]
+    fn containerd_1_7_puts_our_differ_first() {
+        let c = render(v(1, 7, 24), &ContainerdOptions::default().differ(true));
+        assert_eq!(c["version"].as_integer(), Some(2));
+        let diff = &c["proxy_plugins"]["cas-diff"];
+        assert_eq!(diff["type"].as_str(), Some("diff"));
+        assert_eq!(diff["address"].as_str(), Some("/t/cas.sock"));
+        let order = &c["plugins"]["io.containerd.service.v1.diff-service"]["default"];
+        assert_eq!(order.as_array().unwrap().len(), 2);
+        assert_eq!(order[0].as_str(), Some("cas-diff"));
+        assert_eq!(order[1].as_str(), Some("walking"));
+        let unpack = &c["plugins"]["io.containerd.transfer.v1.local"]["unpack_config"];
+        assert_eq!(unpack[0]["differ"].as_str(), Some("cas-diff"));
+        assert_eq!(unpack[1]["differ"].as_str(), Some("walking"));
+        let c = render(v(1, 6, 20), &ContainerdOptions::default());
+        assert!(c["plugins"]
+            .get("io.containerd.transfer.v1.local")
+            .is_none());
+    }
+
+    #[test]
+    fn containerd_2_names_a_differ_for_every_unpack() {
+        for with_differ in [true, false] {
+            let c = render(
+                v(2, 1, 9),
+                &ContainerdOptions::default().differ(with_differ),
+            );
+            assert_eq!(c["version"].as_integer(), Some(3));
+            assert_eq!(c["proxy_plugins"].get("cas-diff").is_some(), with_differ);
+            let unpack = c["plugins"]["io.containerd.transfer.v1.local"]["unpack_config"]
+                .as_array()
+                .unwrap();
+            let pairs: Vec<(&str, &str)> = unpack
+                .iter()
+                .map(|u| {
+                    (
+                        u["snapshotter"].as_str().unwrap(),
+                        u["differ"].as_str().unwrap(),
+                    )
+                })
+                .collect();
+            let ours = if with_differ { "cas-diff" } else { "walking" };
+            assert_eq!(pairs, [("cas", ours), ("overlayfs", "walking")]);
+            let disabled = c["disabled_plugins"].as_array().unwrap();
+            assert!(disabled
+                .iter()
+                .any(|p| p.as_str() == Some("io.containerd.grpc.v1.cri")));
+        }
+    }
+
+    #[test]
+    fn cri_uses_our_snapshotter_and_sandbox_image() {
+        let opts = ContainerdOptions::default().cri(CriOptions {
+            sandbox_image: "127.0.0.1:5000/fixture/pause:1".into(),
+        });
+        let c = render(v(2, 1, 9), &opts);
+        let images = &c["plugins"]["io.containerd.cri.v1.images"];
+        assert_eq!(images["snapshotter"].as_str(), Some("cas"));
+        assert_eq!(
+            images["pinned_images"]["sandbox"].as_str(),
+            Some("127.0.0.1:5000/fixture/pause:1")
+        );
+        let disabled = c["disabled_plugins"].as_array().unwrap();
+        assert!(!disabled
+            .iter()
+            .any(|p| p.as_str() == Some("io.containerd.grpc.v1.cri")));
+        assert!(containerd_config(v(1, 7, 24), &opts, &paths()).is_err());
     }
 }

@@ -8,12 +8,15 @@
 //!   containerd's overlayfs with it;
 //! * [`rootfs`]: layers from directories (root filesystems and overlay upper dirs), for
 //!   the benchmark images (`cas-bench`);
-//! * [`harness`]: real registry, daemon and containerd processes, cleaned up on drop.
+//! * [`harness`]: real registry, daemon and containerd processes (Debian's containerd 1.6
+//!   or a cached 1.7 / 2.x release), cleaned up on drop;
+//! * [`cri`]: a Kubernetes CRI client, as kubelet talks to containerd.
 //!
 //! The tests themselves live in `tests/` and need root; they skip with a message
 //! otherwise.
 #![forbid(unsafe_code)]
 
+pub mod cri;
 pub mod fixture;
 pub mod harness;
 pub mod registry;

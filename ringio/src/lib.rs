@@ -10,8 +10,9 @@
 //!   otherwise temp file + fsync + rename + directory fsync;
 //! * a plain-syscall fallback with the same API where io_uring is unavailable.
 //!
-//! Today it provides the I/O pool ([`pool`]: blob reads and new-file writes on worker
-//! threads), the durable-publish primitives of the fallback path
+//! Today it provides the I/O pool ([`pool`]: blob reads and new-file writes on io_uring
+//! worker threads, or on plain threads where io_uring is unavailable), the durable-publish
+//! primitives of the fallback path
 //! ([`durable`]) and the commit journal ([`journal`]): one record per metadata change,
 //! written as one `pwritev2(RWF_ATOMIC | RWF_DSYNC)` block where the filesystem reports
 //! atomic write units, otherwise as a temp file + fsync + rename.
@@ -23,4 +24,7 @@ pub mod durable;
 pub mod journal;
 pub mod pool;
 
-pub use pool::{Backend, BackendChoice, Pool, PoolConfig, PoolError, PoolStats};
+pub use pool::{
+    probe_io_uring, Backend, BackendChoice, Pool, PoolConfig, PoolError, PoolStats,
+    UringUnavailable,
+};

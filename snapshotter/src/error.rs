@@ -61,6 +61,13 @@ pub enum SnapshotError {
     /// The store's layout markers failed.
     #[error(transparent)]
     Layout(#[from] cas::LayoutError),
+    /// A layer could not be applied (see `cas::unpack`).
+    #[error("applying the layer: {0}")]
+    Unpack(cas::unpack::UnpackError),
+    /// The Diff service cannot apply this request here; containerd falls back to its
+    /// own applier (`Unimplemented`).
+    #[error("not applied by cas-diff: {0}")]
+    NotApplicable(String),
     /// A blocking task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -102,6 +109,25 @@ impl From<SnapshotError> for tonic::Status {
             }
             SnapshotError::Store(cas::CasError::Hostile { .. }) => {
                 tonic::Status::invalid_argument(msg)
+            }
+            SnapshotError::NotApplicable(_) => tonic::Status::unimplemented(msg),
+            SnapshotError::Unpack(ref e) => {
+                use cas::unpack::UnpackError as U;
+                match e {
+                    _ if e.is_enospc() => tonic::Status::resource_exhausted(format!(
+                        "the store's filesystem is full: {msg}"
+                    )),
+                    U::BlobDigest { .. } => tonic::Status::data_loss(msg),
+                    U::Decompress { .. } | U::Tar(_) | U::Store(cas::CasError::Hostile { .. }) => {
+                        tonic::Status::invalid_argument(msg)
+                    }
+                    U::Expansion { .. } => tonic::Status::resource_exhausted(msg),
+                    U::Read(_) => tonic::Status::unavailable(msg),
+                    U::Store(_) | U::Pool(_) => {
+                        tracing::error!(error = %msg, "internal error");
+                        tonic::Status::internal(msg)
+                    }
+                }
             }
             SnapshotError::Index(_)
             | SnapshotError::Store(_)

@@ -13,8 +13,12 @@
 //! * `recovery_seconds`: how long the last start's recovery (journal replay, index
 //!   reconcile, sweeps) took.
 //!
-//! Fast-path versus fallback applies and ring queue depth belong to the differ and the
-//! io_uring workers and will be added with them.
+//! * Diff service: `diff_applies_total{result}` (`fast`: applied in one pass; `fallback`:
+//!   handed back to containerd's applier with `Unimplemented`; `failed`), and
+//!   `diff_uncompressed_bytes_total`;
+//! * I/O workers (`ringio`), read on scrape: `ring_backend{backend}` (1 for the one that
+//!   runs), `ring_queue_depth`, `ring_backpressure_waits`, `ring_bytes_read`,
+//!   `ring_bytes_written`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -61,7 +65,28 @@ pub struct Metrics {
     gc_freed_objects: Counter,
     gc_freed_bytes: Counter,
     recovery_seconds: Gauge<f64, AtomicU64>,
+    applies: Family<Labels, Counter>,
+    applied_bytes: Counter,
+    ring_backend: Family<Labels, Gauge>,
+    ring_queue_depth: Gauge,
+    ring_waits: Gauge,
+    ring_read: Gauge,
+    ring_written: Gauge,
+    pool: std::sync::OnceLock<ringio::Pool>,
     stats_at: Mutex<Option<Instant>>,
+}
+
+/// Layer applies since start, by outcome (also shown by `casctl stats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyCounts {
+    /// Applied by the Diff service in one pass.
+    pub fast: u64,
+    /// Handed back to containerd's own applier.
+    pub fallback: u64,
+    /// Failed.
+    pub failed: u64,
+    /// Layers whose files containerd's applier wrote, ingested at Commit.
+    pub commit_ingests: u64,
 }
 
 impl Default for Metrics {
@@ -94,8 +119,51 @@ impl Metrics {
             gc_freed_objects: Counter::default(),
             gc_freed_bytes: Counter::default(),
             recovery_seconds: Gauge::default(),
+            applies: Family::default(),
+            applied_bytes: Counter::default(),
+            ring_backend: Family::default(),
+            ring_queue_depth: Gauge::default(),
+            ring_waits: Gauge::default(),
+            ring_read: Gauge::default(),
+            ring_written: Gauge::default(),
+            pool: std::sync::OnceLock::new(),
             stats_at: Mutex::new(None),
         };
+        registry.register(
+            "diff_applies",
+            "Layer applies of the Diff service, by result (fast, fallback, failed)",
+            m.applies.clone(),
+        );
+        registry.register(
+            "diff_uncompressed_bytes",
+            "Uncompressed layer bytes applied in one pass",
+            m.applied_bytes.clone(),
+        );
+        registry.register(
+            "ring_backend",
+            "The I/O workers' backend (1 for the one running)",
+            m.ring_backend.clone(),
+        );
+        registry.register(
+            "ring_queue_depth",
+            "Writes queued or running in the I/O workers",
+            m.ring_queue_depth.clone(),
+        );
+        registry.register(
+            "ring_backpressure_waits",
+            "Times a producer waited for room in an I/O worker's queue",
+            m.ring_waits.clone(),
+        );
+        registry.register(
+            "ring_bytes_read",
+            "Bytes of blobs read by the I/O workers",
+            m.ring_read.clone(),
+        );
+        registry.register(
+            "ring_bytes_written",
+            "Bytes of new objects written by the I/O workers",
+            m.ring_written.clone(),
+        );
         registry.register("objects", "Objects in the store", m.objects.clone());
         registry.register(
             "logical_bytes",
@@ -160,6 +228,64 @@ impl Metrics {
         self.ingest_new_bytes.inc_by(new_bytes);
     }
 
+    /// One layer applied by the Diff service in one pass.
+    pub fn applied(&self, a: &cas::unpack::Applied) {
+        self.apply_result("fast").inc();
+        self.applied_bytes.inc_by(a.uncompressed_size);
+        self.ingested(a.stats.logical_bytes, a.stats.new_bytes);
+    }
+
+    /// One apply that failed.
+    pub fn apply_failed(&self) {
+        self.apply_result("failed").inc();
+    }
+
+    /// One apply handed back to containerd's applier.
+    pub fn apply_fallback(&self) {
+        self.apply_result("fallback").inc();
+    }
+
+    fn apply_result(&self, result: &str) -> Counter {
+        self.applies
+            .get_or_create(&vec![("result".to_string(), result.to_string())])
+            .clone()
+    }
+
+    /// Counts of applies since start.
+    pub fn apply_counts(&self) -> ApplyCounts {
+        let fast = self.apply_result("fast").get();
+        ApplyCounts {
+            fast,
+            fallback: self.apply_result("fallback").get(),
+            failed: self.apply_result("failed").get(),
+            commit_ingests: self.ingested_layers.get().saturating_sub(fast),
+        }
+    }
+
+    /// The I/O workers whose figures are exported.
+    pub fn attach_pool(&self, pool: ringio::Pool) {
+        let backend = pool.backend().as_str().to_string();
+        self.ring_backend
+            .get_or_create(&vec![("backend".to_string(), backend)])
+            .set(1);
+        let _ = self.pool.set(pool);
+    }
+
+    /// The I/O backend, once a pool is attached.
+    pub fn ring_backend(&self) -> Option<&'static str> {
+        self.pool.get().map(|p| p.backend().as_str())
+    }
+
+    fn refresh_ring(&self) {
+        if let Some(p) = self.pool.get() {
+            let s = p.stats();
+            self.ring_queue_depth.set(s.queue_depth as i64);
+            self.ring_waits.set(s.backpressure_waits as i64);
+            self.ring_read.set(s.bytes_read as i64);
+            self.ring_written.set(s.bytes_written as i64);
+        }
+    }
+
     /// One garbage collection.
     pub fn collected(&self, objects: u64, bytes: u64) {
         self.gc_runs.inc();
@@ -191,6 +317,7 @@ impl Metrics {
 
     /// The text exposition.
     pub fn encode(&self) -> String {
+        self.refresh_ring();
         let mut out = String::new();
         if let Err(e) = encode(&mut out, &self.registry) {
             warn!(error = %e, "encoding metrics failed");

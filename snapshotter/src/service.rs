@@ -37,6 +37,7 @@ use cas::gc::GcStats;
 use cas::index::{DiskUsage, Kind, MetaStore, Record};
 use cas::journal::{Change, CommitLog};
 use cas::objects::ObjectStore;
+use cas::unpack::{Applied, Limits, UnpackStats};
 use cas::{Digest, Layout, StoreMode};
 use config::{JournalKind, MountMode};
 use containerd_snapshots::{api::types::Mount, Info, Snapshotter, Usage};
@@ -61,8 +62,10 @@ pub struct CasSnapshotter {
     planner: MountPlanner,
     writer: Mutex<()>,
     gc_lock: RwLock<()>,
-    /// Ids of active snapshots being ingested by a Commit right now.
+    /// Ids of active snapshots being ingested by a Commit or applied into right now.
     committing: std::sync::Mutex<HashSet<u64>>,
+    /// What the Diff service's applies did, by snapshot id, until their Commit.
+    applied: std::sync::Mutex<HashMap<u64, UnpackStats>>,
     /// Commit records (see `cas::journal`).
     log: CommitLog,
     /// What `/metrics` exports.
@@ -223,6 +226,7 @@ impl CasSnapshotter {
             writer: Mutex::new(()),
             gc_lock: RwLock::new(()),
             committing: std::sync::Mutex::new(HashSet::new()),
+            applied: std::sync::Mutex::new(HashMap::new()),
             log,
             metrics: Arc::new(crate::metrics::Metrics::new()),
         };
@@ -488,6 +492,14 @@ impl CasSnapshotter {
         let (layout, meta) = (self.layout.clone(), self.meta.clone());
         let mut s = blocking(move || Ok(cas::admin::stats(&layout, &meta)?)).await?;
         s.journal = Some(self.log.backend().to_string());
+        let c = self.metrics.apply_counts();
+        s.ingest_paths = Some(cas::admin::IngestPaths {
+            fast_path_applies: c.fast,
+            fallback_applies: c.fallback,
+            failed_applies: c.failed,
+            commit_ingests: c.commit_ingests,
+            io_backend: self.metrics.ring_backend().map(str::to_string),
+        });
         Ok(s)
     }
 
@@ -506,6 +518,190 @@ impl CasSnapshotter {
     /// The store layout.
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// The store's mode.
+    pub fn mode(&self) -> StoreMode {
+        self.mode
+    }
+
+    /// Marks `id` busy (Commit or Apply) until the guard drops; a second one is refused.
+    fn busy(&self, key: &str, id: u64) -> Result<CommitGuard<'_>, SnapshotError> {
+        let newly = self
+            .committing
+            .lock()
+            .map(|mut s| s.insert(id))
+            .unwrap_or(false);
+        if !newly {
+            return Err(SnapshotError::FailedPrecondition {
+                key: key.to_string(),
+                reason: "a commit or apply of this snapshot is already in progress",
+            });
+        }
+        Ok(CommitGuard {
+            set: &self.committing,
+            id,
+        })
+    }
+
+    /// The active snapshot whose layer directory (`snapshots/<id>/fs`) is `fs_dir`:
+    /// its key and record, or `None` when the directory is not one of ours.
+    pub fn active_by_fs_dir(
+        &self,
+        fs_dir: &Path,
+    ) -> Result<Option<(String, Record)>, SnapshotError> {
+        let Ok(rest) = fs_dir.strip_prefix(self.layout.snapshots_dir()) else {
+            return Ok(None);
+        };
+        let mut parts = rest.components();
+        let (Some(id), Some(fs), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Ok(None);
+        };
+        let Ok(id) = id.as_os_str().to_string_lossy().parse::<u64>() else {
+            return Ok(None);
+        };
+        if fs.as_os_str() != "fs" {
+            return Ok(None);
+        }
+        let Ok(info) = cas::index::read_info(&self.layout.snapshot_dir(id)) else {
+            return Ok(None);
+        };
+        match self.meta.get(&info.key)? {
+            Some(rec) if rec.id == id && rec.kind == Kind::Active => Ok(Some((info.key, rec))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Applies a layer blob into the active snapshot `key` in one pass (the Diff
+    /// service's fast path, see `cas::unpack`). Objects are published now and kept by
+    /// the snapshot's manifest until its Commit references them. On failure the layer
+    /// directory is emptied and the objects this apply added are collected again.
+    pub async fn apply_blob(
+        &self,
+        key: &str,
+        blob: Box<dyn std::io::Read + Send>,
+        blob_size: u64,
+        blob_digest: Option<Digest>,
+        limits: Limits,
+        pool: &ringio::Pool,
+    ) -> Result<Applied, SnapshotError> {
+        let rec = self.meta.require(key)?;
+        if rec.kind != Kind::Active {
+            return Err(SnapshotError::FailedPrecondition {
+                key: key.to_string(),
+                reason: "layers can only be applied to active snapshots",
+            });
+        }
+        let _busy = self.busy(key, rec.id)?;
+        let dir = self.layout.snapshot_dir(rec.id);
+        if dir.join(MANIFEST).exists() {
+            return Err(SnapshotError::FailedPrecondition {
+                key: key.to_string(),
+                reason: "a layer was already applied to this snapshot",
+            });
+        }
+        let parents = self.meta.parent_ids(&rec)?;
+        let lowers = match self.planner.plan(Kind::Active, rec.id, &parents).flat {
+            Some(top) => vec![self.planner.flat_dir(top)],
+            None => parents.iter().map(|p| self.planner.fs_dir(*p)).collect(),
+        };
+        let store = self.store.clone();
+        let tmp = self.layout.tmp_dir();
+        let pool = pool.clone();
+        let fsdir = dir.join("fs");
+        let started = std::time::Instant::now();
+        let result = {
+            // Shared GC lock from the first object lookup until the manifest keeps them.
+            let _g = self.gc_lock.read().await;
+            let fsdir = fsdir.clone();
+            tokio::task::spawn_blocking(move || {
+                let manifest = dir.join(MANIFEST);
+                let target = cas::unpack::Target {
+                    store: &store,
+                    tmp_dir: &tmp,
+                    fs_dir: &fsdir,
+                    lowers: &lowers,
+                    manifest: &manifest,
+                    pool: &pool,
+                };
+                cas::unpack::apply_blob(blob, blob_size, blob_digest, limits, &target)
+            })
+            .await?
+        };
+        match result {
+            Ok(applied) => {
+                if let Ok(mut m) = self.applied.lock() {
+                    m.insert(rec.id, applied.stats.clone());
+                }
+                self.metrics.applied(&applied);
+                info!(
+                    %key, id = rec.id,
+                    diff_id = %applied.diff_id,
+                    compression = applied.compression.as_str(),
+                    uncompressed_bytes = applied.uncompressed_size,
+                    files = applied.stats.files,
+                    logical_bytes = applied.stats.logical_bytes,
+                    new_objects = applied.stats.new_objects,
+                    new_bytes = applied.stats.new_bytes,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "layer applied"
+                );
+                Ok(applied)
+            }
+            Err(failure) => {
+                warn!(%key, id = rec.id, error = %failure.error, "layer apply failed; nothing of it is kept");
+                self.metrics.apply_failed();
+                let emptied = blocking(move || {
+                    for e in fs::read_dir(&fsdir).map_err(SnapshotError::io("read dir", &fsdir))? {
+                        let e = e.map_err(SnapshotError::io("read dir", &fsdir))?;
+                        remove_tree(&e.path())?;
+                    }
+                    Ok(())
+                })
+                .await;
+                if let Err(e) = emptied {
+                    warn!(%key, error = %e, "could not empty the layer after a failed apply");
+                }
+                if !failure.new_objects.is_empty() {
+                    let _g = self.gc_lock.write().await;
+                    let (layout, meta) = (self.layout.clone(), self.meta.clone());
+                    let objects = failure.new_objects;
+                    let stats =
+                        blocking(move || Ok(cas::gc::collect_objects(&layout, &meta, &objects)?))
+                            .await?;
+                    debug!(
+                        removed = stats.removed,
+                        "objects of the failed apply collected"
+                    );
+                }
+                Err(SnapshotError::Unpack(failure.error))
+            }
+        }
+    }
+
+    /// The figures of a layer the Diff service applied into snapshot `id`: kept in
+    /// memory from Apply to Commit, recomputed from its manifest after a restart.
+    fn applied_stats(
+        &self,
+        id: u64,
+        fsdir: &Path,
+        manifest: &Path,
+    ) -> Result<UnpackStats, SnapshotError> {
+        if let Some(s) = self.applied.lock().ok().and_then(|mut m| m.remove(&id)) {
+            return Ok(s);
+        }
+        let mut stats = UnpackStats::default();
+        let mut inodes = HashSet::new();
+        for entry in cas::manifest::read_manifest(manifest)? {
+            let entry = entry?;
+            stats.files += 1;
+            let p = fsdir.join(&entry.path);
+            let md = fs::symlink_metadata(&p).map_err(SnapshotError::io("stat", &p))?;
+            if inodes.insert(md.ino()) {
+                stats.logical_bytes += entry.size;
+            }
+        }
+        Ok(stats)
     }
 }
 
@@ -630,21 +826,7 @@ impl Snapshotter for CasSnapshotter {
         }
         // One ingest per snapshot: a second Commit of the same key must not walk the tree
         // the first one is rewriting.
-        let newly = self
-            .committing
-            .lock()
-            .map(|mut s| s.insert(rec.id))
-            .unwrap_or(false);
-        if !newly {
-            return Err(SnapshotError::FailedPrecondition {
-                key,
-                reason: "a commit of this snapshot is already in progress",
-            });
-        }
-        let _c = CommitGuard {
-            set: &self.committing,
-            id: rec.id,
-        };
+        let _c = self.busy(&key, rec.id)?;
         // Shared GC lock from before the first object lookup until the references land.
         let _g = self.gc_lock.read().await;
         let dir = self.layout.snapshot_dir(rec.id);
@@ -657,10 +839,26 @@ impl Snapshotter for CasSnapshotter {
         let tmp = self.layout.tmp_dir();
         let mode = self.mode;
         let started = std::time::Instant::now();
+        // A layer the Diff service applied is already stubs + objects + manifest.
+        let applied = dir.join(MANIFEST).exists() && mode == StoreMode::Stubs;
+        let pre = if applied {
+            Some(self.applied_stats(rec.id, &dir.join("fs"), &dir.join(MANIFEST))?)
+        } else {
+            None
+        };
         let (stats, usage, objects) = blocking(move || {
             let fsdir = dir.join("fs");
             let manifest = dir.join(MANIFEST);
-            let stats = cas::ingest::ingest_layer(&store, &tmp, &fsdir, &lowers, &manifest, mode)?;
+            let stats = match pre {
+                Some(s) => cas::ingest::IngestStats {
+                    files: s.files,
+                    logical_bytes: s.logical_bytes,
+                    new_objects: s.new_objects,
+                    new_bytes: s.new_bytes,
+                    dropped_overlay_xattrs: s.skipped_xattrs,
+                },
+                None => cas::ingest::ingest_layer(&store, &tmp, &fsdir, &lowers, &manifest, mode)?,
+            };
             let mut usage = disk_usage(&fsdir)?;
             if mode == StoreMode::Stubs {
                 // materialised layers already hold their new objects' inodes
@@ -711,7 +909,9 @@ impl Snapshotter for CasSnapshotter {
             self.meta.flush().await?;
         }
         cas::crash_point!("commit.after-index");
-        self.metrics.ingested(stats.logical_bytes, stats.new_bytes);
+        if !applied {
+            self.metrics.ingested(stats.logical_bytes, stats.new_bytes);
+        }
         let work = self.planner.work_dir(rec.id);
         let _ = fs::remove_dir_all(&work);
         info!(
@@ -721,6 +921,7 @@ impl Snapshotter for CasSnapshotter {
             new_objects = stats.new_objects,
             new_bytes = stats.new_bytes,
             dropped_overlay_xattrs = stats.dropped_overlay_xattrs,
+            applied,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "committed"
         );
@@ -729,6 +930,7 @@ impl Snapshotter for CasSnapshotter {
 
     #[instrument(skip(self), level = "debug")]
     async fn remove(&self, key: String) -> Result<(), Self::Error> {
+        let mut orphaned = Vec::new();
         let dir = {
             let _w = self.writer.lock().await;
             let rec = self.meta.require(&key)?;
@@ -739,12 +941,20 @@ impl Snapshotter for CasSnapshotter {
                 });
             }
             let dir = self.layout.snapshot_dir(rec.id);
+            let manifest = dir.join(MANIFEST);
             let objects = if rec.kind == Kind::Committed {
-                let manifest = dir.join(MANIFEST);
                 blocking(move || manifest_objects(&manifest)).await?
+            } else if rec.kind == Kind::Active && manifest.exists() {
+                // applied but never committed (a failed pull): its objects are garbage
+                // unless something else keeps them; collected below
+                orphaned = blocking(move || manifest_objects(&manifest)).await?;
+                Vec::new()
             } else {
                 Vec::new()
             };
+            if let Ok(mut m) = self.applied.lock() {
+                m.remove(&rec.id);
+            }
             // The mirror goes first: a rebuild after a crash here must not revive it.
             let info = dir.join(cas::index::INFO_FILE);
             match fs::remove_file(&info) {
@@ -771,6 +981,13 @@ impl Snapshotter for CasSnapshotter {
             trash
         };
         blocking(move || remove_tree(&dir)).await?;
+        if !orphaned.is_empty() {
+            let _g = self.gc_lock.write().await;
+            let (layout, meta) = (self.layout.clone(), self.meta.clone());
+            let stats =
+                blocking(move || Ok(cas::gc::collect_objects(&layout, &meta, &orphaned)?)).await?;
+            debug!(%key, removed = stats.removed, "objects of an uncommitted applied layer collected");
+        }
         debug!(%key, "removed");
         Ok(())
     }

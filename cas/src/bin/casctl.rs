@@ -94,6 +94,15 @@ fn print_stats(s: &Stats) {
     if let Some(j) = &s.journal {
         println!("journal:              {j}");
     }
+    if let Some(p) = &s.ingest_paths {
+        println!(
+            "layers since start:   {} applied in one pass (cas-diff), {} ingested at commit, {} handed back, {} failed",
+            p.fast_path_applies, p.commit_ingests, p.fallback_applies, p.failed_applies
+        );
+        if let Some(b) = &p.io_backend {
+            println!("io backend:           {b}");
+        }
+    }
 }
 
 fn print_fsck(r: &FsckReport) {

@@ -4,7 +4,7 @@
 //! ```text
 //! cas-bench images --cache DIR --versions N   # OCI layouts from DIR/rootfs/{base,app}-i
 //! cas-bench dedup  --cache DIR --versions N --out FILE.md
-//! cas-bench perf   [--quick] [--runs N] [--containerd-bin-dir DIR] [--cas-diff] …
+//! cas-bench perf   [--quick] [--runs N] [--containerd 1.6|1.7|2|DIR] [--no-cas-diff] [--local] …
 //! ```
 //!
 //! `scripts/bench-dedup.sh` builds the root filesystems (`debootstrap` bases, and an

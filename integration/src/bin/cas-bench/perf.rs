@@ -11,7 +11,13 @@
 //!
 //! A timed step is `ctr images pull`: with the content already fetched (`ctr content
 //! fetch`) it only resolves the tag on the local registry and unpacks, which is how
-//! containerd 1.6's `ctr` unpacks an image alone; a cold pull also downloads. Per step
+//! `ctr` unpacks an image alone; a cold pull also downloads. containerd is the cached 2.x
+//! by default (`--containerd` picks 1.6, 1.7, 2 or a directory), configured by the
+//! harness for its release: on >= 1.7.4 with our `cas-diff` differ declared for `cas`.
+//! 1.6 and 1.7's `ctr` unpack through the diff service, which falls back to walking when
+//! `cas-diff` answers Unimplemented; 2.x's `ctr` pulls through the transfer service,
+//! which does not fall back, so the bench then pulls with `--local` (see
+//! `choose_unpack_path`). Per step
 //! we record the time until `ctr` returns and until a following `sync` returns (our
 //! commits are durable when they return, overlayfs' unpacks are not), the sectors the
 //! loop device wrote (everything the step wrote, flushed by that `sync`), and the peak
@@ -34,7 +40,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use cas_integration::fixture::Compression;
 use cas_integration::harness::{
-    workspace_bin, Containerd, ContainerdOptions, Daemon, FsKind, LoopFs, Registry,
+    workspace_bin, Containerd, ContainerdBin, ContainerdOptions, ContainerdVersion, Daemon, FsKind,
+    LoopFs, Registry,
 };
 use cas_integration::registry::push_layout;
 
@@ -56,13 +63,23 @@ pub struct PerfArgs {
     /// Timed runs per case and snapshotter.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// Directory of `containerd` and `ctr` (default: the system's).
+    /// Which containerd: `1.6` (the system's), `1.7` or `2` (the series that
+    /// scripts/containerd-versions.sh caches), or a directory holding `containerd`, `ctr`
+    /// and the shim. Default: `2` when cached (our differ needs >= 1.7.4), else the
+    /// system's.
     #[arg(long)]
-    pub containerd_bin_dir: Option<PathBuf>,
-    /// Register our Diff service as `cas-diff`, first in the diff service's list
-    /// (containerd >= 1.7.4 only).
+    pub containerd: Option<String>,
+    /// Do not declare our differ: both snapshotters unpack with containerd's walking
+    /// differ. By default `cas-diff` is declared on containerd >= 1.7.4 (the diff
+    /// service's first differ; on 2.x also the transfer service's differ for `cas`).
     #[arg(long)]
-    pub cas_diff: bool,
+    pub no_cas_diff: bool,
+    /// `ctr images pull --local` on containerd 2.x: the client unpacks through the diff
+    /// service (which falls back to walking when `cas-diff` answers Unimplemented) rather
+    /// than the transfer service. Chosen by itself when a transfer pull into `cas` fails
+    /// for want of our Diff service.
+    #[arg(long)]
+    pub local: bool,
     /// The conformance harness's run.sh, for the Snapshots API benchmark (skipped if absent).
     #[arg(long)]
     pub conformance: Option<PathBuf>,
@@ -217,6 +234,8 @@ struct Rig {
     fs: LoopFs,
     dev: String,
     images: BTreeMap<String, Image>,
+    /// Pass `--local` to `ctr images pull` (containerd 2.x).
+    local: bool,
 }
 
 impl Rig {
@@ -240,6 +259,37 @@ impl Rig {
         Ok(())
     }
 
+    /// Best effort after a failed pull: every image, then whatever snapshots `sn` still
+    /// holds (children before parents, so a few passes).
+    fn remove_leftovers(&self, sn: &str) {
+        if let Ok(list) = self.containerd.ctr(&["images", "ls", "-q"]) {
+            for r in list.lines().filter(|l| !l.trim().is_empty()) {
+                let _ = self.containerd.ctr(&["images", "rm", "--sync", r.trim()]);
+            }
+        }
+        for _ in 0..8 {
+            let Ok(list) = self
+                .containerd
+                .ctr(&["snapshots", "--snapshotter", sn, "ls"])
+            else {
+                return;
+            };
+            let keys: Vec<&str> = list
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().next())
+                .collect();
+            if keys.is_empty() {
+                return;
+            }
+            for k in keys.iter().rev() {
+                let _ = self
+                    .containerd
+                    .ctr(&["snapshots", "--snapshotter", sn, "rm", k]);
+            }
+        }
+    }
+
     fn fetch(&self, image: &str) -> Result<()> {
         self.containerd
             .ctr(&["content", "fetch", "--plain-http", &self.reference(image)])
@@ -247,17 +297,92 @@ impl Rig {
     }
 
     fn pull(&self, sn: &str, image: &str) -> Result<()> {
+        let reference = self.reference(image);
+        let mut args = vec!["images", "pull", "--plain-http"];
+        if self.local {
+            args.push("--local");
+        }
+        args.extend(["--snapshotter", sn, &reference]);
         self.containerd
-            .ctr(&[
-                "images",
-                "pull",
-                "--plain-http",
-                "--snapshotter",
-                sn,
-                &self.reference(image),
-            ])
+            .ctr(&args)
             .with_context(|| format!("pulling {image} into {sn}"))
             .map(drop)
+    }
+
+    /// How the timed pulls unpack, for the report and the console. On containerd 2.x with
+    /// `cas-diff` declared, first tries a transfer-service pull of the smallest image into
+    /// `cas`: until the daemon serves Diff it fails ("not implemented"), and the bench
+    /// pulls with `--local` instead, through the diff service and its fallback to walking.
+    fn choose_unpack_path(&mut self) -> Result<String> {
+        let c = &self.containerd;
+        let ours = if c.differ {
+            "`cas-diff` first, containerd's walking differ when it answers Unimplemented"
+        } else {
+            "containerd's walking differ"
+        };
+        if c.version.major < 2 {
+            // 1.6 has no transfer service (nor --local); 1.7's ctr unpacks itself unless
+            // --local=false.
+            if self.local {
+                println!(
+                    "bench: --local ignored: containerd {}'s ctr unpacks itself",
+                    c.version
+                );
+                self.local = false;
+            }
+            return Ok(format!(
+                "`ctr images pull`, unpacked by the client through containerd's diff service \
+                 (cas: {ours}; overlayfs: walking)"
+            ));
+        }
+        if self.local {
+            return Ok(format!(
+                "`ctr images pull --local` (chosen with --local), unpacked by the client through \
+                 containerd's diff service (cas: {ours}; overlayfs: walking)"
+            ));
+        }
+        if !c.differ {
+            return Ok(
+                "`ctr images pull` through the transfer service (walking differ for both)".into(),
+            );
+        }
+        let probe = self
+            .images
+            .iter()
+            .min_by_key(|(_, img)| img.layers.iter().map(|l| l.blob.size).sum::<u64>())
+            .map(|(name, _)| name.clone())
+            .context("no images")?;
+        let tried = self.fetch(&probe).and_then(|()| self.pull("cas", &probe));
+        if tried.is_err() {
+            self.remove_leftovers("cas");
+        }
+        self.remove_all_images()?;
+        match tried {
+            Ok(()) => Ok(
+                "`ctr images pull` through the transfer service (cas: `cas-diff`; overlayfs: walking)"
+                    .into(),
+            ),
+            Err(e) if format!("{e:#}").contains("not implemented") => {
+                println!(
+                    "bench: containerd {}'s transfer service cannot unpack into cas through cas-diff: \
+                     the daemon does not serve Diff yet ({}). Pulling with `ctr images pull --local` \
+                     instead (both snapshotters; cas-diff is tried first, then walking). \
+                     CONTAINERD=1.7 measures the same path with 1.7's ctr.",
+                    c.version,
+                    format!("{e:#}").lines().next().unwrap_or_default()
+                );
+                self.local = true;
+                Ok(format!(
+                    "`ctr images pull --local`, unpacked by the client through containerd's diff \
+                     service (cas: {ours}; overlayfs: walking): the transfer service's pull into cas \
+                     through `cas-diff` failed, the daemon does not serve Diff yet"
+                ))
+            }
+            Err(e) => Err(e.context(format!(
+                "probe pull of {probe} into cas through the transfer service\n{}",
+                self.containerd.log()
+            ))),
+        }
     }
 
     fn measure(&self, case: &Case, sn: &'static str, run: usize) -> Result<Sample> {
@@ -324,6 +449,65 @@ impl Rig {
             .filter(|l| !present.contains(l.blob.digest.as_str()))
             .collect()
     }
+}
+
+/// The containerd that `--containerd` names, or `2` when cached, else the system's.
+fn select_containerd(arg: Option<&str>) -> Result<ContainerdBin> {
+    if let Some(a) = arg {
+        let bin = ContainerdBin::from_arg(a);
+        if !bin.present() {
+            bail!(
+                "no containerd and ctr in {} (scripts/containerd-versions.sh, or make deps, \
+                 fetches 1.7 and 2)",
+                bin.dir().unwrap_or_default().display()
+            );
+        }
+        return Ok(bin);
+    }
+    let two = ContainerdBin::Cached("2".into());
+    if two.present() {
+        return Ok(two);
+    }
+    println!(
+        "bench: no cached containerd 2 in {} (scripts/containerd-versions.sh, or make deps): \
+         using the system's containerd; on 1.6 both snapshotters unpack with the walking differ \
+         (the cas-diff fast path needs >= {})",
+        two.dir().unwrap_or_default().display(),
+        ContainerdVersion::PROXY_DIFFER
+    );
+    Ok(ContainerdBin::System)
+}
+
+/// `casctl stats`' count of how the daemon's layers came in (one-pass applies by
+/// `cas-diff`, or containerd's applier and an ingest at Commit), in words.
+fn cas_layer_paths(store: &Path) -> String {
+    let out = workspace_bin("casctl", "CASCTL_BIN").and_then(|bin| {
+        Ok(Command::new(bin)
+            .arg("--root")
+            .arg(store)
+            .args(["stats", "--json"])
+            .output()?)
+    });
+    let stats: Option<serde_json::Value> = out
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| serde_json::from_slice(&o.stdout).ok());
+    let Some(p) = stats
+        .as_ref()
+        .map(|s| &s["ingest_paths"])
+        .filter(|p| p.is_object())
+    else {
+        return "unknown (no `casctl stats` from the daemon)".into();
+    };
+    let n = |k: &str| p[k].as_u64().unwrap_or(0);
+    format!(
+        "{} applied in one pass by `cas-diff`, {} written by containerd's applier and ingested \
+         at commit ({} handed back by `cas-diff` as Unimplemented, {} failed)",
+        n("fast_path_applies"),
+        n("commit_ingests"),
+        n("fallback_applies"),
+        n("failed_applies")
+    )
 }
 
 fn drop_caches() -> Result<()> {
@@ -530,6 +714,7 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
         bail!("needs root (loop mount, containerd, drop_caches)");
     }
     let started = Instant::now();
+    let ctrd_bin = select_containerd(a.containerd.as_deref())?;
     let sizes = Sizes { quick: a.quick };
     let images = ensure_images(&a.cache, sizes)?;
     let tmp;
@@ -560,28 +745,35 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
         &m.join("cas-snapshotter.log"),
         None,
     )?;
-    let opts = ContainerdOptions {
-        bin_dir: a.containerd_bin_dir.clone(),
-        cas_diff: a.cas_diff,
-    };
+    let mut opts = ContainerdOptions::with_bin(ctrd_bin.clone()).differ(!a.no_cas_diff);
+    opts.plain_http_registries.push(registry.addr.clone());
     let containerd = Containerd::start_with(&m.join("containerd"), &daemon.sock, &opts)?;
-    let ctrd_version = sh(
-        opts.containerd_bin().to_str().unwrap_or("containerd"),
-        &["--version"],
-    );
-    let rig = Rig {
+    let ctrd = format!("{} ({ctrd_bin})", containerd.version);
+    if !containerd.differ && !a.no_cas_diff {
+        println!(
+            "bench: containerd {} has no proxy differs (>= {} needed): both snapshotters unpack \
+             with the walking differ; CONTAINERD=1.7 or 2 for cas-diff",
+            containerd.version,
+            ContainerdVersion::PROXY_DIFFER
+        );
+    }
+    let mut rig = Rig {
         containerd,
         daemon,
         registry,
         fs: loopfs,
         dev,
         images,
+        local: a.local,
     };
     println!(
-        "bench: {ctrd_version}; XFS on /dev/{} at {}",
+        "bench: containerd {ctrd}, cas-diff declared: {}; XFS on /dev/{} at {}",
+        rig.containerd.differ,
         rig.dev,
         rig.fs.mnt.display()
     );
+    let unpack = rig.choose_unpack_path()?;
+    println!("bench: unpack: {unpack}");
 
     let cases = cases(sizes);
     let mut samples = Vec::new();
@@ -612,6 +804,8 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
         }
     }
     rig.remove_all_images()?;
+    let cas_layers = cas_layer_paths(&rig.daemon.root);
+    println!("bench: cas layers since the daemon started: {cas_layers}");
 
     // Physical limits, on the same blobs and filesystem.
     let mut limits = Vec::new();
@@ -721,8 +915,10 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
     let header = Header {
         quick: a.quick,
         runs: a.runs,
-        containerd: ctrd_version,
-        cas_diff: a.cas_diff,
+        containerd: ctrd,
+        cas_diff: rig.containerd.differ,
+        unpack,
+        cas_layers,
         fs_gib: a.fs_gib,
         backing_fs: sh(
             "findmnt",
@@ -757,6 +953,8 @@ struct Header {
     runs: usize,
     containerd: String,
     cas_diff: bool,
+    unpack: String,
+    cas_layers: String,
     fs_gib: u64,
     backing_fs: String,
     minutes: f64,
@@ -865,11 +1063,13 @@ fn render(
         "| containerd | {} (one instance, both snapshotters){} |",
         h.containerd,
         if h.cas_diff {
-            ", `cas-diff` differ first"
+            ", `cas-diff` declared"
         } else {
             ", walking differ"
         }
     );
+    let _ = writeln!(s, "| unpack | {} |", h.unpack);
+    let _ = writeln!(s, "| cas layers | {} |", h.cas_layers);
     let _ = writeln!(
         s,
         "| runs | {} per case and snapshotter, alternating, caches dropped before each; {} images |",

@@ -1,0 +1,437 @@
+//! The fast path's unpack, against real files: a tar built here, compressed three ways,
+//! applied into a store; then corrupt, truncated, mislabelled, hostile and bomb blobs.
+//! Needs root (device nodes, ownership, `trusted.*` xattrs); skipped otherwise.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use cas::objects::ObjectStore;
+use cas::stub::{stub_target, XATTR_REDIRECT};
+use cas::unpack::{apply_blob, Applied, ApplyFailure, Limits, Target, UnpackError, XATTR_OPAQUE};
+use cas::{Digest, Layout};
+use ringio::pool::{BackendChoice, Pool, PoolConfig};
+
+fn root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipped: unpack tests need root (mknod, chown, trusted.* xattrs)");
+    false
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_size(size);
+    h.set_mode(mode);
+    h.set_uid(1000);
+    h.set_gid(1001);
+    h.set_mtime(1_600_000_000);
+    h
+}
+
+struct Layer {
+    tar: Vec<u8>,
+    big: Vec<u8>,
+}
+
+/// A layer with every kind of entry the format has.
+fn layer() -> Layer {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, h: &mut tar::Header, data: &[u8]| {
+        b.append_data(h, name, data).unwrap();
+    };
+    add(
+        "etc/",
+        &mut header(tar::EntryType::Directory, 0, 0o755),
+        &[],
+    );
+    add(
+        "etc/a",
+        &mut header(tar::EntryType::Regular, 5, 0o644),
+        b"hello",
+    );
+    add(
+        "etc/b",
+        &mut header(tar::EntryType::Regular, 5, 0o4755),
+        b"hello",
+    );
+    add("empty", &mut header(tar::EntryType::Regular, 0, 0o600), &[]);
+    let big = pseudo_random(20 << 20, 7);
+    add(
+        "big",
+        &mut header(tar::EntryType::Regular, big.len() as u64, 0o644),
+        &big,
+    );
+    let mut h = header(tar::EntryType::Symlink, 0, 0o777);
+    h.set_link_name("etc/a").unwrap();
+    add("lnk", &mut h, &[]);
+    let mut h = header(tar::EntryType::Link, 0, 0o644);
+    h.set_link_name("etc/a").unwrap();
+    add("etc/c", &mut h, &[]);
+    add(
+        ".wh.gone",
+        &mut header(tar::EntryType::Regular, 0, 0o600),
+        &[],
+    );
+    add(
+        "opq/.wh..wh..opq",
+        &mut header(tar::EntryType::Regular, 0, 0o600),
+        &[],
+    );
+    add("fifo", &mut header(tar::EntryType::Fifo, 0, 0o640), &[]);
+    // escapes are cleaned against the layer root
+    let mut h = header(tar::EntryType::Regular, 3, 0o644);
+    h.as_old_mut().name[..15].copy_from_slice(b"../../escape\0\0\0");
+    h.set_cksum();
+    b.append(&h, &b"out"[..]).unwrap();
+    // xattrs arrive as PAX records; trusted.* ones are skipped
+    b.append_pax_extensions([
+        ("SCHILY.xattr.user.note", &b"kept"[..]),
+        ("SCHILY.xattr.trusted.overlay.redirect", &b"/elsewhere"[..]),
+        ("mtime", &b"1600000000.25"[..]),
+    ])
+    .unwrap();
+    let mut h = header(tar::EntryType::Regular, 4, 0o644);
+    b.append_data(&mut h, "x", &b"data"[..]).unwrap();
+    Layer {
+        tar: b.into_inner().unwrap(),
+        big,
+    }
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn zstd(data: &[u8]) -> Vec<u8> {
+    zstd::encode_all(data, 1).unwrap()
+}
+
+struct Store {
+    _dir: tempfile::TempDir,
+    layout: Layout,
+    store: ObjectStore,
+    pool: Pool,
+    n: u32,
+}
+
+impl Store {
+    fn new(backend: BackendChoice) -> Store {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::ensure(dir.path()).unwrap();
+        Store {
+            store: ObjectStore::new(&layout),
+            layout,
+            _dir: dir,
+            pool: Pool::start(&PoolConfig {
+                backend,
+                ..PoolConfig::default()
+            })
+            .unwrap(),
+            n: 0,
+        }
+    }
+
+    /// Applies `blob` into a fresh layer directory; returns it and the result.
+    fn apply(
+        &mut self,
+        blob: &[u8],
+        digest: Option<Digest>,
+        limits: Limits,
+    ) -> (PathBuf, Result<Applied, ApplyFailure>) {
+        self.n += 1;
+        let dir = self.layout.snapshot_dir(self.n as u64);
+        fs::create_dir_all(dir.join("fs")).unwrap();
+        let fs_dir = dir.join("fs");
+        let manifest = dir.join("manifest");
+        let tmp = self.layout.tmp_dir();
+        let target = Target {
+            store: &self.store,
+            tmp_dir: &tmp,
+            fs_dir: &fs_dir,
+            lowers: &[],
+            manifest: &manifest,
+            pool: &self.pool,
+        };
+        let r = apply_blob(blob, blob.len() as u64, digest, limits, &target);
+        (dir, r)
+    }
+
+    fn tmp_is_empty(&self) -> bool {
+        fs::read_dir(self.layout.tmp_dir())
+            .unwrap()
+            .next()
+            .is_none()
+    }
+}
+
+fn check_tree(store: &Store, dir: &Path, layer: &Layer) {
+    let fs_dir = dir.join("fs");
+    let read_obj = |p: &str| {
+        let t = stub_target(&fs_dir.join(p)).unwrap().expect("a stub");
+        let d = match t {
+            cas::stub::StubTarget::Object(d) => d,
+            cas::stub::StubTarget::Alias(a) => {
+                let ino = fs::metadata(store.store.alias_path(&a)).unwrap().ino();
+                let hello = Digest::of(b"hello");
+                let candidates = [
+                    hello,
+                    Digest::of(&layer.big),
+                    Digest::of(b"out"),
+                    Digest::of(b"data"),
+                ];
+                *candidates
+                    .iter()
+                    .find(|d| fs::metadata(store.store.path(d)).map(|m| m.ino()).ok() == Some(ino))
+                    .expect("alias of a known object")
+            }
+        };
+        fs::read(store.store.path(&d)).unwrap()
+    };
+    assert_eq!(read_obj("etc/a"), b"hello");
+    assert_eq!(read_obj("big"), layer.big);
+    assert_eq!(read_obj("escape"), b"out");
+    let a = fs::metadata(fs_dir.join("etc/a")).unwrap();
+    assert_eq!(
+        (a.len(), a.uid(), a.gid(), a.mode() & 0o7777),
+        (5, 1000, 1001, 0o644)
+    );
+    assert_eq!(a.blocks(), 0, "a stub holds no data");
+    assert_eq!(a.mtime(), 1_600_000_000);
+    let b = fs::metadata(fs_dir.join("etc/b")).unwrap();
+    assert_eq!(b.mode() & 0o7777, 0o4755, "set-id bits survive the chown");
+    let c = fs::metadata(fs_dir.join("etc/c")).unwrap();
+    assert_eq!(c.ino(), a.ino(), "hardlinks stay hardlinks");
+    let e = fs::metadata(fs_dir.join("empty")).unwrap();
+    assert!(e.is_file() && e.len() == 0);
+    assert!(xattr::get(fs_dir.join("empty"), XATTR_REDIRECT)
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        fs::read_link(fs_dir.join("lnk")).unwrap(),
+        PathBuf::from("etc/a")
+    );
+    let w = fs::symlink_metadata(fs_dir.join("gone")).unwrap();
+    assert!(w.file_type().is_char_device() && w.rdev() == 0, "whiteout");
+    assert_eq!(
+        xattr::get(fs_dir.join("opq"), XATTR_OPAQUE).unwrap(),
+        Some(b"y".to_vec())
+    );
+    assert!(fs::symlink_metadata(fs_dir.join("fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    let x = fs_dir.join("x");
+    assert_eq!(xattr::get(&x, "user.note").unwrap(), Some(b"kept".to_vec()));
+    let redirect = xattr::get(&x, XATTR_REDIRECT).unwrap().unwrap();
+    assert_ne!(
+        redirect, b"/elsewhere",
+        "an archive's overlay xattr is never honoured"
+    );
+    let xm = fs::metadata(&x).unwrap();
+    assert_eq!((xm.mtime(), xm.mtime_nsec()), (1_600_000_000, 250_000_000));
+    assert_eq!(
+        fs::metadata(fs_dir.join("etc")).unwrap().mtime(),
+        1_600_000_000
+    );
+
+    let manifest: BTreeMap<PathBuf, (Digest, u64)> =
+        cas::manifest::read_manifest(&dir.join("manifest"))
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| (e.path, (e.digest, e.size)))
+            .collect();
+    let hello = (Digest::of(b"hello"), 5);
+    let expect: BTreeMap<PathBuf, (Digest, u64)> = [
+        ("big", (Digest::of(&layer.big), layer.big.len() as u64)),
+        ("escape", (Digest::of(b"out"), 3)),
+        ("etc/a", hello),
+        ("etc/b", hello),
+        ("etc/c", hello),
+        ("x", (Digest::of(b"data"), 4)),
+    ]
+    .into_iter()
+    .map(|(p, v)| (PathBuf::from(p), v))
+    .collect();
+    assert_eq!(manifest, expect);
+}
+
+fn apply_three_ways(backend: BackendChoice) {
+    if !root() {
+        return;
+    }
+    let layer = layer();
+    let diff_id = Digest::of(&layer.tar);
+    let mut s = Store::new(backend);
+    let mut first = true;
+    for blob in [gzip(&layer.tar), zstd(&layer.tar), layer.tar.clone()] {
+        let (dir, r) = s.apply(&blob, Some(Digest::of(&blob)), Limits::default());
+        let applied = r.map_err(|f| f.error).unwrap();
+        assert_eq!(applied.diff_id, diff_id);
+        assert_eq!(applied.uncompressed_size, layer.tar.len() as u64);
+        assert_eq!(applied.stats.files, 6);
+        assert_eq!(
+            applied.stats.logical_bytes,
+            5 + 5 + 3 + 4 + layer.big.len() as u64
+        );
+        if first {
+            assert_eq!(applied.stats.new_objects, 4);
+            assert_eq!(applied.stats.new_bytes, 5 + 3 + 4 + layer.big.len() as u64);
+        } else {
+            // the same layer again writes nothing new (the big file's stream is dropped)
+            assert_eq!(applied.stats.new_objects, 0);
+            assert_eq!(applied.stats.new_bytes, 0);
+            assert_eq!(applied.stats.discarded_bytes, layer.big.len() as u64);
+        }
+        assert_eq!(applied.stats.skipped_xattrs, 1);
+        first = false;
+        check_tree(&s, &dir, &layer);
+        assert!(s.tmp_is_empty());
+    }
+}
+
+#[test]
+fn applies_gzip_zstd_and_plain_layers_threads() {
+    apply_three_ways(BackendChoice::Threads);
+}
+
+#[test]
+fn applies_gzip_zstd_and_plain_layers_auto() {
+    apply_three_ways(BackendChoice::Auto);
+}
+
+fn expect_failure(
+    s: &mut Store,
+    blob: &[u8],
+    digest: Option<Digest>,
+    limits: Limits,
+) -> (PathBuf, UnpackError) {
+    let (dir, r) = s.apply(blob, digest, limits);
+    let f = r.expect_err("the apply must fail");
+    assert!(s.tmp_is_empty(), "no temporary file is left: {:?}", f.error);
+    assert!(
+        !dir.join("manifest").exists(),
+        "no manifest after a failure"
+    );
+    assert!(!dir.join("manifest.tmp").exists());
+    // the objects it published are reported for collection
+    for d in &f.new_objects {
+        assert!(s.store.contains(d));
+    }
+    (dir, f.error)
+}
+
+#[test]
+fn bad_blobs_fail_clearly_and_leave_nothing_behind() {
+    if !root() {
+        return;
+    }
+    let layer = layer();
+    let mut s = Store::new(BackendChoice::Auto);
+    let good = gzip(&layer.tar);
+
+    let mut corrupt = good.clone();
+    let mid = corrupt.len() / 2;
+    corrupt[mid] ^= 0x55;
+    let (_, e) = expect_failure(&mut s, &corrupt, Some(Digest::of(&good)), Limits::default());
+    assert!(
+        matches!(
+            e,
+            UnpackError::Decompress { .. } | UnpackError::BlobDigest { .. } | UnpackError::Tar(_)
+        ),
+        "{e}"
+    );
+
+    let truncated = &good[..good.len() / 3];
+    let (_, e) = expect_failure(&mut s, truncated, None, Limits::default());
+    assert!(
+        matches!(e, UnpackError::Decompress { .. } | UnpackError::Tar(_)),
+        "{e}"
+    );
+
+    // right bytes, wrong descriptor
+    let (_, e) = expect_failure(&mut s, &good, Some(Digest::of(b"other")), Limits::default());
+    assert!(matches!(e, UnpackError::BlobDigest { .. }), "{e}");
+
+    // a bomb: 64 MiB of zeros in a tiny blob
+    let mut b = tar::Builder::new(Vec::new());
+    let zeros = vec![0u8; 64 << 20];
+    b.append_data(
+        &mut header(tar::EntryType::Regular, zeros.len() as u64, 0o644),
+        "zeros",
+        &zeros[..],
+    )
+    .unwrap();
+    let bomb = zstd(&b.into_inner().unwrap());
+    assert!(bomb.len() < 64 << 10);
+    let limits = Limits {
+        max_bytes: 1 << 40,
+        max_ratio: 100,
+        ratio_floor: 16 << 20,
+    };
+    let (_, e) = expect_failure(&mut s, &bomb, None, limits);
+    assert!(matches!(e, UnpackError::Expansion { .. }), "{e}");
+
+    // a hardlink to something that is not in the layer
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header(tar::EntryType::Link, 0, 0o644);
+    h.set_link_name("etc/shadow").unwrap();
+    b.append_data(&mut h, "innocent", &[][..]).unwrap();
+    let hostile = gzip(&b.into_inner().unwrap());
+    let (_, e) = expect_failure(&mut s, &hostile, None, Limits::default());
+    assert!(
+        matches!(e, UnpackError::Store(cas::CasError::Hostile { .. })),
+        "{e}"
+    );
+
+    // not a tar at all
+    let (_, e) = expect_failure(
+        &mut s,
+        &gzip(&pseudo_random(10_000, 3)),
+        None,
+        Limits::default(),
+    );
+    assert!(matches!(e, UnpackError::Tar(_)), "{e}");
+}
+
+#[test]
+fn symlinked_parents_resolve_inside_the_layer() {
+    if !root() {
+        return;
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header(tar::EntryType::Symlink, 0, 0o777);
+    h.set_link_name("/../../tmp").unwrap();
+    b.append_data(&mut h, "up", &[][..]).unwrap();
+    b.append_data(
+        &mut header(tar::EntryType::Regular, 4, 0o644),
+        "up/file",
+        &b"data"[..],
+    )
+    .unwrap();
+    let blob = gzip(&b.into_inner().unwrap());
+    let mut s = Store::new(BackendChoice::Auto);
+    let (dir, r) = s.apply(&blob, None, Limits::default());
+    r.map_err(|f| f.error).unwrap();
+    // `up` points at /tmp of the layer, never of the host
+    assert!(dir.join("fs/tmp/file").is_file());
+    assert!(!Path::new("/tmp/file").exists() || fs::read("/tmp/file").unwrap() != b"data");
+}
