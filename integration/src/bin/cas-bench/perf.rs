@@ -916,6 +916,7 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
         quick: a.quick,
         runs: a.runs,
         containerd: ctrd,
+        containerd_arg: a.containerd.clone(),
         cas_diff: rig.containerd.differ,
         unpack,
         cas_layers,
@@ -952,6 +953,7 @@ struct Header {
     quick: bool,
     runs: usize,
     containerd: String,
+    containerd_arg: Option<String>,
     cas_diff: bool,
     unpack: String,
     cas_layers: String,
@@ -1032,10 +1034,13 @@ fn render(
     );
     let _ = writeln!(
         s,
-        "Produced by `make bench{}`; raw numbers in [`results/bench.csv`](results/bench.csv), \
+        "Produced by `make bench{}{}`; raw numbers in [`results/bench.csv`](results/bench.csv), \
          plots [`results/bench-times.svg`](results/bench-times.svg) and \
          [`results/bench-scaling.svg`](results/bench-scaling.svg).\n",
-        if h.quick { " QUICK=1" } else { "" }
+        if h.quick { " QUICK=1" } else { "" },
+        h.containerd_arg
+            .as_deref()
+            .map_or(String::new(), |c| format!(" CONTAINERD={c}"))
     );
     let shared = if h.max_load > 1.0 {
         format!(
