@@ -8,7 +8,7 @@ PROFILE ?= debug
 BIN     := $(CURDIR)/target/$(PROFILE)
 CARGO_PROFILE := $(if $(filter release,$(PROFILE)),--release,)
 
-.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench-dedup bench-journal bench-recovery install uninstall dist-check clean
+.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench bench-dedup bench-journal bench-recovery install uninstall dist-check clean
 
 all: build
 
@@ -49,6 +49,30 @@ crash-test: build
 
 test: check unit dist-check conformance e2e
 	@echo "make test: all checks, unit tests, conformance and end-to-end tests passed"
+
+# containerd's overlayfs against ours, side by side in one containerd on a fresh XFS loop
+# filesystem: bench/report.md, bench/results/bench.csv and SVG plots (needs root).
+#   make bench [QUICK=1] [RUNS=3]
+#              [CONTAINERD=1.6|1.7|2|DIR (default 2 when scripts/containerd-versions.sh
+#               cached it, else the system's 1.6)]
+#              [CAS_DIFF=0 (walking differ for both; default: cas-diff on >= 1.7.4)]
+#              [CTR_LOCAL=1 (2.x: ctr images pull --local rather than the transfer service)]
+# Images are generated once into $(BENCH_CACHE) and reused.
+QUICK       ?=
+RUNS        ?= 3
+CONTAINERD  ?=
+CAS_DIFF    ?= 1
+CTR_LOCAL   ?=
+BENCH_CACHE ?= /var/cache/cas-bench
+bench:
+	@command -v fio >/dev/null && command -v pigz >/dev/null && command -v zstd >/dev/null || $(MAKE) deps
+	$(CARGO) build --release -p cas-snapshotter -p cas -p cas-integration --bins
+	CAS_SNAPSHOTTER_BIN=$(CURDIR)/target/release/cas-snapshotter CASCTL_BIN=$(CURDIR)/target/release/casctl \
+	$(CURDIR)/target/release/cas-bench perf \
+	  --cache $(BENCH_CACHE) --out bench --runs $(RUNS) $(if $(QUICK),--quick) \
+	  $(if $(CONTAINERD),--containerd $(CONTAINERD)) $(if $(filter 0,$(CAS_DIFF)),--no-cas-diff) \
+	  $(if $(CTR_LOCAL),--local) \
+	  $(if $(wildcard $(SHARED)/conformance/run.sh),--conformance $(SHARED)/conformance/run.sh)
 
 # Dedup on a family of near-duplicate Debian images, overlayfs and ours in one run:
 # make bench-dedup [VERSIONS=3] [WORKDIR=/mnt/xfs/dir OUT=…]; images are cached in

@@ -11,6 +11,7 @@ PACKAGES=(
   busybox-static             # a static shell for the fixture images' containers
   xfsprogs attr util-linux   # mkfs.xfs, getfattr/setfattr, fincore
   debootstrap                # Debian base images for make bench-dedup
+  fio pigz zstd              # physical limits of make bench (disk, decompression)
   ca-certificates curl build-essential pkg-config git
   gpgv xz-utils debian-archive-keyring   # checking the newer containerd .debs (below)
 )

@@ -126,7 +126,27 @@ pub enum Compression {
     Gzip,
     /// `application/vnd.oci.image.layer.v1.tar`
     None,
+    /// `application/vnd.oci.image.layer.v1.tar+zstd`
+    Zstd,
 }
+
+impl Compression {
+    /// Compresses a whole tar in memory.
+    fn compress(self, tar: Vec<u8>) -> Result<Vec<u8>> {
+        Ok(match self {
+            Compression::Gzip => {
+                let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::default());
+                gz.write_all(&tar)?;
+                gz.finish()?
+            }
+            Compression::Zstd => zstd::encode_all(tar.as_slice(), ZSTD_LEVEL)?,
+            Compression::None => tar,
+        })
+    }
+}
+
+/// zstd's own default level, what image builders use for `tar+zstd` layers.
+const ZSTD_LEVEL: i32 = 3;
 
 /// One layer.
 #[derive(Debug, Clone)]
@@ -259,14 +279,7 @@ pub fn write_oci_layout(spec: &ImageSpec, out_dir: &Path) -> Result<BuiltImage> 
     for layer in &spec.layers {
         let tar = layer_tar(layer)?;
         let diff_id = sha256(&tar);
-        let blob = match layer.compression {
-            Compression::Gzip => {
-                let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::default());
-                gz.write_all(&tar)?;
-                gz.finish()?
-            }
-            Compression::None => tar,
-        };
+        let blob = layer.compression.compress(tar)?;
         let digest = sha256(&blob);
         fs::write(blobs.join(&digest["sha256:".len()..]), &blob)?;
         layers.push(LayerBlob {
@@ -298,6 +311,7 @@ pub fn finish_oci_layout(
         let media = match l.compression {
             Compression::Gzip => MediaType::ImageLayerGzip,
             Compression::None => MediaType::ImageLayer,
+            Compression::Zstd => MediaType::ImageLayerZstd,
         };
         descs.push(
             DescriptorBuilder::default()
@@ -368,6 +382,235 @@ pub fn pseudo_random(len: usize, seed: u32) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
+}
+
+/// A set of generated regular files for benchmark layers: `count` files named
+/// `<dir>/dNNN/fNNNNNNN` (at most [`FILES_PER_DIR`] per directory), sizes drawn from
+/// `min_size..=max_size` (skewed towards small with `skew` > 1, as in a distribution's
+/// tree: many small files, a few large ones), deterministic content.
+///
+/// The content of file `i` depends only on `seed`, `i` and its size, so two layers that
+/// list the same set differ only where their metadata (`mtime`) or other sets differ:
+/// the near-duplicates two independent builds of one image make.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FileSet {
+    /// Directory the files go in (relative, no trailing slash).
+    pub dir: String,
+    /// Number of files.
+    pub count: u64,
+    /// Smallest file size.
+    pub min_size: u64,
+    /// Largest file size.
+    pub max_size: u64,
+    /// 1 draws sizes uniformly; k > 1 draws `min * (max/min)^(u^k)`.
+    pub skew: u32,
+    /// Seed of sizes and content.
+    pub seed: u64,
+    /// Modification time of every entry.
+    pub mtime: u64,
+    /// Half of every 4 KiB block repeats a pattern (gzip gets about 2:1, as on typical
+    /// binaries and text); otherwise the content does not compress.
+    pub compressible: bool,
+}
+
+/// Files per directory of a [`FileSet`], so a million files do not share one directory.
+pub const FILES_PER_DIR: u64 = 1000;
+
+/// xorshift64*: a fast deterministic generator for sizes and content.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+impl FileSet {
+    /// Size of file `i`.
+    pub fn size_of(&self, i: u64) -> u64 {
+        let mut r = Rng::new(self.seed ^ (i << 20) ^ 0x5157);
+        let u = r.unit();
+        if self.skew <= 1 || self.min_size == 0 {
+            self.min_size + ((self.max_size - self.min_size + 1) as f64 * u) as u64
+        } else {
+            let ratio = self.max_size as f64 / self.min_size as f64;
+            ((self.min_size as f64) * ratio.powf(u.powi(self.skew as i32))) as u64
+        }
+    }
+
+    /// Sum of all file sizes.
+    pub fn total_bytes(&self) -> u64 {
+        (0..self.count).map(|i| self.size_of(i)).sum()
+    }
+
+    fn path_of(&self, i: u64) -> String {
+        format!("{}/d{:03}/f{:07}", self.dir, i / FILES_PER_DIR, i)
+    }
+}
+
+/// The content of one generated file, produced as it is read.
+struct Content {
+    rng: Rng,
+    /// Random bytes not yet used from the last word.
+    word: u64,
+    have: u32,
+    left: u64,
+    /// Bytes produced so far.
+    pos: u64,
+    compressible: bool,
+}
+
+impl Content {
+    fn new(seed: u64, size: u64, compressible: bool) -> Content {
+        Content {
+            rng: Rng::new(seed),
+            word: 0,
+            have: 0,
+            left: size,
+            pos: 0,
+            compressible,
+        }
+    }
+}
+
+/// What the compressible half of each block repeats.
+const PATTERN: &[u8] =
+    b"cas-snapshotter benchmark content, deterministic and partly compressible. ";
+
+impl std::io::Read for Content {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.left) as usize;
+        for b in &mut buf[..n] {
+            let in_block = (self.pos % 4096) as usize;
+            *b = if self.compressible && in_block >= 2048 {
+                PATTERN[in_block % PATTERN.len()]
+            } else {
+                if self.have == 0 {
+                    self.word = self.rng.next();
+                    self.have = 8;
+                }
+                self.have -= 1;
+                (self.word >> (8 * self.have)) as u8
+            };
+            self.pos += 1;
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+fn gen_header(kind: tar::EntryType, mode: u32, mtime: u64, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(mtime);
+    h.set_size(size);
+    h
+}
+
+/// A compressing writer for one of the [`Compression`]s.
+enum Encoder<W: Write> {
+    Gzip(GzEncoder<W>),
+    Zstd(zstd::Encoder<'static, W>),
+    None(W),
+}
+
+impl<W: Write> Encoder<W> {
+    fn new(c: Compression, w: W) -> Result<Encoder<W>> {
+        Ok(match c {
+            Compression::Gzip => Encoder::Gzip(GzEncoder::new(w, flate2::Compression::default())),
+            Compression::Zstd => Encoder::Zstd(zstd::Encoder::new(w, ZSTD_LEVEL)?),
+            Compression::None => Encoder::None(w),
+        })
+    }
+    fn finish(self) -> Result<W> {
+        Ok(match self {
+            Encoder::Gzip(e) => e.finish()?,
+            Encoder::Zstd(e) => e.finish()?,
+            Encoder::None(w) => w,
+        })
+    }
+}
+
+impl<W: Write> Write for Encoder<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Encoder::Gzip(e) => e.write(buf),
+            Encoder::Zstd(e) => e.write(buf),
+            Encoder::None(w) => w.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Encoder::Gzip(e) => e.flush(),
+            Encoder::Zstd(e) => e.flush(),
+            Encoder::None(w) => w.flush(),
+        }
+    }
+}
+
+/// Writes a layer of generated files (every set, in order, directories first) as a blob
+/// into `blobs` (a layout's `blobs/sha256`), streaming: memory stays small for a layer
+/// of a million files or of gigabytes.
+pub fn write_files_layer(
+    sets: &[FileSet],
+    compression: Compression,
+    blobs: &Path,
+) -> Result<LayerBlob> {
+    use crate::rootfs::hashing;
+    fs::create_dir_all(blobs).with_context(|| format!("creating {}", blobs.display()))?;
+    let tmp = blobs.join(format!(".gen-{}.tmp", std::process::id()));
+    let file = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let enc = Encoder::new(
+        compression,
+        hashing(std::io::BufWriter::with_capacity(1 << 20, file)),
+    )?;
+    let mut tar = tar::Builder::new(hashing(enc));
+    let mut dirs = BTreeSet::new();
+    for set in sets {
+        for i in 0..set.count {
+            let path = set.path_of(i);
+            let parts: Vec<&str> = path.split('/').collect();
+            for k in 1..parts.len() {
+                let d = parts[..k].join("/");
+                if dirs.insert(d.clone()) {
+                    let mut h = gen_header(tar::EntryType::Directory, 0o755, set.mtime, 0);
+                    tar.append_data(&mut h, format!("{d}/"), std::io::empty())?;
+                }
+            }
+            let size = set.size_of(i);
+            let seed = set.seed.wrapping_add(i.wrapping_mul(0x1_0000_0001));
+            let content = Content::new(seed, size, set.compressible);
+            let mut h = gen_header(tar::EntryType::Regular, 0o644, set.mtime, size);
+            tar.append_data(&mut h, &path, content)?;
+        }
+    }
+    let tar_out = tar.into_inner()?;
+    let diff_id = format!("sha256:{}", hex::encode(tar_out.hash.finalize()));
+    let blob_out = tar_out.inner.finish()?;
+    let digest = format!("sha256:{}", hex::encode(blob_out.hash.finalize()));
+    let size = blob_out.len;
+    let file = blob_out.inner.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    fs::rename(&tmp, blobs.join(&digest["sha256:".len()..]))?;
+    Ok(LayerBlob {
+        digest,
+        diff_id,
+        size,
+        compression,
+    })
 }
 
 fn dir(path: &str, meta: Meta) -> Entry {
@@ -634,6 +877,59 @@ mod tests {
         assert_eq!(app.layer_digests[0], a.layer_digests[0]);
         assert_ne!(app.layer_digests[1], a.layer_digests[1]);
         assert!(a.layout_dir.join("index.json").is_file());
+    }
+
+    #[test]
+    fn generated_layers_are_deterministic_and_near_duplicates_share_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let set = FileSet {
+            dir: "usr".into(),
+            count: 1200,
+            min_size: 10,
+            max_size: 20_000,
+            skew: 3,
+            seed: 1,
+            mtime: 1_600_000_000,
+            compressible: true,
+        };
+        let blobs = dir.path().join("blobs");
+        let a = write_files_layer(std::slice::from_ref(&set), Compression::Gzip, &blobs).unwrap();
+        let b = write_files_layer(std::slice::from_ref(&set), Compression::Gzip, &blobs).unwrap();
+        assert_eq!(a.digest, b.digest);
+        let later = FileSet {
+            mtime: 1_700_000_000,
+            ..set.clone()
+        };
+        let z = write_files_layer(&[later], Compression::Zstd, &blobs).unwrap();
+        assert_ne!(z.diff_id, a.diff_id);
+        // Same files, same content: only the times differ.
+        let tar = |d: &str, zstd: bool| {
+            let raw = fs::read(blobs.join(&d["sha256:".len()..])).unwrap();
+            let mut out = Vec::new();
+            if zstd {
+                out = zstd::decode_all(raw.as_slice()).unwrap();
+            } else {
+                std::io::Read::read_to_end(
+                    &mut flate2::read::GzDecoder::new(raw.as_slice()),
+                    &mut out,
+                )
+                .unwrap();
+            }
+            let mut files = Vec::new();
+            for e in tar::Archive::new(out.as_slice()).entries().unwrap() {
+                let mut e = e.unwrap();
+                let mut data = Vec::new();
+                std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+                files.push((e.path().unwrap().display().to_string(), data));
+            }
+            files
+        };
+        let (fa, fz) = (tar(&a.digest, false), tar(&z.digest, true));
+        assert_eq!(fa, fz);
+        assert_eq!(fa.iter().filter(|(p, _)| p.contains("/f")).count(), 1200);
+        let sum: u64 = fa.iter().map(|(_, d)| d.len() as u64).sum();
+        assert_eq!(sum, set.total_bytes());
+        assert!(fa.iter().any(|(p, _)| p == "usr/d001/f0001000"));
     }
 
     #[test]

@@ -371,6 +371,19 @@ impl LoopFs {
         }
         Ok(LoopFs { mnt })
     }
+
+    /// The block device under it (`loop3`), for its `/sys/block/<dev>/stat`.
+    pub fn device(&self) -> Result<String> {
+        let out = Command::new("findmnt")
+            .args(["-no", "SOURCE", "--mountpoint"])
+            .arg(&self.mnt)
+            .output()?;
+        let src = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        match src.strip_prefix("/dev/") {
+            Some(dev) if out.status.success() => Ok(dev.to_string()),
+            _ => bail!("no block device mounted at {}", self.mnt.display()),
+        }
+    }
 }
 
 impl Drop for LoopFs {
@@ -397,9 +410,21 @@ pub enum ContainerdBin {
     /// A release series unpacked by `scripts/containerd-versions.sh`:
     /// `<cache>/<series>/usr/bin` (series `1.7` or `2`).
     Cached(String),
+    /// Another directory holding `containerd`, `ctr` and the shim (a build of one's own).
+    Dir(PathBuf),
 }
 
 impl ContainerdBin {
+    /// From a command-line word: `1.6` or `system` for the system's, a path (with a `/`)
+    /// for [`ContainerdBin::Dir`], anything else a cached series (`1.7`, `2`).
+    pub fn from_arg(arg: &str) -> ContainerdBin {
+        match arg {
+            "1.6" | "system" => ContainerdBin::System,
+            a if a.contains('/') => ContainerdBin::Dir(PathBuf::from(a)),
+            series => ContainerdBin::Cached(series.to_string()),
+        }
+    }
+
     /// The directory holding `containerd`, `ctr` and the shims; `None` for the system's.
     pub fn dir(&self) -> Option<PathBuf> {
         match self {
@@ -407,6 +432,7 @@ impl ContainerdBin {
             ContainerdBin::Cached(series) => {
                 Some(containerd_cache().join(series).join("usr").join("bin"))
             }
+            ContainerdBin::Dir(dir) => Some(dir.clone()),
         }
     }
 
@@ -417,19 +443,23 @@ impl ContainerdBin {
         }
     }
 
-    /// Whether the binaries are there (a cached series may not have been fetched);
-    /// prints why not.
+    /// Whether the binaries are there (a cached series may not have been fetched).
+    pub fn present(&self) -> bool {
+        self.dir()
+            .is_none_or(|d| d.join("containerd").is_file() && d.join("ctr").is_file())
+    }
+
+    /// Like [`ContainerdBin::present`], and prints why not (a test's "skipped").
     pub fn available(&self) -> bool {
-        let Some(dir) = self.dir() else {
-            return true;
-        };
-        if dir.join("containerd").is_file() && dir.join("ctr").is_file() {
+        if self.present() {
             return true;
         }
-        eprintln!(
-            "skipped: no containerd in {} (run scripts/containerd-versions.sh, or make deps)",
-            dir.display()
-        );
+        let dir = self.dir().unwrap_or_default();
+        let hint = match self {
+            ContainerdBin::Cached(_) => " (run scripts/containerd-versions.sh, or make deps)",
+            _ => "",
+        };
+        eprintln!("skipped: no containerd in {}{hint}", dir.display());
         false
     }
 
@@ -495,6 +525,16 @@ impl ContainerdVersion {
     }
 }
 
+impl std::fmt::Display for ContainerdBin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ContainerdBin::System => write!(f, "the system's"),
+            ContainerdBin::Cached(series) => write!(f, "cached series {series}"),
+            ContainerdBin::Dir(dir) => write!(f, "{}", dir.display()),
+        }
+    }
+}
+
 impl std::fmt::Display for ContainerdVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
@@ -538,8 +578,13 @@ impl Default for ContainerdOptions {
 impl ContainerdOptions {
     /// A cached release series (`1.7`, `2`), no differ, no CRI.
     pub fn cached(series: &str) -> ContainerdOptions {
+        Self::with_bin(ContainerdBin::Cached(series.to_string()))
+    }
+
+    /// These binaries, no differ, no CRI.
+    pub fn with_bin(bin: ContainerdBin) -> ContainerdOptions {
         ContainerdOptions {
-            bin: ContainerdBin::Cached(series.to_string()),
+            bin,
             ..ContainerdOptions::default()
         }
     }
@@ -803,6 +848,11 @@ impl Containerd {
     /// The whole log (for looking for a message).
     pub fn full_log(&self) -> String {
         fs::read_to_string(&self.proc.log).unwrap_or_default()
+    }
+
+    /// containerd's pid.
+    pub fn pid(&self) -> Option<i32> {
+        self.proc.pid().map(|p| p.as_raw())
     }
 }
 
@@ -1105,6 +1155,21 @@ mod tests {
         let upstream = "containerd github.com/containerd/containerd v1.6.20 2806fc1\n";
         assert_eq!(ContainerdVersion::parse(upstream), Some(v(1, 6, 20)));
         assert_eq!(ContainerdVersion::parse("nothing"), None);
+    }
+
+    #[test]
+    fn containerd_binaries_from_a_word() {
+        assert_eq!(ContainerdBin::from_arg("1.6"), ContainerdBin::System);
+        assert_eq!(ContainerdBin::from_arg("system"), ContainerdBin::System);
+        assert_eq!(
+            ContainerdBin::from_arg("2"),
+            ContainerdBin::Cached("2".into())
+        );
+        assert_eq!(
+            ContainerdBin::from_arg("./build/bin"),
+            ContainerdBin::Dir("./build/bin".into())
+        );
+        assert!(ContainerdBin::System.present());
     }
 
     #[test]

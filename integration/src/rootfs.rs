@@ -37,10 +37,10 @@ pub enum DirKind {
 }
 
 /// A writer that hashes what passes through it.
-struct Hashing<W> {
-    inner: W,
-    hash: Sha256,
-    len: u64,
+pub(crate) struct Hashing<W> {
+    pub(crate) inner: W,
+    pub(crate) hash: Sha256,
+    pub(crate) len: u64,
 }
 
 impl<W: Write> Write for Hashing<W> {
@@ -55,7 +55,7 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-fn hashing<W>(inner: W) -> Hashing<W> {
+pub(crate) fn hashing<W>(inner: W) -> Hashing<W> {
     Hashing {
         inner,
         hash: Sha256::new(),

@@ -1,8 +1,10 @@
-//! `cas-bench`: benchmark images and the dedup benchmark (`make bench-dedup`).
+//! `cas-bench`: benchmark images, the dedup benchmark (`make bench-dedup`) and the
+//! performance benchmark against containerd's overlayfs (`make bench`, see [`perf`]).
 //!
 //! ```text
 //! cas-bench images --cache DIR --versions N   # OCI layouts from DIR/rootfs/{base,app}-i
 //! cas-bench dedup  --cache DIR --versions N --out FILE.md
+//! cas-bench perf   [--quick] [--runs N] [--containerd 1.6|1.7|2|DIR] [--no-cas-diff] [--local] …
 //! ```
 //!
 //! `scripts/bench-dedup.sh` builds the root filesystems (`debootstrap` bases, and an
@@ -37,7 +39,11 @@ use cas_integration::rootfs::{write_dir_layer, DirKind};
 use clap::{Parser, Subcommand};
 use sha2::{Digest as _, Sha256};
 
-/// Benchmark images and the dedup benchmark.
+mod images;
+mod perf;
+mod plot;
+
+/// Benchmark images, the dedup benchmark and the performance benchmark.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
@@ -68,6 +74,9 @@ enum Cmd {
         #[arg(long)]
         workdir: Option<PathBuf>,
     },
+    /// Time unpacks and pulls with overlayfs and with cas-snapshotter in one containerd;
+    /// write report.md, results/bench.csv and SVG plots.
+    Perf(perf::PerfArgs),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +89,7 @@ fn main() -> ExitCode {
             out,
             workdir,
         } => dedup(&cache, versions, &out, workdir.as_deref()),
+        Cmd::Perf(a) => perf::perf(&a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
