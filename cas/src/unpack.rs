@@ -509,8 +509,15 @@ static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 struct PendingObject {
     digest: Digest,
     size: u64,
-    tmp: PathBuf,
-    ticket: Option<Ticket>,
+    how: Written,
+}
+
+/// How a pending object reaches its place.
+enum Written {
+    /// Written unnamed and linked as the object by the pool itself.
+    Linked(Ticket),
+    /// Streamed (and finished) to a temporary name, linked here.
+    Named(PathBuf),
 }
 
 /// A stub waiting for its object to be published.
@@ -538,7 +545,7 @@ struct Unpacker<'a> {
     known_dirs: HashSet<PathBuf>,
     /// Directories and the metadata to restore once every entry is in.
     dirs: Vec<(PathBuf, FileMeta)>,
-    objects: Vec<PendingObject>,
+    objects: std::collections::VecDeque<PendingObject>,
     stubs: Vec<PendingStub>,
     /// Paths of `stubs` (their files do not exist yet).
     pending_paths: HashSet<PathBuf>,
@@ -587,7 +594,7 @@ impl<'a> Unpacker<'a> {
             recent: RecentFiles::default(),
             known_dirs: HashSet::new(),
             dirs: Vec::new(),
-            objects: Vec::new(),
+            objects: std::collections::VecDeque::new(),
             stubs: Vec::new(),
             pending_paths: HashSet::new(),
             in_flight: HashSet::new(),
@@ -972,9 +979,12 @@ impl<'a> Unpacker<'a> {
             }
             let digest = Digest::of(&data);
             if !self.known(&digest) {
-                let tmp = tmp_name(self.t.tmp_dir);
-                let ticket = self.t.pool.write_file(&tmp, OBJECT_MODE, vec![data])?;
-                self.queue_object(digest, size, tmp, Some(ticket));
+                let dest = self.t.store.path(&digest);
+                let ticket =
+                    self.t
+                        .pool
+                        .write_linked(self.t.tmp_dir, &dest, OBJECT_MODE, vec![data])?;
+                self.queue_object(digest, size, Written::Linked(ticket));
             }
             digest
         } else {
@@ -997,7 +1007,7 @@ impl<'a> Unpacker<'a> {
                 self.stats.discarded_bytes += size;
                 fs::remove_file(&tmp).map_err(CasError::io("remove", &tmp))?;
             } else {
-                self.queue_object(digest, size, tmp, None);
+                self.queue_object(digest, size, Written::Named(tmp));
             }
             digest
         };
@@ -1011,8 +1021,9 @@ impl<'a> Unpacker<'a> {
             meta: em.meta,
             xattrs: em.xattrs,
         });
-        if self.pending_bytes >= FLUSH_BYTES || self.stubs.len() >= FLUSH_FILES {
-            self.flush()?;
+        if self.pending_bytes >= FLUSH_BYTES || self.objects.len() >= FLUSH_FILES {
+            // The oldest half: the workers keep writing the rest meanwhile.
+            self.drain(FLUSH_FILES / 2, FLUSH_BYTES / 2)?;
         }
         Ok(())
     }
@@ -1022,58 +1033,81 @@ impl<'a> Unpacker<'a> {
         self.in_flight.contains(digest) || self.t.store.contains(digest)
     }
 
-    fn queue_object(&mut self, digest: Digest, size: u64, tmp: PathBuf, ticket: Option<Ticket>) {
+    fn queue_object(&mut self, digest: Digest, size: u64, how: Written) {
         self.in_flight.insert(digest);
         self.pending_bytes += size;
-        self.objects.push(PendingObject {
-            digest,
-            size,
-            tmp,
-            ticket,
-        });
+        self.objects.push_back(PendingObject { digest, size, how });
     }
 
-    /// Waits for the writes in flight, publishes their objects and writes the stubs
-    /// that waited for them.
+    /// Waits for every write in flight, publishes the objects and writes every stub.
     fn flush(&mut self) -> Result<(), UnpackError> {
-        let objects = std::mem::take(&mut self.objects);
+        self.drain(0, 0)
+    }
+
+    /// Waits for the oldest writes in flight until at most `files` objects and `bytes`
+    /// bytes are left, publishes them, and writes the stubs whose objects are in place.
+    fn drain(&mut self, files: usize, bytes: u64) -> Result<(), UnpackError> {
         let mut first_err: Option<UnpackError> = None;
-        for mut o in objects {
-            let written = match o.ticket.take() {
-                Some(t) => t.wait().map(|_| ()),
-                None => Ok(()),
+        while self.objects.len() > files || (self.pending_bytes > bytes && !self.objects.is_empty())
+        {
+            let Some(o) = self.objects.pop_front() else {
+                break;
             };
-            let published = match written {
-                Err(e) => Err(UnpackError::from(e)),
-                Ok(()) if first_err.is_some() => Ok(()),
-                Ok(()) => self
-                    .t
-                    .store
-                    .publish_written(&o.tmp, &o.digest)
-                    .map_err(UnpackError::from)
-                    .map(|p| {
-                        if p == Publish::New {
-                            self.stats.new_objects += 1;
-                            self.stats.new_bytes += o.size;
-                            self.new_objects.push(o.digest);
-                        }
-                    }),
+            self.pending_bytes = self.pending_bytes.saturating_sub(o.size);
+            self.in_flight.remove(&o.digest);
+            let published = match o.how {
+                Written::Linked(ticket) => match ticket.wait() {
+                    Ok(_) => Ok(Publish::New),
+                    Err(e)
+                        if e.os_error().map(io::Error::kind)
+                            == Some(io::ErrorKind::AlreadyExists) =>
+                    {
+                        Ok(Publish::Existing)
+                    }
+                    Err(e) => Err(UnpackError::from(e)),
+                },
+                Written::Named(tmp) => {
+                    let r = match first_err {
+                        Some(_) => Ok(Publish::Existing),
+                        None => self
+                            .t
+                            .store
+                            .publish_written(&tmp, &o.digest)
+                            .map_err(UnpackError::from),
+                    };
+                    let _ = fs::remove_file(&tmp);
+                    r
+                }
             };
-            let _ = fs::remove_file(&o.tmp);
-            if let Err(e) = published {
-                first_err.get_or_insert(e);
+            match published {
+                Ok(Publish::New) => {
+                    self.stats.new_objects += 1;
+                    self.stats.new_bytes += o.size;
+                    self.new_objects.push(o.digest);
+                }
+                Ok(Publish::Existing) => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
             }
         }
-        self.in_flight.clear();
-        self.pending_bytes = 0;
         if let Some(e) = first_err {
             return Err(e);
         }
-        for s in std::mem::take(&mut self.stubs) {
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.stubs)
+            .into_iter()
+            .partition(|s| !self.in_flight.contains(&s.digest));
+        self.stubs = waiting;
+        for s in ready {
+            self.pending_paths.remove(&s.path);
             let redirect = match self.redirects.get(&s.digest) {
                 Some(r) => r.clone(),
                 None => {
                     let r = self.t.store.redirect_for(&s.digest)?;
+                    if self.redirects.len() >= RECENT_FILES {
+                        // bounded memory: a miss only costs one link attempt
+                        self.redirects.clear();
+                    }
                     self.redirects.insert(s.digest, r.clone());
                     r
                 }
@@ -1083,7 +1117,6 @@ impl<'a> Unpacker<'a> {
             let ino = f.metadata().map_err(CasError::io("stat", &abs))?.ino();
             self.recent.insert(ino, s.digest, s.meta.size);
         }
-        self.pending_paths.clear();
         Ok(())
     }
 
@@ -1108,11 +1141,18 @@ impl<'a> Unpacker<'a> {
 
     /// After a failure: waits for every write in flight and removes temporary files.
     fn abandon(&mut self) {
-        for mut o in std::mem::take(&mut self.objects) {
-            if let Some(t) = o.ticket.take() {
-                let _ = t.wait();
+        for o in std::mem::take(&mut self.objects) {
+            match o.how {
+                Written::Linked(t) => {
+                    if t.wait().is_ok() {
+                        // linked by the pool: an object nothing references yet
+                        self.new_objects.push(o.digest);
+                    }
+                }
+                Written::Named(tmp) => {
+                    let _ = fs::remove_file(&tmp);
+                }
             }
-            let _ = fs::remove_file(&o.tmp);
         }
         self.stubs.clear();
         self.pending_paths.clear();

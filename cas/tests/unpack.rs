@@ -450,13 +450,21 @@ fn apply_throughput() {
     for i in 0..50_000u64 {
         let data = pseudo_random(1024 + (i as usize * 37) % 7168, i);
         let name = format!("d{}/e{}/f{i}", i % 50, i % 7);
-        b.append_data(&mut header(tar::EntryType::Regular, data.len() as u64, 0o644), &name, &data[..])
-            .unwrap();
+        b.append_data(
+            &mut header(tar::EntryType::Regular, data.len() as u64, 0o644),
+            &name,
+            &data[..],
+        )
+        .unwrap();
     }
     for i in 0..4u64 {
         let data = pseudo_random(32 << 20, 1000 + i);
-        b.append_data(&mut header(tar::EntryType::Regular, data.len() as u64, 0o644), format!("big{i}"), &data[..])
-            .unwrap();
+        b.append_data(
+            &mut header(tar::EntryType::Regular, data.len() as u64, 0o644),
+            format!("big{i}"),
+            &data[..],
+        )
+        .unwrap();
     }
     let tar = b.into_inner().unwrap();
     let blob = gzip(&tar);
@@ -467,13 +475,24 @@ fn apply_throughput() {
     let scratch = tempfile::tempdir().unwrap();
     std::fs::write(scratch.path().join("blob.tgz"), &blob).unwrap();
     let (mut fresh, mut again, mut tarx) = (Vec::new(), Vec::new(), Vec::new());
+    // CAS_BENCH_BACKEND=threads measures the plain-thread workers
+    let backend = match std::env::var("CAS_BENCH_BACKEND").as_deref() {
+        Ok("threads") => BackendChoice::Threads,
+        _ => BackendChoice::Auto,
+    };
     for run in 0..3 {
-        let mut s = Store::new(BackendChoice::Auto);
+        let mut s = Store::new(backend);
         let t = std::time::Instant::now();
-        s.apply(&blob, None, Limits::default()).1.map_err(|f| f.error).unwrap();
+        s.apply(&blob, None, Limits::default())
+            .1
+            .map_err(|f| f.error)
+            .unwrap();
         fresh.push(t.elapsed().as_secs_f64());
         let t = std::time::Instant::now();
-        s.apply(&blob, None, Limits::default()).1.map_err(|f| f.error).unwrap();
+        s.apply(&blob, None, Limits::default())
+            .1
+            .map_err(|f| f.error)
+            .unwrap();
         again.push(t.elapsed().as_secs_f64());
         let out = scratch.path().join(format!("x{run}"));
         std::fs::create_dir(&out).unwrap();
@@ -490,7 +509,10 @@ fn apply_throughput() {
     }
     let mb = tar.len() as f64 / 1e6;
     let (f, a, x) = (median(fresh), median(again), median(tarx));
-    println!("layer: {mb:.0} MB uncompressed, {:.0} MB gzip, 50,004 files", blob.len() as f64 / 1e6);
+    println!(
+        "layer: {mb:.0} MB uncompressed, {:.0} MB gzip, 50,004 files",
+        blob.len() as f64 / 1e6
+    );
     println!("apply, new content:   {f:.2} s ({:.0} MB/s)", mb / f);
     println!("apply, known content: {a:.2} s ({:.0} MB/s)", mb / a);
     println!("tar -xzf:             {x:.2} s ({:.0} MB/s)", mb / x);

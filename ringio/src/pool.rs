@@ -84,6 +84,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -267,9 +268,12 @@ struct Counters {
 
 /// A write command for a worker.
 enum Command {
-    /// Create `path` exclusively with `mode` and write `chunks` into it in order.
+    /// Create `path` exclusively with `mode` and write `chunks` into it in order; with
+    /// `link_to`, `path` is a directory: the file is an unnamed `O_TMPFILE` there, linked
+    /// at `link_to` once written (so no reader ever sees it partial).
     Write {
         path: PathBuf,
+        link_to: Option<PathBuf>,
         mode: u32,
         chunks: Vec<Vec<u8>>,
         done: mpsc::SyncSender<Result<u64, PoolError>>,
@@ -509,6 +513,29 @@ impl Pool {
         let (done, rx) = mpsc::sync_channel(1);
         self.send(Command::Write {
             path: path.to_path_buf(),
+            link_to: None,
+            mode,
+            chunks,
+            done,
+        })?;
+        Ok(Ticket { rx })
+    }
+
+    /// Writes `chunks` into a new unnamed file (`O_TMPFILE`) in `dir` with `mode` and
+    /// then links it at `dest`, all on a worker: `dest` appears complete or not at all,
+    /// and no temporary name is left to remove. If `dest` exists the ticket fails with
+    /// [`io::ErrorKind::AlreadyExists`] (op `link`) and the written file vanishes.
+    pub fn write_linked(
+        &self,
+        dir: &Path,
+        dest: &Path,
+        mode: u32,
+        chunks: Vec<Vec<u8>>,
+    ) -> Result<Ticket, PoolError> {
+        let (done, rx) = mpsc::sync_channel(1);
+        self.send(Command::Write {
+            path: dir.to_path_buf(),
+            link_to: Some(dest.to_path_buf()),
             mode,
             chunks,
             done,
@@ -785,16 +812,23 @@ fn threads_worker(rx: Receiver<Command>, counters: Arc<Counters>) {
         match cmd {
             Command::Write {
                 path,
+                link_to,
                 mode,
                 chunks,
                 done,
             } => {
                 let res = (|| {
-                    let file = create_new(&path, mode)?;
+                    let file = match &link_to {
+                        Some(_) => create_tmpfile(&path, mode)?,
+                        None => create_new(&path, mode)?,
+                    };
                     let mut off = 0u64;
                     for c in &chunks {
                         write_all_at(&file, &path, c, off)?;
                         off += c.len() as u64;
+                    }
+                    if let Some(dest) = &link_to {
+                        link_tmpfile(file.as_raw_fd(), dest)?;
                     }
                     Ok(off)
                 })();
@@ -824,6 +858,47 @@ fn threads_worker(rx: Receiver<Command>, counters: Arc<Counters>) {
     }
 }
 
+/// An unnamed file in `dir` (`O_TMPFILE`), to be linked once written.
+fn create_tmpfile(dir: &Path, mode: u32) -> Result<File, PoolError> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(mode)
+        .open(dir)
+        .map_err(io_err("create", dir))
+}
+
+/// Links the unnamed file open as `fd` at `dest` (through `/proc/self/fd`, which needs no
+/// privilege), creating `dest`'s directory if it is missing.
+pub(crate) fn link_tmpfile(fd: std::os::fd::RawFd, dest: &Path) -> Result<(), PoolError> {
+    let proc = format!("/proc/self/fd/{fd}");
+    let proc = Path::new(&proc);
+    let link = || {
+        nix::unistd::linkat(
+            None,
+            proc,
+            None,
+            dest,
+            nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+        )
+        .map_err(io::Error::from)
+    };
+    match link() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = dest.parent() {
+                match std::fs::create_dir(parent) {
+                    Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                        return Err(io_err("mkdir", parent)(e))
+                    }
+                    _ => {}
+                }
+            }
+            link().map_err(io_err("link", dest))
+        }
+        r => r.map_err(io_err("link", dest)),
+    }
+}
+
 fn finish(counters: &Counters, res: &Result<u64, PoolError>) {
     counters.queued.fetch_sub(1, Ordering::Relaxed);
     if let Ok(n) = res {
@@ -835,7 +910,7 @@ fn finish(counters: &Counters, res: &Result<u64, PoolError>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn small(backend: BackendChoice) -> PoolConfig {
         PoolConfig {
@@ -1020,6 +1095,39 @@ mod tests {
                 Some(io::ErrorKind::NotFound)
             );
             assert!(err.to_string().contains(&*missing.to_string_lossy()));
+        }
+    }
+
+    #[test]
+    fn linked_writes_appear_whole_once_and_leave_no_name() {
+        for p in pools() {
+            let dir = tempfile::tempdir().unwrap();
+            let tmp = dir.path().join("tmp");
+            std::fs::create_dir(&tmp).unwrap();
+            // the destination's directory is made when missing
+            let dest = dir.path().join("ab/object");
+            let t = p
+                .write_linked(&tmp, &dest, 0o444, vec![b"con".to_vec(), b"tent".to_vec()])
+                .unwrap();
+            assert_eq!(t.wait().unwrap(), 7, "{:?}", p.backend());
+            assert_eq!(std::fs::read(&dest).unwrap(), b"content");
+            let md = std::fs::metadata(&dest).unwrap();
+            assert_eq!(md.permissions().mode() & 0o777, 0o444);
+            assert_eq!(md.nlink(), 1);
+            let err = p
+                .write_linked(&tmp, &dest, 0o444, vec![b"other".to_vec()])
+                .unwrap()
+                .wait()
+                .unwrap_err();
+            assert_eq!(
+                err.os_error().map(|e| e.kind()),
+                Some(io::ErrorKind::AlreadyExists)
+            );
+            assert_eq!(std::fs::read(&dest).unwrap(), b"content", "never replaced");
+            assert!(
+                std::fs::read_dir(&tmp).unwrap().next().is_none(),
+                "no names left"
+            );
         }
     }
 

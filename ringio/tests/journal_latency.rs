@@ -32,7 +32,10 @@ impl Xfs {
         std::fs::File::create(&img).ok()?.set_len(512 << 20).ok()?;
         let ok = |c: &mut Command| c.status().map(|s| s.success()).unwrap_or(false);
         if !ok(Command::new("mkfs.xfs").args(["-q", "-f"]).arg(&img))
-            || !ok(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&mnt))
+            || !ok(Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt))
         {
             return None;
         }
@@ -92,7 +95,9 @@ fn commit_record_latency() {
             run("xfs", &xfs.mnt, JournalMode::Auto);
             run("xfs", &xfs.mnt, JournalMode::ForceRename);
         }
-        None => eprintln!("no XFS loop filesystem here (mkfs.xfs, loop devices): atomic backend not measured"),
+        None => eprintln!(
+            "no XFS loop filesystem here (mkfs.xfs, loop devices): atomic backend not measured"
+        ),
     }
     let tmp = tempfile::tempdir().unwrap();
     run("tmpdir", tmp.path(), JournalMode::ForceRename);

@@ -8,6 +8,7 @@
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::rc::Rc;
@@ -274,12 +275,18 @@ impl Worker {
         let (res, done) = match cmd {
             Command::Write {
                 path,
+                link_to,
                 mode,
                 chunks,
                 done,
             } => (
-                self.write(&path, mode, Source::Chunks(chunks.into_iter()))
-                    .await,
+                self.write(
+                    &path,
+                    link_to.as_deref(),
+                    mode,
+                    Source::Chunks(chunks.into_iter()),
+                )
+                .await,
                 done,
             ),
             Command::Stream {
@@ -287,7 +294,10 @@ impl Worker {
                 mode,
                 data,
                 done,
-            } => (self.write(&path, mode, Source::Stream(data)).await, done),
+            } => (
+                self.write(&path, None, mode, Source::Stream(data)).await,
+                done,
+            ),
         };
         finish(&self.counters, &res);
         let _ = done.try_send(res);
@@ -295,10 +305,20 @@ impl Worker {
 
     /// Creates `path` exclusively through the ring and writes the chunks of `source` at
     /// their offsets, `depth` writes in flight, each owning its chunk until it completes.
-    async fn write(&self, path: &Path, mode: u32, mut source: Source) -> Result<u64, PoolError> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
+    async fn write(
+        &self,
+        path: &Path,
+        link_to: Option<&Path>,
+        mode: u32,
+        mut source: Source,
+    ) -> Result<u64, PoolError> {
+        let mut opts = OpenOptions::new();
+        match link_to {
+            // an unnamed file in the directory `path`, linked once written
+            Some(_) => opts.write(true).custom_flags(libc::O_TMPFILE),
+            None => opts.write(true).create_new(true),
+        };
+        let file = opts
             .mode(mode)
             .open(path)
             .await
@@ -336,6 +356,12 @@ impl Worker {
         for task in in_flight {
             if let Err(e) = joined(task).await {
                 failed.get_or_insert(e);
+            }
+        }
+        if failed.is_none() {
+            if let Some(dest) = link_to {
+                // a metadata call like open and close; done before the close gives the fd up
+                super::link_tmpfile(file.as_raw_fd(), dest)?;
             }
         }
         let closed = match Rc::try_unwrap(file) {
