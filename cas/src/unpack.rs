@@ -307,7 +307,7 @@ pub fn apply_blob(
             error: error.into(),
             new_objects: Vec::new(),
         })?;
-        let unpacked = unpacker.run(ChannelReader::new(rx));
+        let unpacked = unpacker.run(ChunkReader::new(rx));
         // The decoder's verdict wins: a tar error caused by a corrupt stream is reported
         // as the corrupt stream.
         let decoded = decoder.join().unwrap_or_else(|_| {
@@ -467,16 +467,19 @@ fn decode(
     })
 }
 
-/// The unpack thread's view of the decoded stream.
-struct ChannelReader {
+/// A blocking reader over chunks arriving on a bounded channel: the unpack thread's view
+/// of the decoded stream, and of a blob streamed from elsewhere (an error on the channel
+/// is returned by `read`; a closed channel is the end).
+pub struct ChunkReader {
     rx: mpsc::Receiver<io::Result<Vec<u8>>>,
     chunk: Vec<u8>,
     pos: usize,
 }
 
-impl ChannelReader {
-    fn new(rx: mpsc::Receiver<io::Result<Vec<u8>>>) -> ChannelReader {
-        ChannelReader {
+impl ChunkReader {
+    /// Reads what arrives on `rx`.
+    pub fn new(rx: mpsc::Receiver<io::Result<Vec<u8>>>) -> ChunkReader {
+        ChunkReader {
             rx,
             chunk: Vec::new(),
             pos: 0,
@@ -484,7 +487,7 @@ impl ChannelReader {
     }
 }
 
-impl Read for ChannelReader {
+impl Read for ChunkReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.chunk.len() {
             match self.rx.recv() {
@@ -723,7 +726,7 @@ impl<'a> Unpacker<'a> {
         }
     }
 
-    fn run(&mut self, stream: ChannelReader) -> Result<(), UnpackError> {
+    fn run(&mut self, stream: ChunkReader) -> Result<(), UnpackError> {
         let mut archive = tar::Archive::new(stream);
         {
             let entries = archive.entries().map_err(UnpackError::Tar)?;
@@ -739,7 +742,7 @@ impl<'a> Unpacker<'a> {
 
     fn entry_meta(
         &mut self,
-        entry: &mut tar::Entry<'_, ChannelReader>,
+        entry: &mut tar::Entry<'_, ChunkReader>,
     ) -> Result<EntryMeta, UnpackError> {
         let h = entry.header();
         let tar_err = UnpackError::Tar;
@@ -791,7 +794,7 @@ impl<'a> Unpacker<'a> {
         })
     }
 
-    fn entry(&mut self, mut entry: tar::Entry<'_, ChannelReader>) -> Result<(), UnpackError> {
+    fn entry(&mut self, mut entry: tar::Entry<'_, ChunkReader>) -> Result<(), UnpackError> {
         self.stats.entries += 1;
         let name = clean_name(&entry.path_bytes());
         let (Some(base), parent) = (name.file_name().map(|b| b.to_os_string()), name.parent())
@@ -952,7 +955,7 @@ impl<'a> Unpacker<'a> {
     /// queue its stub.
     fn regular(
         &mut self,
-        entry: &mut tar::Entry<'_, ChannelReader>,
+        entry: &mut tar::Entry<'_, ChunkReader>,
         rel: PathBuf,
         em: EntryMeta,
     ) -> Result<(), UnpackError> {

@@ -31,7 +31,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cas::unpack::Limits;
+use cas::unpack::{ChunkReader, Limits};
 use cas::Digest;
 use config::DifferConfig;
 use containerd_snapshots::api::types::Mount;
@@ -231,7 +231,7 @@ async fn stream_blob(
     address: &Path,
     digest: &Digest,
     namespace: Option<String>,
-) -> Result<BlobStream, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<ChunkReader, Box<dyn std::error::Error + Send + Sync>> {
     let address = address.to_path_buf();
     // The URI is required by tonic and ignored by the connector.
     let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")?
@@ -269,37 +269,7 @@ async fn stream_blob(
             }
         }
     });
-    Ok(BlobStream {
-        rx,
-        chunk: Vec::new(),
-        pos: 0,
-    })
-}
-
-/// A blob streamed through the Content API.
-struct BlobStream {
-    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
-    chunk: Vec<u8>,
-    pos: usize,
-}
-
-impl Read for BlobStream {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.chunk.len() {
-            match self.rx.recv() {
-                Ok(Ok(c)) => {
-                    self.chunk = c;
-                    self.pos = 0;
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.chunk.len() - self.pos);
-        out[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
+    Ok(ChunkReader::new(rx))
 }
 
 #[tonic::async_trait]
