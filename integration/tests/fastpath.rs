@@ -273,11 +273,28 @@ fn tmp_entries(root: &Path) -> Result<Vec<PathBuf>> {
         .collect::<std::io::Result<_>>()?)
 }
 
+/// Who refuses a bad layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RefusedBy {
+    /// cas-diff's apply fails.
+    Apply,
+    /// containerd, after cas-diff applied the layer (and published its objects).
+    Containerd,
+}
+
 /// Pulls `image` with cas, which must fail with an error containing every one of
 /// `needles`, and leave the store as it was: no snapshot, no object, no temporary file.
-fn pull_must_fail(rig: &Rig, image: &str, what: &str, needles: &[&str]) -> Result<()> {
+fn pull_must_fail(
+    rig: &Rig,
+    image: &str,
+    what: &str,
+    needles: &[&str],
+    by: RefusedBy,
+) -> Result<()> {
     let before = store_state(rig)?;
-    let failed_before = num(&stats(rig)?["ingest_paths"]["failed_applies"]);
+    let p0 = stats(rig)?["ingest_paths"].clone();
+    let log_path = rig.dir.path().join("cas-snapshotter.log");
+    let log_start = fs::metadata(&log_path)?.len() as usize;
     let err = match rig.pull("cas", image) {
         Ok(()) => anyhow::bail!("{what}: the pull succeeded\n{}", rig.logs()),
         Err(e) => e.to_string(),
@@ -313,15 +330,45 @@ fn pull_must_fail(rig: &Rig, image: &str, what: &str, needles: &[&str]) -> Resul
     );
     let tmp = tmp_entries(&rig.daemon.root)?;
     ensure!(tmp.is_empty(), "{what}: left in cas/tmp: {tmp:?}");
-    let s = stats(rig)?;
-    let failed = num(&s["ingest_paths"]["failed_applies"]) - failed_before;
     fsck(rig, false, &format!("after {what}"))?;
-    // a wrong diffID is found by containerd, after cas-diff's apply succeeded
-    let expected = u64::from(!what.contains("diffID"));
+    let s = stats(rig)?;
+    let p1 = &s["ingest_paths"];
+    let failed = num(&p1["failed_applies"]) - num(&p0["failed_applies"]);
+    let applied = num(&p1["fast_path_applies"]) - num(&p0["fast_path_applies"]);
+    let expected = match by {
+        RefusedBy::Apply => (1, 0),
+        RefusedBy::Containerd => (0, 1),
+    };
     ensure!(
-        failed == expected,
-        "{what}: expected {expected} failed applies, got {failed}: {s}"
+        (failed, applied) == expected,
+        "{what}: expected (failed, applied) applies {expected:?}, got {:?}: {s}",
+        (failed, applied)
     );
+    // The objects a refused layer published were collected with it (by the failed apply,
+    // or by the Remove of its applied snapshot), not left for a GC to find.
+    let log = fs::read(&log_path)?;
+    let log = String::from_utf8_lossy(&log[log_start.min(log.len())..]);
+    if by == RefusedBy::Containerd {
+        ensure!(
+            log.lines()
+                .any(|l| l.contains("layer applied") && !l.contains(" new_objects=0 ")),
+            "{what}: the apply published no objects, so none were collected:\n{log}"
+        );
+    }
+    let gcs: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("garbage collected"))
+        .collect();
+    ensure!(
+        !gcs.is_empty(),
+        "{what}: containerd's GC did not call Cleanup:\n{log}"
+    );
+    for l in gcs {
+        ensure!(
+            l.contains(" removed=0 "),
+            "{what}: objects were left for GC to collect:\n{l}"
+        );
+    }
     Ok(())
 }
 
@@ -400,6 +447,7 @@ fn bad_layers_fail_clearly_and_leave_nothing_behind() -> Result<()> {
         &rig.app_ref,
         "a blob damaged in the content store",
         &["layer blob is corrupt", &top["sha256:".len()..]],
+        RefusedBy::Apply,
     )?;
     // Once containerd fetches it again, the same image pulls and runs. (Without the
     // file, the metadata entry alone would make the fetch say "already exists".)
@@ -421,6 +469,7 @@ fn bad_layers_fail_clearly_and_leave_nothing_behind() -> Result<()> {
         &r,
         "a truncated gzip stream",
         &["does not decompress (gzip)"],
+        RefusedBy::Apply,
     )?;
     good_pull_runs(&rig, &base, 1)?;
 
@@ -434,7 +483,13 @@ fn bad_layers_fail_clearly_and_leave_nothing_behind() -> Result<()> {
         config: base.config.clone(),
     };
     let r = push(&rig, &img, "wrong-diffid")?;
-    pull_must_fail(&rig, &r, "a wrong diffID", &["wrong diff id"])?;
+    pull_must_fail(
+        &rig,
+        &r,
+        "a wrong diffID",
+        &["wrong diff id"],
+        RefusedBy::Containerd,
+    )?;
     good_pull_runs(&rig, &base, 2)?;
 
     // d. A decompression bomb: a few kilobytes of zstd expanding beyond max_layer_bytes.
@@ -450,6 +505,7 @@ fn bad_layers_fail_clearly_and_leave_nothing_behind() -> Result<()> {
         &r,
         "a decompression bomb",
         &["decompression bomb", &MAX_LAYER_BYTES.to_string()],
+        RefusedBy::Apply,
     )?;
     good_pull_runs(&rig, &base, 3)?;
     fsck(&rig, true, "at the end")
