@@ -45,7 +45,9 @@
 //!
 //! ## Failure
 //! A corrupt or truncated blob, a malformed tar, a hostile entry or a layer expanding
-//! beyond [`Limits`] fails the apply with an [`UnpackError`] saying which. Every write
+//! beyond [`Limits`] fails the apply with an [`UnpackError`] saying which; a blob that
+//! does not decompress and does not match its digest either is reported as corrupt
+//! ([`UnpackError::BlobDigest`]): damaged bytes, not a bad image. Every write
 //! in flight is waited for and the temporary files are removed; the objects this apply
 //! published are returned in [`ApplyFailure`] so that the caller can collect them once
 //! no other ingest can be about to reuse them. The layer directory itself is the
@@ -423,23 +425,45 @@ fn decode(
             }
         }
     };
-    let raw = match compression {
+    let (raw, pumped) = match compression {
         Compression::None => {
-            pump(&mut raw).map_err(|e| fail(&tx, e))?;
-            raw
+            let r = pump(&mut raw);
+            (raw, r)
         }
         Compression::Gzip => {
             let mut d = flate2::bufread::MultiGzDecoder::new(raw);
-            pump(&mut d).map_err(|e| fail(&tx, e))?;
-            d.into_inner()
+            let r = pump(&mut d);
+            (d.into_inner(), r)
         }
         Compression::Zstd => {
             let mut d = zstd::stream::read::Decoder::with_buffer(raw)
                 .map_err(|e| fail(&tx, decompress_err(e)))?;
-            pump(&mut d).map_err(|e| fail(&tx, e))?;
-            d.finish()
+            let r = pump(&mut d);
+            (d.finish(), r)
         }
     };
+    if let Err(e) = pumped {
+        let e = fail(&tx, e);
+        // A stream that does not decompress may be a blob whose bytes were damaged after
+        // it was fetched: then the digest is the cause to report (DataLoss, not a bad
+        // image), so the rest of the blob is read to tell.
+        if matches!(e, UnpackError::Decompress { .. }) {
+            if let Some(expected) = blob_digest {
+                let mut hashing = raw.into_inner();
+                if io::copy(&mut hashing, &mut io::sink()).is_ok() {
+                    let actual = Digest::from_bytes(hashing.hasher.finalize().into());
+                    if expected != actual || hashing.count != blob_size {
+                        return Err(UnpackError::BlobDigest {
+                            expected,
+                            actual,
+                            size: hashing.count,
+                        });
+                    }
+                }
+            }
+        }
+        return Err(e);
+    }
     // Whatever follows the compressed stream is part of the blob and of its digest.
     let mut hashing = raw.into_inner();
     io::copy(&mut hashing, &mut io::sink()).map_err(|e| fail(&tx, UnpackError::Read(e)))?;

@@ -2,6 +2,8 @@
 //!
 //! * [`fixture`]: builds real OCI images (layouts) with every kind of tar entry a
 //!   snapshotter must reproduce; `cas-fixture build` on the command line;
+//! * [`layers`]: variants of images for the fast path's tests (zstd and plain layers,
+//!   broken streams, wrong diffIDs, decompression bombs);
 //! * [`registry`]: pushes a layout to a registry (`cas-fixture push`);
 //! * [`treecmp`]: compares two root filesystems entry by entry, metadata included
 //!   (`cas-fixture compare`); the e2e tests hold our snapshotter's trees against
@@ -19,6 +21,7 @@
 pub mod cri;
 pub mod fixture;
 pub mod harness;
+pub mod layers;
 pub mod registry;
 pub mod rootfs;
 pub mod treecmp;
