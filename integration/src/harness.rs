@@ -602,6 +602,18 @@ impl ContainerdOptions {
     }
 }
 
+/// The daemon's `[differ]` section for a containerd started by [`Containerd::start_with`]
+/// in `containerd_dir`: blobs are read from its content store, or through its socket.
+pub fn differ_config(containerd_dir: &Path) -> String {
+    format!(
+        "\n[differ]\ncontent_dir = \"{}\"\ncontainerd_address = \"{}\"\n",
+        containerd_dir
+            .join("root/io.containerd.content.v1.content")
+            .display(),
+        containerd_dir.join("containerd.sock").display()
+    )
+}
+
 /// Paths a containerd config names.
 #[derive(Debug, Clone)]
 pub struct ContainerdPaths {
@@ -976,11 +988,7 @@ impl Rig {
         let ctrd = d.join("containerd");
         let mut text = opts.daemon_config.clone().unwrap_or_default();
         if !text.contains("[differ]") {
-            text += &format!(
-                "\n[differ]\ncontent_dir = \"{}\"\ncontainerd_address = \"{}\"\n",
-                ctrd.join("root/io.containerd.content.v1.content").display(),
-                ctrd.join("containerd.sock").display()
-            );
+            text += &differ_config(&ctrd);
         }
         fs::write(d.join("config.toml"), text)?;
         let cfg = Some(d.join("config.toml"));

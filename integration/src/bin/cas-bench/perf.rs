@@ -40,8 +40,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use cas_integration::fixture::Compression;
 use cas_integration::harness::{
-    workspace_bin, Containerd, ContainerdBin, ContainerdOptions, ContainerdVersion, Daemon, FsKind,
-    LoopFs, Registry,
+    differ_config, workspace_bin, Containerd, ContainerdBin, ContainerdOptions, ContainerdVersion,
+    Daemon, FsKind, LoopFs, Registry,
 };
 use cas_integration::registry::push_layout;
 
@@ -738,12 +738,15 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
         push_layout(&img.layout, &registry.addr, &format!("bench/{name}"), "1")?;
     }
     let bin = workspace_bin("cas-snapshotter", "CAS_SNAPSHOTTER_BIN")?;
+    // cas-diff reads the blobs of this run's containerd, not the host's.
+    let daemon_cfg = m.join("cas-snapshotter.toml");
+    fs::write(&daemon_cfg, differ_config(&m.join("containerd")))?;
     let daemon = Daemon::start(
         &bin,
         &m.join("store"),
         &m.join("cas.sock"),
         &m.join("cas-snapshotter.log"),
-        None,
+        Some(&daemon_cfg),
     )?;
     let mut opts = ContainerdOptions::with_bin(ctrd_bin.clone()).differ(!a.no_cas_diff);
     opts.plain_http_registries.push(registry.addr.clone());
