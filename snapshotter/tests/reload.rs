@@ -55,7 +55,7 @@ fn sighup_applies_what_it_can_and_keeps_serving() {
         .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let mut at = wait_for(&log, "serving containerd snapshots API", 0);
+    let mut at = wait_for(&log, "serving containerd's Snapshots and Diff APIs", 0);
 
     // Valid: debug logging, GC every second, metrics on.
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")
