@@ -395,20 +395,11 @@ fn decode(
     let mut total = 0u64;
     let mut pump = |reader: &mut dyn Read| -> Result<(), UnpackError> {
         loop {
-            let mut buf = vec![0u8; CHUNK];
-            let mut filled = 0;
-            while filled < CHUNK {
-                match reader.read(&mut buf[filled..]) {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(decompress_err(e)),
-                }
-            }
+            let buf = read_chunk(reader).map_err(decompress_err)?;
+            let filled = buf.len();
             if filled == 0 {
                 return Ok(());
             }
-            buf.truncate(filled);
             total += filled as u64;
             if total > allowed {
                 return Err(UnpackError::Expansion {
@@ -1218,6 +1209,22 @@ impl RecentFiles {
     }
 }
 
+/// Reads up to [`CHUNK`] bytes (fewer only at the end; empty at the end).
+fn read_chunk(reader: &mut (impl Read + ?Sized)) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut filled = 0;
+    while filled < CHUNK {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}
+
 /// Streams a large entry into `stream` while hashing it.
 fn stream_file(
     entry: &mut impl Read,
@@ -1227,20 +1234,11 @@ fn stream_file(
     let mut hasher = Sha256::new();
     let mut total = 0u64;
     loop {
-        let mut buf = vec![0u8; CHUNK];
-        let mut filled = 0;
-        while filled < CHUNK {
-            match entry.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(UnpackError::Tar(e)),
-            }
-        }
+        let buf = read_chunk(entry).map_err(UnpackError::Tar)?;
+        let filled = buf.len();
         if filled == 0 {
             break;
         }
-        buf.truncate(filled);
         hasher.update(&buf);
         total += filled as u64;
         stream.write(buf)?;

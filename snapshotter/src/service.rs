@@ -520,6 +520,15 @@ impl CasSnapshotter {
         &self.layout
     }
 
+    /// The stub trees an active snapshot `id` over `parents` is mounted on, topmost
+    /// first: the chain's flattened tree when it has one.
+    fn lower_trees(&self, id: u64, parents: &[u64]) -> Vec<std::path::PathBuf> {
+        match self.planner.plan(Kind::Active, id, parents).flat {
+            Some(top) => vec![self.planner.flat_dir(top)],
+            None => parents.iter().map(|p| self.planner.fs_dir(*p)).collect(),
+        }
+    }
+
     /// The store's mode.
     pub fn mode(&self) -> StoreMode {
         self.mode
@@ -601,10 +610,7 @@ impl CasSnapshotter {
             });
         }
         let parents = self.meta.parent_ids(&rec)?;
-        let lowers = match self.planner.plan(Kind::Active, rec.id, &parents).flat {
-            Some(top) => vec![self.planner.flat_dir(top)],
-            None => parents.iter().map(|p| self.planner.fs_dir(*p)).collect(),
-        };
+        let lowers = self.lower_trees(rec.id, &parents);
         let store = self.store.clone();
         let tmp = self.layout.tmp_dir();
         let pool = pool.clone();
@@ -831,10 +837,7 @@ impl Snapshotter for CasSnapshotter {
         let _g = self.gc_lock.read().await;
         let dir = self.layout.snapshot_dir(rec.id);
         let parents = self.meta.parent_ids(&rec)?;
-        let lowers = match self.planner.plan(Kind::Active, rec.id, &parents).flat {
-            Some(top) => vec![self.planner.flat_dir(top)],
-            None => parents.iter().map(|p| self.planner.fs_dir(*p)).collect(),
-        };
+        let lowers = self.lower_trees(rec.id, &parents);
         let store = self.store.clone();
         let tmp = self.layout.tmp_dir();
         let mode = self.mode;
