@@ -8,7 +8,7 @@ PROFILE ?= debug
 BIN     := $(CURDIR)/target/$(PROFILE)
 CARGO_PROFILE := $(if $(filter release,$(PROFILE)),--release,)
 
-.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench bench-dedup bench-journal bench-recovery install uninstall dist-check clean
+.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench bench-dedup bench-durability bench-journal bench-recovery install uninstall dist-check clean
 
 all: build
 
@@ -83,14 +83,13 @@ bench-dedup:
 	$(CARGO) build --release -p cas-snapshotter -p cas -p cas-integration --bins
 	BIN=$(CURDIR)/target/release VERSIONS=$(VERSIONS) bash scripts/bench-dedup.sh
 
-# Commit record latency (p50/p99) of both journal backends: RWF_ATOMIC on an XFS loop
-# filesystem made for the run, temp file + rename on XFS and on /tmp's filesystem.
-bench-journal:
-	$(CARGO) test --release -p ringio --test journal_latency -- --ignored --nocapture --test-threads=1
-
-# Start-up recovery time with 1,000 committed snapshots (journal replay + reconcile).
-bench-recovery:
-	$(CARGO) test --release -p cas-snapshotter --test recovery -- --ignored --nocapture
+# Durability costs alone (make bench includes them): commit record latency p50/p99 of
+# both journal backends and recovery time with 1,000 committed snapshots, on an XFS loop
+# filesystem made for the run (RWF_ATOMIC) and on the filesystem of /var/tmp (rename).
+bench-durability:
+	$(CARGO) build --release -p cas-integration --bin cas-bench
+	$(CURDIR)/target/release/cas-bench durability --runs $(RUNS)
+bench-journal bench-recovery: bench-durability
 
 demo:
 	@command -v containerd >/dev/null && command -v docker-registry >/dev/null && command -v protoc >/dev/null || $(MAKE) deps

@@ -17,6 +17,12 @@
 //! any point thus leaves either the old state or the new: a record that is in the
 //! journal is applied, one that is not was never answered.
 //!
+//! A clean stop ends with a checkpoint and then a durable `<root>/clean-stop` marker:
+//! index and mirrors agree and no record is pending. The next start takes the marker
+//! away (durably, before anything can change) and, having had it, skips reading every
+//! snapshot's mirror ([`crate::admin::reconcile`] with [`Stop::Clean`]): a restart of
+//! the daemon costs the index open, not a read of every snapshot directory.
+//!
 //! Records hold the same JSON as the `info` mirror. One that does not fit in a journal
 //! block (huge labels) takes the old path: durable mirror and index flush.
 
@@ -73,6 +79,18 @@ pub struct Replayed {
     pub written: u64,
     /// Mirrors deleted.
     pub deleted: u64,
+}
+
+/// The marker a clean stop leaves in the store root.
+const CLEAN_STOP_FILE: &str = "clean-stop";
+
+/// How the daemon last stopped, as far as the store can tell at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// A checkpoint and the clean-stop marker: index and mirrors agreed.
+    Clean,
+    /// Anything else (a crash, a kill, a power cut, a store from before the marker).
+    Unclean,
 }
 
 /// The store's journal: appends and checkpoints, one at a time.
@@ -154,6 +172,31 @@ impl CommitLog {
         j.checkpoint(last).map_err(jerr)
     }
 
+    /// Checkpoints and leaves the clean-stop marker. Call last, at shutdown, with
+    /// nothing else changing the store.
+    pub fn mark_clean_stop(&self, meta: &MetaStore) -> Result<(), CasError> {
+        let mut j = self.lock();
+        self.checkpoint_locked(&mut j, meta)?;
+        meta.flush_blocking()?;
+        let marker = self.layout.root().join(CLEAN_STOP_FILE);
+        ringio::durable::replace_file(&marker, b"index and info mirrors agree\n")?;
+        Ok(())
+    }
+
+    /// How the daemon last stopped. Takes the clean-stop marker away, durably, so that
+    /// a crash from here on is seen as one. Call at start, before anything changes.
+    pub fn take_stop(&self) -> Result<Stop, CasError> {
+        let marker = self.layout.root().join(CLEAN_STOP_FILE);
+        match fs::remove_file(&marker) {
+            Ok(()) => {
+                ringio::durable::fsync_dir(self.layout.root())?;
+                Ok(Stop::Clean)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Stop::Unclean),
+            Err(e) => Err(CasError::io("remove", &marker)(e)),
+        }
+    }
+
     /// Brings the `info` mirrors up to date with the records past the checkpoint
     /// (durably), and checkpoints. Call at start, before the index is reconciled.
     pub fn replay(&self) -> Result<Replayed, CasError> {
@@ -227,4 +270,22 @@ pub fn write_info_lazy(
     let tmp = snapshot_dir.join(format!(".{INFO_FILE}.tmp-{}", std::process::id()));
     fs::write(&tmp, &bytes).map_err(CasError::io("write", &tmp))?;
     fs::rename(&tmp, snapshot_dir.join(INFO_FILE)).map_err(CasError::io("rename", snapshot_dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clean_stop_marker_is_taken_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::ensure(tmp.path()).unwrap();
+        let meta = MetaStore::open(&layout.index_dir()).unwrap();
+        let log = CommitLog::open(&layout, JournalMode::ForceRename).unwrap();
+        assert_eq!(log.take_stop().unwrap(), Stop::Unclean);
+        log.mark_clean_stop(&meta).unwrap();
+        assert_eq!(log.take_stop().unwrap(), Stop::Clean);
+        // taken: a crash from here on is an unclean stop
+        assert_eq!(log.take_stop().unwrap(), Stop::Unclean);
+    }
 }

@@ -134,23 +134,30 @@ pub struct Journal {
     next: u64,
 }
 
-/// One 4 KiB block in a 4 KiB-aligned buffer (`O_DIRECT` needs the alignment).
+/// Whole blocks in a 4 KiB-aligned buffer (`O_DIRECT` needs the alignment).
 struct AlignedBlock {
     buf: Vec<u8>,
     off: usize,
+    len: usize,
 }
 
 impl AlignedBlock {
+    /// One block.
     fn new() -> AlignedBlock {
-        let buf = vec![0u8; 2 * BLOCK];
+        Self::blocks(1)
+    }
+    /// `n` blocks.
+    fn blocks(n: usize) -> AlignedBlock {
+        let len = n * BLOCK;
+        let buf = vec![0u8; len + BLOCK];
         let off = buf.as_ptr().align_offset(BLOCK);
-        AlignedBlock { buf, off }
+        AlignedBlock { buf, off, len }
     }
     fn bytes(&self) -> &[u8] {
-        &self.buf[self.off..self.off + BLOCK]
+        &self.buf[self.off..self.off + self.len]
     }
     fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.buf[self.off..self.off + BLOCK]
+        &mut self.buf[self.off..self.off + self.len]
     }
 }
 
@@ -368,12 +375,13 @@ impl Journal {
         let mut out = Vec::new();
         match &self.file {
             Some(file) => {
+                // every slot in one read: a few MiB, one I/O rather than one per slot
                 let path = self.dir.join(FILE);
-                let mut block = AlignedBlock::new();
-                for slot in 1..=self.slots {
-                    file.read_exact_at(block.bytes_mut(), slot * BLOCK as u64)
-                        .map_err(io_err("read", &path))?;
-                    if let Some((KIND_RECORD, seq, payload)) = decode(block.bytes()) {
+                let mut all = AlignedBlock::blocks(self.slots as usize);
+                file.read_exact_at(all.bytes_mut(), BLOCK as u64)
+                    .map_err(io_err("read", &path))?;
+                for slot in all.bytes().chunks_exact(BLOCK) {
+                    if let Some((KIND_RECORD, seq, payload)) = decode(slot) {
                         if seq > self.checkpoint {
                             out.push((seq, payload.to_vec()));
                         }

@@ -125,7 +125,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         info!(root = %cfg.root.display(), address = %cfg.address.display(), gc_interval = ?cfg.gc.interval, "serving containerd's Snapshots and Diff APIs");
         server::serve(snapshotter.clone(), differ, listener, &cfg.address, admin).await?;
         snapshotter
-            .checkpoint()
+            .shutdown()
             .await
             .context("checkpointing the journal at shutdown")?;
         info!("stopped");

@@ -35,7 +35,7 @@ use std::time::SystemTime;
 
 use cas::gc::GcStats;
 use cas::index::{DiskUsage, Kind, MetaStore, Record};
-use cas::journal::{Change, CommitLog};
+use cas::journal::{Change, CommitLog, Stop};
 use cas::objects::ObjectStore;
 use cas::unpack::{Applied, Limits, UnpackStats};
 use cas::{Digest, Layout, StoreMode};
@@ -176,8 +176,15 @@ impl CasSnapshotter {
             JournalKind::Rename => JournalMode::ForceRename,
         };
         let log = CommitLog::open(&layout, mode)?;
+        let stop = log.take_stop()?;
         let replayed = log.replay()?;
+        let stop = if replayed.records > 0 {
+            Stop::Unclean
+        } else {
+            stop
+        };
         info!(
+            ?stop,
             backend = %log.backend(),
             records = replayed.records,
             mirrors_written = replayed.written,
@@ -203,7 +210,7 @@ impl CasSnapshotter {
             }
         };
         let started = std::time::Instant::now();
-        let fixed = cas::admin::reconcile(&layout, &meta)?;
+        let fixed = cas::admin::reconcile(&layout, &meta, stop)?;
         info!(
             consistent = fixed.consistent,
             rolled_forward = fixed.rolled_forward,
@@ -465,6 +472,15 @@ impl CasSnapshotter {
     pub async fn checkpoint(&self) -> Result<(), SnapshotError> {
         let _w = self.writer.lock().await;
         self.log.checkpoint(&self.meta)?;
+        Ok(())
+    }
+
+    /// The last step of a clean shutdown: a checkpoint and the clean-stop marker, so the
+    /// next start need not read every snapshot's `info` mirror. Call last, once the
+    /// server stopped answering: a change after it would not be seen at the next start.
+    pub async fn shutdown(&self) -> Result<(), SnapshotError> {
+        let _w = self.writer.lock().await;
+        self.log.mark_clean_stop(&self.meta)?;
         Ok(())
     }
 

@@ -5,6 +5,7 @@
 //! cas-bench images --cache DIR --versions N   # OCI layouts from DIR/rootfs/{base,app}-i
 //! cas-bench dedup  --cache DIR --versions N --out FILE.md
 //! cas-bench perf   [--quick] [--runs N] [--containerd 1.6|1.7|2|DIR] [--no-cas-diff] [--local] …
+//! cas-bench durability [--runs N] [--workdir DIR]  # journal latency, recovery time
 //! ```
 //!
 //! `scripts/bench-dedup.sh` builds the root filesystems (`debootstrap` bases, and an
@@ -39,6 +40,7 @@ use cas_integration::rootfs::{write_dir_layer, DirKind};
 use clap::{Parser, Subcommand};
 use sha2::{Digest as _, Sha256};
 
+mod durability;
 mod images;
 mod perf;
 mod plot;
@@ -77,10 +79,18 @@ enum Cmd {
     /// Time unpacks and pulls with overlayfs and with cas-snapshotter in one containerd;
     /// write report.md, results/bench.csv and SVG plots.
     Perf(perf::PerfArgs),
+    /// Commit record latency of both journal backends and recovery time with 1,000
+    /// committed snapshots, on an XFS loop filesystem and on the filesystem under it.
+    Durability(durability::DurabilityArgs),
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // The store's own logs (recovery phases of `durability`) when RUST_LOG asks for them.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(io::stderr)
+        .init();
     let r = match args.cmd {
         Cmd::Images { cache, versions } => images(&cache, versions),
         Cmd::Dedup {
@@ -90,6 +100,7 @@ fn main() -> ExitCode {
             workdir,
         } => dedup(&cache, versions, &out, workdir.as_deref()),
         Cmd::Perf(a) => perf::perf(&a),
+        Cmd::Durability(a) => durability::run(&a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

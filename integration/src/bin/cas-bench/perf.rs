@@ -39,6 +39,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use cas_integration::fixture::Compression;
+
+use crate::durability;
 use cas_integration::harness::{
     differ_config, workspace_bin, Containerd, ContainerdBin, ContainerdOptions, ContainerdVersion,
     Daemon, FsKind, LoopFs, Registry,
@@ -896,6 +898,27 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
         _ => Vec::new(),
     };
 
+    // Durability costs on the same XFS and on the filesystem under it.
+    let durability_dirs = [
+        rig.fs.mnt.join("durability"),
+        work.join("durability-backing-fs"),
+    ];
+    let mut targets = Vec::new();
+    for (fs_name, dir) in ["xfs".to_string(), durability::fs_type(&work)]
+        .into_iter()
+        .zip(&durability_dirs)
+    {
+        fs::create_dir_all(dir)?;
+        targets.push(durability::Target {
+            fs: fs_name,
+            dir: dir.clone(),
+        });
+    }
+    let durability = durability::measure(&targets, a.runs)?;
+    for d in &durability_dirs {
+        let _ = fs::remove_dir_all(d);
+    }
+
     let sizes_rows: Vec<(String, u64, u64, u64, &'static str)> = rig
         .images
         .values()
@@ -935,7 +958,9 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
 
     let results = a.out.join("results");
     fs::create_dir_all(&results)?;
-    fs::write(results.join("bench.csv"), csv(&samples, &limits, &api))?;
+    let mut table = csv(&samples, &limits, &api);
+    durability::csv(&durability, &mut table);
+    fs::write(results.join("bench.csv"), table)?;
     plot::times(&results.join("bench-times.svg"), &cases, &samples)?;
     plot::scaling(&results.join("bench-scaling.svg"), &cases, &samples)?;
     let report = render(
@@ -944,12 +969,23 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
         &samples,
         &case_limits,
         &limits,
-        &api,
+        &ApiSections {
+            api: &api,
+            durability: durability::render(&durability),
+        },
         &sizes_rows,
     );
     fs::write(a.out.join("report.md"), &report)?;
     println!("\n{report}");
     Ok(())
+}
+
+/// The report's sections on the Snapshots API and on durability.
+struct ApiSections<'a> {
+    /// containerd's benchsuite: (label, metric, ms per layer).
+    api: &'a [(String, String, f64)],
+    /// Journal latency and recovery, rendered.
+    durability: String,
 }
 
 struct Header {
@@ -1017,9 +1053,10 @@ fn render(
     samples: &[Sample],
     case_limits: &BTreeMap<String, f64>,
     limits: &[Limit],
-    api: &[(String, String, f64)],
+    api: &ApiSections,
     sizes: &[(String, u64, u64, u64, &'static str)],
 ) -> String {
+    let ApiSections { api, durability } = api;
     let mut s = String::new();
     let cpu = fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1217,6 +1254,9 @@ fn render(
             );
         }
     }
+
+    let _ = writeln!(s);
+    s.push_str(durability);
 
     let _ = writeln!(s, "\n## Images\n");
     let _ = writeln!(
