@@ -295,6 +295,11 @@ impl Daemon {
     pub fn log(&self) -> String {
         self.proc.log_tail()
     }
+
+    /// The log file (every start on this root appends to it).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
 }
 
 /// Whether this machine can attach a loop device (`losetup -f`); prints why not.

@@ -193,9 +193,26 @@ fn kill9_between_pulls_keeps_the_first_image() -> Result<()> {
     assert_same_tree(&rig, &rig.base_ref, "base-after-kill")?;
     let (code, out) = rig.casctl(&["fsck"])?;
     assert_eq!(code, 0, "{out}");
-    // and a clean stop is quick
+    // and a clean stop is quick, and leaves the marker that spares the next start a
+    // read of every snapshot's info file
     let took = rig.daemon.stop()?;
     assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+    assert!(rig.daemon.root.join("clean-stop").is_file());
+    rig.daemon.restart()?;
+    rig.wait_reconnected()?;
+    let log = std::fs::read_to_string(rig.daemon.log_path())?;
+    assert!(log.contains("stop=Clean"), "{log}");
+    assert!(!rig.daemon.root.join("clean-stop").exists());
+    assert_eq!(
+        rig.run(
+            &rig.app_ref,
+            "e2e-after-clean-stop",
+            &["cat", "/etc/fixture-release"]
+        )?,
+        APP_RELEASE
+    );
+    let (code, out) = rig.casctl(&["fsck"])?;
+    assert_eq!(code, 0, "{out}");
     Ok(())
 }
 
