@@ -1034,6 +1034,56 @@ impl Rig {
         )
     }
 
+    /// Crashes the daemon at crash point `point` (see the `cas` crate): from a store
+    /// without `image` (removed, and a `casctl gc`), the daemon is restarted with the
+    /// point armed (`FAILPOINTS=<point>=return`) and driven through a pull of `image`,
+    /// its removal and a GC until it kills itself there. A point only a checkpoint
+    /// reaches is reached by a clean stop. Then the daemon is started again, unarmed,
+    /// and containerd has reconnected. Fails if the point was never reached.
+    pub fn crash_at(&mut self, point: &str, image: &str) -> Result<()> {
+        let _ = self.containerd.ctr(&["images", "rm", "--sync", image]);
+        let (code, out) = self.casctl(&["gc"])?;
+        if code != 0 {
+            bail!("casctl gc before arming {point}: {out}");
+        }
+        let armed = format!("{point}=return");
+        self.daemon.restart_with_env(&[("FAILPOINTS", &armed)])?;
+        self.wait_reconnected()?;
+        // After a restart containerd redials with a backoff, so a step that finds the
+        // daemon alive but unreachable (`unavailable`) is tried again.
+        'steps: for step in 0..3 {
+            for _ in 0..100 {
+                if !self.daemon.alive() {
+                    break 'steps;
+                }
+                let r = match step {
+                    0 => self.pull("cas", image),
+                    1 => self
+                        .containerd
+                        .ctr(&["images", "rm", "--sync", image])
+                        .map(|_| ()),
+                    _ => self.casctl(&["gc"]).map(|_| ()),
+                };
+                match r {
+                    Err(e) if e.to_string().contains("unavailable") => {
+                        std::thread::sleep(Duration::from_millis(100))
+                    }
+                    _ => break,
+                }
+            }
+        }
+        if point.starts_with("journal.") && self.daemon.alive() {
+            // checkpoints run every few dozen records and at shutdown: stop it
+            let _ = self.daemon.stop();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        if self.daemon.alive() {
+            bail!("crash point {point} was never reached:\n{}", self.logs());
+        }
+        self.daemon.restart()?;
+        self.wait_reconnected()
+    }
+
     /// `ctr images pull --plain-http --snapshotter <sn> <image>`.
     pub fn pull(&self, snapshotter: &str, image: &str) -> Result<()> {
         self.containerd.ctr(&[

@@ -13,7 +13,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use cas_integration::fixture::{APP_RELEASE, BASE_RELEASE};
@@ -538,41 +538,7 @@ fn fast_path_crash_points_recover() -> Result<()> {
     for point in POINTS {
         let started = Instant::now();
         // From a store without the image, so the pull applies every layer anew.
-        let _ = rig.containerd.ctr(&["images", "rm", "--sync", &image]);
-        let (code, out) = rig.casctl(&["gc"])?;
-        ensure!(code == 0, "{out}");
-        let armed = format!("{point}=return");
-        rig.daemon.restart_with_env(&[("FAILPOINTS", &armed)])?;
-        rig.wait_reconnected()?;
-        'steps: for step in 0..3 {
-            for _ in 0..100 {
-                if !rig.daemon.alive() {
-                    break 'steps;
-                }
-                let r = match step {
-                    0 => rig.pull("cas", &image),
-                    1 => rig
-                        .containerd
-                        .ctr(&["images", "rm", "--sync", &image])
-                        .map(|_| ()),
-                    _ => rig.casctl(&["gc"]).map(|_| ()),
-                };
-                match r {
-                    Err(e) if e.to_string().contains("unavailable") => {
-                        std::thread::sleep(Duration::from_millis(100))
-                    }
-                    _ => break,
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        ensure!(
-            !rig.daemon.alive(),
-            "crash point {point} was never reached on the fast path:\n{}",
-            rig.logs()
-        );
-        rig.daemon.restart()?;
-        rig.wait_reconnected()?;
+        rig.crash_at(point, &image)?;
         fsck(&rig, false, &format!("after a crash at {point}"))?;
         rig.pull_after_restart("cas", &image)
             .with_context(|| format!("pull after a crash at {point}\n{}", rig.logs()))?;

@@ -5,9 +5,7 @@
 //! store must check clean with `casctl fsck`, and the image must pull again and run.
 //! Needs root; skips otherwise.
 
-use std::time::Duration;
-
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use cas_integration::fixture::APP_RELEASE;
 use cas_integration::harness::{require_root, Rig};
 
@@ -40,49 +38,8 @@ fn every_crash_point_recovers_to_a_clean_store() -> Result<()> {
     let mut rig = Rig::start()?;
     let image = rig.app_ref.clone();
     for point in POINTS {
-        // Start from a store without the image, so the pull below stores everything anew.
-        let _ = rig.containerd.ctr(&["images", "rm", "--sync", &image]);
-        let (code, out) = rig.casctl(&["gc"])?;
-        assert_eq!(code, 0, "{out}");
-        let armed = format!("{point}=return");
-        rig.daemon.restart_with_env(&[("FAILPOINTS", &armed)])?;
-        rig.wait_reconnected()?;
-        // Drive the daemon through every kind of step until it dies at the point. After
-        // a restart containerd redials with a backoff, so a step that finds the daemon
-        // alive but unreachable (`unavailable`) is tried again.
-        'steps: for step in 0..3 {
-            for _ in 0..100 {
-                if !rig.daemon.alive() {
-                    break 'steps;
-                }
-                let r = match step {
-                    0 => rig.pull("cas", &image),
-                    1 => rig
-                        .containerd
-                        .ctr(&["images", "rm", "--sync", &image])
-                        .map(|_| ()),
-                    _ => rig.casctl(&["gc"]).map(|_| ()),
-                };
-                match r {
-                    Err(e) if e.to_string().contains("unavailable") => {
-                        std::thread::sleep(Duration::from_millis(100))
-                    }
-                    _ => break,
-                }
-            }
-        }
-        if *point == "journal.before-checkpoint" && rig.daemon.alive() {
-            // checkpoints run every few hundred records and at shutdown: stop it
-            let _ = rig.daemon.stop();
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        ensure!(
-            !rig.daemon.alive(),
-            "crash point {point} was never reached:\n{}",
-            rig.logs()
-        );
-        rig.daemon.restart()?;
-        rig.wait_reconnected()?;
+        // From a store without the image, so the pull stores everything anew.
+        rig.crash_at(point, &image)?;
         let (code, out) = rig.casctl(&["fsck"])?;
         assert_eq!(
             code,
