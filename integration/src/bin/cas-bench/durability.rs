@@ -33,7 +33,7 @@ use config::{JournalKind, MountMode};
 use containerd_snapshots::Snapshotter as _;
 use ringio::journal::{Backend, Journal, JournalMode};
 
-use crate::perf::summary;
+use crate::perf::{drop_caches, summary, work_dir};
 
 /// Records appended per journal run.
 const RECORDS: usize = 2000;
@@ -142,11 +142,6 @@ fn journal_runs(t: &Target, mode: JournalMode, runs: usize) -> Result<Vec<Journa
     Ok(out)
 }
 
-fn drop_caches() -> Result<()> {
-    nix::unistd::sync();
-    fs::write("/proc/sys/vm/drop_caches", "3").context("dropping caches")
-}
-
 /// Opens the store as the daemon does at start, timed; the page cache dropped first
 /// when `cold`.
 fn open_store(root: &Path, cold: bool) -> Result<(CasSnapshotter, f64)> {
@@ -209,36 +204,29 @@ async fn recovery(t: &Target, runs: usize) -> Result<Recovery> {
         clean_cold_ms: Vec::new(),
         clean_warm_ms: Vec::new(),
     };
-    // Unclean stops: the service dropped without its shutdown, records pending.
+    // Unclean stops (the service dropped without its shutdown, records pending), then
+    // clean ones (the daemon's shutdown: checkpoint and clean-stop marker).
     let mut sn = sn;
-    for _ in 0..runs {
-        for cold in [true, false] {
-            commit_more(&sn, committed, COMMITS_BETWEEN_CRASHES).await?;
-            committed += COMMITS_BETWEEN_CRASHES;
-            drop(sn);
-            let (next, ms) = reopen(&root, cold, committed).await?;
-            sn = next;
-            if cold {
-                &mut r.crash_cold_ms
-            } else {
-                &mut r.crash_warm_ms
+    for clean in [false, true] {
+        for _ in 0..runs {
+            for cold in [true, false] {
+                if clean {
+                    sn.shutdown().await?;
+                } else {
+                    commit_more(&sn, committed, COMMITS_BETWEEN_CRASHES).await?;
+                    committed += COMMITS_BETWEEN_CRASHES;
+                }
+                drop(sn);
+                let (next, ms) = reopen(&root, cold, committed).await?;
+                sn = next;
+                match (clean, cold) {
+                    (false, true) => &mut r.crash_cold_ms,
+                    (false, false) => &mut r.crash_warm_ms,
+                    (true, true) => &mut r.clean_cold_ms,
+                    (true, false) => &mut r.clean_warm_ms,
+                }
+                .push(ms);
             }
-            .push(ms);
-        }
-    }
-    // Clean stops: the daemon's shutdown (checkpoint and clean-stop marker).
-    for _ in 0..runs {
-        for cold in [true, false] {
-            sn.shutdown().await?;
-            drop(sn);
-            let (next, ms) = reopen(&root, cold, committed).await?;
-            sn = next;
-            if cold {
-                &mut r.clean_cold_ms
-            } else {
-                &mut r.clean_warm_ms
-            }
-            .push(ms);
         }
     }
     drop(sn);
@@ -386,19 +374,7 @@ pub fn run(a: &DurabilityArgs) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("needs root (loop mount, stubs, drop_caches)");
     }
-    let tmp;
-    let work = match &a.workdir {
-        Some(w) => {
-            fs::create_dir_all(w)?;
-            w.clone()
-        }
-        None => {
-            tmp = tempfile::Builder::new()
-                .prefix("cas-durability-")
-                .tempdir_in("/var/tmp")?;
-            tmp.path().to_path_buf()
-        }
-    };
+    let (work, _tmp) = work_dir(a.workdir.as_deref(), "cas-durability-")?;
     let xfs = LoopFs::new(&work, 4 << 10, FsKind::Xfs)?;
     let under = work.join("on-backing-fs");
     fs::create_dir_all(&under)?;

@@ -512,7 +512,28 @@ fn cas_layer_paths(store: &Path) -> String {
     )
 }
 
-fn drop_caches() -> Result<()> {
+/// `given`, created if missing, or else a new directory in /var/tmp named `prefix…`,
+/// removed when the returned guard drops.
+pub fn work_dir(
+    given: Option<&Path>,
+    prefix: &str,
+) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match given {
+        Some(w) => {
+            fs::create_dir_all(w)?;
+            Ok((w.to_path_buf(), None))
+        }
+        None => {
+            let tmp = tempfile::Builder::new()
+                .prefix(prefix)
+                .tempdir_in("/var/tmp")?;
+            Ok((tmp.path().to_path_buf(), Some(tmp)))
+        }
+    }
+}
+
+/// `sync`, then drop the page cache, dentries and inodes.
+pub fn drop_caches() -> Result<()> {
     nix::unistd::sync();
     fs::write("/proc/sys/vm/drop_caches", "3").context("dropping caches (needs root)")
 }
@@ -719,19 +740,7 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
     let ctrd_bin = select_containerd(a.containerd.as_deref())?;
     let sizes = Sizes { quick: a.quick };
     let images = ensure_images(&a.cache, sizes)?;
-    let tmp;
-    let work = match &a.workdir {
-        Some(w) => {
-            fs::create_dir_all(w)?;
-            w.clone()
-        }
-        None => {
-            tmp = tempfile::Builder::new()
-                .prefix("cas-perf-")
-                .tempdir_in("/var/tmp")?;
-            tmp.path().to_path_buf()
-        }
-    };
+    let (work, _tmp) = work_dir(a.workdir.as_deref(), "cas-perf-")?;
     let loopfs = LoopFs::new(&work, a.fs_gib << 10, FsKind::Xfs)?;
     let dev = loopfs.device()?;
     let m = loopfs.mnt.clone();
