@@ -484,20 +484,22 @@ pub struct ReconcileStats {
 
 /// Brings the index in line with the `info` mirrors after an unclean stop.
 ///
-/// Every change writes the mirror durably before the index, and deletes it first on
-/// Remove, so the mirror is the newer truth wherever the two disagree: records are rolled
+/// Every change writes the mirror before the index (made durable by its journal record
+/// or by itself), and deletes it first on Remove, so the mirror is the newer truth
+/// wherever the two disagree: records are rolled
 /// forward to it, records without a mirror are removed, and directories whose record never
 /// landed are deleted (containerd was never answered for them). Reference counts follow
 /// the manifests of the records that change. Nothing may mutate the index meanwhile.
 ///
-/// After a clean stop ([`Stop::Clean`]: a checkpoint, then the marker) records and
-/// mirrors agreed when the daemon stopped, so only the directory names are compared
-/// with the records; any difference (a directory added or removed by hand) falls back
-/// to the full comparison.
+/// Which snapshots are compared depends on how the daemon stopped ([`Stop`]): after a
+/// clean stop records and mirrors agreed, so only the directory names are compared with
+/// the records (any difference, such as a directory added or removed by hand, falls
+/// back to comparing every mirror); after a crash, the snapshots the replayed journal
+/// records name and those whose directory and record do not both exist; otherwise all.
 pub fn reconcile(
     layout: &Layout,
     meta: &MetaStore,
-    stop: Stop,
+    stop: &Stop,
 ) -> Result<ReconcileStats, CasError> {
     let mut stats = ReconcileStats::default();
     let mut by_id: HashMap<u64, (String, crate::index::Record)> = meta
@@ -506,34 +508,6 @@ pub fn reconcile(
         .map(|(k, r)| (r.id, (k, r)))
         .collect();
     let sdir = layout.snapshots_dir();
-    if stop == Stop::Clean {
-        let mut ids = std::collections::HashSet::with_capacity(by_id.len());
-        for e in fs::read_dir(&sdir).map_err(CasError::io("read dir", &sdir))? {
-            let e = e.map_err(CasError::io("read dir", &sdir))?;
-            if let Some(id) = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) {
-                ids.insert(id);
-            }
-        }
-        if ids.len() == by_id.len() && by_id.keys().all(|id| ids.contains(id)) {
-            stats.consistent = ids.len() as u64;
-            return Ok(stats);
-        }
-        tracing::warn!(
-            records = by_id.len(),
-            directories = ids.len(),
-            "snapshot directories changed while the daemon was stopped: checking every info file"
-        );
-    }
-    let objects_of = |dir: &Path, rec: &crate::index::Record| -> Result<Vec<Digest>, CasError> {
-        if rec.kind != Kind::Committed {
-            return Ok(Vec::new());
-        }
-        let mut set = std::collections::BTreeSet::new();
-        for e in read_manifest(&dir.join(MANIFEST_FILE))? {
-            set.insert(e?.digest);
-        }
-        Ok(set.into_iter().collect())
-    };
     let mut dirs = Vec::new();
     for e in fs::read_dir(&sdir).map_err(CasError::io("read dir", &sdir))? {
         let dir = e.map_err(CasError::io("read dir", &sdir))?.path();
@@ -545,6 +519,41 @@ pub fn reconcile(
             dirs.push((id, dir)); // others are temporary directories: swept by the caller
         }
     }
+    let names_agree =
+        || dirs.len() == by_id.len() && dirs.iter().all(|(id, _)| by_id.contains_key(id));
+    match stop {
+        Stop::Clean if names_agree() => {
+            stats.consistent = dirs.len() as u64;
+            return Ok(stats);
+        }
+        Stop::Clean => tracing::warn!(
+            records = by_id.len(),
+            directories = dirs.len(),
+            "snapshot directories changed while the daemon was stopped: checking every info file"
+        ),
+        Stop::Crash { changed } => {
+            // the others agreed at the last checkpoint and have not changed since
+            dirs.retain(|(id, _)| {
+                let compare = changed.contains(id) || !by_id.contains_key(id);
+                if !compare {
+                    by_id.remove(id);
+                    stats.consistent += 1;
+                }
+                compare
+            });
+        }
+        Stop::Unknown => {}
+    }
+    let objects_of = |dir: &Path, rec: &crate::index::Record| -> Result<Vec<Digest>, CasError> {
+        if rec.kind != Kind::Committed {
+            return Ok(Vec::new());
+        }
+        let mut set = std::collections::BTreeSet::new();
+        for e in read_manifest(&dir.join(MANIFEST_FILE))? {
+            set.insert(e?.digest);
+        }
+        Ok(set.into_iter().collect())
+    };
     for ((id, dir), info) in dirs.iter().zip(read_infos(&dirs)) {
         let (id, dir) = (*id, dir.as_path());
         match (by_id.remove(&id), info?) {
@@ -640,6 +649,41 @@ mod tests {
     }
 
     #[test]
+    fn after_a_crash_only_the_journaled_snapshots_and_odd_names_are_compared() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::ensure(tmp.path()).unwrap();
+        let meta = MetaStore::open(&layout.index_dir()).unwrap();
+        snapshot(&layout, &meta, "a", &rec(1, Kind::Active));
+        let b = snapshot(&layout, &meta, "b", &rec(2, Kind::Active));
+        // b's label change reached its mirror, not the index
+        let mut changed = rec(2, Kind::Active);
+        changed.labels.insert("l".into(), "v".into());
+        write_info(&b, "b", &changed).unwrap();
+        // a Prepare whose record never reached the index
+        let orphan = layout.snapshot_dir(3);
+        fs::create_dir_all(orphan.join("fs")).unwrap();
+        write_info(&orphan, "never", &rec(3, Kind::Active)).unwrap();
+        let crash = |ids: &[u64]| Stop::Crash {
+            changed: ids.iter().copied().collect(),
+        };
+        let stats = reconcile(&layout, &meta, &crash(&[2])).unwrap();
+        assert_eq!(
+            stats,
+            ReconcileStats {
+                consistent: 1,
+                rolled_forward: 1,
+                removes_completed: 0,
+                creates_rolled_back: 1
+            }
+        );
+        assert_eq!(meta.get("b").unwrap().unwrap().labels, changed.labels);
+        assert!(!orphan.exists());
+        // nothing journaled: nothing read
+        let stats = reconcile(&layout, &meta, &crash(&[])).unwrap();
+        assert_eq!(stats.consistent, 2);
+    }
+
+    #[test]
     fn clean_stop_compares_names_and_falls_back_on_a_difference() {
         let tmp = tempfile::tempdir().unwrap();
         let layout = Layout::ensure(tmp.path()).unwrap();
@@ -648,12 +692,12 @@ mod tests {
         let b = snapshot(&layout, &meta, "b", &rec(2, Kind::Active));
         // agreed at the clean stop: the mirrors are not read (an unreadable one passes)
         fs::write(b.join(INFO_FILE), b"not json").unwrap();
-        let stats = reconcile(&layout, &meta, Stop::Clean).unwrap();
+        let stats = reconcile(&layout, &meta, &Stop::Clean).unwrap();
         assert_eq!(stats.consistent, 2);
         // a directory removed while stopped: every mirror is compared, the record goes
         crate::index::write_info(&b, "b", &rec(2, Kind::Active)).unwrap();
         remove_tree(&b).unwrap();
-        let stats = reconcile(&layout, &meta, Stop::Clean).unwrap();
+        let stats = reconcile(&layout, &meta, &Stop::Clean).unwrap();
         assert_eq!((stats.consistent, stats.removes_completed), (1, 1));
         assert_eq!(meta.all().unwrap().len(), 1);
     }
@@ -686,7 +730,7 @@ mod tests {
         fs::create_dir_all(orphan.join("fs")).unwrap();
         write_info(&orphan, "never", &rec(4, Kind::Active)).unwrap();
 
-        let stats = reconcile(&layout, &meta, Stop::Unclean).unwrap();
+        let stats = reconcile(&layout, &meta, &Stop::Unknown).unwrap();
         assert_eq!(
             stats,
             ReconcileStats {
@@ -711,7 +755,7 @@ mod tests {
         );
         assert_eq!(meta.ref_count(&digest).unwrap(), 1);
         assert!(!gone.exists() && !orphan.exists());
-        let again = reconcile(&layout, &meta, Stop::Unclean).unwrap();
+        let again = reconcile(&layout, &meta, &Stop::Unknown).unwrap();
         assert_eq!(again.consistent, 2);
         // the synthetic manifest names an object and a stub that do not exist; everything
         // else (mirrors, reference counts, directories) must now agree

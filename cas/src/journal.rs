@@ -10,12 +10,18 @@
 //! at a *checkpoint* (index flush, `syncfs`, then the journal's checkpoint block), every
 //! [`CHECKPOINT_EVERY`] records and at shutdown.
 //!
+//! Every change of a snapshot's record goes through the journal: Prepare and View (a
+//! new record), Update (labels), Commit and Remove. The mirror is written after the
+//! record and before the index, so after a crash only the snapshots the records past
+//! the checkpoint name can disagree with the index (plus directories whose record never
+//! landed, and records whose directory went, both seen from the directory names).
+//!
 //! At start, [`CommitLog::replay`] rewrites the `info` mirror of every snapshot named by
-//! a record past the checkpoint, and makes them durable with one `syncfs` (the last
-//! record of a snapshot wins; a removal deletes the
-//! mirror), before the index is reconciled with the mirrors as it always is. A crash at
-//! any point thus leaves either the old state or the new: a record that is in the
-//! journal is applied, one that is not was never answered.
+//! a record past the checkpoint (the last record of a snapshot wins; a removal deletes
+//! the mirror), the index is reconciled with the mirrors of those snapshots, and a
+//! checkpoint makes both durable before the records are retired. A crash at any point
+//! thus leaves either the old state or the new: a record that is in the journal is
+//! applied, one that is not was never answered.
 //!
 //! A clean stop ends with a checkpoint and then a durable `<root>/clean-stop` marker:
 //! index and mirrors agree and no record is pending. The next start takes the marker
@@ -26,7 +32,7 @@
 //! Records hold the same JSON as the `info` mirror. One that does not fit in a journal
 //! block (huge labels) takes the old path: durable mirror and index flush.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -60,12 +66,20 @@ pub enum Change {
         /// The snapshot's directory number.
         id: u64,
     },
+    /// Snapshot `id`'s mirror and index are about to change outside the journal (its
+    /// record is too large for a block): the replay only notes it, so that the
+    /// reconcile after a crash compares that snapshot.
+    Dirty {
+        /// The snapshot's directory number.
+        id: u64,
+    },
 }
 
 impl Change {
-    fn id(&self) -> u64 {
+    /// The snapshot it concerns.
+    pub fn id(&self) -> u64 {
         match self {
-            Change::Put { id, .. } | Change::Delete { id } => *id,
+            Change::Put { id, .. } | Change::Delete { id } | Change::Dirty { id } => *id,
         }
     }
 }
@@ -79,18 +93,33 @@ pub struct Replayed {
     pub written: u64,
     /// Mirrors deleted.
     pub deleted: u64,
+    /// Every snapshot a record past the checkpoint names.
+    #[serde(skip)]
+    pub changed: BTreeSet<u64>,
 }
 
 /// The marker a clean stop leaves in the store root.
 const CLEAN_STOP_FILE: &str = "clean-stop";
 
-/// How the daemon last stopped, as far as the store can tell at start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The marker that says every change of a record since the last checkpoint is in the
+/// journal (stores written before that was so lack it until their first start).
+const JOURNALED_FILE: &str = "records-journaled";
+
+/// How the daemon last stopped, as far as the store can tell at start: what the
+/// reconcile with the `info` mirrors has to compare.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stop {
     /// A checkpoint and the clean-stop marker: index and mirrors agreed.
     Clean,
-    /// Anything else (a crash, a kill, a power cut, a store from before the marker).
-    Unclean,
+    /// A crash, with every change since the last checkpoint journaled: only the
+    /// snapshots the replayed records name can disagree (and directories whose record
+    /// never landed, or records whose directory went).
+    Crash {
+        /// The snapshots the replayed records name.
+        changed: BTreeSet<u64>,
+    },
+    /// Nothing is known (a store from before changes were all journaled): compare all.
+    Unknown,
 }
 
 /// The store's journal: appends and checkpoints, one at a time.
@@ -151,6 +180,18 @@ impl CommitLog {
         }
     }
 
+    /// [`CommitLog::record`] for a change that always fits in a block (a Delete, a
+    /// Dirty): one that does not is an error.
+    pub fn record_small(&self, change: &Change, meta: &MetaStore) -> Result<(), CasError> {
+        if self.record(change, meta)? {
+            Ok(())
+        } else {
+            Err(jerr(JournalError::TooLarge(
+                serde_json::to_vec(change).map_or(0, |v| v.len()),
+            )))
+        }
+    }
+
     /// Makes everything the journal holds durable elsewhere (index flush, `syncfs` of
     /// the store for the mirrors), then retires the records.
     pub fn checkpoint(&self, meta: &MetaStore) -> Result<(), CasError> {
@@ -183,24 +224,50 @@ impl CommitLog {
         Ok(())
     }
 
-    /// How the daemon last stopped. Takes the clean-stop marker away, durably, so that
-    /// a crash from here on is seen as one. Call at start, before anything changes.
-    pub fn take_stop(&self) -> Result<Stop, CasError> {
+    /// Whether the daemon stopped cleanly. Takes the clean-stop marker away, durably,
+    /// so that a crash from here on is seen as one. Call at start, before anything
+    /// changes.
+    pub fn take_clean_stop(&self) -> Result<bool, CasError> {
         let marker = self.layout.root().join(CLEAN_STOP_FILE);
         match fs::remove_file(&marker) {
             Ok(()) => {
                 ringio::durable::fsync_dir(self.layout.root())?;
-                Ok(Stop::Clean)
+                Ok(true)
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Stop::Unclean),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(CasError::io("remove", &marker)(e)),
         }
     }
 
-    /// Brings the `info` mirrors up to date with the records past the checkpoint
-    /// (durably), and checkpoints. Call at start, before the index is reconciled.
+    /// What start must reconcile: after [`CommitLog::take_clean_stop`] and
+    /// [`CommitLog::replay`].
+    pub fn stop(&self, clean: bool, replayed: &Replayed) -> Stop {
+        if clean && replayed.records == 0 {
+            Stop::Clean
+        } else if self.layout.root().join(JOURNALED_FILE).is_file() {
+            Stop::Crash {
+                changed: replayed.changed.clone(),
+            }
+        } else {
+            Stop::Unknown
+        }
+    }
+
+    /// After the first full reconcile at start: from now on every change of a record
+    /// is journaled, and a crash needs only the replayed snapshots compared.
+    pub fn mark_journaled(&self) -> Result<(), CasError> {
+        let marker = self.layout.root().join(JOURNALED_FILE);
+        if !marker.is_file() {
+            ringio::durable::replace_file(&marker, b"every change of a record is journaled\n")?;
+        }
+        Ok(())
+    }
+
+    /// Brings the `info` mirrors up to date with the records past the checkpoint. Call
+    /// at start, then reconcile the index, then [`CommitLog::checkpoint`]: a crash
+    /// before that checkpoint replays the same records again.
     pub fn replay(&self) -> Result<Replayed, CasError> {
-        let mut j = self.lock();
+        let j = self.lock();
         let records = j.records().map_err(jerr)?;
         let mut out = Replayed {
             records: records.len() as u64,
@@ -210,15 +277,21 @@ impl CommitLog {
         let mut last: BTreeMap<u64, Change> = BTreeMap::new();
         for (seq, payload) in records {
             match serde_json::from_slice::<Change>(&payload) {
+                // a Dirty marks the snapshot; it does not undo an earlier change of it
+                Ok(Change::Dirty { id }) => {
+                    last.entry(id).or_insert(Change::Dirty { id });
+                }
                 Ok(c) => {
                     last.insert(c.id(), c);
                 }
                 Err(e) => tracing::warn!(seq, error = %e, "journal record not understood; skipped"),
             }
         }
+        out.changed = last.keys().copied().collect();
         for (id, change) in last {
             let dir = self.layout.snapshot_dir(id);
             match change {
+                Change::Dirty { .. } => {}
                 Change::Put { key, record, .. } => {
                     if !dir.join("fs").is_dir() {
                         // removed since (its Delete record is older than a checkpoint
@@ -244,14 +317,8 @@ impl CommitLog {
                 }
             }
         }
-        if j.pending() > 0 {
-            let last = j.checkpoint_seq() + j.pending();
-            let root = fs::File::open(self.layout.root())
-                .map_err(CasError::io("open", self.layout.root()))?;
-            nix::unistd::syncfs(root.as_raw_fd())
-                .map_err(|e| CasError::io("syncfs", self.layout.root())(e.into()))?;
-            j.checkpoint(last).map_err(jerr)?;
-        }
+        // The records stay until the index agrees too: the caller reconciles and then
+        // checkpoints, which makes these mirrors durable with the index.
         Ok(out)
     }
 }
@@ -282,10 +349,10 @@ mod tests {
         let layout = Layout::ensure(tmp.path()).unwrap();
         let meta = MetaStore::open(&layout.index_dir()).unwrap();
         let log = CommitLog::open(&layout, JournalMode::ForceRename).unwrap();
-        assert_eq!(log.take_stop().unwrap(), Stop::Unclean);
+        assert!(!log.take_clean_stop().unwrap());
         log.mark_clean_stop(&meta).unwrap();
-        assert_eq!(log.take_stop().unwrap(), Stop::Clean);
+        assert!(log.take_clean_stop().unwrap());
         // taken: a crash from here on is an unclean stop
-        assert_eq!(log.take_stop().unwrap(), Stop::Unclean);
+        assert!(!log.take_clean_stop().unwrap());
     }
 }

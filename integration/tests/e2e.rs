@@ -162,6 +162,7 @@ fn removing_images_leaves_only_the_empty_layout() -> Result<()> {
             "journal/journal.d/checkpoint",
             "layout",
             "mode",
+            "records-journaled",
             "snapshots"
         ],
         "{}",
@@ -201,7 +202,7 @@ fn kill9_between_pulls_keeps_the_first_image() -> Result<()> {
     rig.daemon.restart()?;
     rig.wait_reconnected()?;
     let log = std::fs::read_to_string(rig.daemon.log_path())?;
-    assert!(log.contains("stop=Clean"), "{log}");
+    assert!(log.contains("stop=\"clean\""), "{log}");
     assert!(!rig.daemon.root.join("clean-stop").exists());
     assert_eq!(
         rig.run(

@@ -176,15 +176,15 @@ impl CasSnapshotter {
             JournalKind::Rename => JournalMode::ForceRename,
         };
         let log = CommitLog::open(&layout, mode)?;
-        let stop = log.take_stop()?;
+        let clean = log.take_clean_stop()?;
         let replayed = log.replay()?;
-        let stop = if replayed.records > 0 {
-            Stop::Unclean
-        } else {
-            stop
-        };
+        let stop = log.stop(clean, &replayed);
         info!(
-            ?stop,
+            stop = match &stop {
+                Stop::Clean => "clean",
+                Stop::Crash { .. } => "crash",
+                Stop::Unknown => "unknown",
+            },
             backend = %log.backend(),
             records = replayed.records,
             mirrors_written = replayed.written,
@@ -210,7 +210,10 @@ impl CasSnapshotter {
             }
         };
         let started = std::time::Instant::now();
-        let fixed = cas::admin::reconcile(&layout, &meta, stop)?;
+        let fixed = cas::admin::reconcile(&layout, &meta, &stop)?;
+        // index and mirrors agree now: retire the replayed records with both durable
+        log.checkpoint(&meta)?;
+        log.mark_journaled()?;
         info!(
             consistent = fixed.consistent,
             rolled_forward = fixed.rolled_forward,
@@ -447,16 +450,16 @@ impl CasSnapshotter {
                 usage: DiskUsage::default(),
                 logical_bytes: 0,
             };
-            let stored = match cas::index::write_info(&dir, &key, &rec) {
-                Err(e) => Err(e.into()),
-                Ok(()) => {
-                    cas::crash_point!("create.after-info");
-                    match self.meta.insert(&key, &rec) {
-                        Ok(()) => self.meta.flush().await.map_err(SnapshotError::from),
-                        Err(e) => Err(e.into()),
-                    }
+            let stored = async {
+                let flush = self.record_put(id, &key, &rec)?;
+                cas::crash_point!("create.after-info");
+                self.meta.insert(&key, &rec)?;
+                if flush {
+                    self.meta.flush().await?;
                 }
-            };
+                Ok::<(), SnapshotError>(())
+            }
+            .await;
             if let Err(e) = stored {
                 let _ = fs::remove_dir_all(&dir);
                 return Err(e);
@@ -473,6 +476,32 @@ impl CasSnapshotter {
         let _w = self.writer.lock().await;
         self.log.checkpoint(&self.meta)?;
         Ok(())
+    }
+
+    /// Journals `change`, which must fit in a journal block (a Delete or a Dirty does).
+    fn record(&self, change: &Change) -> Result<(), SnapshotError> {
+        Ok(self.log.record_small(change, &self.meta)?)
+    }
+
+    /// Makes snapshot `id`'s new record durable ahead of the index: a journal record
+    /// and the `info` mirror written lazily; or, for a record too large for a journal
+    /// block, a Dirty record and a durable mirror, in which case it returns `true` and
+    /// the caller must flush the index after changing it.
+    fn record_put(&self, id: u64, key: &str, rec: &Record) -> Result<bool, SnapshotError> {
+        let dir = self.layout.snapshot_dir(id);
+        let change = Change::Put {
+            id,
+            key: key.to_string(),
+            record: rec.clone(),
+        };
+        if self.log.record(&change, &self.meta)? {
+            cas::journal::write_info_lazy(&dir, key, rec)?;
+            Ok(false)
+        } else {
+            self.record(&Change::Dirty { id })?;
+            cas::index::write_info(&dir, key, rec)?;
+            Ok(true)
+        }
     }
 
     /// The last step of a clean shutdown: a checkpoint and the clean-stop marker, so the
@@ -767,10 +796,12 @@ impl Snapshotter for CasSnapshotter {
             }
         }
         rec.updated = SystemTime::now();
-        let dir = self.layout.snapshot_dir(rec.id);
-        cas::index::write_info(&dir, &key, &rec)?;
-        self.meta.put(&key, &rec)?;
-        self.meta.flush().await?;
+        if self.record_put(rec.id, &key, &rec)? {
+            self.meta.put(&key, &rec)?;
+            self.meta.flush().await?;
+        } else {
+            self.meta.put(&key, &rec)?;
+        }
         Ok(to_info(key, rec))
     }
 
@@ -922,6 +953,7 @@ impl Snapshotter for CasSnapshotter {
             cas::crash_point!("commit.after-info");
             self.meta.rename(&key, &name, &rec, &objects)?;
         } else {
+            self.record(&Change::Dirty { id: rec.id })?;
             cas::index::write_info(&sdir, &name, &rec)?;
             cas::crash_point!("commit.after-info");
             self.meta.rename(&key, &name, &rec, &objects)?;
@@ -974,7 +1006,9 @@ impl Snapshotter for CasSnapshotter {
             if let Ok(mut m) = self.applied.lock() {
                 m.remove(&rec.id);
             }
-            // The mirror goes first: a rebuild after a crash here must not revive it.
+            // The journal record makes the Remove durable; the mirror goes next, before
+            // the index: a rebuild after a crash here must not revive it.
+            self.record(&Change::Delete { id: rec.id })?;
             let info = dir.join(cas::index::INFO_FILE);
             match fs::remove_file(&info) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -984,6 +1018,8 @@ impl Snapshotter for CasSnapshotter {
             }
             cas::crash_point!("remove.after-info");
             self.meta.delete(&key, &rec, &objects)?;
+            // Durable before the directory (and its manifest, which the references
+            // were counted from) leaves `snapshots/`.
             self.meta.flush().await?;
             cas::crash_point!("remove.after-index");
             // Out of `snapshots/` while still under the lock, so no reader (fsck, the
