@@ -523,3 +523,128 @@ fn apply_throughput() {
     println!("apply, known content: {a:.2} s ({:.0} MB/s)", mb / a);
     println!("tar -xzf:             {x:.2} s ({:.0} MB/s)", mb / x);
 }
+
+/// Per-file cost of one apply (`cargo test --release -p cas --test unpack
+/// apply_small_files -- --ignored --nocapture`): `CAS_BENCH_FILES` (default 20,000) files
+/// of 0-2 KiB in 100 directories, zstd (cheap to decode, so per-file work dominates), into
+/// a fresh store and then again (all content known), next to `tar --zstd -xf` of the same
+/// blob. Medians of `CAS_BENCH_RUNS` (default 5), in µs per file.
+#[test]
+#[ignore = "benchmark"]
+fn apply_small_files() {
+    if !root() {
+        return;
+    }
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let files = env("CAS_BENCH_FILES", 20_000);
+    let runs = env("CAS_BENCH_RUNS", 5);
+    let mut b = tar::Builder::new(Vec::new());
+    for d in 0..100 {
+        b.append_data(
+            &mut header(tar::EntryType::Directory, 0, 0o755),
+            format!("d{d}/"),
+            &[][..],
+        )
+        .unwrap();
+    }
+    for i in 0..files {
+        let data = pseudo_random((i * 97) % 2049, i as u64);
+        b.append_data(
+            &mut header(tar::EntryType::Regular, data.len() as u64, 0o644),
+            format!("d{}/f{i}", i % 100),
+            &data[..],
+        )
+        .unwrap();
+    }
+    let tar = b.into_inner().unwrap();
+    let blob = zstd(&tar);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    std::fs::write(scratch.path().join("blob.tar.zst"), &blob).unwrap();
+    let (mut fresh, mut again, mut tarx) = (Vec::new(), Vec::new(), Vec::new());
+    let backend = match std::env::var("CAS_BENCH_BACKEND").as_deref() {
+        Ok("threads") => BackendChoice::Threads,
+        _ => BackendChoice::Auto,
+    };
+    let per_file = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e6 / files as f64;
+    // CPU seconds (user + system) of this process and of this thread, which is the
+    // unpack thread: from /proc, in clock ticks of 10 ms.
+    let cpu = |file: &str| {
+        let stat = fs::read_to_string(file).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
+    };
+    let cpus = || (cpu("/proc/self/stat"), cpu("/proc/thread-self/stat"));
+    let (mut cpu_fresh, mut cpu_again) = (Vec::new(), Vec::new());
+    let cpu_per_file = |(p0, t0): (f64, f64), (p1, t1): (f64, f64)| {
+        (
+            (p1 - p0) * 1e6 / files as f64,
+            (t1 - t0) * 1e6 / files as f64,
+        )
+    };
+    for run in 0..runs {
+        let mut s = Store::new(backend);
+        let (c, t) = (cpus(), std::time::Instant::now());
+        s.apply(&blob, None, Limits::default())
+            .1
+            .map_err(|f| f.error)
+            .unwrap();
+        fresh.push(per_file(t));
+        cpu_fresh.push(cpu_per_file(c, cpus()));
+        let (c, t) = (cpus(), std::time::Instant::now());
+        s.apply(&blob, None, Limits::default())
+            .1
+            .map_err(|f| f.error)
+            .unwrap();
+        again.push(per_file(t));
+        cpu_again.push(cpu_per_file(c, cpus()));
+        let out = scratch.path().join(format!("x{run}"));
+        std::fs::create_dir(&out).unwrap();
+        let t = std::time::Instant::now();
+        let st = std::process::Command::new("tar")
+            .arg("--zstd")
+            .arg("-xf")
+            .arg(scratch.path().join("blob.tar.zst"))
+            .arg("-C")
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        tarx.push(per_file(t));
+    }
+    let (f, a, x) = (median(fresh), median(again), median(tarx));
+    let cpu_median = |v: &[(f64, f64)]| {
+        (
+            median(v.iter().map(|c| c.0).collect()),
+            median(v.iter().map(|c| c.1).collect()),
+        )
+    };
+    let ((fp, ft), (ap, at)) = (cpu_median(&cpu_fresh), cpu_median(&cpu_again));
+    println!(
+        "layer: {files} files of 0-2 KiB, {:.1} MB uncompressed, {:.1} MB zstd; medians of {runs}",
+        tar.len() as f64 / 1e6,
+        blob.len() as f64 / 1e6
+    );
+    println!(
+        "apply, new content:   {f:.1} µs/file ({:.2} x tar); CPU {fp:.0} µs/file, {ft:.0} in the unpack thread",
+        f / x
+    );
+    println!(
+        "apply, known content: {a:.1} µs/file ({:.2} x tar); CPU {ap:.0} µs/file, {at:.0} in the unpack thread",
+        a / x
+    );
+    println!("tar --zstd -xf:       {x:.1} µs/file");
+}
