@@ -141,6 +141,45 @@ impl ObjectStore {
         })
     }
 
+    /// The redirect a stub of `digest` gets when the object is stored (`None` when it is
+    /// not), as [`ObjectStore::redirect_for`] gives it, but looked up before anything is
+    /// linked: an object whose alias is in place costs two `stat`s.
+    pub fn stored_redirect(&self, digest: &Digest) -> Result<Option<String>, CasError> {
+        let object = self.path(digest);
+        let omd = match fs::symlink_metadata(&object) {
+            Ok(md) => md,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(CasError::io("stat", object)(e)),
+        };
+        let alias = digest.alias();
+        let at = self.alias_path(&alias);
+        match fs::symlink_metadata(&at) {
+            Ok(md) if (md.dev(), md.ino()) == (omd.dev(), omd.ino()) => {
+                Ok(Some(format!("/{alias}")))
+            }
+            Ok(_) => {
+                tracing::debug!(%digest, alias, "alias taken by another object: long redirect");
+                Ok(Some(digest.redirect()))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => self.redirect_for(digest).map(Some),
+            Err(e) => Err(CasError::io("stat", at)(e)),
+        }
+    }
+
+    /// How the stubs of `digest`, an object about to be written, will point at it: the
+    /// redirect, and the alias the writer links the new object at (see
+    /// [`ringio::Pool::write_linked`]). The alias is planned when its name is free now;
+    /// if it is taken when the writer gets there (a concurrent publish), the writer says
+    /// so and [`ObjectStore::redirect_for`] decides again.
+    pub fn plan_redirect(&self, digest: &Digest) -> (String, Option<PathBuf>) {
+        let alias = digest.alias();
+        let at = self.alias_path(&alias);
+        match fs::symlink_metadata(&at) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (format!("/{alias}"), Some(at)),
+            _ => (digest.redirect(), None),
+        }
+    }
+
     /// Whether `target` is `digest`'s object: for an alias, by name and inode.
     pub fn target_is(&self, target: &StubTarget, digest: &Digest) -> Result<bool, CasError> {
         Ok(match target {

@@ -442,6 +442,91 @@ fn symlinked_parents_resolve_inside_the_layer() {
     assert!(!Path::new("/tmp/file").exists() || fs::read("/tmp/file").unwrap() != b"data");
 }
 
+#[test]
+fn later_entries_replace_earlier_ones() {
+    if !root() {
+        return;
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, kind: tar::EntryType, mode: u32, data: &[u8]| {
+        let mut h = header(kind, data.len() as u64, mode);
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    use tar::EntryType::{Directory, Regular};
+    // a file, then a directory of the same name
+    add("a", Regular, 0o644, b"file a");
+    add("a/", Directory, 0o750, &[]);
+    add("a/in", Regular, 0o644, b"inside a");
+    // a directory tree, then a file of the same name
+    add("b/", Directory, 0o755, &[]);
+    add("b/x", Regular, 0o644, b"gone with b");
+    add("b", Regular, 0o600, b"file b");
+    // the same file twice: the second wins
+    add("c", Regular, 0o644, b"first c");
+    add("c", Regular, 0o666, b"second c");
+    // a symlink, then a file; an empty file, then a stub
+    let mut h = header(tar::EntryType::Symlink, 0, 0o777);
+    h.set_link_name("a").unwrap();
+    b.append_data(&mut h, "d", &[][..]).unwrap();
+    let mut add = |name: &str, kind: tar::EntryType, mode: u32, data: &[u8]| {
+        let mut h = header(kind, data.len() as u64, mode);
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    add("d", Regular, 0o2755, b"file d");
+    add("e", Regular, 0o644, &[]);
+    add("e", Regular, 0o1644, b"file e");
+    // a whiteout over a file of this layer
+    add("f", Regular, 0o644, b"file f");
+    add(".wh.f", Regular, 0o644, &[]);
+    let blob = gzip(&b.into_inner().unwrap());
+    let mut s = Store::new(BackendChoice::Auto);
+    let (dir, r) = s.apply(&blob, None, Limits::default());
+    let applied = r.map_err(|f| f.error).unwrap();
+    let fs_dir = dir.join("fs");
+    let md = |p: &str| fs::symlink_metadata(fs_dir.join(p)).unwrap();
+    let object = |p: &str| {
+        let d = match stub_target(&fs_dir.join(p)).unwrap().expect("a stub") {
+            cas::stub::StubTarget::Object(d) => fs::read(s.store.path(&d)).unwrap(),
+            cas::stub::StubTarget::Alias(a) => fs::read(s.store.alias_path(&a)).unwrap(),
+        };
+        String::from_utf8(d).unwrap()
+    };
+    assert!(md("a").is_dir() && md("a").mode() & 0o7777 == 0o750);
+    assert_eq!(object("a/in"), "inside a");
+    assert!(md("b").is_file() && md("b").mode() & 0o7777 == 0o600);
+    assert_eq!(object("b"), "file b");
+    assert_eq!(object("c"), "second c");
+    assert_eq!(
+        md("c").mode() & 0o7777,
+        0o666,
+        "the mode, whatever the umask"
+    );
+    assert!(md("d").is_file());
+    assert_eq!(
+        md("d").mode() & 0o7777,
+        0o2755,
+        "set-id bits after the chown"
+    );
+    assert_eq!(object("d"), "file d");
+    assert_eq!(object("e"), "file e");
+    assert_eq!(md("e").mode() & 0o7777, 0o1644);
+    for p in ["a", "a/in", "b", "c", "d", "e"] {
+        let m = md(p);
+        assert_eq!((m.uid(), m.gid()), (1000, 1001), "{p}");
+        assert_eq!(m.mtime(), 1_600_000_000, "{p}");
+    }
+    assert!(md("f").file_type().is_char_device() && md("f").rdev() == 0);
+    let manifest: BTreeMap<PathBuf, u64> = cas::manifest::read_manifest(&dir.join("manifest"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| (e.path, e.size))
+        .collect();
+    // one line per stub written, replaced names included (as at Commit: paths are keys)
+    assert_eq!(manifest[&PathBuf::from("c")], 8);
+    assert_eq!(applied.stats.entries, 14);
+    assert!(s.tmp_is_empty());
+}
+
 /// Throughput of one apply (not a timed test: `cargo test --release -p cas --test unpack
 /// apply_throughput -- --ignored --nocapture`): 50,000 small files and 4 large ones,
 /// gzip, into a fresh store and then again (all content known), next to `tar -xzf` of
