@@ -26,8 +26,8 @@
 //! For layers of many small files the metadata calls are the cost, not the bytes, so
 //! each file gets as few as possible. Its stub is written as soon as its entry is read:
 //! the redirect is a name, decided before the object exists (the object's alias when
-//! that name is free, see [`ObjectStore::plan_redirect`]), and the pool links the new
-//! object at both its names. If the alias is taken by the time the pool gets there, the
+//! the store uses aliases and that name is free, see [`ObjectStore::plan_redirect`]),
+//! and the pool links the new object at its names. If the alias is taken by the time the pool gets there, the
 //! stubs written meanwhile are pointed at the object's full name. Names are created
 //! first and cleared only when taken (the layer starts empty), and a stub or empty file
 //! is created with its mode, so `chown`/`chmod` run only where they change something.
@@ -1415,7 +1415,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let layout = crate::Layout::ensure(dir.path()).unwrap();
-        let store = ObjectStore::new(&layout);
+        let store = ObjectStore::new(&layout).with_aliases(true);
         let pool = Pool::start(&ringio::PoolConfig::default()).unwrap();
         let (fs_dir, manifest, tmp) = (
             dir.path().join("fs"),
