@@ -75,7 +75,8 @@ impl Digest {
     /// costs every stub a 4 KiB xattr block. The alias is a hardlink of the object, made
     /// only when the name is free or already the same inode, so a prefix collision (even
     /// a crafted one) can only cost a stub the long redirect, never point it at other
-    /// bytes.
+    /// bytes. Stores whose inodes hold the long redirect make no aliases
+    /// ([`crate::objects::ObjectStore::aliases`]).
     pub fn alias(&self) -> String {
         use base64::Engine as _;
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&self.0[..ALIAS_BYTES])

@@ -56,6 +56,11 @@ impl CasError {
         move |source| CasError::Io { op, path, source }
     }
 
+    /// Whether the cause is a name that exists already (`EEXIST`).
+    pub fn is_already_exists(&self) -> bool {
+        matches!(self, CasError::Io { source, .. } if source.kind() == io::ErrorKind::AlreadyExists)
+    }
+
     /// Whether the underlying cause is a full disk.
     pub fn is_enospc(&self) -> bool {
         let enospc = Some(nix::libc::ENOSPC);

@@ -7,17 +7,22 @@
 //! commits racing on the same content both succeed and exactly one inode wins
 //! ("already exists" is success): inserts are idempotent.
 //!
-//! In stub mode each object also gets a short second name, its alias
-//! (`objects/<23 base64url chars>`, see [`Digest::alias`]), which stubs redirect to so
-//! that their xattrs fit in the inode. The alias is a hardlink of the object: the same
-//! inode, the same page cache. It is made only if the name is free or already this
-//! inode; otherwise stubs keep the long redirect. GC removes an alias with its object.
+//! In stub mode, on a filesystem whose inodes cannot hold a stub's xattrs with the long
+//! redirect (ext4's 256-byte inodes; probed once per store, [`ObjectStore::aliases`]),
+//! each object also gets a short second name, its alias (`objects/<23 base64url
+//! chars>`, see [`Digest::alias`]), which stubs redirect to so that their xattrs fit in
+//! the inode. The alias is a hardlink of the object: the same inode, the same page
+//! cache. It is made only if the name is free or already this inode; otherwise stubs
+//! keep the long redirect. GC removes an alias with its object. Where the long redirect
+//! fits (XFS's 512-byte inodes), no alias is made: it would cost every new object a
+//! second link (about a third of an apply's CPU time per small file, measured on XFS).
 
 use std::fs;
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use crate::digest::Digest;
 use crate::error::CasError;
@@ -50,6 +55,8 @@ pub enum Publish {
 pub struct ObjectStore {
     objects: PathBuf,
     tmp: PathBuf,
+    /// Whether stubs redirect to aliases: probed on first use, shared by clones.
+    aliases: Arc<OnceLock<bool>>,
 }
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -60,7 +67,36 @@ impl ObjectStore {
         ObjectStore {
             objects: layout.objects_dir(),
             tmp: layout.tmp_dir(),
+            aliases: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// This store with aliases on or off whatever the filesystem (tests of both forms).
+    #[cfg(test)]
+    pub(crate) fn with_aliases(self, on: bool) -> ObjectStore {
+        let _ = self.aliases.set(on);
+        self
+    }
+
+    /// Whether stubs redirect to objects by alias: only where a stub with the long
+    /// redirect does not fit in its inode. Probed once per store (the first call): an
+    /// unnamed file in `cas/tmp` gets a stub's two xattrs with a long redirect, and if
+    /// that takes a block of its own (`st_blocks > 0`), aliases are used. When the probe
+    /// cannot run (no `trusted.*` xattrs without root), they are used too.
+    pub fn aliases(&self) -> bool {
+        *self.aliases.get_or_init(|| {
+            let fits = long_redirect_fits(&self.tmp);
+            match &fits {
+                Ok(true) => tracing::info!(
+                    "stubs hold the long redirect in their inode: objects get no alias"
+                ),
+                Ok(false) => tracing::info!(
+                    "stubs with the long redirect need an xattr block: objects get an alias"
+                ),
+                Err(e) => tracing::info!(error = %e, "alias probe failed: objects get an alias"),
+            }
+            !matches!(fits, Ok(true))
+        })
     }
 
     /// The objects directory (overlayfs' data-only lower layer).
@@ -125,6 +161,9 @@ impl ObjectStore {
     /// The redirect a stub of `digest` (an existing object) gets: `/<alias>` once the
     /// alias is this object's inode, otherwise the object's full `/ab/cdef…`.
     pub fn redirect_for(&self, digest: &Digest) -> Result<String, CasError> {
+        if !self.aliases() {
+            return Ok(digest.redirect());
+        }
         let alias = digest.alias();
         let object = self.path(digest);
         let at = self.alias_path(&alias);
@@ -139,6 +178,51 @@ impl ObjectStore {
             tracing::debug!(%digest, alias, "alias taken by another object: long redirect");
             digest.redirect()
         })
+    }
+
+    /// The redirect a stub of `digest` gets when the object is stored (`None` when it is
+    /// not), as [`ObjectStore::redirect_for`] gives it, but looked up before anything is
+    /// linked: an object whose alias is in place costs two `stat`s.
+    pub fn stored_redirect(&self, digest: &Digest) -> Result<Option<String>, CasError> {
+        let object = self.path(digest);
+        let omd = match fs::symlink_metadata(&object) {
+            Ok(md) => md,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(CasError::io("stat", object)(e)),
+        };
+        if !self.aliases() {
+            return Ok(Some(digest.redirect()));
+        }
+        let alias = digest.alias();
+        let at = self.alias_path(&alias);
+        match fs::symlink_metadata(&at) {
+            Ok(md) if (md.dev(), md.ino()) == (omd.dev(), omd.ino()) => {
+                Ok(Some(format!("/{alias}")))
+            }
+            Ok(_) => {
+                tracing::debug!(%digest, alias, "alias taken by another object: long redirect");
+                Ok(Some(digest.redirect()))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => self.redirect_for(digest).map(Some),
+            Err(e) => Err(CasError::io("stat", at)(e)),
+        }
+    }
+
+    /// How the stubs of `digest`, an object about to be written, will point at it: the
+    /// redirect, and the alias the writer links the new object at (see
+    /// [`ringio::Pool::write_linked`]). The alias is planned when its name is free now;
+    /// if it is taken when the writer gets there (a concurrent publish), the writer says
+    /// so and [`ObjectStore::redirect_for`] decides again.
+    pub fn plan_redirect(&self, digest: &Digest) -> (String, Option<PathBuf>) {
+        if !self.aliases() {
+            return (digest.redirect(), None);
+        }
+        let alias = digest.alias();
+        let at = self.alias_path(&alias);
+        match fs::symlink_metadata(&at) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (format!("/{alias}"), Some(at)),
+            _ => (digest.redirect(), None),
+        }
     }
 
     /// Whether `target` is `digest`'s object: for an alias, by name and inode.
@@ -210,6 +294,23 @@ impl ObjectStore {
     }
 }
 
+/// Whether a stub's xattrs with the long redirect fit in an inode of the filesystem of
+/// `tmp` (see [`ObjectStore::aliases`]).
+fn long_redirect_fits(tmp: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use xattr::FileExt;
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_TMPFILE)
+        .mode(0o600)
+        .open(tmp)?;
+    f.set_len(1 << 20)?;
+    let probe = Digest::from_bytes([0xa5; 32]);
+    f.set_xattr(crate::stub::XATTR_METACOPY, b"")?;
+    f.set_xattr(crate::stub::XATTR_REDIRECT, probe.redirect().as_bytes())?;
+    Ok(f.metadata()?.blocks() == 0)
+}
+
 /// Whether two paths are one inode (`false` if either is missing).
 fn same_inode(a: &Path, b: &Path) -> Result<bool, CasError> {
     let stat = |p: &Path| match fs::symlink_metadata(p) {
@@ -259,7 +360,7 @@ mod tests {
     fn aliases_are_the_object_or_are_not_used() {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::ensure(&dir.path().join("root")).unwrap();
-        let store = ObjectStore::new(&layout);
+        let store = ObjectStore::new(&layout).with_aliases(true);
         let publish = |bytes: &[u8]| {
             let f = dir.path().join("root/f");
             fs::write(&f, bytes).unwrap();

@@ -102,26 +102,75 @@ pub fn apply_metadata(
 }
 
 /// Creates at `at` (which must not exist) a stub for a file with metadata `md` and
-/// xattrs `xattrs` whose bytes are the object `redirect` names.
+/// xattrs `xattrs` whose bytes are the object `redirect` names. Returns the stub's
+/// inode number.
 pub fn write_stub(
     at: &Path,
     md: &FileMeta,
     xattrs: &[(OsString, Vec<u8>)],
     redirect: &str,
-) -> Result<File, CasError> {
+) -> Result<u64, CasError> {
+    create_with(
+        at,
+        md,
+        md.size,
+        &[(XATTR_METACOPY, b""), (XATTR_REDIRECT, redirect.as_bytes())],
+        xattrs,
+    )
+}
+
+/// Creates at `at` (which must not exist) an empty regular file with metadata `md`
+/// (its size aside) and xattrs `xattrs`. Returns its inode number.
+pub fn create_empty(
+    at: &Path,
+    md: &FileMeta,
+    xattrs: &[(OsString, Vec<u8>)],
+) -> Result<u64, CasError> {
+    create_with(at, md, 0, &[], xattrs)
+}
+
+/// Creates `at` exclusively as a sparse file of `size` bytes with the owner, mode,
+/// xattrs (`own` after `overlay`) and times of `md`, in the order [`apply_metadata`]
+/// uses. The file is created with its permission bits, so owner and mode are changed
+/// only where the new file's differ (umask, another owner, set-id bits): one `fstat`
+/// instead of a `chown` and a `chmod` for most files.
+fn create_with(
+    at: &Path,
+    md: &FileMeta,
+    size: u64,
+    overlay: &[(&str, &[u8])],
+    own: &[(OsString, Vec<u8>)],
+) -> Result<u64, CasError> {
     let io = |op| CasError::io(op, at);
     let f = OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(md.mode & 0o777)
         .open(at)
         .map_err(io("create"))?;
-    f.set_len(md.size).map_err(io("truncate"))?;
-    f.set_xattr(XATTR_METACOPY, b"").map_err(io("setxattr"))?;
-    f.set_xattr(XATTR_REDIRECT, redirect.as_bytes())
-        .map_err(io("setxattr"))?;
-    apply_metadata(&f, at, md, xattrs)?;
-    Ok(f)
+    if size > 0 {
+        f.set_len(size).map_err(io("truncate"))?;
+    }
+    let st = f.metadata().map_err(io("stat"))?;
+    let mode = md.mode & 0o7777;
+    if (st.uid(), st.gid()) != (md.uid, md.gid) {
+        // clears set-id bits and file capabilities: before the mode and the xattrs
+        nix::unistd::fchown(f.as_raw_fd(), Some(md.uid.into()), Some(md.gid.into()))
+            .map_err(|e| io("chown")(e.into()))?;
+    }
+    // set-id and sticky bits are never in the new file's mode: they are set here
+    if st.mode() & 0o7777 != mode {
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(io("chmod"))?;
+    }
+    for (name, value) in overlay {
+        f.set_xattr(name, value).map_err(io("setxattr"))?;
+    }
+    for (name, value) in own {
+        f.set_xattr(name, value).map_err(io("setxattr"))?;
+    }
+    futimens(f.as_raw_fd(), &md.atime, &md.mtime).map_err(|e| io("utimens")(e.into()))?;
+    Ok(st.ino())
 }
 
 /// What a stub's redirect names in the objects directory.

@@ -22,6 +22,16 @@
 //! file while it is hashed and dropped if its content turns out to be stored already
 //! (its pages are usually still dirty in the page cache then and never reach the disk).
 //!
+//! ## Per-file cost
+//! For layers of many small files the metadata calls are the cost, not the bytes, so
+//! each file gets as few as possible. Its stub is written as soon as its entry is read:
+//! the redirect is a name, decided before the object exists (the object's alias when
+//! the store uses aliases and that name is free, see [`ObjectStore::plan_redirect`]),
+//! and the pool links the new object at its names. If the alias is taken by the time the pool gets there, the
+//! stubs written meanwhile are pointed at the object's full name. Names are created
+//! first and cleared only when taken (the layer starts empty), and a stub or empty file
+//! is created with its mode, so `chown`/`chmod` run only where they change something.
+//!
 //! ## Matching containerd's applier
 //! The tree a layer unpacks to must be the one containerd's applier makes when it writes
 //! the same tar straight into an overlay upper directory (its `OverlayConvertWhiteout`
@@ -56,11 +66,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -68,14 +78,14 @@ use std::sync::mpsc;
 use nix::sys::stat::{mknod, utimensat, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::fchownat;
-use ringio::pool::{Pool, PoolError, StreamWriter, Ticket};
+use ringio::pool::{Linked, Pool, PoolError, StreamWriter, Ticket};
 use sha2::{Digest as _, Sha256};
 
 use crate::digest::Digest;
 use crate::error::CasError;
 use crate::manifest::{ManifestEntry, ManifestWriter};
 use crate::objects::{ObjectStore, Publish, OBJECT_MODE};
-use crate::stub::{apply_metadata, write_stub, FileMeta};
+use crate::stub::{create_empty, write_stub, FileMeta, XATTR_REDIRECT};
 
 /// Files up to this size are hashed in memory before anything is written, so content
 /// the store already holds costs no write at all.
@@ -523,27 +533,13 @@ impl Read for ChunkReader {
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// A new object being written by the pool.
+/// A new object being written (unnamed, then linked as the object) by the pool.
 struct PendingObject {
     digest: Digest,
     size: u64,
-    how: Written,
-}
-
-/// How a pending object reaches its place.
-enum Written {
-    /// Written unnamed and linked as the object by the pool itself.
-    Linked(Ticket),
-    /// Streamed (and finished) to a temporary name, linked here.
-    Named(PathBuf),
-}
-
-/// A stub waiting for its object to be published.
-struct PendingStub {
-    path: PathBuf,
-    digest: Digest,
-    meta: FileMeta,
-    xattrs: Vec<(OsString, Vec<u8>)>,
+    ticket: Ticket<Linked>,
+    /// The redirect its stubs got.
+    redirect: String,
 }
 
 /// Metadata of one tar entry, as it will be applied.
@@ -564,12 +560,13 @@ struct Unpacker<'a> {
     /// Directories and the metadata to restore once every entry is in.
     dirs: Vec<(PathBuf, FileMeta)>,
     objects: std::collections::VecDeque<PendingObject>,
-    stubs: Vec<PendingStub>,
-    /// Paths of `stubs` (their files do not exist yet).
-    pending_paths: HashSet<PathBuf>,
-    /// Digests of `objects`.
-    in_flight: HashSet<Digest>,
+    /// Digests of `objects` and the redirect their stubs get.
+    in_flight: HashMap<Digest, String>,
+    /// The stubs (path, inode) written for objects of `objects` whose alias the pool is
+    /// to link, in case it cannot (see [`Unpacker::drain`]).
+    alias_stubs: HashMap<Digest, Vec<(PathBuf, u64)>>,
     pending_bytes: u64,
+    /// Redirects of objects in place, by digest (bounded).
     redirects: HashMap<Digest, String>,
     new_objects: Vec<Digest>,
 }
@@ -613,9 +610,8 @@ impl<'a> Unpacker<'a> {
             known_dirs: HashSet::new(),
             dirs: Vec::new(),
             objects: std::collections::VecDeque::new(),
-            stubs: Vec::new(),
-            pending_paths: HashSet::new(),
-            in_flight: HashSet::new(),
+            in_flight: HashMap::new(),
+            alias_stubs: HashMap::new(),
             pending_bytes: 0,
             redirects: HashMap::new(),
             new_objects: Vec::new(),
@@ -716,11 +712,8 @@ impl<'a> Unpacker<'a> {
         Ok(())
     }
 
-    /// Removes whatever is at `rel` (waiting for a pending stub there first).
+    /// Removes whatever is at `rel`.
     fn clear(&mut self, rel: &Path, keep_dir: bool) -> Result<(), UnpackError> {
-        if self.pending_paths.contains(rel) {
-            self.flush()?;
-        }
         let abs = self.abs(rel);
         if keep_dir && self.known_dirs.contains(rel) {
             return Ok(());
@@ -728,16 +721,30 @@ impl<'a> Unpacker<'a> {
         match fs::symlink_metadata(&abs) {
             Ok(md) if md.is_dir() && keep_dir => Ok(()),
             Ok(md) if md.is_dir() => {
-                // Pending stubs below it must land before the tree goes.
-                if self.pending_paths.iter().any(|p| p.starts_with(rel)) {
-                    self.flush()?;
-                }
                 self.known_dirs.retain(|d| !d.starts_with(rel));
                 Ok(crate::layout::remove_tree(&abs)?)
             }
             Ok(_) => fs::remove_file(&abs).map_err(|e| CasError::io("remove", &abs)(e).into()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(CasError::io("stat", abs)(e).into()),
+        }
+    }
+
+    /// Makes the entry `rel` (not a directory) with `make`, replacing what an earlier
+    /// entry left at that name. The layer starts empty, so the name is tried first and
+    /// cleared only when it is taken: no lookup for the common case.
+    fn replacing<T>(
+        &mut self,
+        rel: &Path,
+        make: impl Fn(&Path) -> Result<T, CasError>,
+    ) -> Result<T, UnpackError> {
+        let abs = self.abs(rel);
+        match make(&abs) {
+            Err(e) if e.is_already_exists() => {
+                self.clear(rel, false)?;
+                Ok(make(&abs)?)
+            }
+            made => Ok(made?),
         }
     }
 
@@ -834,11 +841,11 @@ impl<'a> Unpacker<'a> {
                 return Ok(());
             }
             let hidden = parent.join(std::ffi::OsStr::from_bytes(&base_bytes[WHITEOUT.len()..]));
-            self.clear(&hidden, false)?;
-            let abs = self.abs(&hidden);
-            mknod(&abs, SFlag::S_IFCHR, Mode::empty(), 0)
-                .map_err(|e| CasError::io("mknod", &abs)(e.into()))?;
-            lchown(&abs, em.meta.uid, em.meta.gid)?;
+            self.replacing(&hidden, |abs| {
+                mknod(abs, SFlag::S_IFCHR, Mode::empty(), 0)
+                    .map_err(|e| CasError::io("mknod", abs)(e.into()))
+            })?;
+            lchown(&self.abs(&hidden), em.meta.uid, em.meta.gid)?;
             return Ok(());
         }
 
@@ -847,15 +854,17 @@ impl<'a> Unpacker<'a> {
             return Ok(());
         }
         self.ensure_dirs(&parent)?;
-        let is_dir = kind == tar::EntryType::Directory;
-        self.clear(&rel, is_dir)?;
         let abs = self.abs(&rel);
         match kind {
             tar::EntryType::Directory => {
-                match fs::DirBuilder::new().mode(0o700).create(&abs) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(CasError::io("mkdir", &abs)(e).into()),
+                let mkdir = |abs: &Path| match fs::DirBuilder::new().mode(0o700).create(abs) {
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                    made => made.map(|()| true).map_err(CasError::io("mkdir", abs)),
+                };
+                if !self.known_dirs.contains(&rel) && !mkdir(&abs)? {
+                    // a directory stays (its metadata is replaced), anything else goes
+                    self.clear(&rel, true)?;
+                    mkdir(&abs)?;
                 }
                 set_owner_mode(&abs, &em.meta)?;
                 for (n, v) in &em.xattrs {
@@ -872,7 +881,9 @@ impl<'a> Unpacker<'a> {
                     .link_name_bytes()
                     .map(|b| OsString::from_vec(b.into_owned()))
                     .unwrap_or_default();
-                std::os::unix::fs::symlink(&target, &abs).map_err(CasError::io("symlink", &abs))?;
+                self.replacing(&rel, |abs| {
+                    std::os::unix::fs::symlink(&target, abs).map_err(CasError::io("symlink", abs))
+                })?;
                 lchown(&abs, em.meta.uid, em.meta.gid)?;
                 for (n, v) in &em.xattrs {
                     // user.* xattrs are not allowed on symlinks; containerd skips those too
@@ -883,14 +894,13 @@ impl<'a> Unpacker<'a> {
                 set_times(&abs, &em.meta)?;
             }
             tar::EntryType::Link => {
+                // cleared first, as for every entry, so the target cannot be this name
+                self.clear(&rel, false)?;
                 let target = clean_name(&entry.link_name_bytes().unwrap_or_default());
                 let target = match (target.file_name(), target.parent()) {
                     (Some(b), p) => self.resolve_parent(p.unwrap_or(Path::new("")))?.join(b),
                     (None, _) => target,
                 };
-                if self.pending_paths.contains(&target) {
-                    self.flush()?;
-                }
                 let tabs = self.abs(&target);
                 match fs::symlink_metadata(&tabs) {
                     Ok(md) if !md.is_dir() => {}
@@ -903,9 +913,12 @@ impl<'a> Unpacker<'a> {
                     }
                 }
                 fs::hard_link(&tabs, &abs).map_err(CasError::io("link", &abs))?;
-                if let Some((digest, size)) = self.linked_content(&tabs)? {
+                if let Some((digest, size, ino)) = self.linked_content(&tabs)? {
                     self.stats.files += 1;
                     self.push_manifest(&rel, digest, size)?;
+                    if let Some(stubs) = self.alias_stubs.get_mut(&digest) {
+                        stubs.push((rel, ino));
+                    }
                 }
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
@@ -924,8 +937,10 @@ impl<'a> Unpacker<'a> {
                     // a FIFO's device fields mean nothing (and are often blank)
                     _ => (SFlag::S_IFIFO, 0),
                 };
-                mknod(&abs, flag, Mode::from_bits_truncate(0o600), dev)
-                    .map_err(|e| CasError::io("mknod", &abs)(e.into()))?;
+                self.replacing(&rel, |abs| {
+                    mknod(abs, flag, Mode::from_bits_truncate(0o600), dev)
+                        .map_err(|e| CasError::io("mknod", abs)(e.into()))
+                })?;
                 lchown(&abs, em.meta.uid, em.meta.gid)?;
                 fs::set_permissions(&abs, fs::Permissions::from_mode(em.meta.mode))
                     .map_err(CasError::io("chmod", &abs))?;
@@ -941,18 +956,22 @@ impl<'a> Unpacker<'a> {
         Ok(())
     }
 
-    /// The object and size behind an existing file of this layer (a hardlink's target),
-    /// or `None` when it is not a stub (an empty file, a device, a symlink).
-    fn linked_content(&mut self, abs: &Path) -> Result<Option<(Digest, u64)>, CasError> {
+    /// The object, size and inode behind an existing file of this layer (a hardlink's
+    /// target), or `None` when it is not a stub (an empty file, a device, a symlink).
+    fn linked_content(&mut self, abs: &Path) -> Result<Option<(Digest, u64, u64)>, CasError> {
         let md = fs::symlink_metadata(abs).map_err(CasError::io("stat", abs))?;
-        if let Some(hit) = self.recent.get(md.ino()) {
-            return Ok(Some(hit));
+        if let Some((digest, size)) = self.recent.get(md.ino()) {
+            return Ok(Some((digest, size, md.ino())));
         }
         let Some(target) = crate::stub::stub_target(abs)? else {
             return Ok(None);
         };
         // An old target: name the object from the stub (an alias is read to be sure).
-        Ok(self.t.store.resolve(&target)?.map(|d| (d, md.len())))
+        Ok(self
+            .t
+            .store
+            .resolve(&target)?
+            .map(|d| (d, md.len(), md.ino())))
     }
 
     fn push_manifest(&mut self, rel: &Path, digest: Digest, size: u64) -> Result<(), CasError> {
@@ -967,7 +986,7 @@ impl<'a> Unpacker<'a> {
     }
 
     /// A regular file: hash it, make sure its content is (or will be) an object, and
-    /// queue its stub.
+    /// write its stub.
     fn regular(
         &mut self,
         entry: &mut tar::Entry<'_, ChunkReader>,
@@ -975,18 +994,11 @@ impl<'a> Unpacker<'a> {
         em: EntryMeta,
     ) -> Result<(), UnpackError> {
         let size = em.meta.size;
-        let abs = self.abs(&rel);
         if size == 0 {
-            let f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&abs)
-                .map_err(CasError::io("create", &abs))?;
-            apply_metadata(&f, &abs, &em.meta, &em.xattrs)?;
+            self.replacing(&rel, |abs| create_empty(abs, &em.meta, &em.xattrs))?;
             return Ok(());
         }
-        let digest = if size <= MEM_FILE_LIMIT {
+        let (digest, redirect) = if size <= MEM_FILE_LIMIT {
             let mut data = Vec::with_capacity(size as usize);
             entry.read_to_end(&mut data).map_err(UnpackError::Tar)?;
             if data.len() as u64 != size {
@@ -996,49 +1008,24 @@ impl<'a> Unpacker<'a> {
                 )));
             }
             let digest = Digest::of(&data);
-            if !self.known(&digest) {
-                let dest = self.t.store.path(&digest);
-                let ticket =
-                    self.t
-                        .pool
-                        .write_linked(self.t.tmp_dir, &dest, OBJECT_MODE, vec![data])?;
-                self.queue_object(digest, size, Written::Linked(ticket));
-            }
-            digest
-        } else {
-            let tmp = tmp_name(self.t.tmp_dir);
-            let mut stream = self.t.pool.create_stream(&tmp, OBJECT_MODE)?;
-            let streamed = stream_file(entry, &mut stream, size);
-            let finished = stream.finish();
-            let digest = match (streamed, finished) {
-                (Ok(d), Ok(_)) => d,
-                (Err(e), _) => {
-                    let _ = fs::remove_file(&tmp);
-                    return Err(e);
-                }
-                (Ok(_), Err(e)) => {
-                    let _ = fs::remove_file(&tmp);
-                    return Err(e.into());
-                }
+            let redirect = match self.known_redirect(&digest)? {
+                Some(r) => r,
+                None => self.write_object(digest, data)?,
             };
-            if self.known(&digest) {
-                self.stats.discarded_bytes += size;
-                fs::remove_file(&tmp).map_err(CasError::io("remove", &tmp))?;
-            } else {
-                self.queue_object(digest, size, Written::Named(tmp));
-            }
-            digest
+            (digest, redirect)
+        } else {
+            self.stream_object(entry, size)?
         };
         self.stats.files += 1;
         self.stats.logical_bytes += size;
         self.push_manifest(&rel, digest, size)?;
-        self.pending_paths.insert(rel.clone());
-        self.stubs.push(PendingStub {
-            path: rel,
-            digest,
-            meta: em.meta,
-            xattrs: em.xattrs,
-        });
+        // The stub goes in now: its redirect is a name, whether or not the object is
+        // linked yet (nothing mounts the layer before its manifest exists).
+        let ino = self.replacing(&rel, |abs| write_stub(abs, &em.meta, &em.xattrs, &redirect))?;
+        self.recent.insert(ino, digest, size);
+        if let Some(stubs) = self.alias_stubs.get_mut(&digest) {
+            stubs.push((rel, ino));
+        }
         if self.pending_bytes >= FLUSH_BYTES || self.objects.len() >= FLUSH_FILES {
             // The oldest half: the workers keep writing the rest meanwhile.
             self.drain(FLUSH_FILES / 2, FLUSH_BYTES / 2)?;
@@ -1046,24 +1033,114 @@ impl<'a> Unpacker<'a> {
         Ok(())
     }
 
-    /// Whether the content is stored or on its way.
-    fn known(&self, digest: &Digest) -> bool {
-        self.in_flight.contains(digest) || self.t.store.contains(digest)
+    /// The redirect for content that is stored or on its way, `None` for new content.
+    fn known_redirect(&mut self, digest: &Digest) -> Result<Option<String>, CasError> {
+        if let Some(r) = self
+            .in_flight
+            .get(digest)
+            .or_else(|| self.redirects.get(digest))
+        {
+            return Ok(Some(r.clone()));
+        }
+        let r = self.t.store.stored_redirect(digest)?;
+        if let Some(r) = &r {
+            self.remember_redirect(*digest, r.clone());
+        }
+        Ok(r)
     }
 
-    fn queue_object(&mut self, digest: Digest, size: u64, how: Written) {
-        self.in_flight.insert(digest);
+    fn remember_redirect(&mut self, digest: Digest, redirect: String) {
+        if self.redirects.len() >= RECENT_FILES {
+            // bounded memory: a miss only costs two lookups
+            self.redirects.clear();
+        }
+        self.redirects.insert(digest, redirect);
+    }
+
+    /// Queues new content (in memory) for the pool, which links it as the object and,
+    /// when one is planned, at its alias. Returns the redirect its stubs get.
+    fn write_object(&mut self, digest: Digest, data: Vec<u8>) -> Result<String, UnpackError> {
+        let size = data.len() as u64;
+        let (redirect, alias) = self.t.store.plan_redirect(&digest);
+        let dest = self.t.store.path(&digest);
+        let ticket = self.t.pool.write_linked(
+            self.t.tmp_dir,
+            &dest,
+            alias.as_deref(),
+            OBJECT_MODE,
+            vec![data],
+        )?;
+        self.in_flight.insert(digest, redirect.clone());
+        if alias.is_some() {
+            self.alias_stubs.insert(digest, Vec::new());
+        }
         self.pending_bytes += size;
-        self.objects.push_back(PendingObject { digest, size, how });
+        self.objects.push_back(PendingObject {
+            digest,
+            size,
+            ticket,
+            redirect: redirect.clone(),
+        });
+        Ok(redirect)
     }
 
-    /// Waits for every write in flight, publishes the objects and writes every stub.
+    /// Streams a large entry to a temporary file while hashing it, and publishes it as
+    /// its object (or drops it if the content is stored already). Returns the digest and
+    /// the redirect its stubs get.
+    fn stream_object(
+        &mut self,
+        entry: &mut tar::Entry<'_, ChunkReader>,
+        size: u64,
+    ) -> Result<(Digest, String), UnpackError> {
+        let tmp = tmp_name(self.t.tmp_dir);
+        let mut stream = self.t.pool.create_stream(&tmp, OBJECT_MODE)?;
+        let streamed = stream_file(entry, &mut stream, size);
+        let finished = stream.finish();
+        let digest = match (streamed, finished) {
+            (Ok(d), Ok(_)) => d,
+            (Err(e), _) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+            (Ok(_), Err(e)) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e.into());
+            }
+        };
+        if let Some(r) = self
+            .in_flight
+            .get(&digest)
+            .or_else(|| self.redirects.get(&digest))
+        {
+            let r = r.clone();
+            self.stats.discarded_bytes += size;
+            fs::remove_file(&tmp).map_err(CasError::io("remove", &tmp))?;
+            return Ok((digest, r));
+        }
+        let published = self.t.store.publish_written(&tmp, &digest);
+        let _ = fs::remove_file(&tmp);
+        match published? {
+            Publish::New => {
+                self.stats.new_objects += 1;
+                self.stats.new_bytes += size;
+                self.new_objects.push(digest);
+            }
+            Publish::Existing => self.stats.discarded_bytes += size,
+        }
+        let redirect = self.t.store.redirect_for(&digest)?;
+        self.remember_redirect(digest, redirect.clone());
+        Ok((digest, redirect))
+    }
+
+    /// Waits for every write in flight.
     fn flush(&mut self) -> Result<(), UnpackError> {
         self.drain(0, 0)
     }
 
     /// Waits for the oldest writes in flight until at most `files` objects and `bytes`
-    /// bytes are left, publishes them, and writes the stubs whose objects are in place.
+    /// bytes are left. An object whose planned alias the pool could not link (taken in
+    /// the meantime, or the object was published by someone else first) gets its
+    /// redirect decided again, and its stubs are corrected if it changed.
     fn drain(&mut self, files: usize, bytes: u64) -> Result<(), UnpackError> {
         let mut first_err: Option<UnpackError> = None;
         while self.objects.len() > files || (self.pending_bytes > bytes && !self.objects.is_empty())
@@ -1073,72 +1150,75 @@ impl<'a> Unpacker<'a> {
             };
             self.pending_bytes = self.pending_bytes.saturating_sub(o.size);
             self.in_flight.remove(&o.digest);
-            let published = match o.how {
-                Written::Linked(ticket) => match ticket.wait() {
-                    Ok(_) => Ok(Publish::New),
-                    Err(e)
-                        if e.os_error().map(io::Error::kind)
-                            == Some(io::ErrorKind::AlreadyExists) =>
-                    {
-                        Ok(Publish::Existing)
-                    }
-                    Err(e) => Err(UnpackError::from(e)),
-                },
-                Written::Named(tmp) => {
-                    let r = match first_err {
-                        Some(_) => Ok(Publish::Existing),
-                        None => self
-                            .t
-                            .store
-                            .publish_written(&tmp, &o.digest)
-                            .map_err(UnpackError::from),
-                    };
-                    let _ = fs::remove_file(&tmp);
-                    r
-                }
-            };
-            match published {
-                Ok(Publish::New) => {
+            let stubs = self.alias_stubs.remove(&o.digest);
+            let aliased = match o.ticket.wait() {
+                Ok(linked) => {
                     self.stats.new_objects += 1;
                     self.stats.new_bytes += o.size;
                     self.new_objects.push(o.digest);
+                    linked.second_name
                 }
-                Ok(Publish::Existing) => {}
+                Err(e)
+                    if e.os_error().map(io::Error::kind) == Some(io::ErrorKind::AlreadyExists) =>
+                {
+                    false
+                }
                 Err(e) => {
-                    first_err.get_or_insert(e);
+                    first_err.get_or_insert(e.into());
+                    continue;
+                }
+            };
+            if first_err.is_some() {
+                continue;
+            }
+            let redirect = match stubs {
+                Some(stubs) if !aliased => {
+                    match self.settle_redirect(&o.digest, &o.redirect, &stubs) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            first_err = Some(e.into());
+                            continue;
+                        }
+                    }
+                }
+                _ => o.redirect,
+            };
+            self.remember_redirect(o.digest, redirect);
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Decides the redirect of a new object whose planned alias `planned` the pool did
+    /// not link, and points the stubs written with `planned` at it if it differs.
+    fn settle_redirect(
+        &self,
+        digest: &Digest,
+        planned: &str,
+        stubs: &[(PathBuf, u64)],
+    ) -> Result<String, CasError> {
+        let redirect = self.t.store.redirect_for(digest)?;
+        if redirect != planned {
+            tracing::debug!(%digest, "alias taken while the object was written: stubs corrected");
+            for (rel, ino) in stubs {
+                let abs = self.abs(rel);
+                // only the stubs still there (a later entry may have replaced one)
+                let same = fs::symlink_metadata(&abs).is_ok_and(|md| md.ino() == *ino)
+                    && xattr::get(&abs, XATTR_REDIRECT)
+                        .map_err(CasError::io("getxattr", &abs))?
+                        .is_some_and(|v| v == planned.as_bytes());
+                if same {
+                    xattr::set(&abs, XATTR_REDIRECT, redirect.as_bytes())
+                        .map_err(CasError::io("setxattr", &abs))?;
                 }
             }
         }
-        if let Some(e) = first_err {
-            return Err(e);
-        }
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.stubs)
-            .into_iter()
-            .partition(|s| !self.in_flight.contains(&s.digest));
-        self.stubs = waiting;
-        for s in ready {
-            self.pending_paths.remove(&s.path);
-            let redirect = match self.redirects.get(&s.digest) {
-                Some(r) => r.clone(),
-                None => {
-                    let r = self.t.store.redirect_for(&s.digest)?;
-                    if self.redirects.len() >= RECENT_FILES {
-                        // bounded memory: a miss only costs one link attempt
-                        self.redirects.clear();
-                    }
-                    self.redirects.insert(s.digest, r.clone());
-                    r
-                }
-            };
-            let abs = self.abs(&s.path);
-            let f = write_stub(&abs, &s.meta, &s.xattrs, &redirect)?;
-            let ino = f.metadata().map_err(CasError::io("stat", &abs))?.ino();
-            self.recent.insert(ino, s.digest, s.meta.size);
-        }
-        Ok(())
+        Ok(redirect)
     }
 
-    /// Publishes what is in flight, restores directory metadata, syncs and writes the
+    /// Waits for what is in flight, restores directory metadata, syncs and writes the
     /// manifest.
     fn finish(&mut self) -> Result<(), UnpackError> {
         self.flush()?;
@@ -1157,23 +1237,16 @@ impl<'a> Unpacker<'a> {
         Ok(())
     }
 
-    /// After a failure: waits for every write in flight and removes temporary files.
+    /// After a failure: waits for every write in flight.
     fn abandon(&mut self) {
         for o in std::mem::take(&mut self.objects) {
-            match o.how {
-                Written::Linked(t) => {
-                    if t.wait().is_ok() {
-                        // linked by the pool: an object nothing references yet
-                        self.new_objects.push(o.digest);
-                    }
-                }
-                Written::Named(tmp) => {
-                    let _ = fs::remove_file(&tmp);
-                }
+            if o.ticket.wait().is_ok() {
+                // linked by the pool: an object nothing references yet
+                self.new_objects.push(o.digest);
             }
         }
-        self.stubs.clear();
-        self.pending_paths.clear();
+        self.in_flight.clear();
+        self.alias_stubs.clear();
         if let Some(m) = self.manifest.take() {
             m.abandon();
         }
@@ -1332,6 +1405,64 @@ mod tests {
         let t = pax_time(b"-1.25").unwrap();
         assert_eq!((t.tv_sec(), t.tv_nsec()), (-2, 750_000_000));
         assert!(pax_time(b"x").is_none());
+    }
+
+    #[test]
+    fn stubs_follow_the_redirect_when_a_planned_alias_is_taken() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (trusted.* xattrs)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let layout = crate::Layout::ensure(dir.path()).unwrap();
+        let store = ObjectStore::new(&layout).with_aliases(true);
+        let pool = Pool::start(&ringio::PoolConfig::default()).unwrap();
+        let (fs_dir, manifest, tmp) = (
+            dir.path().join("fs"),
+            dir.path().join("manifest"),
+            layout.tmp_dir(),
+        );
+        fs::create_dir(&fs_dir).unwrap();
+        let target = Target {
+            store: &store,
+            tmp_dir: &tmp,
+            fs_dir: &fs_dir,
+            lowers: &[],
+            manifest: &manifest,
+            pool: &pool,
+        };
+        let mut u = Unpacker::new(&target).unwrap();
+        let meta = FileMeta {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: 4,
+            atime: TimeSpec::new(0, 0),
+            mtime: TimeSpec::new(0, 0),
+        };
+        let digest = Digest::of(b"data");
+        let planned = u.write_object(digest, b"data".to_vec()).unwrap();
+        assert_eq!(planned, format!("/{}", digest.alias()));
+        let ino = write_stub(&fs_dir.join("s"), &meta, &[], &planned).unwrap();
+        u.alias_stubs
+            .get_mut(&digest)
+            .unwrap()
+            .push(("s".into(), ino));
+        u.flush().unwrap();
+        assert_eq!(u.stats.new_objects, 1);
+        // As if another object had taken the alias before the pool linked it.
+        let alias = store.alias_path(&digest.alias());
+        fs::remove_file(&alias).unwrap();
+        fs::write(&alias, b"other").unwrap();
+        let settled = u
+            .settle_redirect(&digest, &planned, &[("s".into(), ino)])
+            .unwrap();
+        assert_eq!(settled, digest.redirect());
+        assert_eq!(
+            crate::stub::stub_target(&fs_dir.join("s")).unwrap(),
+            Some(crate::stub::StubTarget::Object(digest))
+        );
+        u.abandon();
     }
 
     #[test]

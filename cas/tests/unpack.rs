@@ -442,6 +442,91 @@ fn symlinked_parents_resolve_inside_the_layer() {
     assert!(!Path::new("/tmp/file").exists() || fs::read("/tmp/file").unwrap() != b"data");
 }
 
+#[test]
+fn later_entries_replace_earlier_ones() {
+    if !root() {
+        return;
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, kind: tar::EntryType, mode: u32, data: &[u8]| {
+        let mut h = header(kind, data.len() as u64, mode);
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    use tar::EntryType::{Directory, Regular};
+    // a file, then a directory of the same name
+    add("a", Regular, 0o644, b"file a");
+    add("a/", Directory, 0o750, &[]);
+    add("a/in", Regular, 0o644, b"inside a");
+    // a directory tree, then a file of the same name
+    add("b/", Directory, 0o755, &[]);
+    add("b/x", Regular, 0o644, b"gone with b");
+    add("b", Regular, 0o600, b"file b");
+    // the same file twice: the second wins
+    add("c", Regular, 0o644, b"first c");
+    add("c", Regular, 0o666, b"second c");
+    // a symlink, then a file; an empty file, then a stub
+    let mut h = header(tar::EntryType::Symlink, 0, 0o777);
+    h.set_link_name("a").unwrap();
+    b.append_data(&mut h, "d", &[][..]).unwrap();
+    let mut add = |name: &str, kind: tar::EntryType, mode: u32, data: &[u8]| {
+        let mut h = header(kind, data.len() as u64, mode);
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    add("d", Regular, 0o2755, b"file d");
+    add("e", Regular, 0o644, &[]);
+    add("e", Regular, 0o1644, b"file e");
+    // a whiteout over a file of this layer
+    add("f", Regular, 0o644, b"file f");
+    add(".wh.f", Regular, 0o644, &[]);
+    let blob = gzip(&b.into_inner().unwrap());
+    let mut s = Store::new(BackendChoice::Auto);
+    let (dir, r) = s.apply(&blob, None, Limits::default());
+    let applied = r.map_err(|f| f.error).unwrap();
+    let fs_dir = dir.join("fs");
+    let md = |p: &str| fs::symlink_metadata(fs_dir.join(p)).unwrap();
+    let object = |p: &str| {
+        let d = match stub_target(&fs_dir.join(p)).unwrap().expect("a stub") {
+            cas::stub::StubTarget::Object(d) => fs::read(s.store.path(&d)).unwrap(),
+            cas::stub::StubTarget::Alias(a) => fs::read(s.store.alias_path(&a)).unwrap(),
+        };
+        String::from_utf8(d).unwrap()
+    };
+    assert!(md("a").is_dir() && md("a").mode() & 0o7777 == 0o750);
+    assert_eq!(object("a/in"), "inside a");
+    assert!(md("b").is_file() && md("b").mode() & 0o7777 == 0o600);
+    assert_eq!(object("b"), "file b");
+    assert_eq!(object("c"), "second c");
+    assert_eq!(
+        md("c").mode() & 0o7777,
+        0o666,
+        "the mode, whatever the umask"
+    );
+    assert!(md("d").is_file());
+    assert_eq!(
+        md("d").mode() & 0o7777,
+        0o2755,
+        "set-id bits after the chown"
+    );
+    assert_eq!(object("d"), "file d");
+    assert_eq!(object("e"), "file e");
+    assert_eq!(md("e").mode() & 0o7777, 0o1644);
+    for p in ["a", "a/in", "b", "c", "d", "e"] {
+        let m = md(p);
+        assert_eq!((m.uid(), m.gid()), (1000, 1001), "{p}");
+        assert_eq!(m.mtime(), 1_600_000_000, "{p}");
+    }
+    assert!(md("f").file_type().is_char_device() && md("f").rdev() == 0);
+    let manifest: BTreeMap<PathBuf, u64> = cas::manifest::read_manifest(&dir.join("manifest"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| (e.path, e.size))
+        .collect();
+    // one line per stub written, replaced names included (as at Commit: paths are keys)
+    assert_eq!(manifest[&PathBuf::from("c")], 8);
+    assert_eq!(applied.stats.entries, 14);
+    assert!(s.tmp_is_empty());
+}
+
 /// Throughput of one apply (not a timed test: `cargo test --release -p cas --test unpack
 /// apply_throughput -- --ignored --nocapture`): 50,000 small files and 4 large ones,
 /// gzip, into a fresh store and then again (all content known), next to `tar -xzf` of
@@ -522,4 +607,129 @@ fn apply_throughput() {
     println!("apply, new content:   {f:.2} s ({:.0} MB/s)", mb / f);
     println!("apply, known content: {a:.2} s ({:.0} MB/s)", mb / a);
     println!("tar -xzf:             {x:.2} s ({:.0} MB/s)", mb / x);
+}
+
+/// Per-file cost of one apply (`cargo test --release -p cas --test unpack
+/// apply_small_files -- --ignored --nocapture`): `CAS_BENCH_FILES` (default 20,000) files
+/// of 0-2 KiB in 100 directories, zstd (cheap to decode, so per-file work dominates), into
+/// a fresh store and then again (all content known), next to `tar --zstd -xf` of the same
+/// blob. Medians of `CAS_BENCH_RUNS` (default 5), in µs per file.
+#[test]
+#[ignore = "benchmark"]
+fn apply_small_files() {
+    if !root() {
+        return;
+    }
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let files = env("CAS_BENCH_FILES", 20_000);
+    let runs = env("CAS_BENCH_RUNS", 5);
+    let mut b = tar::Builder::new(Vec::new());
+    for d in 0..100 {
+        b.append_data(
+            &mut header(tar::EntryType::Directory, 0, 0o755),
+            format!("d{d}/"),
+            &[][..],
+        )
+        .unwrap();
+    }
+    for i in 0..files {
+        let data = pseudo_random((i * 97) % 2049, i as u64);
+        b.append_data(
+            &mut header(tar::EntryType::Regular, data.len() as u64, 0o644),
+            format!("d{}/f{i}", i % 100),
+            &data[..],
+        )
+        .unwrap();
+    }
+    let tar = b.into_inner().unwrap();
+    let blob = zstd(&tar);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    std::fs::write(scratch.path().join("blob.tar.zst"), &blob).unwrap();
+    let (mut fresh, mut again, mut tarx) = (Vec::new(), Vec::new(), Vec::new());
+    let backend = match std::env::var("CAS_BENCH_BACKEND").as_deref() {
+        Ok("threads") => BackendChoice::Threads,
+        _ => BackendChoice::Auto,
+    };
+    let per_file = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e6 / files as f64;
+    // CPU seconds (user + system) of this process and of this thread, which is the
+    // unpack thread: from /proc, in clock ticks of 10 ms.
+    let cpu = |file: &str| {
+        let stat = fs::read_to_string(file).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
+    };
+    let cpus = || (cpu("/proc/self/stat"), cpu("/proc/thread-self/stat"));
+    let (mut cpu_fresh, mut cpu_again) = (Vec::new(), Vec::new());
+    let cpu_per_file = |(p0, t0): (f64, f64), (p1, t1): (f64, f64)| {
+        (
+            (p1 - p0) * 1e6 / files as f64,
+            (t1 - t0) * 1e6 / files as f64,
+        )
+    };
+    for run in 0..runs {
+        let mut s = Store::new(backend);
+        let (c, t) = (cpus(), std::time::Instant::now());
+        s.apply(&blob, None, Limits::default())
+            .1
+            .map_err(|f| f.error)
+            .unwrap();
+        fresh.push(per_file(t));
+        cpu_fresh.push(cpu_per_file(c, cpus()));
+        let (c, t) = (cpus(), std::time::Instant::now());
+        s.apply(&blob, None, Limits::default())
+            .1
+            .map_err(|f| f.error)
+            .unwrap();
+        again.push(per_file(t));
+        cpu_again.push(cpu_per_file(c, cpus()));
+        let out = scratch.path().join(format!("x{run}"));
+        std::fs::create_dir(&out).unwrap();
+        let t = std::time::Instant::now();
+        let st = std::process::Command::new("tar")
+            .arg("--zstd")
+            .arg("-xf")
+            .arg(scratch.path().join("blob.tar.zst"))
+            .arg("-C")
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        tarx.push(per_file(t));
+    }
+    let (f, a, x) = (median(fresh), median(again), median(tarx));
+    let cpu_median = |v: &[(f64, f64)]| {
+        (
+            median(v.iter().map(|c| c.0).collect()),
+            median(v.iter().map(|c| c.1).collect()),
+        )
+    };
+    let ((fp, ft), (ap, at)) = (cpu_median(&cpu_fresh), cpu_median(&cpu_again));
+    println!(
+        "layer: {files} files of 0-2 KiB, {:.1} MB uncompressed, {:.1} MB zstd; medians of {runs}",
+        tar.len() as f64 / 1e6,
+        blob.len() as f64 / 1e6
+    );
+    println!(
+        "apply, new content:   {f:.1} µs/file ({:.2} x tar); CPU {fp:.0} µs/file, {ft:.0} in the unpack thread",
+        f / x
+    );
+    println!(
+        "apply, known content: {a:.1} µs/file ({:.2} x tar); CPU {ap:.0} µs/file, {at:.0} in the unpack thread",
+        a / x
+    );
+    println!("tar --zstd -xf:       {x:.1} µs/file");
 }

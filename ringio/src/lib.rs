@@ -25,6 +25,6 @@ pub mod journal;
 pub mod pool;
 
 pub use pool::{
-    probe_io_uring, Backend, BackendChoice, Pool, PoolConfig, PoolError, PoolStats,
+    probe_io_uring, Backend, BackendChoice, Linked, Pool, PoolConfig, PoolError, PoolStats, Ticket,
     UringUnavailable,
 };

@@ -266,24 +266,35 @@ struct Counters {
     queued: AtomicUsize,
 }
 
+/// Where a written `O_TMPFILE` gets its names ([`Pool::write_linked`]).
+struct Names {
+    /// The name it must get; "already exists" fails the write.
+    dest: PathBuf,
+    /// A second name, made after `dest` if it can be ([`Linked::second_name`]).
+    second: Option<PathBuf>,
+}
+
+/// What a worker reports for a write.
+type Done = mpsc::SyncSender<Result<Linked, PoolError>>;
+
 /// A write command for a worker.
 enum Command {
     /// Create `path` exclusively with `mode` and write `chunks` into it in order; with
-    /// `link_to`, `path` is a directory: the file is an unnamed `O_TMPFILE` there, linked
-    /// at `link_to` once written (so no reader ever sees it partial).
+    /// `names`, `path` is a directory: the file is an unnamed `O_TMPFILE` there, linked
+    /// at its names once written (so no reader ever sees it partial).
     Write {
         path: PathBuf,
-        link_to: Option<PathBuf>,
+        names: Option<Names>,
         mode: u32,
         chunks: Vec<Vec<u8>>,
-        done: mpsc::SyncSender<Result<u64, PoolError>>,
+        done: Done,
     },
     /// Open a stream: create `path`; chunks follow on `data`.
     Stream {
         path: PathBuf,
         mode: u32,
         data: Receiver<Vec<u8>>,
-        done: mpsc::SyncSender<Result<u64, PoolError>>,
+        done: Done,
     },
 }
 
@@ -513,34 +524,42 @@ impl Pool {
         let (done, rx) = mpsc::sync_channel(1);
         self.send(Command::Write {
             path: path.to_path_buf(),
-            link_to: None,
+            names: None,
             mode,
             chunks,
             done,
         })?;
-        Ok(Ticket { rx })
+        Ok(Ticket::new(rx, |l| l.bytes))
     }
 
     /// Writes `chunks` into a new unnamed file (`O_TMPFILE`) in `dir` with `mode` and
     /// then links it at `dest`, all on a worker: `dest` appears complete or not at all,
     /// and no temporary name is left to remove. If `dest` exists the ticket fails with
     /// [`io::ErrorKind::AlreadyExists`] (op `link`) and the written file vanishes.
+    ///
+    /// Once `dest` is linked, the file also gets the name `second` when one is given and
+    /// it is free; [`Linked::second_name`] says whether `second` is this file afterwards
+    /// (a `second` that cannot be made is not an error: the caller decides).
     pub fn write_linked(
         &self,
         dir: &Path,
         dest: &Path,
+        second: Option<&Path>,
         mode: u32,
         chunks: Vec<Vec<u8>>,
-    ) -> Result<Ticket, PoolError> {
+    ) -> Result<Ticket<Linked>, PoolError> {
         let (done, rx) = mpsc::sync_channel(1);
         self.send(Command::Write {
             path: dir.to_path_buf(),
-            link_to: Some(dest.to_path_buf()),
+            names: Some(Names {
+                dest: dest.to_path_buf(),
+                second: second.map(Path::to_path_buf),
+            }),
             mode,
             chunks,
             done,
         })?;
-        Ok(Ticket { rx })
+        Ok(Ticket::new(rx, |l| l))
     }
 
     /// Creates `path` (which must not exist) with `mode`, to be written chunk by chunk
@@ -556,22 +575,42 @@ impl Pool {
         })?;
         Ok(StreamWriter {
             tx: Some(data_tx),
-            ticket: Ticket { rx },
+            ticket: Ticket::new(rx, |l| l.bytes),
             _pool: self.inner.clone(),
         })
     }
 }
 
-/// The completion of a write: [`Ticket::wait`] returns the bytes written or the error.
-#[derive(Debug)]
-pub struct Ticket {
-    rx: mpsc::Receiver<Result<u64, PoolError>>,
+/// What a [`Pool::write_linked`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Linked {
+    /// Bytes written.
+    pub bytes: u64,
+    /// Whether the second name asked for is this file now: linked by this write, or
+    /// found to be a name of the same inode already. `false` when none was asked for,
+    /// or the name is another file's or could not be made.
+    pub second_name: bool,
 }
 
-impl Ticket {
+/// The completion of a write: [`Ticket::wait`] returns what it did (the bytes written,
+/// or a [`Linked`]) or the error.
+#[derive(Debug)]
+pub struct Ticket<T = u64> {
+    rx: mpsc::Receiver<Result<Linked, PoolError>>,
+    out: fn(Linked) -> T,
+}
+
+impl<T> Ticket<T> {
+    fn new(rx: mpsc::Receiver<Result<Linked, PoolError>>, out: fn(Linked) -> T) -> Ticket<T> {
+        Ticket { rx, out }
+    }
+
     /// Blocks until the write completed.
-    pub fn wait(self) -> Result<u64, PoolError> {
-        self.rx.recv().unwrap_or(Err(PoolError::Stopped))
+    pub fn wait(self) -> Result<T, PoolError> {
+        self.rx
+            .recv()
+            .unwrap_or(Err(PoolError::Stopped))
+            .map(self.out)
     }
 }
 
@@ -812,13 +851,13 @@ fn threads_worker(rx: Receiver<Command>, counters: Arc<Counters>) {
         match cmd {
             Command::Write {
                 path,
-                link_to,
+                names,
                 mode,
                 chunks,
                 done,
             } => {
                 let res = (|| {
-                    let file = match &link_to {
+                    let file = match &names {
                         Some(_) => create_tmpfile(&path, mode)?,
                         None => create_new(&path, mode)?,
                     };
@@ -827,10 +866,14 @@ fn threads_worker(rx: Receiver<Command>, counters: Arc<Counters>) {
                         write_all_at(&file, &path, c, off)?;
                         off += c.len() as u64;
                     }
-                    if let Some(dest) = &link_to {
-                        link_tmpfile(file.as_raw_fd(), dest)?;
-                    }
-                    Ok(off)
+                    let second_name = match &names {
+                        Some(names) => link_names(file.as_raw_fd(), names)?,
+                        None => false,
+                    };
+                    Ok(Linked {
+                        bytes: off,
+                        second_name,
+                    })
                 })();
                 finish(&counters, &res);
                 let _ = done.try_send(res);
@@ -849,7 +892,10 @@ fn threads_worker(rx: Receiver<Command>, counters: Arc<Counters>) {
                         write_all_at(&file, &path, &c, off)?;
                         off += c.len() as u64;
                     }
-                    Ok(off)
+                    Ok(Linked {
+                        bytes: off,
+                        second_name: false,
+                    })
                 })();
                 finish(&counters, &res);
                 let _ = done.try_send(res);
@@ -868,9 +914,31 @@ fn create_tmpfile(dir: &Path, mode: u32) -> Result<File, PoolError> {
         .map_err(io_err("create", dir))
 }
 
+/// Links the unnamed file open as `fd` at its names: `names.dest` (an error if that
+/// fails), then `names.second` if there is one; returns whether the second name is this
+/// file (see [`Linked::second_name`]).
+fn link_names(fd: std::os::fd::RawFd, names: &Names) -> Result<bool, PoolError> {
+    link_tmpfile(fd, &names.dest)?;
+    let Some(second) = &names.second else {
+        return Ok(false);
+    };
+    match link_tmpfile(fd, second) {
+        Ok(()) => Ok(true),
+        Err(e) if e.os_error().map(io::Error::kind) == Some(io::ErrorKind::AlreadyExists) => {
+            let ours = nix::sys::stat::fstat(fd).map(|st| (st.st_dev, st.st_ino));
+            let there = nix::sys::stat::lstat(second).map(|st| (st.st_dev, st.st_ino));
+            Ok(matches!((ours, there), (Ok(a), Ok(b)) if a == b))
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "second name not made");
+            Ok(false)
+        }
+    }
+}
+
 /// Links the unnamed file open as `fd` at `dest` (through `/proc/self/fd`, which needs no
 /// privilege), creating `dest`'s directory if it is missing.
-pub(crate) fn link_tmpfile(fd: std::os::fd::RawFd, dest: &Path) -> Result<(), PoolError> {
+fn link_tmpfile(fd: std::os::fd::RawFd, dest: &Path) -> Result<(), PoolError> {
     let proc = format!("/proc/self/fd/{fd}");
     let proc = Path::new(&proc);
     let link = || {
@@ -899,10 +967,10 @@ pub(crate) fn link_tmpfile(fd: std::os::fd::RawFd, dest: &Path) -> Result<(), Po
     }
 }
 
-fn finish(counters: &Counters, res: &Result<u64, PoolError>) {
+fn finish(counters: &Counters, res: &Result<Linked, PoolError>) {
     counters.queued.fetch_sub(1, Ordering::Relaxed);
-    if let Ok(n) = res {
-        counters.bytes_written.fetch_add(*n, Ordering::Relaxed);
+    if let Ok(l) = res {
+        counters.bytes_written.fetch_add(l.bytes, Ordering::Relaxed);
         counters.files_written.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -1107,15 +1175,30 @@ mod tests {
             // the destination's directory is made when missing
             let dest = dir.path().join("ab/object");
             let t = p
-                .write_linked(&tmp, &dest, 0o444, vec![b"con".to_vec(), b"tent".to_vec()])
+                .write_linked(
+                    &tmp,
+                    &dest,
+                    None,
+                    0o444,
+                    vec![b"con".to_vec(), b"tent".to_vec()],
+                )
                 .unwrap();
-            assert_eq!(t.wait().unwrap(), 7, "{:?}", p.backend());
+            let linked = t.wait().unwrap();
+            assert_eq!(
+                linked,
+                Linked {
+                    bytes: 7,
+                    second_name: false
+                },
+                "{:?}",
+                p.backend()
+            );
             assert_eq!(std::fs::read(&dest).unwrap(), b"content");
             let md = std::fs::metadata(&dest).unwrap();
             assert_eq!(md.permissions().mode() & 0o777, 0o444);
             assert_eq!(md.nlink(), 1);
             let err = p
-                .write_linked(&tmp, &dest, 0o444, vec![b"other".to_vec()])
+                .write_linked(&tmp, &dest, None, 0o444, vec![b"other".to_vec()])
                 .unwrap()
                 .wait()
                 .unwrap_err();
@@ -1128,6 +1211,28 @@ mod tests {
                 std::fs::read_dir(&tmp).unwrap().next().is_none(),
                 "no names left"
             );
+            // a second name: made when free, refused (not an error) when another file's
+            let (dest2, second) = (dir.path().join("cd/object"), dir.path().join("short"));
+            let linked = p
+                .write_linked(&tmp, &dest2, Some(&second), 0o444, vec![b"two".to_vec()])
+                .unwrap()
+                .wait()
+                .unwrap();
+            assert!(linked.second_name, "{:?}", p.backend());
+            let (a, b) = (
+                std::fs::metadata(&dest2).unwrap(),
+                std::fs::metadata(&second).unwrap(),
+            );
+            assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
+            let dest3 = dir.path().join("ef/object");
+            let linked = p
+                .write_linked(&tmp, &dest3, Some(&second), 0o444, vec![b"three".to_vec()])
+                .unwrap()
+                .wait()
+                .unwrap();
+            assert!(!linked.second_name);
+            assert_eq!(std::fs::read(&dest3).unwrap(), b"three");
+            assert_eq!(std::fs::read(&second).unwrap(), b"two", "never replaced");
         }
     }
 

@@ -22,7 +22,9 @@ use tokio_uring::buf::fixed::{FixedBuf, FixedBufPool};
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::fs::{File, OpenOptions};
 
-use super::{finish, io_err, Command, Counters, PoolError, ReadCommand, UringUnavailable};
+use super::{
+    finish, io_err, Command, Counters, Linked, Names, PoolError, ReadCommand, UringUnavailable,
+};
 
 /// Where the kernel says whether io_uring may be used: 0 allowed, 1 only for privileged
 /// processes (or members of `kernel.io_uring_group`), 2 disabled for everyone.
@@ -275,14 +277,14 @@ impl Worker {
         let (res, done) = match cmd {
             Command::Write {
                 path,
-                link_to,
+                names,
                 mode,
                 chunks,
                 done,
             } => (
                 self.write(
                     &path,
-                    link_to.as_deref(),
+                    names.as_ref(),
                     mode,
                     Source::Chunks(chunks.into_iter()),
                 )
@@ -308,12 +310,12 @@ impl Worker {
     async fn write(
         &self,
         path: &Path,
-        link_to: Option<&Path>,
+        names: Option<&Names>,
         mode: u32,
         mut source: Source,
-    ) -> Result<u64, PoolError> {
+    ) -> Result<Linked, PoolError> {
         let mut opts = OpenOptions::new();
-        match link_to {
+        match names {
             // an unnamed file in the directory `path`, linked once written
             Some(_) => opts.write(true).custom_flags(libc::O_TMPFILE),
             None => opts.write(true).create_new(true),
@@ -358,10 +360,11 @@ impl Worker {
                 failed.get_or_insert(e);
             }
         }
+        let mut second_name = false;
         if failed.is_none() {
-            if let Some(dest) = link_to {
-                // a metadata call like open and close; done before the close gives the fd up
-                super::link_tmpfile(file.as_raw_fd(), dest)?;
+            if let Some(names) = names {
+                // metadata calls like open and close; done before the close gives the fd up
+                second_name = super::link_names(file.as_raw_fd(), names)?;
             }
         }
         let closed = match Rc::try_unwrap(file) {
@@ -372,7 +375,10 @@ impl Worker {
             return Err(io_err("write", path)(e));
         }
         closed.map_err(io_err("close", path))?;
-        Ok(off)
+        Ok(Linked {
+            bytes: off,
+            second_name,
+        })
     }
 
     /// Reads `cmd.file` from start to end into registered buffers, `depth` reads ahead,
