@@ -12,7 +12,7 @@
 //!   through the service, then the store is reopened as the daemon does at start
 //!   (journal replay, index open, reconcile, orphan sweep): after unclean stops (the
 //!   service dropped without its shutdown, with commits since the last open, so
-//!   records are replayed and every `info` mirror is compared with the index) and
+//!   records are replayed and the mirrors they name compared with the index) and
 //!   after clean ones (the daemon's shutdown: checkpoint and clean-stop marker), each
 //!   with the page cache dropped (a reboot) and kept (a restart of the daemon alone),
 //!   medians of several runs. Every reopen must list every committed snapshot.
@@ -311,7 +311,7 @@ pub fn render(d: &Durability) -> String {
          replay, index open, reconcile with the snapshots' `info` files, sweep of temporary \
          files); all of them must be listed after. *Unclean*: the service dropped without its \
          shutdown, {COMMITS_BETWEEN_CRASHES} commits since the last open, so records are \
-         replayed and every `info` file is read. *Clean*: after the daemon's shutdown \
+         replayed and the `info` files of the snapshots they name are compared. *Clean*: after the daemon's shutdown \
          (checkpoint, clean-stop marker). *Cold*: page cache dropped before the open, as \
          after a reboot; *warm*: as after a restart of the daemon alone. Median [min–max] \
          of {} runs. Goal: under 100 ms.\n",
