@@ -796,11 +796,10 @@ impl Snapshotter for CasSnapshotter {
             }
         }
         rec.updated = SystemTime::now();
-        if self.record_put(rec.id, &key, &rec)? {
-            self.meta.put(&key, &rec)?;
+        let flush = self.record_put(rec.id, &key, &rec)?;
+        self.meta.put(&key, &rec)?;
+        if flush {
             self.meta.flush().await?;
-        } else {
-            self.meta.put(&key, &rec)?;
         }
         Ok(to_info(key, rec))
     }

@@ -33,6 +33,7 @@ use config::{JournalKind, MountMode};
 use containerd_snapshots::Snapshotter as _;
 use ringio::journal::{Backend, Journal, JournalMode};
 
+use crate::fs_type;
 use crate::perf::{drop_caches, summary, work_dir};
 
 /// Records appended per journal run.
@@ -88,18 +89,6 @@ pub struct Recovery {
 pub struct Durability {
     pub journal: Vec<JournalRun>,
     pub recovery: Vec<Recovery>,
-}
-
-/// Filesystem type of `dir` (`findmnt`), or `?`.
-pub fn fs_type(dir: &Path) -> String {
-    std::process::Command::new("findmnt")
-        .args(["-no", "FSTYPE", "--target"])
-        .arg(dir)
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "?".into())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -384,7 +373,7 @@ pub fn run(a: &DurabilityArgs) -> Result<()> {
             dir: xfs.mnt.clone(),
         },
         Target {
-            fs: fs_type(&under),
+            fs: fs_type(&under).unwrap_or_else(|| "?".into()),
             dir: under.clone(),
         },
     ];

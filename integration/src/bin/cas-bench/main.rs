@@ -111,6 +111,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// The type of the filesystem `dir` is on (`findmnt`), if it can be told.
+pub fn fs_type(dir: &Path) -> Option<String> {
+    Command::new("findmnt")
+        .args(["-no", "FSTYPE", "--target"])
+        .arg(dir)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
 fn cmd() -> Vec<String> {
     vec!["/bin/sh".into()]
 }
@@ -406,12 +417,7 @@ fn dedup(cache: &Path, versions: usize, out: &Path, workdir: Option<&Path>) -> R
     if !fsck.status.success() {
         bail!("casctl fsck: {}", String::from_utf8_lossy(&fsck.stdout));
     }
-    let fstype = Command::new("findmnt")
-        .args(["-no", "FSTYPE", "--target"])
-        .arg(&work)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let fstype = fs_type(&work).unwrap_or_default();
     let report = render(&rows, ran.trim(), &fstype);
     if let Some(dir) = out.parent() {
         fs::create_dir_all(dir)?;

@@ -40,7 +40,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use cas_integration::fixture::Compression;
 
-use crate::durability;
+use crate::{durability, fs_type};
 use cas_integration::harness::{
     differ_config, workspace_bin, Containerd, ContainerdBin, ContainerdOptions, ContainerdVersion,
     Daemon, FsKind, LoopFs, Registry,
@@ -913,9 +913,13 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
         work.join("durability-backing-fs"),
     ];
     let mut targets = Vec::new();
-    for (fs_name, dir) in ["xfs".to_string(), durability::fs_type(&work)]
-        .into_iter()
-        .zip(&durability_dirs)
+    let backing_fs = fs_type(&work);
+    for (fs_name, dir) in [
+        "xfs".to_string(),
+        backing_fs.clone().unwrap_or_else(|| "?".into()),
+    ]
+    .into_iter()
+    .zip(&durability_dirs)
     {
         fs::create_dir_all(dir)?;
         targets.push(durability::Target {
@@ -956,10 +960,7 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
         unpack,
         cas_layers,
         fs_gib: a.fs_gib,
-        backing_fs: sh(
-            "findmnt",
-            &["-no", "FSTYPE", "--target", &work.to_string_lossy()],
-        ),
+        backing_fs: backing_fs.unwrap_or_default(),
         minutes: started.elapsed().as_secs_f64() / 60.0,
         max_load: samples.iter().map(|s| s.load1).fold(0.0, f64::max),
     };
