@@ -1129,6 +1129,32 @@ impl Rig {
         Ok(ImageMount { rig: self, target })
     }
 
+    /// Mounts `image` as unpacked by our snapshotter and by containerd's overlayfs (at
+    /// directories named `<name>-cas` and `<name>-overlayfs`) and fails, naming every
+    /// difference and with every component's log, unless the two trees are the same.
+    pub fn assert_same_tree(&self, image: &str, name: &str) -> Result<()> {
+        let ours = self.mount("cas", image, &format!("{name}-cas"))?;
+        let theirs = self.mount("overlayfs", image, &format!("{name}-overlayfs"))?;
+        let diffs = crate::treecmp::compare_trees(
+            &ours.target,
+            &theirs.target,
+            &crate::treecmp::CompareOptions::default(),
+        )?;
+        if !diffs.is_empty() {
+            bail!(
+                "containerd {}: {image}: cas differs from overlayfs:\n{}\n{}",
+                self.containerd.version,
+                diffs
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                self.logs()
+            );
+        }
+        Ok(())
+    }
+
     /// `ctr run --rm --snapshotter cas <image> <id> <args…>`; returns stdout.
     pub fn run(&self, image: &str, id: &str, args: &[&str]) -> Result<String> {
         let mut a = vec!["run", "--rm", "--snapshotter", "cas", image, id];

@@ -5,24 +5,6 @@
 use anyhow::Result;
 use cas_integration::fixture::{APP_RELEASE, BASE_RELEASE};
 use cas_integration::harness::{require_root, Rig};
-use cas_integration::treecmp::{compare_trees, CompareOptions};
-
-fn assert_same_tree(rig: &Rig, image: &str, name: &str) -> Result<()> {
-    let ours = rig.mount("cas", image, &format!("{name}-cas"))?;
-    let theirs = rig.mount("overlayfs", image, &format!("{name}-overlayfs"))?;
-    let diffs = compare_trees(&ours.target, &theirs.target, &CompareOptions::default())?;
-    assert!(
-        diffs.is_empty(),
-        "{image}: cas differs from overlayfs:\n{}\n{}",
-        diffs
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join("\n"),
-        rig.logs()
-    );
-    Ok(())
-}
 
 #[test]
 fn pull_run_and_compare_with_overlayfs() -> Result<()> {
@@ -34,8 +16,8 @@ fn pull_run_and_compare_with_overlayfs() -> Result<()> {
         rig.pull("cas", image)?;
         rig.pull("overlayfs", image)?;
     }
-    assert_same_tree(&rig, &rig.base_ref, "base")?;
-    assert_same_tree(&rig, &rig.app_ref, "app")?;
+    rig.assert_same_tree(&rig.base_ref, "base")?;
+    rig.assert_same_tree(&rig.app_ref, "app")?;
 
     let out = rig.run(
         &rig.base_ref,
@@ -74,8 +56,8 @@ fn materialised_store_matches_overlayfs() -> Result<()> {
         rig.pull("cas", image)?;
         rig.pull("overlayfs", image)?;
     }
-    assert_same_tree(&rig, &rig.base_ref, "base")?;
-    assert_same_tree(&rig, &rig.app_ref, "app")?;
+    rig.assert_same_tree(&rig.base_ref, "base")?;
+    rig.assert_same_tree(&rig.app_ref, "app")?;
     assert_eq!(
         rig.run(&rig.base_ref, "e2e-mat", &["cat", "/etc/fixture-release"])?,
         BASE_RELEASE
@@ -191,7 +173,7 @@ fn kill9_between_pulls_keeps_the_first_image() -> Result<()> {
         BASE_RELEASE
     );
     rig.pull("overlayfs", &rig.base_ref)?;
-    assert_same_tree(&rig, &rig.base_ref, "base-after-kill")?;
+    rig.assert_same_tree(&rig.base_ref, "base-after-kill")?;
     let (code, out) = rig.casctl(&["fsck"])?;
     assert_eq!(code, 0, "{out}");
     // and a clean stop is quick, and leaves the marker that spares the next start a
@@ -274,7 +256,7 @@ fn hostile_overlay_xattrs_in_a_layer_are_not_honoured() -> Result<()> {
         rig.run(&image, "e2e-hostile", &["cat", "/steal"])?,
         "my own bytes\n"
     );
-    assert_same_tree(&rig, &image, "hostile")?;
+    rig.assert_same_tree(&image, "hostile")?;
     let (code, out) = rig.casctl(&["fsck"])?;
     assert_eq!(code, 0, "{out}");
     Ok(())
@@ -328,7 +310,7 @@ fn casctl_gc_racing_pulls_and_removes_loses_nothing() -> Result<()> {
     let (code, out) = rig.casctl(&["fsck", "--verify-objects"])?;
     assert_eq!(code, 0, "{out}\n{}", rig.logs());
     rig.pull("overlayfs", &rig.base_ref)?;
-    assert_same_tree(&rig, &rig.base_ref, "base-after-gc-race")?;
+    rig.assert_same_tree(&rig.base_ref, "base-after-gc-race")?;
     Ok(())
 }
 

@@ -22,7 +22,6 @@ use cas_integration::layers::{
     files_tar, truncated_gzip, unique_bytes, zero_bomb, Encoding, Image, Layer,
 };
 use cas_integration::registry::push_layout;
-use cas_integration::treecmp::{compare_trees, CompareOptions};
 use serde_json::Value;
 
 /// `[differ] max_layer_bytes` of the failure test: the bomb expands beyond it.
@@ -105,23 +104,6 @@ fn remove_images(rig: &Rig, refs: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn assert_same_tree(rig: &Rig, image: &str, name: &str) -> Result<()> {
-    let ours = rig.mount("cas", image, &format!("{name}-cas"))?;
-    let theirs = rig.mount("overlayfs", image, &format!("{name}-overlayfs"))?;
-    let diffs = compare_trees(&ours.target, &theirs.target, &CompareOptions::default())?;
-    ensure!(
-        diffs.is_empty(),
-        "{image}: cas differs from overlayfs:\n{}\n{}",
-        diffs
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join("\n"),
-        rig.logs()
-    );
-    Ok(())
-}
-
 /// For each encoding: the fixture images so encoded, pulled with cas (through cas-diff)
 /// and overlayfs from an empty store, trees compared, containers run, every layer applied
 /// by cas-diff, the store verified. The images are removed again before the next
@@ -149,8 +131,8 @@ fn encodings_flow(rig: &Rig, encodings: &[Encoding]) -> Result<()> {
                 .with_context(|| format!("{} pull with cas\n{}", enc.name(), rig.logs()))?;
             rig.pull("overlayfs", image)?;
         }
-        assert_same_tree(rig, &base_ref, &format!("base-{}", enc.name()))?;
-        assert_same_tree(rig, &app_ref, &format!("app-{}", enc.name()))?;
+        rig.assert_same_tree(&base_ref, &format!("base-{}", enc.name()))?;
+        rig.assert_same_tree(&app_ref, &format!("app-{}", enc.name()))?;
         let out = rig.run(&base_ref, &cid("base"), &["cat", "/etc/fixture-release"])?;
         ensure!(out == BASE_RELEASE, "{}: base says {out:?}", enc.name());
         let out = rig.run(

@@ -6,7 +6,6 @@
 use anyhow::Result;
 use cas_integration::fixture::{APP_RELEASE, BASE_RELEASE};
 use cas_integration::harness::{require_root, ContainerdOptions, Rig, RigOptions};
-use cas_integration::treecmp::{compare_trees, CompareOptions};
 
 fn rig_on(containerd: ContainerdOptions) -> Result<Option<Rig>> {
     if !require_root() || !containerd.bin.available() {
@@ -21,24 +20,6 @@ fn rig_on(containerd: ContainerdOptions) -> Result<Option<Rig>> {
         rig.containerd.version, rig.containerd.differ
     );
     Ok(Some(rig))
-}
-
-fn assert_same_tree(rig: &Rig, image: &str, name: &str) -> Result<()> {
-    let ours = rig.mount("cas", image, &format!("{name}-cas"))?;
-    let theirs = rig.mount("overlayfs", image, &format!("{name}-overlayfs"))?;
-    let diffs = compare_trees(&ours.target, &theirs.target, &CompareOptions::default())?;
-    assert!(
-        diffs.is_empty(),
-        "containerd {}: {image}: cas differs from overlayfs:\n{}\n{}",
-        rig.containerd.version,
-        diffs
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join("\n"),
-        rig.logs()
-    );
-    Ok(())
 }
 
 /// Which way layers came into the store.
@@ -57,8 +38,8 @@ fn core_flow(rig: &Rig, path: Path) -> Result<()> {
         rig.pull("cas", image).map_err(|e| e.context(rig.logs()))?;
         rig.pull("overlayfs", image)?;
     }
-    assert_same_tree(rig, &rig.base_ref, "base")?;
-    assert_same_tree(rig, &rig.app_ref, "app")?;
+    rig.assert_same_tree(&rig.base_ref, "base")?;
+    rig.assert_same_tree(&rig.app_ref, "app")?;
     assert_eq!(
         rig.run(&rig.base_ref, "v-release", &["cat", "/etc/fixture-release"])?,
         BASE_RELEASE
@@ -144,6 +125,6 @@ fn containerd_2_with_our_differ() -> Result<()> {
         &rig.base_ref,
     ])?;
     rig.pull("overlayfs", &rig.base_ref)?;
-    assert_same_tree(&rig, &rig.base_ref, "base-local")?;
+    rig.assert_same_tree(&rig.base_ref, "base-local")?;
     core_flow(&rig, Path::FastPath)
 }
