@@ -8,7 +8,7 @@ PROFILE ?= debug
 BIN     := $(CURDIR)/target/$(PROFILE)
 CARGO_PROFILE := $(if $(filter release,$(PROFILE)),--release,)
 
-.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench bench-dedup bench-durability bench-journal bench-recovery install uninstall dist-check clean
+.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench bench-dedup bench-durability bench-journal bench-recovery bench-engine install uninstall dist-check clean
 
 all: build
 
@@ -90,6 +90,15 @@ bench-durability:
 	$(CARGO) build --release -p cas-integration --bin cas-bench
 	$(CURDIR)/target/release/cas-bench durability --runs $(RUNS)
 bench-journal bench-recovery: bench-durability
+
+# The fast path alone, no containerd: each benchmark layer applied into a new store and
+# again into the same store, next to single-core `gzip -dc`/`zstd -dc` and `tar -x`:
+# make bench-engine [QUICK=1] [RUNS=3] [IMAGES="base-1 small"]
+IMAGES ?=
+bench-engine:
+	$(CARGO) build --release -p cas-integration --bin cas-bench
+	$(CURDIR)/target/release/cas-bench engine --cache $(BENCH_CACHE) --runs $(RUNS) \
+	  $(if $(QUICK),--quick) $(foreach i,$(IMAGES),--image $(i))
 
 demo:
 	@command -v containerd >/dev/null && command -v docker-registry >/dev/null && command -v protoc >/dev/null || $(MAKE) deps

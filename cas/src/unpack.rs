@@ -288,6 +288,22 @@ pub struct Applied {
     pub compression: Compression,
     /// What was done.
     pub stats: UnpackStats,
+    /// Where the time went.
+    pub times: ApplyTimes,
+}
+
+/// Where an apply's time went, as seen from the unpack thread: what it waited for, and
+/// the rest (tar parsing, hashing and the store's metadata calls) is `total` minus these.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyTimes {
+    /// From the call to the manifest in place.
+    pub total: std::time::Duration,
+    /// Waiting for decompressed data: the decode thread was the bottleneck.
+    pub input_wait: std::time::Duration,
+    /// Waiting for the I/O pool's writes of new objects.
+    pub write_wait: std::time::Duration,
+    /// The `syncfs` and the manifest at the end.
+    pub sync: std::time::Duration,
 }
 
 /// Applies the layer blob read from `blob` (`blob_size` bytes; its digest is checked when
@@ -299,6 +315,7 @@ pub fn apply_blob(
     limits: Limits,
     target: &Target<'_>,
 ) -> Result<Applied, ApplyFailure> {
+    let started = std::time::Instant::now();
     let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(CHANNEL_CHUNKS);
     std::thread::scope(|scope| {
         let decoder = std::thread::Builder::new()
@@ -319,7 +336,8 @@ pub fn apply_blob(
             error: error.into(),
             new_objects: Vec::new(),
         })?;
-        let unpacked = unpacker.run(ChunkReader::new(rx));
+        let mut input_wait = std::time::Duration::ZERO;
+        let unpacked = unpacker.run(ChunkReader::new(rx).timed(&mut input_wait));
         // The decoder's verdict wins: a tar error caused by a corrupt stream is reported
         // as the corrupt stream.
         let decoded = decoder.join().unwrap_or_else(|_| {
@@ -338,6 +356,11 @@ pub fn apply_blob(
                 uncompressed_size: d.uncompressed_size,
                 compression: d.compression,
                 stats: unpacker.stats.clone(),
+                times: ApplyTimes {
+                    total: started.elapsed(),
+                    input_wait,
+                    ..unpacker.times
+                },
             }),
             Err(error) => {
                 unpacker.abandon();
@@ -495,27 +518,56 @@ fn decode(
 /// A blocking reader over chunks arriving on a bounded channel: the unpack thread's view
 /// of the decoded stream, and of a blob streamed from elsewhere (an error on the channel
 /// is returned by `read`; a closed channel is the end).
-pub struct ChunkReader {
+pub struct ChunkReader<'w> {
     rx: mpsc::Receiver<io::Result<Vec<u8>>>,
     chunk: Vec<u8>,
     pos: usize,
+    /// Where the time spent waiting for a chunk is added, when measured.
+    waited: Option<&'w mut std::time::Duration>,
 }
 
-impl ChunkReader {
+impl ChunkReader<'static> {
     /// Reads what arrives on `rx`.
-    pub fn new(rx: mpsc::Receiver<io::Result<Vec<u8>>>) -> ChunkReader {
+    pub fn new(rx: mpsc::Receiver<io::Result<Vec<u8>>>) -> ChunkReader<'static> {
         ChunkReader {
             rx,
             chunk: Vec::new(),
             pos: 0,
+            waited: None,
         }
     }
 }
 
-impl Read for ChunkReader {
+impl ChunkReader<'_> {
+    /// Adds the time `read` waits for a chunk to `waited`.
+    pub fn timed(self, waited: &mut std::time::Duration) -> ChunkReader<'_> {
+        ChunkReader {
+            rx: self.rx,
+            chunk: self.chunk,
+            pos: self.pos,
+            waited: Some(waited),
+        }
+    }
+
+    fn recv(&mut self) -> Result<io::Result<Vec<u8>>, mpsc::RecvError> {
+        match (&mut self.waited, self.rx.try_recv()) {
+            (_, Ok(c)) => Ok(c),
+            (_, Err(mpsc::TryRecvError::Disconnected)) => Err(mpsc::RecvError),
+            (Some(w), Err(mpsc::TryRecvError::Empty)) => {
+                let t = std::time::Instant::now();
+                let r = self.rx.recv();
+                **w += t.elapsed();
+                r
+            }
+            (None, Err(mpsc::TryRecvError::Empty)) => self.rx.recv(),
+        }
+    }
+}
+
+impl Read for ChunkReader<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.chunk.len() {
-            match self.rx.recv() {
+            match self.recv() {
                 Ok(Ok(c)) => {
                     self.chunk = c;
                     self.pos = 0;
@@ -569,6 +621,8 @@ struct Unpacker<'a> {
     /// Redirects of objects in place, by digest (bounded).
     redirects: HashMap<Digest, String>,
     new_objects: Vec<Digest>,
+    /// Write waits and the final sync (the input wait is the reader's).
+    times: ApplyTimes,
 }
 
 fn tmp_name(dir: &Path) -> PathBuf {
@@ -615,6 +669,7 @@ impl<'a> Unpacker<'a> {
             pending_bytes: 0,
             redirects: HashMap::new(),
             new_objects: Vec::new(),
+            times: ApplyTimes::default(),
         })
     }
 
@@ -748,7 +803,7 @@ impl<'a> Unpacker<'a> {
         }
     }
 
-    fn run(&mut self, stream: ChunkReader) -> Result<(), UnpackError> {
+    fn run(&mut self, stream: ChunkReader<'_>) -> Result<(), UnpackError> {
         let mut archive = tar::Archive::new(stream);
         {
             let entries = archive.entries().map_err(UnpackError::Tar)?;
@@ -764,7 +819,7 @@ impl<'a> Unpacker<'a> {
 
     fn entry_meta(
         &mut self,
-        entry: &mut tar::Entry<'_, ChunkReader>,
+        entry: &mut tar::Entry<'_, ChunkReader<'_>>,
     ) -> Result<EntryMeta, UnpackError> {
         let h = entry.header();
         let tar_err = UnpackError::Tar;
@@ -816,7 +871,7 @@ impl<'a> Unpacker<'a> {
         })
     }
 
-    fn entry(&mut self, mut entry: tar::Entry<'_, ChunkReader>) -> Result<(), UnpackError> {
+    fn entry(&mut self, mut entry: tar::Entry<'_, ChunkReader<'_>>) -> Result<(), UnpackError> {
         self.stats.entries += 1;
         let name = clean_name(&entry.path_bytes());
         let (Some(base), parent) = (name.file_name().map(|b| b.to_os_string()), name.parent())
@@ -989,7 +1044,7 @@ impl<'a> Unpacker<'a> {
     /// write its stub.
     fn regular(
         &mut self,
-        entry: &mut tar::Entry<'_, ChunkReader>,
+        entry: &mut tar::Entry<'_, ChunkReader<'_>>,
         rel: PathBuf,
         em: EntryMeta,
     ) -> Result<(), UnpackError> {
@@ -1089,7 +1144,7 @@ impl<'a> Unpacker<'a> {
     /// the redirect its stubs get.
     fn stream_object(
         &mut self,
-        entry: &mut tar::Entry<'_, ChunkReader>,
+        entry: &mut tar::Entry<'_, ChunkReader<'_>>,
         size: u64,
     ) -> Result<(Digest, String), UnpackError> {
         let tmp = tmp_name(self.t.tmp_dir);
@@ -1151,7 +1206,10 @@ impl<'a> Unpacker<'a> {
             self.pending_bytes = self.pending_bytes.saturating_sub(o.size);
             self.in_flight.remove(&o.digest);
             let stubs = self.alias_stubs.remove(&o.digest);
-            let aliased = match o.ticket.wait() {
+            let waiting = std::time::Instant::now();
+            let waited = o.ticket.wait();
+            self.times.write_wait += waiting.elapsed();
+            let aliased = match waited {
                 Ok(linked) => {
                     self.stats.new_objects += 1;
                     self.stats.new_bytes += o.size;
@@ -1227,12 +1285,14 @@ impl<'a> Unpacker<'a> {
             set_times(&abs, meta)?;
         }
         crate::crash_point!("apply.before-syncfs");
+        let syncing = std::time::Instant::now();
         let root = File::open(self.t.fs_dir).map_err(CasError::io("open", self.t.fs_dir))?;
         nix::unistd::syncfs(root.as_raw_fd())
             .map_err(|e| CasError::io("syncfs", self.t.fs_dir)(e.into()))?;
         if let Some(m) = self.manifest.take() {
             m.finish()?;
         }
+        self.times.sync = syncing.elapsed();
         crate::crash_point!("apply.after-manifest");
         Ok(())
     }

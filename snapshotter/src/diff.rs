@@ -231,7 +231,7 @@ async fn stream_blob(
     address: &Path,
     digest: &Digest,
     namespace: Option<String>,
-) -> Result<ChunkReader, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<ChunkReader<'static>, Box<dyn std::error::Error + Send + Sync>> {
     let address = address.to_path_buf();
     // The URI is required by tonic and ignored by the connector.
     let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")?

@@ -695,6 +695,9 @@ impl CasSnapshotter {
                     new_objects = applied.stats.new_objects,
                     new_bytes = applied.stats.new_bytes,
                     elapsed_ms = started.elapsed().as_millis() as u64,
+                    input_wait_ms = applied.times.input_wait.as_millis() as u64,
+                    write_wait_ms = applied.times.write_wait.as_millis() as u64,
+                    sync_ms = applied.times.sync.as_millis() as u64,
                     "layer applied"
                 );
                 Ok(applied)

@@ -41,6 +41,7 @@ use clap::{Parser, Subcommand};
 use sha2::{Digest as _, Sha256};
 
 mod durability;
+mod engine;
 mod images;
 mod perf;
 mod plot;
@@ -82,6 +83,9 @@ enum Cmd {
     /// Commit record latency of both journal backends and recovery time with 1,000
     /// committed snapshots, on an XFS loop filesystem and on the filesystem under it.
     Durability(durability::DurabilityArgs),
+    /// The fast path alone (no containerd): apply each layer blob into a new store and
+    /// again into the same store, next to single-core decompression and `tar -x`.
+    Engine(engine::EngineArgs),
 }
 
 fn main() -> ExitCode {
@@ -101,6 +105,7 @@ fn main() -> ExitCode {
         } => dedup(&cache, versions, &out, workdir.as_deref()),
         Cmd::Perf(a) => perf::perf(&a),
         Cmd::Durability(a) => durability::run(&a),
+        Cmd::Engine(a) => engine::run(&a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,312 @@
+//! The fast path alone: `cas::unpack::apply_blob` on the benchmark's layer blobs, with
+//! no containerd, registry or gRPC around it, next to the two bounds an unpack cannot
+//! beat and a plain unpacker of the same blob.
+//!
+//! For each layer, on one XFS loop filesystem, median of `--runs`, blob in the page
+//! cache (its read is not what is measured; the pulls of `perf` include it):
+//!
+//! * **limit**: the blob through single-core `gzip -dc` / `zstd -dc` into a pipe that
+//!   discards it (the physical limit of one stream), and
+//! * **tar**: GNU `tar -x` of the same blob (decompressed by the same tool in a pipe)
+//!   into an empty directory, then `syncfs`: what a plain, non-deduplicating unpacker
+//!   costs when its result must be on disk, as ours is when `apply_blob` returns;
+//! * **new**: `apply_blob` into an empty store (every object new);
+//! * **known**: the same blob applied again into that store (every object known:
+//!   the near-duplicate case, where only stubs are written).
+//!
+//! The page cache is dropped before each timed step (after the blob is read once into
+//! it again), so no step finds the previous one's pages. `cas-bench engine` prints the
+//! table; `cas-bench perf` adds it to its report.
+
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use cas::layout::Layout;
+use cas::objects::ObjectStore;
+use cas::unpack::{apply_blob, Limits, Target};
+use cas_integration::fixture::Compression;
+use cas_integration::harness::{FsKind, LoopFs};
+use ringio::pool::{Pool, PoolConfig};
+
+use crate::images::{ensure_images, Layer, Sizes};
+use crate::perf::{drop_caches, summary, work_dir};
+
+/// `cas-bench engine` arguments.
+#[derive(Debug, clap::Args)]
+pub struct EngineArgs {
+    /// Where generated image blobs are cached (rebuilt when missing).
+    #[arg(long, default_value = "/var/cache/cas-bench")]
+    pub cache: PathBuf,
+    /// Runs per measure.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// The small images of `perf --quick`.
+    #[arg(long)]
+    pub quick: bool,
+    /// Images whose last layer is measured (default: every single-layer image).
+    #[arg(long = "image")]
+    pub images: Vec<String>,
+    /// Where the loop file goes (default: a new directory in /var/tmp).
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
+}
+
+/// Medians (seconds) of one layer's measures.
+pub struct EngineRow {
+    pub image: String,
+    pub files: u64,
+    pub tar_bytes: u64,
+    pub compression: &'static str,
+    pub limit: f64,
+    pub tar: f64,
+    pub new: f64,
+    pub known: f64,
+}
+
+impl EngineRow {
+    fn mbps(&self, secs: f64) -> f64 {
+        self.tar_bytes as f64 / 1e6 / secs
+    }
+}
+
+/// `cas-bench engine`: measures and prints the table.
+pub fn run(a: &EngineArgs) -> Result<()> {
+    let (work, _keep) = work_dir(a.workdir.as_deref(), "cas-engine-")?;
+    let fs = LoopFs::new(&work, 40 << 10, FsKind::Xfs).context("making the XFS loop filesystem")?;
+    let rows = measure(
+        &a.cache,
+        Sizes { quick: a.quick },
+        &a.images,
+        &fs.mnt,
+        a.runs,
+    )?;
+    print!("{}", table(&rows));
+    Ok(())
+}
+
+/// Measures the layers of `images` (every single-layer image when empty) in `dir`.
+pub fn measure(
+    cache: &Path,
+    sizes: Sizes,
+    images: &[String],
+    dir: &Path,
+    runs: usize,
+) -> Result<Vec<EngineRow>> {
+    let all = ensure_images(cache, sizes)?;
+    let pool = Pool::start(&PoolConfig::default()).context("starting the I/O pool")?;
+    let mut rows = Vec::new();
+    for (name, image) in &all {
+        if !images.is_empty() && !images.contains(name) {
+            continue;
+        }
+        if images.is_empty() && image.layers.len() != 1 {
+            continue;
+        }
+        let layer = image.layers.last().context("an image without layers")?;
+        eprintln!("engine: {name}");
+        let (mut limit, mut tar, mut new, mut known) = (vec![], vec![], vec![], vec![]);
+        let mut tar_bytes = 0;
+        for _ in 0..runs {
+            warm(&layer.path)?;
+            let (secs, bytes) = decompress(layer)?;
+            limit.push(secs);
+            tar_bytes = bytes;
+            let out = dir.join("tar");
+            let _ = fs::remove_dir_all(&out);
+            fs::create_dir_all(&out)?;
+            cold(&layer.path)?;
+            tar.push(tar_x(layer, &out)?);
+            fs::remove_dir_all(&out)?;
+
+            let root = dir.join("store");
+            let _ = fs::remove_dir_all(&root);
+            let layout = Layout::ensure(&root)?;
+            let store = ObjectStore::new(&layout);
+            cold(&layer.path)?;
+            new.push(apply(&layout, &store, &pool, layer, 1)?);
+            cold(&layer.path)?;
+            known.push(apply(&layout, &store, &pool, layer, 2)?);
+            drop(store);
+            fs::remove_dir_all(&root)?;
+        }
+        let m = |v: Vec<f64>| summary(v).0;
+        rows.push(EngineRow {
+            image: name.clone(),
+            files: layer.def.files(),
+            tar_bytes,
+            compression: match layer.def.compression {
+                Compression::Gzip => "gzip",
+                Compression::Zstd => "zstd",
+                Compression::None => "none",
+            },
+            limit: m(limit),
+            tar: m(tar),
+            new: m(new),
+            known: m(known),
+        });
+    }
+    Ok(rows)
+}
+
+/// The table of `rows` (markdown).
+pub fn table(rows: &[EngineRow]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| layer | files | tar MB | limit: `-dc` MB/s | tar -x + syncfs (s) | cas new (s) | cas known (s) | cas new / tar | cas known / tar | % of limit: tar / new / known |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let pct = |secs: f64| 100.0 * r.limit / secs;
+        let _ = writeln!(
+            s,
+            "| {} ({}) | {} | {:.1} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}% / {:.0}% / {:.0}% |",
+            r.image,
+            r.compression,
+            r.files,
+            r.tar_bytes as f64 / 1e6,
+            r.mbps(r.limit),
+            r.tar,
+            r.new,
+            r.known,
+            r.new / r.tar,
+            r.known / r.tar,
+            pct(r.tar),
+            pct(r.new),
+            pct(r.known),
+        );
+    }
+    s
+}
+
+/// The decompressor of `layer`'s blob (`cat` for a plain tar).
+fn tool(layer: &Layer) -> (&'static str, &'static [&'static str]) {
+    match layer.def.compression {
+        Compression::Gzip => ("gzip", &["-dc"]),
+        Compression::Zstd => ("zstd", &["-dc"]),
+        Compression::None => ("cat", &[]),
+    }
+}
+
+/// Reads the blob so it is in the page cache.
+fn warm(blob: &Path) -> Result<()> {
+    std::io::copy(&mut File::open(blob)?, &mut std::io::sink())?;
+    Ok(())
+}
+
+/// Drops the page cache, then reads the blob into it again.
+fn cold(blob: &Path) -> Result<()> {
+    drop_caches()?;
+    warm(blob)
+}
+
+/// Single-core decompression of the blob into a discarding pipe: (seconds, bytes out).
+fn decompress(layer: &Layer) -> Result<(f64, u64)> {
+    let (cmd, args) = tool(layer);
+    let t = Instant::now();
+    let mut child = Command::new(cmd)
+        .args(args)
+        .arg(&layer.path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd}"))?;
+    let mut out = child.stdout.take().context("no stdout")?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        match out.read(&mut buf)? {
+            0 => break,
+            k => n += k as u64,
+        }
+    }
+    if !child.wait()?.success() {
+        bail!("{cmd} failed on {}", layer.path.display());
+    }
+    Ok((t.elapsed().as_secs_f64(), n))
+}
+
+/// `<tool> -dc blob | tar -x -C out`, then `syncfs` of `out`: seconds.
+fn tar_x(layer: &Layer, out: &Path) -> Result<f64> {
+    let (cmd, args) = tool(layer);
+    let t = Instant::now();
+    let mut dec = Command::new(cmd)
+        .args(args)
+        .arg(&layer.path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd}"))?;
+    let status = Command::new("tar")
+        .args(["-x", "--numeric-owner", "-C"])
+        .arg(out)
+        .stdin(dec.stdout.take().context("no stdout")?)
+        .status()
+        .context("starting tar")?;
+    if !dec.wait()?.success() || !status.success() {
+        bail!("tar -x of {} failed", layer.path.display());
+    }
+    let d = File::open(out)?;
+    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d))?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// `apply_blob` of the layer into snapshot directory `n` of the store: seconds.
+fn apply(layout: &Layout, store: &ObjectStore, pool: &Pool, layer: &Layer, n: u64) -> Result<f64> {
+    let dir = layout.snapshot_dir(n);
+    let fs_dir = dir.join("fs");
+    fs::create_dir_all(&fs_dir)?;
+    let manifest = dir.join("manifest");
+    let tmp = layout.tmp_dir();
+    let target = Target {
+        store,
+        tmp_dir: &tmp,
+        fs_dir: &fs_dir,
+        lowers: &[],
+        manifest: &manifest,
+        pool,
+    };
+    let digest = layer.blob.digest.parse().context("the blob's digest")?;
+    let cpu = || {
+        std::fs::read_to_string("/proc/thread-self/stat").map(|s| {
+            // after the name: state, ppid, … utime (12th), stime (13th), in ticks of 10 ms
+            let f: Vec<&str> = s
+                .rsplit_once(')')
+                .map(|(_, r)| r.split_whitespace().collect())
+                .unwrap_or_default();
+            let tick = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+            (tick(11), tick(12))
+        })
+    };
+    let cpu0 = cpu()?;
+    let t = Instant::now();
+    let blob = File::open(&layer.path)?;
+    let applied = apply_blob(
+        std::io::BufReader::with_capacity(1 << 20, blob),
+        layer.blob.size,
+        Some(digest),
+        Limits::default(),
+        &target,
+    )
+    .map_err(|f| f.error)
+    .with_context(|| format!("applying {}", layer.path.display()))?;
+    let secs = t.elapsed().as_secs_f64();
+    let cpu1 = cpu()?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    eprintln!(
+        "  apply {n}: {:.0} ms (unpack thread: user {} ms, system {} ms): waiting for input {:.0} ms, for writes {:.0} ms, syncfs + manifest {:.0} ms",
+        secs * 1e3,
+        (cpu1.0 - cpu0.0) * 10,
+        (cpu1.1 - cpu0.1) * 10,
+        ms(applied.times.input_wait),
+        ms(applied.times.write_wait),
+        ms(applied.times.sync)
+    );
+    if applied.diff_id.to_string() != layer.blob.diff_id {
+        bail!("diffID {} != {}", applied.diff_id, layer.blob.diff_id);
+    }
+    Ok(secs)
+}
