@@ -95,6 +95,8 @@ pub const MEM_FILE_LIMIT: u64 = 16 << 20;
 pub const FLUSH_BYTES: u64 = 64 << 20;
 /// Files in flight before the same.
 const FLUSH_FILES: usize = 1024;
+/// Stubs and empty files handed to the stub threads and not yet reported back.
+const STUBS_IN_FLIGHT: usize = 256;
 /// Size of the chunks passed from the decode thread to the unpack thread.
 const CHUNK: usize = 256 << 10;
 /// Chunks the channel between the two threads holds.
@@ -317,6 +319,9 @@ pub fn apply_blob(
 ) -> Result<Applied, ApplyFailure> {
     let started = std::time::Instant::now();
     let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(CHANNEL_CHUNKS);
+    let (job_tx, job_rx) = mpsc::sync_channel::<StubJob>(STUBS_IN_FLIGHT);
+    let (done_tx, done_rx) = mpsc::channel::<StubDone>();
+    let jobs = std::sync::Mutex::new(job_rx);
     std::thread::scope(|scope| {
         let decoder = std::thread::Builder::new()
             .name("layer-decode".into())
@@ -332,7 +337,25 @@ pub fn apply_blob(
                 })
             }
         };
-        let mut unpacker = Unpacker::new(target).map_err(|error| ApplyFailure {
+        for n in 0..stub_threads() {
+            let (jobs, done, fs_dir) = (&jobs, done_tx.clone(), target.fs_dir);
+            let spawned = std::thread::Builder::new()
+                .name(format!("layer-stubs-{n}"))
+                .spawn_scoped(scope, move || stub_worker(fs_dir, jobs, done));
+            if let Err(e) = spawned {
+                return Err(ApplyFailure {
+                    error: UnpackError::Read(e),
+                    new_objects: Vec::new(),
+                });
+            }
+        }
+        drop(done_tx);
+        let stubs = StubThreads {
+            jobs: Some(job_tx),
+            done: done_rx,
+            in_flight: HashSet::new(),
+        };
+        let mut unpacker = Unpacker::new(target, stubs).map_err(|error| ApplyFailure {
             error: error.into(),
             new_objects: Vec::new(),
         })?;
@@ -623,6 +646,8 @@ struct Unpacker<'a> {
     new_objects: Vec<Digest>,
     /// Write waits and the final sync (the input wait is the reader's).
     times: ApplyTimes,
+    /// Stubs and empty files being created by the stub threads.
+    stubs: StubThreads,
 }
 
 fn tmp_name(dir: &Path) -> PathBuf {
@@ -655,7 +680,7 @@ pub fn clean_name(name: &[u8]) -> PathBuf {
 }
 
 impl<'a> Unpacker<'a> {
-    fn new(t: &'a Target<'a>) -> Result<Unpacker<'a>, CasError> {
+    fn new(t: &'a Target<'a>, stubs: StubThreads) -> Result<Unpacker<'a>, CasError> {
         Ok(Unpacker {
             t,
             manifest: Some(ManifestWriter::create(t.manifest)?),
@@ -670,6 +695,7 @@ impl<'a> Unpacker<'a> {
             redirects: HashMap::new(),
             new_objects: Vec::new(),
             times: ApplyTimes::default(),
+            stubs,
         })
     }
 
@@ -769,6 +795,8 @@ impl<'a> Unpacker<'a> {
 
     /// Removes whatever is at `rel`.
     fn clear(&mut self, rel: &Path, keep_dir: bool) -> Result<(), UnpackError> {
+        // what is cleared may be, or hold, stubs still being created
+        self.settle_stubs()?;
         let abs = self.abs(rel);
         if keep_dir && self.known_dirs.contains(rel) {
             return Ok(());
@@ -879,7 +907,12 @@ impl<'a> Unpacker<'a> {
             tracing::debug!("entry resolves to the layer root: ignored");
             return Ok(());
         };
-        let parent = self.resolve_parent(parent.unwrap_or(Path::new("")))?;
+        let parent = parent.unwrap_or(Path::new(""));
+        if !parent.as_os_str().is_empty() && !self.known_dirs.contains(parent) {
+            // resolving looks at what is on disk, which must be complete
+            self.settle_stubs()?;
+        }
+        let parent = self.resolve_parent(parent)?;
         let base_bytes = base.as_bytes();
         let kind = entry.header().entry_type();
         let em = self.entry_meta(&mut entry)?;
@@ -896,6 +929,7 @@ impl<'a> Unpacker<'a> {
                 return Ok(());
             }
             let hidden = parent.join(std::ffi::OsStr::from_bytes(&base_bytes[WHITEOUT.len()..]));
+            self.settle_stub(&hidden)?;
             self.replacing(&hidden, |abs| {
                 mknod(abs, SFlag::S_IFCHR, Mode::empty(), 0)
                     .map_err(|e| CasError::io("mknod", abs)(e.into()))
@@ -910,6 +944,18 @@ impl<'a> Unpacker<'a> {
         }
         self.ensure_dirs(&parent)?;
         let abs = self.abs(&rel);
+        if !matches!(
+            kind,
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse
+        ) {
+            // every entry but a regular file is made here, in order, so the earlier
+            // entries it may replace or point at must be complete
+            if kind == tar::EntryType::Link {
+                self.settle_stubs()?;
+            } else {
+                self.settle_stub(&rel)?;
+            }
+        }
         match kind {
             tar::EntryType::Directory => {
                 let mkdir = |abs: &Path| match fs::DirBuilder::new().mode(0o700).create(abs) {
@@ -1050,7 +1096,12 @@ impl<'a> Unpacker<'a> {
     ) -> Result<(), UnpackError> {
         let size = em.meta.size;
         if size == 0 {
-            self.replacing(&rel, |abs| create_empty(abs, &em.meta, &em.xattrs))?;
+            self.make_stub(StubJob {
+                rel,
+                meta: em.meta,
+                xattrs: em.xattrs,
+                content: None,
+            })?;
             return Ok(());
         }
         let (digest, redirect) = if size <= MEM_FILE_LIMIT {
@@ -1076,11 +1127,12 @@ impl<'a> Unpacker<'a> {
         self.push_manifest(&rel, digest, size)?;
         // The stub goes in now: its redirect is a name, whether or not the object is
         // linked yet (nothing mounts the layer before its manifest exists).
-        let ino = self.replacing(&rel, |abs| write_stub(abs, &em.meta, &em.xattrs, &redirect))?;
-        self.recent.insert(ino, digest, size);
-        if let Some(stubs) = self.alias_stubs.get_mut(&digest) {
-            stubs.push((rel, ino));
-        }
+        self.make_stub(StubJob {
+            rel,
+            meta: em.meta,
+            xattrs: em.xattrs,
+            content: Some((digest, redirect)),
+        })?;
         if self.pending_bytes >= FLUSH_BYTES || self.objects.len() >= FLUSH_FILES {
             // The oldest half: the workers keep writing the rest meanwhile.
             self.drain(FLUSH_FILES / 2, FLUSH_BYTES / 2)?;
@@ -1187,6 +1239,98 @@ impl<'a> Unpacker<'a> {
         Ok((digest, redirect))
     }
 
+    /// Makes a stub (or an empty file): on a stub thread, or here when its name has
+    /// a directory or a stub in the making, which the stub threads must not race.
+    fn make_stub(&mut self, job: StubJob) -> Result<(), UnpackError> {
+        if self.known_dirs.contains(&job.rel) || self.stubs.in_flight.contains(&job.rel) {
+            self.settle_stubs()?;
+            return self.make_stub_here(job);
+        }
+        // collect what is done, and wait while too much is out
+        while let Ok(d) = self.stubs.done.try_recv() {
+            self.stub_done(d)?;
+        }
+        while self.stubs.in_flight.len() >= STUBS_IN_FLIGHT {
+            self.stub_wait()?;
+        }
+        let Some(jobs) = &self.stubs.jobs else {
+            return self.make_stub_here(job);
+        };
+        self.stubs.in_flight.insert(job.rel.clone());
+        if let Err(mpsc::SendError(job)) = jobs.send(job) {
+            // no stub thread left (one panicked): make it here
+            self.stubs.in_flight.remove(&job.rel);
+            self.stubs.jobs = None;
+            return self.make_stub_here(job);
+        }
+        Ok(())
+    }
+
+    /// Makes a stub on this thread, replacing what an earlier entry left at its name.
+    fn make_stub_here(&mut self, job: StubJob) -> Result<(), UnpackError> {
+        let ino = self.replacing(&job.rel, |abs| job.create(abs))?;
+        self.stub_made(job, ino);
+        Ok(())
+    }
+
+    /// Records a stub made: for hardlinks to it, and for alias corrections.
+    fn stub_made(&mut self, job: StubJob, ino: u64) {
+        if let Some((digest, _)) = job.content {
+            self.recent.insert(ino, digest, job.meta.size);
+            if let Some(stubs) = self.alias_stubs.get_mut(&digest) {
+                stubs.push((job.rel, ino));
+            }
+        }
+    }
+
+    /// Takes a stub thread's report: a name that was taken is made here, replacing
+    /// what is there (no later entry touched the name meanwhile: see [`Self::settle_stub`]).
+    fn stub_done(&mut self, d: StubDone) -> Result<(), UnpackError> {
+        self.stubs.in_flight.remove(&d.job.rel);
+        match d.result {
+            Ok(ino) => {
+                self.stub_made(d.job, ino);
+                Ok(())
+            }
+            Err(e) if e.is_already_exists() => self.make_stub_here(d.job),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits for one stub thread report.
+    fn stub_wait(&mut self) -> Result<(), UnpackError> {
+        match self.stubs.done.recv() {
+            Ok(d) => self.stub_done(d),
+            Err(_) => Err(UnpackError::Read(io::Error::other(
+                "the stub threads stopped",
+            ))),
+        }
+    }
+
+    /// Waits until every stub handed to the stub threads is made, reporting the first
+    /// failure once all are back.
+    fn settle_stubs(&mut self) -> Result<(), UnpackError> {
+        let mut first_err = None;
+        while !self.stubs.in_flight.is_empty() {
+            if let Err(e) = self.stub_wait() {
+                if matches!(&e, UnpackError::Read(_)) {
+                    return Err(e);
+                }
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Waits for the stub threads when one is making `rel`: before anything else is
+    /// done at that name.
+    fn settle_stub(&mut self, rel: &Path) -> Result<(), UnpackError> {
+        if self.stubs.in_flight.contains(rel) {
+            self.settle_stubs()?;
+        }
+        Ok(())
+    }
+
     /// Waits for every write in flight.
     fn flush(&mut self) -> Result<(), UnpackError> {
         self.drain(0, 0)
@@ -1197,6 +1341,10 @@ impl<'a> Unpacker<'a> {
     /// the meantime, or the object was published by someone else first) gets its
     /// redirect decided again, and its stubs are corrected if it changed.
     fn drain(&mut self, files: usize, bytes: u64) -> Result<(), UnpackError> {
+        if !self.alias_stubs.is_empty() {
+            // the stubs an alias correction may have to repoint must all be written
+            self.settle_stubs()?;
+        }
         let mut first_err: Option<UnpackError> = None;
         while self.objects.len() > files || (self.pending_bytes > bytes && !self.objects.is_empty())
         {
@@ -1279,6 +1427,8 @@ impl<'a> Unpacker<'a> {
     /// Waits for what is in flight, restores directory metadata, syncs and writes the
     /// manifest.
     fn finish(&mut self) -> Result<(), UnpackError> {
+        self.settle_stubs()?;
+        self.stubs.jobs = None;
         self.flush()?;
         for (rel, meta) in self.dirs.iter().rev() {
             let abs = self.t.fs_dir.join(rel);
@@ -1299,6 +1449,15 @@ impl<'a> Unpacker<'a> {
 
     /// After a failure: waits for every write in flight.
     fn abandon(&mut self) {
+        self.stubs.jobs = None;
+        while !self.stubs.in_flight.is_empty() {
+            match self.stubs.done.recv() {
+                Ok(d) => {
+                    self.stubs.in_flight.remove(&d.job.rel);
+                }
+                Err(_) => break,
+            }
+        }
         for o in std::mem::take(&mut self.objects) {
             if o.ticket.wait().is_ok() {
                 // linked by the pool: an object nothing references yet
@@ -1309,6 +1468,95 @@ impl<'a> Unpacker<'a> {
         self.alias_stubs.clear();
         if let Some(m) = self.manifest.take() {
             m.abandon();
+        }
+    }
+}
+
+/// A stub, or an empty file, for a stub thread to make.
+struct StubJob {
+    /// Its name in the layer.
+    rel: PathBuf,
+    meta: FileMeta,
+    xattrs: Vec<(OsString, Vec<u8>)>,
+    /// The object and the redirect of a stub; `None` for an empty file.
+    content: Option<(Digest, String)>,
+}
+
+impl StubJob {
+    /// Creates it at `abs` (which must not exist); returns its inode number.
+    fn create(&self, abs: &Path) -> Result<u64, CasError> {
+        match &self.content {
+            Some((_, redirect)) => write_stub(abs, &self.meta, &self.xattrs, redirect),
+            None => create_empty(abs, &self.meta, &self.xattrs),
+        }
+    }
+}
+
+/// A stub thread's report.
+struct StubDone {
+    job: StubJob,
+    result: Result<u64, CasError>,
+}
+
+/// The unpack thread's end of the stub threads.
+///
+/// Creating a stub is five or six metadata transactions in the filesystem (create, the
+/// two overlay xattrs, size, times; owner and mode when they differ) and no data, so
+/// a layer of many small files is bound by the kernel's metadata work on the thread
+/// that makes its stubs. The stub threads make regular files' stubs and empty files
+/// on the other cores while the unpack thread goes on parsing and hashing. Everything
+/// else (directories, links, devices, whiteouts, replacements) stays on the unpack
+/// thread, in archive order: before making one, it waits for the stub in the making
+/// at the same name, and for all of them before it clears a name, resolves a parent
+/// path that is not a known directory, makes a hardlink, repoints stubs at another
+/// name, or restores directory times.
+struct StubThreads {
+    /// Where jobs go; `None` once the layer is complete (the threads then end).
+    jobs: Option<mpsc::SyncSender<StubJob>>,
+    done: mpsc::Receiver<StubDone>,
+    /// Names handed out and not reported back.
+    in_flight: HashSet<PathBuf>,
+}
+
+impl StubThreads {
+    /// No stub threads: every stub is made on the unpack thread.
+    #[cfg(test)]
+    fn none() -> StubThreads {
+        StubThreads {
+            jobs: None,
+            done: mpsc::channel().1,
+            in_flight: HashSet::new(),
+        }
+    }
+}
+
+/// How many stub threads an apply runs: one per core but the unpack thread's, at
+/// least one, at most four (metadata transactions contend in the filesystem's log
+/// beyond that).
+fn stub_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get().saturating_sub(1))
+        .unwrap_or(1)
+        .clamp(1, 4)
+}
+
+/// A stub thread: makes stubs until the job channel closes.
+fn stub_worker(
+    fs_dir: &Path,
+    jobs: &std::sync::Mutex<mpsc::Receiver<StubJob>>,
+    done: mpsc::Sender<StubDone>,
+) {
+    loop {
+        let job = match jobs.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else {
+            return;
+        };
+        let result = job.create(&fs_dir.join(&job.rel));
+        if done.send(StubDone { job, result }).is_err() {
+            return;
         }
     }
 }
@@ -1491,7 +1739,7 @@ mod tests {
             manifest: &manifest,
             pool: &pool,
         };
-        let mut u = Unpacker::new(&target).unwrap();
+        let mut u = Unpacker::new(&target, StubThreads::none()).unwrap();
         let meta = FileMeta {
             mode: 0o644,
             uid: 0,

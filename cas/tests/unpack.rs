@@ -478,6 +478,16 @@ fn later_entries_replace_earlier_ones() {
     // a whiteout over a file of this layer
     add("f", Regular, 0o644, b"file f");
     add(".wh.f", Regular, 0o644, &[]);
+    // a whiteout over a directory of this layer and the files in it
+    add("w/", Directory, 0o755, &[]);
+    add("w/1", Regular, 0o644, b"w1");
+    add("w/2", Regular, 0o644, b"w2");
+    add(".wh.w", Regular, 0o644, &[]);
+    // a hardlink to the file just before it
+    add("g", Regular, 0o640, b"file g");
+    let mut h = header(tar::EntryType::Link, 0, 0o640);
+    h.set_link_name("g").unwrap();
+    b.append_data(&mut h, "h", &[][..]).unwrap();
     let blob = gzip(&b.into_inner().unwrap());
     let mut s = Store::new(BackendChoice::Auto);
     let (dir, r) = s.apply(&blob, None, Limits::default());
@@ -516,6 +526,9 @@ fn later_entries_replace_earlier_ones() {
         assert_eq!(m.mtime(), 1_600_000_000, "{p}");
     }
     assert!(md("f").file_type().is_char_device() && md("f").rdev() == 0);
+    assert!(md("w").file_type().is_char_device() && md("w").rdev() == 0);
+    assert_eq!(md("g").ino(), md("h").ino());
+    assert_eq!(object("h"), "file g");
     let manifest: BTreeMap<PathBuf, u64> = cas::manifest::read_manifest(&dir.join("manifest"))
         .unwrap()
         .map(|e| e.unwrap())
@@ -523,7 +536,8 @@ fn later_entries_replace_earlier_ones() {
         .collect();
     // one line per stub written, replaced names included (as at Commit: paths are keys)
     assert_eq!(manifest[&PathBuf::from("c")], 8);
-    assert_eq!(applied.stats.entries, 14);
+    assert_eq!(manifest[&PathBuf::from("h")], 6);
+    assert_eq!(applied.stats.entries, 20);
     assert!(s.tmp_is_empty());
 }
 

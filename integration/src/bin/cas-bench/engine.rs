@@ -270,8 +270,8 @@ fn apply(layout: &Layout, store: &ObjectStore, pool: &Pool, layer: &Layer, n: u6
         pool,
     };
     let digest = layer.blob.digest.parse().context("the blob's digest")?;
-    let cpu = || {
-        std::fs::read_to_string("/proc/thread-self/stat").map(|s| {
+    let cpu = |file: &str| {
+        std::fs::read_to_string(file).map(|s| {
             // after the name: state, ppid, … utime (12th), stime (13th), in ticks of 10 ms
             let f: Vec<&str> = s
                 .rsplit_once(')')
@@ -281,7 +281,8 @@ fn apply(layout: &Layout, store: &ObjectStore, pool: &Pool, layer: &Layer, n: u6
             (tick(11), tick(12))
         })
     };
-    let cpu0 = cpu()?;
+    let cpu0 = cpu("/proc/thread-self/stat")?;
+    let all0 = cpu("/proc/self/stat")?;
     let t = Instant::now();
     let blob = File::open(&layer.path)?;
     let applied = apply_blob(
@@ -294,11 +295,13 @@ fn apply(layout: &Layout, store: &ObjectStore, pool: &Pool, layer: &Layer, n: u6
     .map_err(|f| f.error)
     .with_context(|| format!("applying {}", layer.path.display()))?;
     let secs = t.elapsed().as_secs_f64();
-    let cpu1 = cpu()?;
+    let cpu1 = cpu("/proc/thread-self/stat")?;
+    let all1 = cpu("/proc/self/stat")?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     eprintln!(
-        "  apply {n}: {:.0} ms (unpack thread: user {} ms, system {} ms): waiting for input {:.0} ms, for writes {:.0} ms, syncfs + manifest {:.0} ms",
+        "  apply {n}: {:.0} ms (CPU: all threads {} ms, unpack thread: user {} ms, system {} ms): waiting for input {:.0} ms, for writes {:.0} ms, syncfs + manifest {:.0} ms",
         secs * 1e3,
+        (all1.0 + all1.1 - all0.0 - all0.1) * 10,
         (cpu1.0 - cpu0.0) * 10,
         (cpu1.1 - cpu0.1) * 10,
         ms(applied.times.input_wait),
