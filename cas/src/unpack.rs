@@ -302,8 +302,11 @@ pub struct ApplyTimes {
     pub total: std::time::Duration,
     /// Waiting for decompressed data: the decode thread was the bottleneck.
     pub input_wait: std::time::Duration,
-    /// Waiting for the I/O pool's writes of new objects.
+    /// Waiting for the I/O pool: to take a write (its queues full) or to finish one.
     pub write_wait: std::time::Duration,
+    /// Waiting for the stub threads (too many stubs out, or an entry that must come
+    /// after them).
+    pub stub_wait: std::time::Duration,
     /// The `syncfs` and the manifest at the end.
     pub sync: std::time::Duration,
 }
@@ -1170,13 +1173,16 @@ impl<'a> Unpacker<'a> {
         let size = data.len() as u64;
         let (redirect, alias) = self.t.store.plan_redirect(&digest);
         let dest = self.t.store.path(&digest);
+        let waiting = std::time::Instant::now();
         let ticket = self.t.pool.write_linked(
             self.t.tmp_dir,
             &dest,
             alias.as_deref(),
             OBJECT_MODE,
             vec![data],
-        )?;
+        );
+        self.times.write_wait += waiting.elapsed();
+        let ticket = ticket?;
         self.in_flight.insert(digest, redirect.clone());
         if alias.is_some() {
             self.alias_stubs.insert(digest, Vec::new());
@@ -1299,7 +1305,10 @@ impl<'a> Unpacker<'a> {
 
     /// Waits for one stub thread report.
     fn stub_wait(&mut self) -> Result<(), UnpackError> {
-        match self.stubs.done.recv() {
+        let waiting = std::time::Instant::now();
+        let done = self.stubs.done.recv();
+        self.times.stub_wait += waiting.elapsed();
+        match done {
             Ok(d) => self.stub_done(d),
             Err(_) => Err(UnpackError::Read(io::Error::other(
                 "the stub threads stopped",

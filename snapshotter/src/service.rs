@@ -697,6 +697,7 @@ impl CasSnapshotter {
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     input_wait_ms = applied.times.input_wait.as_millis() as u64,
                     write_wait_ms = applied.times.write_wait.as_millis() as u64,
+                    stub_wait_ms = applied.times.stub_wait.as_millis() as u64,
                     sync_ms = applied.times.sync.as_millis() as u64,
                     "layer applied"
                 );

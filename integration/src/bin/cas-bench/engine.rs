@@ -299,13 +299,14 @@ fn apply(layout: &Layout, store: &ObjectStore, pool: &Pool, layer: &Layer, n: u6
     let all1 = cpu("/proc/self/stat")?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     eprintln!(
-        "  apply {n}: {:.0} ms (CPU: all threads {} ms, unpack thread: user {} ms, system {} ms): waiting for input {:.0} ms, for writes {:.0} ms, syncfs + manifest {:.0} ms",
+        "  apply {n}: {:.0} ms (CPU: all threads {} ms, unpack thread: user {} ms, system {} ms): waiting for input {:.0} ms, for writes {:.0} ms, for stubs {:.0} ms, syncfs + manifest {:.0} ms",
         secs * 1e3,
         (all1.0 + all1.1 - all0.0 - all0.1) * 10,
         (cpu1.0 - cpu0.0) * 10,
         (cpu1.1 - cpu0.1) * 10,
         ms(applied.times.input_wait),
         ms(applied.times.write_wait),
+        ms(applied.times.stub_wait),
         ms(applied.times.sync)
     );
     if applied.diff_id.to_string() != layer.blob.diff_id {
