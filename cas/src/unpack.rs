@@ -9,12 +9,14 @@
 //!      ─► gunzip / unzstd                          ├─ known content: nothing written
 //!      ─► sha256 (diffID) ─► chunks ═══bounded══►  ├─ new content: written by the I/O pool
 //!                                                  │  (ringio) into cas/tmp, linked as object
-//!                                                  └─ stub / dir / symlink / device / whiteout
+//!                                                  ├─ stub / empty file ═══bounded══► stub threads
+//!                                                  └─ dir / symlink / device / whiteout
 //! ```
 //!
 //! Decompression and the diffID run on one thread, tar parsing, hashing and the store's
-//! metadata calls on another, and the bytes of new objects are written by the I/O pool's
-//! workers, so two cores are busy. The channel between the threads is bounded, and so
+//! other metadata calls on another, stubs are made on the stub threads (see
+//! `StubThreads` for the order they keep) and the bytes of new objects are written by
+//! the I/O pool's workers, so every core is busy. The channel between the threads is bounded, and so
 //! are the writes in flight ([`FLUSH_BYTES`]): memory does not grow with the layer.
 //!
 //! Only content the store does not hold is written. A file up to [`MEM_FILE_LIMIT`] is
