@@ -91,6 +91,10 @@ pub struct PerfArgs {
     /// Size of the (sparse) loop filesystem, GiB.
     #[arg(long, default_value_t = 40)]
     pub fs_gib: u64,
+    /// Only these cases (by id: `unpack`, `near-dup`, `scale-100000`, …; repeat the flag);
+    /// the report then holds only them. Default: every case.
+    #[arg(long = "case")]
+    pub only: Vec<String>,
 }
 
 /// The two snapshotters, as containerd names them.
@@ -789,7 +793,19 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
     let unpack = rig.choose_unpack_path()?;
     println!("bench: unpack: {unpack}");
 
-    let cases = cases(sizes);
+    let mut cases = cases(sizes);
+    if !a.only.is_empty() {
+        let unknown: Vec<&String> = a
+            .only
+            .iter()
+            .filter(|id| !cases.iter().any(|c| &c.id == *id))
+            .collect();
+        if !unknown.is_empty() {
+            let ids: Vec<&str> = cases.iter().map(|c| c.id.as_str()).collect();
+            bail!("unknown case {unknown:?}; the cases are {ids:?}");
+        }
+        cases.retain(|c| a.only.contains(&c.id));
+    }
     let mut samples = Vec::new();
     for case in &cases {
         for run in 0..a.runs {

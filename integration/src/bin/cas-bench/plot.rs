@@ -28,6 +28,10 @@ fn stats(samples: &[Sample], case: &str, sn: &str, f: impl Fn(&Sample) -> f64) -
 /// Grouped bars (log scale): median time of every non-scaling case, min–max whiskers.
 pub fn times(path: &Path, cases: &[Case], samples: &[Sample]) -> Result<()> {
     let main: Vec<&Case> = cases.iter().filter(|c| c.scaling_files.is_none()).collect();
+    if main.is_empty() {
+        // `perf --case` with scaling cases only: no bars (an empty log range never ends)
+        return Ok(());
+    }
     let all: Vec<(f64, f64, f64)> = main
         .iter()
         .flat_map(|c| SNAPSHOTTERS.map(|sn| stats(samples, &c.id, sn, |s| s.secs)))
