@@ -57,21 +57,24 @@ test: check unit dist-check conformance e2e
 #               cached it, else the system's 1.6)]
 #              [CAS_DIFF=0 (walking differ for both; default: cas-diff on >= 1.7.4)]
 #              [CTR_LOCAL=1 (2.x: ctr images pull --local rather than the transfer service)]
+#              [CASES="unpack scale-100000" BENCH_OUT=dir (only these cases, reported in dir)]
 # Images are generated once into $(BENCH_CACHE) and reused.
 QUICK       ?=
 RUNS        ?= 3
 CONTAINERD  ?=
 CAS_DIFF    ?= 1
 CTR_LOCAL   ?=
+CASES       ?=
+BENCH_OUT   ?= bench
 BENCH_CACHE ?= /var/cache/cas-bench
 bench:
 	@command -v fio >/dev/null && command -v pigz >/dev/null && command -v zstd >/dev/null || $(MAKE) deps
 	$(CARGO) build --release -p cas-snapshotter -p cas -p cas-integration --bins
 	CAS_SNAPSHOTTER_BIN=$(CURDIR)/target/release/cas-snapshotter CASCTL_BIN=$(CURDIR)/target/release/casctl \
 	$(CURDIR)/target/release/cas-bench perf \
-	  --cache $(BENCH_CACHE) --out bench --runs $(RUNS) $(if $(QUICK),--quick) \
+	  --cache $(BENCH_CACHE) --out $(BENCH_OUT) --runs $(RUNS) $(if $(QUICK),--quick) \
 	  $(if $(CONTAINERD),--containerd $(CONTAINERD)) $(if $(filter 0,$(CAS_DIFF)),--no-cas-diff) \
-	  $(if $(CTR_LOCAL),--local) \
+	  $(if $(CTR_LOCAL),--local) $(foreach c,$(CASES),--case $(c)) \
 	  $(if $(wildcard $(SHARED)/conformance/run.sh),--conformance $(SHARED)/conformance/run.sh)
 
 # Dedup on a family of near-duplicate Debian images, overlayfs and ours in one run:
