@@ -20,7 +20,6 @@
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -34,7 +33,7 @@ use cas_integration::harness::{FsKind, LoopFs};
 use ringio::pool::{Pool, PoolConfig};
 
 use crate::images::{ensure_images, Layer, Sizes};
-use crate::perf::{drop_caches, summary, work_dir};
+use crate::perf::{decompress_args, drop_caches, summary, time_decompress, work_dir};
 
 /// `cas-bench engine` arguments.
 #[derive(Debug, clap::Args)]
@@ -113,7 +112,7 @@ pub fn measure(
         let mut tar_bytes = 0;
         for _ in 0..runs {
             warm(&layer.path)?;
-            let (secs, bytes) = decompress(layer)?;
+            let (secs, bytes) = time_decompress(tool(layer), &layer.path)?;
             limit.push(secs);
             tar_bytes = bytes;
             let out = dir.join("tar");
@@ -184,12 +183,12 @@ pub fn table(rows: &[EngineRow]) -> String {
     s
 }
 
-/// The decompressor of `layer`'s blob (`cat` for a plain tar).
-fn tool(layer: &Layer) -> (&'static str, &'static [&'static str]) {
+/// The single-core decompressor of `layer`'s blob (`cat` for a plain tar).
+fn tool(layer: &Layer) -> &'static str {
     match layer.def.compression {
-        Compression::Gzip => ("gzip", &["-dc"]),
-        Compression::Zstd => ("zstd", &["-dc"]),
-        Compression::None => ("cat", &[]),
+        Compression::Gzip => "gzip",
+        Compression::Zstd => "zstd",
+        Compression::None => "cat",
     }
 }
 
@@ -205,37 +204,12 @@ fn cold(blob: &Path) -> Result<()> {
     warm(blob)
 }
 
-/// Single-core decompression of the blob into a discarding pipe: (seconds, bytes out).
-fn decompress(layer: &Layer) -> Result<(f64, u64)> {
-    let (cmd, args) = tool(layer);
-    let t = Instant::now();
-    let mut child = Command::new(cmd)
-        .args(args)
-        .arg(&layer.path)
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {cmd}"))?;
-    let mut out = child.stdout.take().context("no stdout")?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        match out.read(&mut buf)? {
-            0 => break,
-            k => n += k as u64,
-        }
-    }
-    if !child.wait()?.success() {
-        bail!("{cmd} failed on {}", layer.path.display());
-    }
-    Ok((t.elapsed().as_secs_f64(), n))
-}
-
 /// `<tool> -dc blob | tar -x -C out`, then `syncfs` of `out`: seconds.
 fn tar_x(layer: &Layer, out: &Path) -> Result<f64> {
-    let (cmd, args) = tool(layer);
+    let cmd = tool(layer);
     let t = Instant::now();
     let mut dec = Command::new(cmd)
-        .args(args)
+        .args(decompress_args(cmd))
         .arg(&layer.path)
         .stdout(Stdio::piped())
         .spawn()

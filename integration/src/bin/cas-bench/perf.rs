@@ -589,11 +589,12 @@ pub struct Limit {
     pub mbps: Vec<f64>,
 }
 
-/// Runs `cmd` and counts its stdout; returns (seconds, bytes).
-fn time_decompress(tool: &str, blob: &Path) -> Result<(f64, u64)> {
+/// Decompresses `blob` with `tool` (`gzip`, `pigz`, `zstd`; `cat` for a plain tar) on
+/// one core into a pipe that is counted and discarded: (seconds, bytes out).
+pub fn time_decompress(tool: &str, blob: &Path) -> Result<(f64, u64)> {
     let t = Instant::now();
     let mut child = Command::new(tool)
-        .arg("-dc")
+        .args(decompress_args(tool))
         .arg(blob)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -612,6 +613,15 @@ fn time_decompress(tool: &str, blob: &Path) -> Result<(f64, u64)> {
         bail!("{tool} -dc {} failed", blob.display());
     }
     Ok((t.elapsed().as_secs_f64(), n))
+}
+
+/// The arguments that make `tool` write `blob` decompressed to stdout.
+pub fn decompress_args(tool: &str) -> &'static [&'static str] {
+    if tool == "cat" {
+        &[]
+    } else {
+        &["-dc"]
+    }
 }
 
 /// `fio` sequential write then read of `mib` MiB in `dir`; MB/s of each.
