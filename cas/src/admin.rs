@@ -64,6 +64,12 @@ pub struct IngestPaths {
     pub failed_applies: u64,
     /// Layers written by containerd's applier and ingested at Commit.
     pub commit_ingests: u64,
+    /// Blobs the Diff service read from containerd's content directory.
+    #[serde(default)]
+    pub blobs_from_content_dir: u64,
+    /// Blobs it streamed through containerd's Content API (the directory not readable).
+    #[serde(default)]
+    pub blobs_from_content_api: u64,
     /// The I/O workers' backend (`io_uring` or `threads`).
     pub io_backend: Option<String>,
 }

@@ -925,6 +925,10 @@ pub struct RigOptions {
     pub containerd: ContainerdOptions,
     /// Enable the CRI plugin, with our pause image pushed as `fixture/pause:1`.
     pub cri: bool,
+    /// The daemon's `[differ] content_dir` (when `daemon_config` has no `[differ]`):
+    /// default the rig containerd's content store; elsewhere, the differ must stream
+    /// blobs through containerd's Content API.
+    pub content_dir: Option<PathBuf>,
 }
 
 /// Registry + daemon + containerd under one temporary directory, with the fixture
@@ -993,7 +997,14 @@ impl Rig {
         let ctrd = d.join("containerd");
         let mut text = opts.daemon_config.clone().unwrap_or_default();
         if !text.contains("[differ]") {
-            text += &differ_config(&ctrd);
+            text += &match &opts.content_dir {
+                Some(dir) => format!(
+                    "\n[differ]\ncontent_dir = \"{}\"\ncontainerd_address = \"{}\"\n",
+                    dir.display(),
+                    ctrd.join("containerd.sock").display()
+                ),
+                None => differ_config(&ctrd),
+            };
         }
         fs::write(d.join("config.toml"), text)?;
         let cfg = Some(d.join("config.toml"));

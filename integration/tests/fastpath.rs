@@ -170,6 +170,37 @@ fn encodings_flow(rig: &Rig, encodings: &[Encoding]) -> Result<()> {
     Ok(())
 }
 
+/// With `content_dir` pointing where containerd keeps nothing, cas-diff streams every
+/// blob through containerd's Content API: the same trees, every layer in one pass, and
+/// stats that say which way the blobs came.
+#[test]
+fn blobs_stream_through_the_content_api_without_the_content_dir() -> Result<()> {
+    if !require_root() || !ContainerdOptions::cached("2").bin.available() {
+        return Ok(());
+    }
+    let rig = Rig::start_with(RigOptions {
+        containerd: ContainerdOptions::cached("2").differ(true),
+        content_dir: Some(PathBuf::from("/nonexistent/containerd-content")),
+        ..RigOptions::default()
+    })?;
+    ensure!(
+        rig.containerd.differ,
+        "no cas-diff on {}",
+        rig.containerd.version
+    );
+    encodings_flow(&rig, &[Encoding::Gzip, Encoding::Zstd])?;
+    let p = &stats(&rig)?["ingest_paths"];
+    let fast = num(&p["fast_path_applies"]);
+    ensure!(
+        fast > 0
+            && num(&p["blobs_from_content_api"]) == fast
+            && num(&p["blobs_from_content_dir"]) == 0,
+        "every blob through the Content API: {p}\n{}",
+        rig.logs()
+    );
+    Ok(())
+}
+
 fn io_uring_usable() -> bool {
     match fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
         Ok(v) => v.trim() == "0",
@@ -186,6 +217,12 @@ fn gzip_zstd_and_plain_layers_match_overlayfs() -> Result<()> {
     };
     encodings_flow(&rig, &[Encoding::Gzip, Encoding::Zstd, Encoding::Plain])?;
     let s = stats(&rig)?;
+    let p = &s["ingest_paths"];
+    ensure!(
+        num(&p["blobs_from_content_dir"]) == num(&p["fast_path_applies"])
+            && num(&p["blobs_from_content_api"]) == 0,
+        "every blob read from containerd's content directory: {p}"
+    );
     let backend = s["ingest_paths"]["io_backend"].as_str().unwrap_or_default();
     if io_uring_usable() {
         ensure!(

@@ -39,6 +39,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 
 use crate::error::SnapshotError;
+use crate::metrics::BlobSource;
 use crate::service::CasSnapshotter;
 
 /// Code generated from the vendored containerd protos (see `proto/README.md`).
@@ -207,6 +208,7 @@ impl CasDiffer {
         match self.pool.read_file(&path) {
             Ok(r) => {
                 debug!(blob = %path.display(), "reading the blob from the content store");
+                self.sn.metrics().blob_read(BlobSource::ContentDir);
                 return Ok(Box::new(r));
             }
             Err(e) => {
@@ -214,7 +216,10 @@ impl CasDiffer {
             }
         }
         match stream_blob(&self.cfg.containerd_address, digest, namespace).await {
-            Ok(r) => Ok(Box::new(r)),
+            Ok(r) => {
+                self.sn.metrics().blob_read(BlobSource::ContentApi);
+                Ok(Box::new(r))
+            }
             Err(e) => Err(SnapshotError::NotApplicable(format!(
                 "blob sha256:{} is neither in {} nor readable through containerd's Content API at {}: {e}",
                 digest.hex(),

@@ -67,6 +67,7 @@ pub struct Metrics {
     recovery_seconds: Gauge<f64, AtomicU64>,
     applies: Family<Labels, Counter>,
     applied_bytes: Counter,
+    blob_reads: Family<Vec<(String, String)>, Counter>,
     ring_backend: Family<Labels, Gauge>,
     ring_queue_depth: Gauge,
     ring_waits: Gauge,
@@ -87,6 +88,29 @@ pub struct ApplyCounts {
     pub failed: u64,
     /// Layers whose files containerd's applier wrote, ingested at Commit.
     pub commit_ingests: u64,
+    /// Blobs the Diff service read from containerd's content directory.
+    pub blobs_from_content_dir: u64,
+    /// Blobs it streamed through containerd's Content API.
+    pub blobs_from_content_api: u64,
+}
+
+/// Where the Diff service read a layer blob from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobSource {
+    /// containerd's content store directory, read by the I/O workers.
+    ContentDir,
+    /// containerd's Content API, over its socket.
+    ContentApi,
+}
+
+impl BlobSource {
+    /// The label value in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BlobSource::ContentDir => "content_dir",
+            BlobSource::ContentApi => "content_api",
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -121,6 +145,7 @@ impl Metrics {
             recovery_seconds: Gauge::default(),
             applies: Family::default(),
             applied_bytes: Counter::default(),
+            blob_reads: Family::default(),
             ring_backend: Family::default(),
             ring_queue_depth: Gauge::default(),
             ring_waits: Gauge::default(),
@@ -138,6 +163,12 @@ impl Metrics {
             "diff_uncompressed_bytes",
             "Uncompressed layer bytes applied in one pass",
             m.applied_bytes.clone(),
+        );
+        registry.register(
+            "diff_blob_reads",
+            "Layer blobs the Diff service opened, by source (content_dir: containerd's content \
+             store read directly; content_api: streamed through containerd's Content API)",
+            m.blob_reads.clone(),
         );
         registry.register(
             "ring_backend",
@@ -235,6 +266,19 @@ impl Metrics {
         self.ingested(a.stats.logical_bytes, a.stats.new_bytes);
     }
 
+    /// One blob opened by the Diff service, from `source` (see [`BlobSource`]).
+    pub fn blob_read(&self, source: BlobSource) {
+        self.blob_reads
+            .get_or_create(&vec![("source".to_string(), source.as_str().to_string())])
+            .inc();
+    }
+
+    fn blob_reads_from(&self, source: BlobSource) -> u64 {
+        self.blob_reads
+            .get_or_create(&vec![("source".to_string(), source.as_str().to_string())])
+            .get()
+    }
+
     /// One apply that failed.
     pub fn apply_failed(&self) {
         self.apply_result("failed").inc();
@@ -259,6 +303,8 @@ impl Metrics {
             fallback: self.apply_result("fallback").get(),
             failed: self.apply_result("failed").get(),
             commit_ingests: self.ingested_layers.get().saturating_sub(fast),
+            blobs_from_content_dir: self.blob_reads_from(BlobSource::ContentDir),
+            blobs_from_content_api: self.blob_reads_from(BlobSource::ContentApi),
         }
     }
 

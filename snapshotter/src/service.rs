@@ -543,6 +543,8 @@ impl CasSnapshotter {
             fallback_applies: c.fallback,
             failed_applies: c.failed,
             commit_ingests: c.commit_ingests,
+            blobs_from_content_dir: c.blobs_from_content_dir,
+            blobs_from_content_api: c.blobs_from_content_api,
             io_backend: self.metrics.ring_backend().map(str::to_string),
         });
         Ok(s)

@@ -99,6 +99,12 @@ fn print_stats(s: &Stats) {
             "layers since start:   {} applied in one pass (cas-diff), {} ingested at commit, {} handed back, {} failed",
             p.fast_path_applies, p.commit_ingests, p.fallback_applies, p.failed_applies
         );
+        if p.blobs_from_content_dir + p.blobs_from_content_api > 0 {
+            println!(
+                "layer blobs read:     {} from containerd's content directory, {} through its Content API",
+                p.blobs_from_content_dir, p.blobs_from_content_api
+            );
+        }
         if let Some(b) = &p.io_backend {
             println!("io backend:           {b}");
         }
