@@ -1166,9 +1166,19 @@ impl Rig {
         Ok(())
     }
 
-    /// `ctr run --rm --snapshotter cas <image> <id> <args…>`; returns stdout.
+    /// `ctr run --rm --snapshotter cas <image> <id>-<rig> <args…>`; returns stdout.
     pub fn run(&self, image: &str, id: &str, args: &[&str]) -> Result<String> {
-        let mut a = vec!["run", "--rm", "--snapshotter", "cas", image, id];
+        // runc keeps `ctr run`'s containers in one directory per namespace for every
+        // containerd on the machine: the id gets this rig's own suffix, so tests running
+        // at once (and other test runs) never share one.
+        let rig = self
+            .dir
+            .path()
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        let id = format!("{id}-{}", rig.trim_start_matches('.'));
+        let mut a = vec!["run", "--rm", "--snapshotter", "cas", image, &id];
         a.extend_from_slice(args);
         self.containerd.ctr(&a)
     }

@@ -52,12 +52,6 @@ fn rig_on(containerd: ContainerdOptions, daemon_config: Option<&str>) -> Result<
     Ok(Some(rig))
 }
 
-/// A container id of this process: runc keeps its state per namespace in one directory
-/// for every containerd on the machine, so two test runs must not share ids.
-fn cid(name: &str) -> String {
-    format!("fp-{name}-{}", std::process::id())
-}
-
 fn stats(rig: &Rig) -> Result<Value> {
     let (code, out) = rig.casctl(&["stats", "--json"])?;
     ensure!(code == 0, "casctl stats: {out}");
@@ -133,11 +127,11 @@ fn encodings_flow(rig: &Rig, encodings: &[Encoding]) -> Result<()> {
         }
         rig.assert_same_tree(&base_ref, &format!("base-{}", enc.name()))?;
         rig.assert_same_tree(&app_ref, &format!("app-{}", enc.name()))?;
-        let out = rig.run(&base_ref, &cid("base"), &["cat", "/etc/fixture-release"])?;
+        let out = rig.run(&base_ref, "fp-base", &["cat", "/etc/fixture-release"])?;
         ensure!(out == BASE_RELEASE, "{}: base says {out:?}", enc.name());
         let out = rig.run(
             &app_ref,
-            &cid("app"),
+            "fp-app",
             &["sh", "-c", "cat /etc/fixture-release; /app/run.sh"],
         )?;
         ensure!(
@@ -414,7 +408,7 @@ fn good_pull_runs(rig: &Rig, base: &Image, n: u64) -> Result<()> {
     let r = push(rig, &img, &format!("good-{n}"))?;
     rig.pull("cas", &r)
         .with_context(|| format!("a good pull after a failure\n{}", rig.logs()))?;
-    let out = rig.run(&r, &cid(&format!("good-{n}")), &["cat", "/good/msg"])?;
+    let out = rig.run(&r, &format!("good-{n}"), &["cat", "/good/msg"])?;
     ensure!(out == msg, "good image {n} says {out:?}");
     Ok(())
 }
@@ -480,7 +474,7 @@ fn bad_layers_fail_clearly_and_leave_nothing_behind() -> Result<()> {
     rig.containerd.ctr(&["content", "rm", top])?;
     rig.pull("cas", &rig.app_ref)
         .with_context(|| format!("the app after its blob was fetched again\n{}", rig.logs()))?;
-    let out = rig.run(&rig.app_ref, &cid("app"), &["/app/run.sh"])?;
+    let out = rig.run(&rig.app_ref, "fp-app", &["/app/run.sh"])?;
     ensure!(out == "app\n", "app says {out:?}");
 
     // b. A gzip stream that is itself broken (its digest is right).
@@ -561,7 +555,7 @@ fn fast_path_crash_points_recover() -> Result<()> {
         fsck(&rig, false, &format!("after a crash at {point}"))?;
         rig.pull_after_restart("cas", &image)
             .with_context(|| format!("pull after a crash at {point}\n{}", rig.logs()))?;
-        let out = rig.run(&image, &cid("crash"), &["cat", "/etc/fixture-release"])?;
+        let out = rig.run(&image, "fp-crash", &["cat", "/etc/fixture-release"])?;
         ensure!(out == APP_RELEASE, "after a crash at {point}: {out:?}");
         // containerd's GC, with the image in use, removes what the crashed pull left in
         // the store (an active snapshot, applied or not, or a commit containerd never
@@ -573,7 +567,7 @@ fn fast_path_crash_points_recover() -> Result<()> {
             num(&s["snapshots"]) == num(&s["committed"]) && !snaps.contains("Active"),
             "after a crash at {point}, snapshots survive containerd's GC: {s}\n{snaps}"
         );
-        let out = rig.run(&image, &cid("crash"), &["cat", "/etc/fixture-release"])?;
+        let out = rig.run(&image, "fp-crash", &["cat", "/etc/fixture-release"])?;
         ensure!(
             out == APP_RELEASE,
             "after a crash at {point} and a GC: {out:?}"
