@@ -1137,10 +1137,12 @@ fn render(
             .as_deref()
             .map_or(String::new(), |c| format!(" CONTAINERD={c}"))
     );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let shared = if h.max_load > 1.0 {
         format!(
-            " **Machine shared during this run** (1-minute load average up to {:.1} at the start of a timed step, \
-             other work compiling and testing): absolute times are noisy, compare the ratios.",
+            " **Busy machine**: 1-minute load average up to {:.1} on {cores} cores at the start of a timed \
+             step (the benchmark's own earlier steps count in it, and any other work on the machine): \
+             absolute times are noisy, compare the ratios.",
             h.max_load
         )
     } else {
