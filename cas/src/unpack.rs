@@ -766,9 +766,15 @@ impl<'a> Unpacker<'a> {
         let mut cur = PathBuf::new();
         for comp in rel.components() {
             cur.push(comp);
+            if self.known_dirs.contains(&cur) {
+                continue;
+            }
             let abs = self.abs(&cur);
             match fs::symlink_metadata(&abs) {
-                Ok(md) if md.is_dir() => continue,
+                Ok(md) if md.is_dir() => {
+                    self.known_dirs.insert(cur.clone());
+                    continue;
+                }
                 Ok(_) => {
                     return Err(CasError::Hostile {
                         path: cur.clone(),
@@ -793,8 +799,10 @@ impl<'a> Unpacker<'a> {
                 set_owner_mode(&abs, &meta)?;
                 self.dirs.push((cur.clone(), meta));
             }
+            // every directory of the layer is known, so that a file replacing one is
+            // made on this thread (see `make_stub`)
+            self.known_dirs.insert(cur.clone());
         }
-        self.known_dirs.insert(rel.to_path_buf());
         Ok(())
     }
 

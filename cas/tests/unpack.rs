@@ -442,6 +442,35 @@ fn symlinked_parents_resolve_inside_the_layer() {
     assert!(!Path::new("/tmp/file").exists() || fs::read("/tmp/file").unwrap() != b"data");
 }
 
+/// A file replacing a directory the layer made implicitly (for a deeper entry) removes
+/// it, and a later entry under it fails as on any path through a file: the same whether
+/// the stubs are made on this thread or on the stub threads.
+#[test]
+fn a_file_over_an_implicit_directory_replaces_it() {
+    if !root() {
+        return;
+    }
+    let layer = |names: &[&str]| {
+        let mut b = tar::Builder::new(Vec::new());
+        for n in names {
+            let data = n.as_bytes();
+            let mut h = header(tar::EntryType::Regular, data.len() as u64, 0o644);
+            b.append_data(&mut h, n, data).unwrap();
+        }
+        gzip(&b.into_inner().unwrap())
+    };
+    let mut s = Store::new(BackendChoice::Auto);
+    let (dir, r) = s.apply(&layer(&["i/j/f", "i"]), None, Limits::default());
+    r.map_err(|f| f.error).unwrap();
+    assert!(fs::symlink_metadata(dir.join("fs/i")).unwrap().is_file());
+    let (_, r) = s.apply(&layer(&["i/j/f", "i", "i/j/k"]), None, Limits::default());
+    let err = r.expect_err("an entry under a file").error;
+    assert!(
+        matches!(err, UnpackError::Store(cas::CasError::Hostile { .. })),
+        "{err}"
+    );
+}
+
 #[test]
 fn later_entries_replace_earlier_ones() {
     if !root() {
