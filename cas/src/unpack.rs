@@ -296,12 +296,10 @@ pub struct Applied {
     pub times: ApplyTimes,
 }
 
-/// Where an apply's time went, as seen from the unpack thread: what it waited for, and
-/// the rest (tar parsing, hashing and the store's metadata calls) is `total` minus these.
+/// Where an apply's time went, as seen from the unpack thread: what it waited for; the
+/// rest of the apply's time is tar parsing, hashing and the store's metadata calls.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ApplyTimes {
-    /// From the call to the manifest in place.
-    pub total: std::time::Duration,
     /// Waiting for decompressed data: the decode thread was the bottleneck.
     pub input_wait: std::time::Duration,
     /// Waiting for the I/O pool: to take a write (its queues full) or to finish one.
@@ -322,7 +320,6 @@ pub fn apply_blob(
     limits: Limits,
     target: &Target<'_>,
 ) -> Result<Applied, ApplyFailure> {
-    let started = std::time::Instant::now();
     let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(CHANNEL_CHUNKS);
     let (job_tx, job_rx) = mpsc::sync_channel::<StubJob>(STUBS_IN_FLIGHT);
     let (done_tx, done_rx) = mpsc::channel::<StubDone>();
@@ -385,7 +382,6 @@ pub fn apply_blob(
                 compression: d.compression,
                 stats: unpacker.stats.clone(),
                 times: ApplyTimes {
-                    total: started.elapsed(),
                     input_wait,
                     ..unpacker.times
                 },
@@ -1155,18 +1151,23 @@ impl<'a> Unpacker<'a> {
 
     /// The redirect for content that is stored or on its way, `None` for new content.
     fn known_redirect(&mut self, digest: &Digest) -> Result<Option<String>, CasError> {
-        if let Some(r) = self
-            .in_flight
-            .get(digest)
-            .or_else(|| self.redirects.get(digest))
-        {
-            return Ok(Some(r.clone()));
+        if let Some(r) = self.remembered_redirect(digest) {
+            return Ok(Some(r));
         }
         let r = self.t.store.stored_redirect(digest)?;
         if let Some(r) = &r {
             self.remember_redirect(*digest, r.clone());
         }
         Ok(r)
+    }
+
+    /// The redirect of content on its way or recently seen in place, without a lookup in
+    /// the store.
+    fn remembered_redirect(&self, digest: &Digest) -> Option<String> {
+        self.in_flight
+            .get(digest)
+            .or_else(|| self.redirects.get(digest))
+            .cloned()
     }
 
     fn remember_redirect(&mut self, digest: Digest, redirect: String) {
@@ -1230,12 +1231,7 @@ impl<'a> Unpacker<'a> {
                 return Err(e.into());
             }
         };
-        if let Some(r) = self
-            .in_flight
-            .get(&digest)
-            .or_else(|| self.redirects.get(&digest))
-        {
-            let r = r.clone();
+        if let Some(r) = self.remembered_redirect(&digest) {
             self.stats.discarded_bytes += size;
             fs::remove_file(&tmp).map_err(CasError::io("remove", &tmp))?;
             return Ok((digest, r));

@@ -610,11 +610,18 @@ impl ContainerdOptions {
 /// The daemon's `[differ]` section for a containerd started by [`Containerd::start_with`]
 /// in `containerd_dir`: blobs are read from its content store, or through its socket.
 pub fn differ_config(containerd_dir: &Path) -> String {
+    differ_section(
+        &containerd_dir.join("root/io.containerd.content.v1.content"),
+        containerd_dir,
+    )
+}
+
+/// The daemon's `[differ]` section: blobs read from `content_dir`, or through the socket
+/// of the containerd started in `containerd_dir`.
+fn differ_section(content_dir: &Path, containerd_dir: &Path) -> String {
     format!(
         "\n[differ]\ncontent_dir = \"{}\"\ncontainerd_address = \"{}\"\n",
-        containerd_dir
-            .join("root/io.containerd.content.v1.content")
-            .display(),
+        content_dir.display(),
         containerd_dir.join("containerd.sock").display()
     )
 }
@@ -998,11 +1005,7 @@ impl Rig {
         let mut text = opts.daemon_config.clone().unwrap_or_default();
         if !text.contains("[differ]") {
             text += &match &opts.content_dir {
-                Some(dir) => format!(
-                    "\n[differ]\ncontent_dir = \"{}\"\ncontainerd_address = \"{}\"\n",
-                    dir.display(),
-                    ctrd.join("containerd.sock").display()
-                ),
+                Some(dir) => differ_section(dir, &ctrd),
                 None => differ_config(&ctrd),
             };
         }

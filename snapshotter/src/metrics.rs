@@ -67,7 +67,7 @@ pub struct Metrics {
     recovery_seconds: Gauge<f64, AtomicU64>,
     applies: Family<Labels, Counter>,
     applied_bytes: Counter,
-    blob_reads: Family<Vec<(String, String)>, Counter>,
+    blob_reads: Family<Labels, Counter>,
     ring_backend: Family<Labels, Gauge>,
     ring_queue_depth: Gauge,
     ring_waits: Gauge,
@@ -268,15 +268,13 @@ impl Metrics {
 
     /// One blob opened by the Diff service, from `source` (see [`BlobSource`]).
     pub fn blob_read(&self, source: BlobSource) {
-        self.blob_reads
-            .get_or_create(&vec![("source".to_string(), source.as_str().to_string())])
-            .inc();
+        self.blob_reads_from(source).inc();
     }
 
-    fn blob_reads_from(&self, source: BlobSource) -> u64 {
+    fn blob_reads_from(&self, source: BlobSource) -> Counter {
         self.blob_reads
             .get_or_create(&vec![("source".to_string(), source.as_str().to_string())])
-            .get()
+            .clone()
     }
 
     /// One apply that failed.
@@ -303,8 +301,8 @@ impl Metrics {
             fallback: self.apply_result("fallback").get(),
             failed: self.apply_result("failed").get(),
             commit_ingests: self.ingested_layers.get().saturating_sub(fast),
-            blobs_from_content_dir: self.blob_reads_from(BlobSource::ContentDir),
-            blobs_from_content_api: self.blob_reads_from(BlobSource::ContentApi),
+            blobs_from_content_dir: self.blob_reads_from(BlobSource::ContentDir).get(),
+            blobs_from_content_api: self.blob_reads_from(BlobSource::ContentApi).get(),
         }
     }
 

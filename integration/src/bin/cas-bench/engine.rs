@@ -33,7 +33,7 @@ use cas_integration::harness::{FsKind, LoopFs};
 use ringio::pool::{Pool, PoolConfig};
 
 use crate::images::{ensure_images, Layer, Sizes};
-use crate::perf::{decompress_args, drop_caches, summary, time_decompress, work_dir};
+use crate::perf::{cpu_times, decompress_args, drop_caches, summary, time_decompress, work_dir};
 
 /// `cas-bench engine` arguments.
 #[derive(Debug, clap::Args)]
@@ -244,19 +244,13 @@ fn apply(layout: &Layout, store: &ObjectStore, pool: &Pool, layer: &Layer, n: u6
         pool,
     };
     let digest = layer.blob.digest.parse().context("the blob's digest")?;
-    let cpu = |file: &str| {
-        std::fs::read_to_string(file).map(|s| {
-            // after the name: state, ppid, … utime (12th), stime (13th), in ticks of 10 ms
-            let f: Vec<&str> = s
-                .rsplit_once(')')
-                .map(|(_, r)| r.split_whitespace().collect())
-                .unwrap_or_default();
-            let tick = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-            (tick(11), tick(12))
-        })
-    };
-    let cpu0 = cpu("/proc/thread-self/stat")?;
-    let all0 = cpu("/proc/self/stat")?;
+    // this thread is apply_blob's unpack thread
+    let (thread, process) = (
+        Path::new("/proc/thread-self/stat"),
+        Path::new("/proc/self/stat"),
+    );
+    let cpu0 = cpu_times(thread)?;
+    let all0 = cpu_times(process)?;
     let t = Instant::now();
     let blob = File::open(&layer.path)?;
     let applied = apply_blob(
@@ -269,15 +263,15 @@ fn apply(layout: &Layout, store: &ObjectStore, pool: &Pool, layer: &Layer, n: u6
     .map_err(|f| f.error)
     .with_context(|| format!("applying {}", layer.path.display()))?;
     let secs = t.elapsed().as_secs_f64();
-    let cpu1 = cpu("/proc/thread-self/stat")?;
-    let all1 = cpu("/proc/self/stat")?;
+    let cpu1 = cpu_times(thread)?;
+    let all1 = cpu_times(process)?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     eprintln!(
-        "  apply {n}: {:.0} ms (CPU: all threads {} ms, unpack thread: user {} ms, system {} ms): waiting for input {:.0} ms, for writes {:.0} ms, for stubs {:.0} ms, syncfs + manifest {:.0} ms",
+        "  apply {n}: {:.0} ms (CPU: all threads {:.0} ms, unpack thread: user {:.0} ms, system {:.0} ms): waiting for input {:.0} ms, for writes {:.0} ms, for stubs {:.0} ms, syncfs + manifest {:.0} ms",
         secs * 1e3,
-        (all1.0 + all1.1 - all0.0 - all0.1) * 10,
-        (cpu1.0 - cpu0.0) * 10,
-        (cpu1.1 - cpu0.1) * 10,
+        (all1.0 + all1.1 - all0.0 - all0.1) * 1e3,
+        (cpu1.0 - cpu0.0) * 1e3,
+        (cpu1.1 - cpu0.1) * 1e3,
         ms(applied.times.input_wait),
         ms(applied.times.write_wait),
         ms(applied.times.stub_wait),

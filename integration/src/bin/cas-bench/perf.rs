@@ -561,11 +561,19 @@ fn hwm_kib(pid: i32) -> Result<u64> {
 
 /// utime + stime of a process, seconds.
 fn cpu_secs(pid: i32) -> Result<f64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let (user, system) = cpu_times(Path::new(&format!("/proc/{pid}/stat")))?;
+    Ok(user + system)
+}
+
+/// (utime, stime) in seconds from a `/proc/…/stat` file (a process's or a thread's).
+pub fn cpu_times(stat: &Path) -> Result<(f64, f64)> {
+    let s = fs::read_to_string(stat)?;
     let rest = &s[s.rfind(')').context("bad stat")? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    Ok(ticks as f64 / 100.0)
+    let ticks = |i: usize| -> Result<f64> {
+        Ok(f.get(i).context("short stat")?.parse::<u64>()? as f64 / 100.0)
+    };
+    Ok((ticks(11)?, ticks(12)?))
 }
 
 fn load1() -> Result<f64> {
