@@ -96,12 +96,13 @@ bench-journal bench-recovery: bench-durability
 
 # The fast path alone, no containerd: each benchmark layer applied into a new store and
 # again into the same store, next to single-core `gzip -dc`/`zstd -dc` and `tar -x`:
-# make bench-engine [QUICK=1] [RUNS=3] [IMAGES="base-1 small"]
+# make bench-engine [QUICK=1] [RUNS=3] [IMAGES="base-1 small"] [THREADS=1 (plain-thread workers)]
 IMAGES ?=
+THREADS ?=
 bench-engine:
 	$(CARGO) build --release -p cas-integration --bin cas-bench
 	$(CURDIR)/target/release/cas-bench engine --cache $(BENCH_CACHE) --runs $(RUNS) \
-	  $(if $(QUICK),--quick) $(foreach i,$(IMAGES),--image $(i))
+	  $(if $(QUICK),--quick) $(if $(THREADS),--threads) $(foreach i,$(IMAGES),--image $(i))
 
 demo:
 	@command -v containerd >/dev/null && command -v docker-registry >/dev/null && command -v protoc >/dev/null || $(MAKE) deps

@@ -30,7 +30,7 @@ use cas::objects::ObjectStore;
 use cas::unpack::{apply_blob, Limits, Target};
 use cas_integration::fixture::Compression;
 use cas_integration::harness::{FsKind, LoopFs};
-use ringio::pool::{Pool, PoolConfig};
+use ringio::pool::{BackendChoice, Pool, PoolConfig};
 
 use crate::images::{ensure_images, Layer, Sizes};
 use crate::perf::{cpu_times, decompress_args, drop_caches, summary, time_decompress, work_dir};
@@ -53,6 +53,10 @@ pub struct EngineArgs {
     /// Where the loop file goes (default: a new directory in /var/tmp).
     #[arg(long)]
     pub workdir: Option<PathBuf>,
+    /// Force the I/O workers onto plain `pread`/`pwrite` threads (the fallback where
+    /// io_uring is unavailable); by default io_uring where it works.
+    #[arg(long)]
+    pub threads: bool,
 }
 
 /// Medians (seconds) of one layer's measures.
@@ -77,12 +81,18 @@ impl EngineRow {
 pub fn run(a: &EngineArgs) -> Result<()> {
     let (work, _keep) = work_dir(a.workdir.as_deref(), "cas-engine-")?;
     let fs = LoopFs::new(&work, 40 << 10, FsKind::Xfs).context("making the XFS loop filesystem")?;
+    let backend = if a.threads {
+        BackendChoice::Threads
+    } else {
+        BackendChoice::Auto
+    };
     let rows = measure(
         &a.cache,
         Sizes { quick: a.quick },
         &a.images,
         &fs.mnt,
         a.runs,
+        backend,
     )?;
     print!("{}", table(&rows));
     Ok(())
@@ -95,9 +105,15 @@ pub fn measure(
     images: &[String],
     dir: &Path,
     runs: usize,
+    backend: BackendChoice,
 ) -> Result<Vec<EngineRow>> {
     let all = ensure_images(cache, sizes)?;
-    let pool = Pool::start(&PoolConfig::default()).context("starting the I/O pool")?;
+    let pool = Pool::start(&PoolConfig {
+        backend,
+        ..PoolConfig::default()
+    })
+    .context("starting the I/O pool")?;
+    eprintln!("engine: I/O workers on {}", pool.backend().as_str());
     let mut rows = Vec::new();
     for (name, image) in &all {
         if !images.is_empty() && !images.contains(name) {

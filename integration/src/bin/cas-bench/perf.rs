@@ -975,7 +975,14 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
         .map(|s| s.to_string())
         .chain(sizes.scaling().first().map(|n| scaling_image(*n)))
         .collect();
-    let engine = engine::measure(&a.cache, sizes, &engine_images, &engine_dir, a.runs)?;
+    let engine = engine::measure(
+        &a.cache,
+        sizes,
+        &engine_images,
+        &engine_dir,
+        a.runs,
+        ringio::pool::BackendChoice::Auto,
+    )?;
     let _ = fs::remove_dir_all(&engine_dir);
 
     let sizes_rows: Vec<(String, u64, u64, u64, &'static str)> = rig
