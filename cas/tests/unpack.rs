@@ -477,11 +477,18 @@ fn later_entries_replace_earlier_ones() {
         return;
     }
     let mut b = tar::Builder::new(Vec::new());
+    // `data` is a link's target for symlinks and hardlinks, the content otherwise
     let mut add = |name: &str, kind: tar::EntryType, mode: u32, data: &[u8]| {
-        let mut h = header(kind, data.len() as u64, mode);
-        b.append_data(&mut h, name, data).unwrap();
+        if matches!(kind, Symlink | Link) {
+            let mut h = header(kind, 0, mode);
+            h.set_link_name(std::str::from_utf8(data).unwrap()).unwrap();
+            b.append_data(&mut h, name, &[][..]).unwrap();
+        } else {
+            let mut h = header(kind, data.len() as u64, mode);
+            b.append_data(&mut h, name, data).unwrap();
+        }
     };
-    use tar::EntryType::{Directory, Regular};
+    use tar::EntryType::{Directory, Link, Regular, Symlink};
     // a file, then a directory of the same name
     add("a", Regular, 0o644, b"file a");
     add("a/", Directory, 0o750, &[]);
@@ -494,13 +501,7 @@ fn later_entries_replace_earlier_ones() {
     add("c", Regular, 0o644, b"first c");
     add("c", Regular, 0o666, b"second c");
     // a symlink, then a file; an empty file, then a stub
-    let mut h = header(tar::EntryType::Symlink, 0, 0o777);
-    h.set_link_name("a").unwrap();
-    b.append_data(&mut h, "d", &[][..]).unwrap();
-    let mut add = |name: &str, kind: tar::EntryType, mode: u32, data: &[u8]| {
-        let mut h = header(kind, data.len() as u64, mode);
-        b.append_data(&mut h, name, data).unwrap();
-    };
+    add("d", Symlink, 0o777, b"a");
     add("d", Regular, 0o2755, b"file d");
     add("e", Regular, 0o644, &[]);
     add("e", Regular, 0o1644, b"file e");
@@ -514,9 +515,7 @@ fn later_entries_replace_earlier_ones() {
     add(".wh.w", Regular, 0o644, &[]);
     // a hardlink to the file just before it
     add("g", Regular, 0o640, b"file g");
-    let mut h = header(tar::EntryType::Link, 0, 0o640);
-    h.set_link_name("g").unwrap();
-    b.append_data(&mut h, "h", &[][..]).unwrap();
+    add("h", Link, 0o640, b"g");
     let blob = gzip(&b.into_inner().unwrap());
     let mut s = Store::new(BackendChoice::Auto);
     let (dir, r) = s.apply(&blob, None, Limits::default());
