@@ -3,7 +3,6 @@
 #   make test   everything CI runs
 SHELL   := /bin/bash
 CARGO   ?= cargo
-SHARED  ?= ../shared
 PROFILE ?= debug
 BIN     := $(CURDIR)/target/$(PROFILE)
 CARGO_PROFILE := $(if $(filter release,$(PROFILE)),--release,)
@@ -29,12 +28,13 @@ unit:
 
 # containerd's own snapshotter conformance suite against our daemon (needs root), in the
 # materialised mode first (what kernels without data-only lower layers get), then in the
-# default mode, whose summary line closes the run.
+# default mode, whose summary line closes the run. integration/conformance/run.sh builds
+# the Go harness into target/conformance on first use (see its README).
+CONFORMANCE := $(CURDIR)/integration/conformance/run.sh
 conformance: build
-	@test -x $(SHARED)/conformance/run.sh || { echo "conformance: $(SHARED)/conformance/run.sh not found (set SHARED=)"; exit 1; }
 	printf '[store]\nmount_mode = "materialised"\n' > $(CURDIR)/target/materialised.toml
-	bash $(SHARED)/conformance/run.sh suite '$(BIN)/cas-snapshotter --root {root} --address {sock} --config $(CURDIR)/target/materialised.toml'
-	bash $(SHARED)/conformance/run.sh suite '$(BIN)/cas-snapshotter --root {root} --address {sock}'
+	bash $(CONFORMANCE) suite '$(BIN)/cas-snapshotter --root {root} --address {sock} --config $(CURDIR)/target/materialised.toml'
+	bash $(CONFORMANCE) suite '$(BIN)/cas-snapshotter --root {root} --address {sock}'
 
 # End-to-end tests with real containerd, runc and a local registry (needs root).
 e2e: build
@@ -75,7 +75,7 @@ bench:
 	  --cache $(BENCH_CACHE) --out $(BENCH_OUT) --runs $(RUNS) $(if $(QUICK),--quick) \
 	  $(if $(CONTAINERD),--containerd $(CONTAINERD)) $(if $(filter 0,$(CAS_DIFF)),--no-cas-diff) \
 	  $(if $(CTR_LOCAL),--local) $(foreach c,$(CASES),--case $(c)) \
-	  $(if $(wildcard $(SHARED)/conformance/run.sh),--conformance $(SHARED)/conformance/run.sh)
+	  --conformance $(CONFORMANCE)
 
 # Dedup on a family of near-duplicate Debian images, overlayfs and ours in one run:
 # make bench-dedup [VERSIONS=3] [WORKDIR=/mnt/xfs/dir OUT=…]; images are cached in
