@@ -16,7 +16,6 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use crate::admin::MANIFEST_FILE;
 use crate::index::Kind;
 use crate::manifest::read_manifest;
 
@@ -101,7 +100,7 @@ pub fn pending_objects(layout: &Layout, meta: &MetaStore) -> Result<HashSet<Dige
         if rec.kind != Kind::Active {
             continue;
         }
-        let manifest = layout.snapshot_dir(rec.id).join(MANIFEST_FILE);
+        let manifest = layout.manifest(rec.id);
         if !manifest.exists() {
             continue;
         }

@@ -40,6 +40,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
+use crate::layout::INFO_FILE;
 
 const RECORD: u8 = b'S';
 const CHILD: u8 = b'C';
@@ -51,8 +52,6 @@ pub const REF_CHUNK: usize = 4096;
 /// sled's page cache. Its default (1 GiB) lets the daemon's memory grow with every
 /// object ever referenced; the index is small and read mostly by key.
 const CACHE_BYTES: u64 = 32 << 20;
-/// File in `snapshots/<id>/` mirroring the snapshot's record.
-pub const INFO_FILE: &str = "info";
 
 /// Errors of the index.
 #[derive(Debug, thiserror::Error)]

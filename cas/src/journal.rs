@@ -40,8 +40,9 @@ use std::os::fd::AsRawFd;
 use serde::{Deserialize, Serialize};
 
 use crate::error::CasError;
-use crate::index::{InfoFile, MetaStore, Record, INFO_FILE};
+use crate::index::{InfoFile, MetaStore, Record};
 use crate::layout::Layout;
+use crate::layout::{FS_DIR, INFO_FILE};
 use ringio::journal::{Backend, Journal, JournalError, JournalMode};
 
 /// Records between checkpoints. Fewer means more checkpoints (an index flush and a
@@ -293,7 +294,7 @@ impl CommitLog {
             match change {
                 Change::Dirty { .. } => {}
                 Change::Put { key, record, .. } => {
-                    if !dir.join("fs").is_dir() {
+                    if !dir.join(FS_DIR).is_dir() {
                         // removed since (its Delete record is older than a checkpoint
                         // that covered it, or the removal was never answered)
                         continue;

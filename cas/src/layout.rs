@@ -31,7 +31,19 @@ pub fn remove_tree(path: &Path) -> Result<(), crate::CasError> {
 pub const LAYOUT_VERSION: u32 = 1;
 
 /// File at the root holding [`LAYOUT_VERSION`].
-const LAYOUT_FILE: &str = "layout";
+pub const LAYOUT_FILE: &str = "layout";
+/// `snapshots/<id>/fs`: the layer tree (an active snapshot's upper directory).
+pub const FS_DIR: &str = "fs";
+/// `snapshots/<id>/work`: overlayfs' work directory of an active snapshot.
+pub const WORK_DIR: &str = "work";
+/// `snapshots/<id>/flat`: the merged stub tree of a snapshot and its ancestors.
+pub const FLAT_DIR: &str = "flat";
+/// `snapshots/<id>/manifest`: a layer's path → object list, written by ingest or apply.
+pub const MANIFEST_FILE: &str = "manifest";
+/// `snapshots/<id>/info`: the mirror of the snapshot's index record.
+pub const INFO_FILE: &str = "info";
+/// `<root>/admin.sock`: the socket `casctl` talks to the running daemon on.
+pub const ADMIN_SOCKET: &str = "admin.sock";
 /// File at the root holding the store's [`StoreMode`], fixed when the first layer is served.
 const MODE_FILE: &str = "mode";
 
@@ -89,6 +101,12 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// The paths of a store rooted at `root`, without touching the disk (for planning
+    /// and tests; [`Layout::ensure`] opens a real store).
+    pub fn at(root: impl Into<PathBuf>) -> Layout {
+        Layout { root: root.into() }
+    }
+
     /// Opens the layout at `root`, creating every directory (and the version marker) that
     /// is missing. Idempotent; refuses a root written by an incompatible version.
     pub fn ensure(root: &Path) -> Result<Layout, LayoutError> {
@@ -173,10 +191,35 @@ impl Layout {
     pub fn snapshot_dir(&self, id: u64) -> PathBuf {
         self.snapshots_dir().join(id.to_string())
     }
+    /// `snapshots/<id>/fs`: the snapshot's layer tree.
+    pub fn fs_dir(&self, id: u64) -> PathBuf {
+        self.snapshot_dir(id).join(FS_DIR)
+    }
+    /// `snapshots/<id>/work`: the overlay workdir of an active snapshot.
+    pub fn work_dir(&self, id: u64) -> PathBuf {
+        self.snapshot_dir(id).join(WORK_DIR)
+    }
+    /// `snapshots/<id>/flat`: the merged stub tree of `<id>` and all its ancestors.
+    pub fn flat_dir(&self, id: u64) -> PathBuf {
+        self.snapshot_dir(id).join(FLAT_DIR)
+    }
+    /// `snapshots/<id>/manifest`: the layer's path → object list.
+    pub fn manifest(&self, id: u64) -> PathBuf {
+        self.snapshot_dir(id).join(MANIFEST_FILE)
+    }
     /// `index`: the sled database.
     pub fn index_dir(&self) -> PathBuf {
         self.root.join("index")
     }
+    /// `admin.sock`: the running daemon's admin socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.root.join(ADMIN_SOCKET)
+    }
+}
+
+/// Whether `path` looks like a store root (it has the layout marker).
+pub fn is_store(path: &Path) -> bool {
+    path.join(LAYOUT_FILE).is_file()
 }
 
 #[cfg(test)]

@@ -27,6 +27,11 @@
 //!   differ's fast path);
 //! * [`index`]: snapshot records and object reference counts in sled;
 //! * [`journal`]: commit records, checkpoints and their replay at start;
+//! * [`snapshots`]: the snapshot lifecycle (create, commit, remove, recovery at open),
+//!   the one owner of the crash-ordered steps;
+//! * [`mounts`]: which mounts containerd gets for a snapshot (pure, unit-tested);
+//! * [`probe`]: the start-up check that the kernel serves stubs from the CAS;
+//! * [`sys`]: the calls that need root, behind a trait with a recording fake;
 //! * [`flatten`]: one stub tree standing in for a chain too deep for one mount option;
 //! * [`gc`]: deleting objects no committed snapshot references;
 //! * [`admin`]: statistics, fsck and index rebuild behind `casctl`.
@@ -73,8 +78,12 @@ pub mod ingest;
 pub mod journal;
 pub mod layout;
 pub mod manifest;
+pub mod mounts;
 pub mod objects;
+pub mod probe;
+pub mod snapshots;
 pub mod stub;
+pub mod sys;
 pub mod unpack;
 
 pub use digest::Digest;

@@ -118,6 +118,16 @@ impl ManifestWriter {
     }
 }
 
+/// The distinct objects the manifest at `path` names, sorted (the order the index takes
+/// and drops references in).
+pub fn distinct_objects(path: &Path) -> Result<Vec<crate::Digest>, CasError> {
+    let mut set = std::collections::BTreeSet::new();
+    for entry in read_manifest(path)? {
+        set.insert(entry?.digest);
+    }
+    Ok(set.into_iter().collect())
+}
+
 /// Streams the entries of the manifest at `path`.
 pub fn read_manifest(
     path: &Path,

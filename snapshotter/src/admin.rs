@@ -21,7 +21,7 @@ const MAX_REQUEST: u64 = 4096;
 
 /// Binds the admin socket of `sn`'s store.
 pub fn bind(sn: &CasSnapshotter) -> Result<UnixListener, ServeError> {
-    let path = cas::admin::admin_socket(sn.layout());
+    let path = sn.layout().admin_socket();
     let listener = bind_socket(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
         ServeError::Socket {

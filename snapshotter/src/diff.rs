@@ -38,7 +38,7 @@ use containerd_snapshots::api::types::Mount;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 
-use crate::error::SnapshotError;
+use crate::error::ServiceError;
 use crate::metrics::BlobSource;
 use crate::service::CasSnapshotter;
 
@@ -148,13 +148,13 @@ impl CasDiffer {
         &self,
         req: ApplyRequest,
         namespace: Option<String>,
-    ) -> Result<Descriptor, SnapshotError> {
-        let not = |why: String| Err(SnapshotError::NotApplicable(why));
+    ) -> Result<Descriptor, ServiceError> {
+        let not = |why: String| Err(ServiceError::NotApplicable(why));
         if !self.cfg.enabled {
             return not("the differ is disabled ([differ] enabled = false)".into());
         }
         let Some(desc) = req.diff else {
-            return Err(SnapshotError::InvalidArgument(
+            return Err(ServiceError::InvalidArgument(
                 "apply request without a layer descriptor".into(),
             ));
         };
@@ -183,7 +183,7 @@ impl CasDiffer {
             return not(format!("digest {:?} is not sha256", desc.digest));
         };
         let size = u64::try_from(desc.size).map_err(|_| {
-            SnapshotError::InvalidArgument(format!("negative blob size {}", desc.size))
+            ServiceError::InvalidArgument(format!("negative blob size {}", desc.size))
         })?;
         let blob = self.open_blob(&digest, namespace).await?;
         let applied = self
@@ -203,7 +203,7 @@ impl CasDiffer {
         &self,
         digest: &Digest,
         namespace: Option<String>,
-    ) -> Result<Box<dyn Read + Send>, SnapshotError> {
+    ) -> Result<Box<dyn Read + Send>, ServiceError> {
         let path = self.cfg.content_dir.join("blobs/sha256").join(digest.hex());
         match self.pool.read_file(&path) {
             Ok(r) => {
@@ -220,7 +220,7 @@ impl CasDiffer {
                 self.sn.metrics().blob_read(BlobSource::ContentApi);
                 Ok(Box::new(r))
             }
-            Err(e) => Err(SnapshotError::NotApplicable(format!(
+            Err(e) => Err(ServiceError::NotApplicable(format!(
                 "blob sha256:{} is neither in {} nor readable through containerd's Content API at {}: {e}",
                 digest.hex(),
                 self.cfg.content_dir.display(),
@@ -295,10 +295,10 @@ impl Diff for CasDiffer {
             Ok(applied) => Ok(Response::new(ApplyResponse {
                 applied: Some(applied),
             })),
-            Err(SnapshotError::NotApplicable(why)) => {
+            Err(ServiceError::NotApplicable(why)) => {
                 self.sn.metrics().apply_fallback();
                 info!(layer = %digest, reason = %why, "apply handed back to containerd's applier");
-                Err(SnapshotError::NotApplicable(why).into())
+                Err(ServiceError::NotApplicable(why).into())
             }
             Err(e) => Err(e.into()),
         }

@@ -4,66 +4,22 @@
 //! callers branch on them (an `AlreadyExists` on Prepare during a pull means "another
 //! pull is unpacking this layer", a `NotFound` on Stat means "unpack it"). So every
 //! variant maps to the code containerd's own snapshotters return for the same case,
-//! explicitly, in [`From<SnapshotError> for tonic::Status`]; only genuine internal
+//! explicitly, in [`From<ServiceError> for tonic::Status`]; only genuine internal
 //! failures become `Internal`.
 
-use std::io;
-use std::path::PathBuf;
+use cas::snapshots::SnapshotError;
+use cas::unpack::UnpackError;
+use cas::CasError;
 
-/// Everything a Snapshots request can fail with.
+/// Everything a Snapshots or Diff request can fail with.
 #[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
-    /// No snapshot has this key or name.
-    #[error("snapshot {0:?} does not exist")]
-    NotFound(String),
-    /// A snapshot with this key or name already exists.
-    #[error("snapshot {0:?} already exists")]
-    AlreadyExists(String),
-    /// The snapshot exists but is in the wrong state for the call.
-    #[error("snapshot {key:?}: {reason}")]
-    FailedPrecondition {
-        /// The snapshot.
-        key: String,
-        /// What is wrong (e.g. "not active", "has children").
-        reason: &'static str,
-    },
-    /// The request itself is malformed (empty key, immutable field path, bad filter).
+pub enum ServiceError {
+    /// The store's snapshot lifecycle refused or failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The request itself is malformed (immutable field path, bad filter, bad descriptor).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-    /// The metadata index failed.
-    #[error(transparent)]
-    Index(cas::index::IndexError),
-    /// The store failed (ingest, objects, manifests).
-    #[error(transparent)]
-    Store(#[from] cas::CasError),
-    /// A filesystem operation on the store failed.
-    #[error("{op} {path}: {source}")]
-    Io {
-        /// What was attempted.
-        op: &'static str,
-        /// On which path.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-    /// The kernel cannot serve stubs (found by the start-up probe).
-    #[error(transparent)]
-    Unsupported(#[from] crate::probe::ProbeError),
-    /// The configured mount mode cannot serve the store's layers.
-    #[error("the store holds {stored:?} layers, which mount_mode {requested:?} cannot serve")]
-    ModeMismatch {
-        /// What the store was created with.
-        stored: cas::StoreMode,
-        /// What the configuration asks for.
-        requested: config::MountMode,
-    },
-    /// The store's layout markers failed.
-    #[error(transparent)]
-    Layout(#[from] cas::LayoutError),
-    /// A layer could not be applied (see `cas::unpack`).
-    #[error("applying the layer: {0}")]
-    Unpack(cas::unpack::UnpackError),
     /// The Diff service cannot apply this request here; containerd falls back to its
     /// own applier (`Unimplemented`).
     #[error("not applied by cas-diff: {0}")]
@@ -73,72 +29,58 @@ pub enum SnapshotError {
     Task(#[from] tokio::task::JoinError),
 }
 
-impl From<cas::index::IndexError> for SnapshotError {
-    fn from(e: cas::index::IndexError) -> Self {
-        match e {
-            cas::index::IndexError::NotFound(key) => SnapshotError::NotFound(key),
-            other => SnapshotError::Index(other),
-        }
+impl From<CasError> for ServiceError {
+    fn from(e: CasError) -> Self {
+        ServiceError::Snapshot(e.into())
     }
 }
 
-impl SnapshotError {
-    /// Builds a closure that wraps an [`io::Error`] with its operation and path.
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Self {
-        let path = path.into();
-        move |source| SnapshotError::Io { op, path, source }
+fn full(msg: &str) -> tonic::Status {
+    tonic::Status::resource_exhausted(format!("the store's filesystem is full: {msg}"))
+}
+
+fn internal(msg: String) -> tonic::Status {
+    tracing::error!(error = %msg, "internal error");
+    tonic::Status::internal(msg)
+}
+
+/// The code of a store failure: a full disk is `ResourceExhausted`, a hostile layer
+/// `InvalidArgument`, anything else internal.
+fn store_status(e: &CasError, msg: String) -> tonic::Status {
+    match e {
+        _ if e.is_enospc() => full(&msg),
+        CasError::Hostile { .. } => tonic::Status::invalid_argument(msg),
+        _ => internal(msg),
     }
 }
 
 /// The one place where errors become gRPC codes.
-impl From<SnapshotError> for tonic::Status {
-    fn from(err: SnapshotError) -> Self {
+impl From<ServiceError> for tonic::Status {
+    fn from(err: ServiceError) -> Self {
         let msg = err.to_string();
         match err {
-            SnapshotError::NotFound(_) => tonic::Status::not_found(msg),
-            SnapshotError::AlreadyExists(_) => tonic::Status::already_exists(msg),
-            SnapshotError::FailedPrecondition { .. } => tonic::Status::failed_precondition(msg),
-            SnapshotError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
-            SnapshotError::Io { ref source, .. }
-                if source.raw_os_error() == Some(nix::libc::ENOSPC) =>
-            {
-                tonic::Status::resource_exhausted(format!("the store's filesystem is full: {msg}"))
-            }
-            SnapshotError::Store(ref e) if e.is_enospc() => {
-                tonic::Status::resource_exhausted(format!("the store's filesystem is full: {msg}"))
-            }
-            SnapshotError::Store(cas::CasError::Hostile { .. }) => {
-                tonic::Status::invalid_argument(msg)
-            }
-            SnapshotError::NotApplicable(_) => tonic::Status::unimplemented(msg),
-            SnapshotError::Unpack(ref e) => {
-                use cas::unpack::UnpackError as U;
-                match e {
-                    _ if e.is_enospc() => tonic::Status::resource_exhausted(format!(
-                        "the store's filesystem is full: {msg}"
-                    )),
-                    U::BlobDigest { .. } => tonic::Status::data_loss(msg),
-                    U::Decompress { .. } | U::Tar(_) | U::Store(cas::CasError::Hostile { .. }) => {
+            ServiceError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+            ServiceError::NotApplicable(_) => tonic::Status::unimplemented(msg),
+            ServiceError::Task(_) => internal(msg),
+            ServiceError::Snapshot(e) => match e {
+                SnapshotError::NotFound(_) => tonic::Status::not_found(msg),
+                SnapshotError::AlreadyExists(_) => tonic::Status::already_exists(msg),
+                SnapshotError::FailedPrecondition { .. } => tonic::Status::failed_precondition(msg),
+                SnapshotError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+                SnapshotError::Store(ref e) => store_status(e, msg),
+                SnapshotError::Unpack(ref e) => match e {
+                    _ if e.is_enospc() => full(&msg),
+                    UnpackError::BlobDigest { .. } => tonic::Status::data_loss(msg),
+                    UnpackError::Decompress { .. } | UnpackError::Tar(_) => {
                         tonic::Status::invalid_argument(msg)
                     }
-                    U::Expansion { .. } => tonic::Status::resource_exhausted(msg),
-                    U::Read(_) => tonic::Status::unavailable(msg),
-                    U::Store(_) | U::Pool(_) => {
-                        tracing::error!(error = %msg, "internal error");
-                        tonic::Status::internal(msg)
-                    }
-                }
-            }
-            SnapshotError::Index(_)
-            | SnapshotError::Store(_)
-            | SnapshotError::Io { .. }
-            | SnapshotError::Unsupported(_)
-            | SnapshotError::ModeMismatch { .. }
-            | SnapshotError::Layout(_)
-            | SnapshotError::Task(_) => {
-                tracing::error!(error = %msg, "internal error");
-                tonic::Status::internal(msg)
-            }
+                    UnpackError::Expansion { .. } => tonic::Status::resource_exhausted(msg),
+                    UnpackError::Read(_) => tonic::Status::unavailable(msg),
+                    UnpackError::Store(e) => store_status(e, msg),
+                    UnpackError::Pool(_) => internal(msg),
+                },
+                SnapshotError::Unsupported(_) | SnapshotError::ModeMismatch { .. } => internal(msg),
+            },
         }
     }
 }
@@ -146,33 +88,105 @@ impl From<SnapshotError> for tonic::Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cas::index::IndexError;
+    use std::io;
     use tonic::Code;
 
+    fn code(e: impl Into<ServiceError>) -> Code {
+        tonic::Status::from(e.into()).code()
+    }
+
+    fn io_err(errno: i32) -> CasError {
+        CasError::io("mkdir", "/x")(io::Error::from_raw_os_error(errno))
+    }
+
+    /// Every variant that reaches containerd, with the code containerd's own
+    /// snapshotters (and its diff service) use for the same case.
     #[test]
     fn codes_match_containerd_errdefs() {
-        let code = |e: SnapshotError| tonic::Status::from(e).code();
-        assert_eq!(code(SnapshotError::NotFound("k".into())), Code::NotFound);
+        use SnapshotError as S;
+        assert_eq!(code(S::NotFound("k".into())), Code::NotFound);
+        assert_eq!(code(S::AlreadyExists("k".into())), Code::AlreadyExists);
+        let busy = S::FailedPrecondition {
+            key: "k".into(),
+            reason: "not active",
+        };
+        assert_eq!(code(busy), Code::FailedPrecondition);
+        assert_eq!(code(S::InvalidArgument("x".into())), Code::InvalidArgument);
         assert_eq!(
-            code(SnapshotError::AlreadyExists("k".into())),
-            Code::AlreadyExists
-        );
-        assert_eq!(
-            code(SnapshotError::FailedPrecondition {
-                key: "k".into(),
-                reason: "not active"
-            }),
-            Code::FailedPrecondition
-        );
-        assert_eq!(
-            code(SnapshotError::InvalidArgument("x".into())),
+            code(ServiceError::InvalidArgument("x".into())),
             Code::InvalidArgument
         );
-        let enospc = io::Error::from_raw_os_error(nix::libc::ENOSPC);
         assert_eq!(
-            code(SnapshotError::io("mkdir", "/x")(enospc)),
+            code(ServiceError::NotApplicable("x".into())),
+            Code::Unimplemented
+        );
+        assert_eq!(code(io_err(nix::libc::ENOSPC)), Code::ResourceExhausted);
+        assert_eq!(code(io_err(nix::libc::EIO)), Code::Internal);
+        let hostile = CasError::Hostile {
+            path: "../x".into(),
+            reason: "outside the layer",
+        };
+        assert_eq!(code(hostile), Code::InvalidArgument);
+        let mismatch = S::ModeMismatch {
+            stored: cas::StoreMode::Stubs,
+            requested: cas::snapshots::RequestedMode::Materialised,
+        };
+        assert_eq!(code(mismatch), Code::Internal);
+        let probe = cas::probe::ProbeError::Read { got: String::new() };
+        assert_eq!(code(S::Unsupported(probe)), Code::Internal);
+    }
+
+    #[test]
+    fn unpack_failures_say_whose_fault_they_are() {
+        use UnpackError as U;
+        let unpack = |e: U| code(SnapshotError::Unpack(e));
+        let d = cas::Digest::of(b"x");
+        assert_eq!(
+            unpack(U::BlobDigest {
+                expected: d,
+                actual: d,
+                size: 1
+            }),
+            Code::DataLoss
+        );
+        assert_eq!(
+            unpack(U::Decompress {
+                compression: "gzip",
+                source: io::Error::other("bad header")
+            }),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            unpack(U::Expansion {
+                limit: 1,
+                blob_size: 1
+            }),
             Code::ResourceExhausted
         );
-        let eio = io::Error::from_raw_os_error(nix::libc::EIO);
-        assert_eq!(code(SnapshotError::io("mkdir", "/x")(eio)), Code::Internal);
+        assert_eq!(
+            unpack(U::Tar(io::Error::other("bad"))),
+            Code::InvalidArgument
+        );
+        assert_eq!(unpack(U::Read(io::Error::other("gone"))), Code::Unavailable);
+        assert_eq!(
+            unpack(U::Store(io_err(nix::libc::ENOSPC))),
+            Code::ResourceExhausted
+        );
+        assert_eq!(unpack(U::Store(io_err(nix::libc::EIO))), Code::Internal);
+        assert_eq!(unpack(U::Pool(ringio::PoolError::Stopped)), Code::Internal);
+    }
+
+    /// A missing snapshot is `NotFound` however the store reports it.
+    #[test]
+    fn a_missing_record_is_not_found_however_it_arrives() {
+        let via_index: SnapshotError = IndexError::NotFound("k".into()).into();
+        assert_eq!(code(via_index), Code::NotFound);
+        let via_store: SnapshotError = CasError::Index(IndexError::NotFound("k".into())).into();
+        assert_eq!(code(via_store), Code::NotFound);
+        assert_eq!(
+            code(CasError::Index(IndexError::NotFound("k".into()))),
+            Code::NotFound
+        );
     }
 }

@@ -266,39 +266,31 @@ impl Parser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use cas::index::{DiskUsage, Kind, Record};
+    use std::collections::BTreeMap;
 
-    struct Obj {
-        kind: &'static str,
-        name: &'static str,
-        parent: &'static str,
-        labels: HashMap<&'static str, &'static str>,
-    }
-
-    fn field(o: &Obj) -> impl Fn(&[String]) -> Option<String> + '_ {
-        move |path: &[String]| match path.first().map(String::as_str) {
-            Some("kind") => Some(o.kind.to_string()),
-            Some("name") => Some(o.name.to_string()),
-            Some("parent") => Some(o.parent.to_string()),
-            Some("labels") => o
-                .labels
-                .get(path[1..].join(".").as_str())
-                .map(|v| v.to_string()),
-            _ => None,
-        }
-    }
-
-    fn obj() -> Obj {
-        Obj {
-            kind: "active",
-            name: "a-wl",
-            parent: "p-wl",
-            labels: HashMap::from([("l", "2"), ("containerd.io/gc.root", "check-walk")]),
+    /// An active snapshot `a-wl` over `p-wl`, as Walk's lookup sees it.
+    fn rec() -> Record {
+        Record {
+            id: 3,
+            kind: Kind::Active,
+            parent: Some("p-wl".into()),
+            labels: BTreeMap::from([
+                ("l".into(), "2".into()),
+                ("containerd.io/gc.root".into(), "check-walk".into()),
+            ]),
+            created: std::time::SystemTime::UNIX_EPOCH,
+            updated: std::time::SystemTime::UNIX_EPOCH,
+            usage: DiskUsage::default(),
+            logical_bytes: 0,
         }
     }
 
     fn m(filters: &[&str]) -> bool {
-        FilterSet::parse(filters).unwrap().matches(field(&obj()))
+        let r = rec();
+        FilterSet::parse(filters)
+            .unwrap()
+            .matches(|path| crate::convert::field("a-wl", &r, path))
     }
 
     #[test]

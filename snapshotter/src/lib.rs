@@ -4,13 +4,11 @@
 //! sends every Prepare/View/Commit/Remove/Stat/Update/Usage/Walk/Cleanup of the `cas`
 //! snapshotter here. This crate owns:
 //!
-//! * [`service`]: the containerd snapshotter contract (kinds, parents, labels, errors)
-//!   over the store's directories, with crash-safe ordering of directory and metadata
-//!   changes;
-//! * snapshot metadata and refcounts live in `cas::index` (sled under `<root>/index`);
-//! * [`mounts`]: mount planning, pure and unit-tested (the shapes of containerd's
-//!   overlayfs snapshotter);
-//! * [`probe`]: the start-up check that the kernel serves stubs from the CAS;
+//! * [`service`]: containerd's snapshotter contract (what a request may ask), forwarded
+//!   to the store's snapshot lifecycle (`cas::snapshots`), which owns the crash-ordered
+//!   steps, the mount plans and the recovery at start;
+//! * [`convert`]: containerd's types to the store's and back (info, usage, mounts,
+//!   Update's field paths, Walk's field lookup);
 //! * [`filter`]: containerd's filter language for Walk;
 //! * [`error`]: the one mapping from errors to gRPC status codes;
 //! * [`server`]: socket handling and graceful shutdown;
@@ -24,12 +22,11 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod convert;
 pub mod diff;
 pub mod error;
 pub mod filter;
 pub mod metrics;
-pub mod mounts;
 pub mod ops;
-pub mod probe;
 pub mod server;
 pub mod service;

@@ -108,7 +108,7 @@ pub async fn serve(
     address: &Path,
     admin: UnixListener,
 ) -> Result<(), ServeError> {
-    let admin_path = cas::admin::admin_socket(snapshotter.layout());
+    let admin_path = snapshotter.layout().admin_socket();
     let admin_task = tokio::spawn(crate::admin::serve(snapshotter.clone(), admin));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()

@@ -138,7 +138,7 @@ fn print_gc(g: &GcStats) {
 
 /// Sends `req` to a running daemon; `None` when no daemon answers.
 fn ask_daemon(layout: &Layout, req: &AdminRequest) -> anyhow::Result<Option<AdminResponse>> {
-    let Ok(mut sock) = UnixStream::connect(admin::admin_socket(layout)) else {
+    let Ok(mut sock) = UnixStream::connect(layout.admin_socket()) else {
         return Ok(None);
     };
     let mut line = serde_json::to_vec(req)?;
@@ -151,7 +151,7 @@ fn ask_daemon(layout: &Layout, req: &AdminRequest) -> anyhow::Result<Option<Admi
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(
-        admin::is_store(&args.root),
+        cas::layout::is_store(&args.root),
         "{} is not a cas-snapshotter store (no layout file)",
         args.root.display()
     );
@@ -168,7 +168,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(r) => ask_daemon(&layout, r)?,
         None => {
             anyhow::ensure!(
-                UnixStream::connect(admin::admin_socket(&layout)).is_err(),
+                UnixStream::connect(layout.admin_socket()).is_err(),
                 "a daemon is serving this store; stop it first (it rebuilds an unreadable index by itself at start)"
             );
             None
@@ -192,7 +192,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             let meta = MetaStore::open(&layout.index_dir()).map_err(|e| {
                 anyhow::anyhow!(
                     "cannot open the index ({e}); is a daemon holding it without answering on {}?",
-                    admin::admin_socket(&layout).display()
+                    layout.admin_socket().display()
                 )
             })?;
             match cmd {

@@ -33,12 +33,24 @@
 
 use std::path::{Path, PathBuf};
 
-use cas::index::Kind;
-use cas::StoreMode;
-use containerd_snapshots::api::types::Mount;
+use crate::index::Kind;
+use crate::layout::Layout;
+use crate::StoreMode;
 
 /// One page: the most `mount(2)` accepts for its data argument (with the trailing NUL).
 pub const PAGE_SIZE: usize = 4096;
+
+/// One mount as containerd receives it (`mount -t <kind> <source> <target> -o <options>`,
+/// the target chosen by containerd).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// The filesystem type: `bind` or `overlay`.
+    pub kind: String,
+    /// The source: a directory for a bind mount, `overlay` for an overlay.
+    pub source: String,
+    /// The mount options, in order.
+    pub options: Vec<String>,
+}
 
 /// Kernel features that change the mount options; probed once at start.
 #[derive(Debug, Clone, Copy, Default)]
@@ -68,46 +80,28 @@ pub struct Plan {
 /// Plans mounts for snapshots under one store.
 #[derive(Debug, Clone)]
 pub struct MountPlanner {
-    snapshots_dir: PathBuf,
-    objects_dir: PathBuf,
+    layout: Layout,
     features: OverlayFeatures,
     mode: StoreMode,
 }
 
 impl MountPlanner {
-    /// A planner for the snapshots in `snapshots_dir` backed by `objects_dir`.
-    pub fn new(
-        snapshots_dir: PathBuf,
-        objects_dir: PathBuf,
-        features: OverlayFeatures,
-        mode: StoreMode,
-    ) -> Self {
+    /// A planner for the snapshots of the store at `layout`.
+    pub fn new(layout: Layout, features: OverlayFeatures, mode: StoreMode) -> Self {
         MountPlanner {
-            snapshots_dir,
-            objects_dir,
+            layout,
             features,
             mode,
         }
     }
 
-    /// `snapshots/<id>`.
-    pub fn snapshot_dir(&self, id: u64) -> PathBuf {
-        self.snapshots_dir.join(id.to_string())
-    }
-
-    /// `snapshots/<id>/fs`: the layer tree (upperdir of an active snapshot).
-    pub fn fs_dir(&self, id: u64) -> PathBuf {
-        self.snapshot_dir(id).join("fs")
-    }
-
-    /// `snapshots/<id>/work`: the overlay workdir of an active snapshot.
-    pub fn work_dir(&self, id: u64) -> PathBuf {
-        self.snapshot_dir(id).join("work")
-    }
-
-    /// `snapshots/<id>/flat`: the merged stub tree of `<id>` and all its ancestors.
-    pub fn flat_dir(&self, id: u64) -> PathBuf {
-        self.snapshot_dir(id).join("flat")
+    /// The stub trees an active snapshot `id` over `parents` is mounted on, topmost
+    /// first: the chain's flattened tree when its mounts use one.
+    pub fn lower_trees(&self, id: u64, parents: &[u64]) -> Vec<PathBuf> {
+        match self.plan(Kind::Active, id, parents).flat {
+            Some(top) => vec![self.layout.flat_dir(top)],
+            None => parents.iter().map(|p| self.layout.fs_dir(*p)).collect(),
+        }
     }
 
     /// The mounts of snapshot `id` of `kind` whose ancestors are `parents` (immediate
@@ -116,17 +110,16 @@ impl MountPlanner {
         let materialised = self.mode == StoreMode::Materialised;
         let bind = |dir: PathBuf, mode: &str| Plan {
             mounts: vec![Mount {
-                r#type: "bind".into(),
+                kind: "bind".into(),
                 source: dir.display().to_string(),
-                target: String::new(),
                 options: vec![mode.into(), "rbind".into()],
             }],
             flat: None,
         };
         match (kind, parents) {
-            (Kind::View, []) => return bind(self.fs_dir(id), "ro"),
-            (_, []) => return bind(self.fs_dir(id), "rw"),
-            (Kind::View, [only]) if materialised => return bind(self.fs_dir(*only), "ro"),
+            (Kind::View, []) => return bind(self.layout.fs_dir(id), "ro"),
+            (_, []) => return bind(self.layout.fs_dir(id), "rw"),
+            (Kind::View, [only]) if materialised => return bind(self.layout.fs_dir(*only), "ro"),
             _ => {}
         }
         let mut options = Vec::new();
@@ -137,13 +130,14 @@ impl MountPlanner {
             options.push("metacopy=on".to_string());
         }
         if kind != Kind::View {
-            options.push(format!("workdir={}", self.work_dir(id).display()));
-            options.push(format!("upperdir={}", self.fs_dir(id).display()));
+            options.push(format!("workdir={}", self.layout.work_dir(id).display()));
+            options.push(format!("upperdir={}", self.layout.fs_dir(id).display()));
         }
-        let objects = self.objects_dir.display();
+        let objects = self.layout.objects_dir();
+        let objects = objects.display();
         let layers: Vec<String> = parents
             .iter()
-            .map(|p| self.fs_dir(*p).display().to_string())
+            .map(|p| self.layout.fs_dir(*p).display().to_string())
             .collect();
         if materialised {
             options.push(format!("lowerdir={}", layers.join(":")));
@@ -155,15 +149,14 @@ impl MountPlanner {
             options.pop();
             options.push(format!(
                 "lowerdir={}::{objects}",
-                self.flat_dir(parents[0]).display()
+                self.layout.flat_dir(parents[0]).display()
             ));
             flat = Some(parents[0]);
         }
         Plan {
             mounts: vec![Mount {
-                r#type: "overlay".into(),
+                kind: "overlay".into(),
                 source: "overlay".into(),
-                target: String::new(),
                 options,
             }],
             flat,
@@ -177,8 +170,7 @@ mod tests {
 
     fn planner(index_param: bool) -> MountPlanner {
         MountPlanner::new(
-            "/r/snapshots".into(),
-            "/r/cas/objects".into(),
+            Layout::at("/r"),
             OverlayFeatures { index_param },
             StoreMode::Stubs,
         )
@@ -187,8 +179,7 @@ mod tests {
     #[test]
     fn materialised_stores_mount_like_containerds_overlayfs() {
         let p = MountPlanner::new(
-            "/r/snapshots".into(),
-            "/r/cas/objects".into(),
+            Layout::at("/r"),
             OverlayFeatures { index_param: true },
             StoreMode::Materialised,
         );
@@ -207,7 +198,7 @@ mod tests {
     fn show(p: &Plan) -> Vec<String> {
         p.mounts
             .iter()
-            .map(|m| format!("{} {} {}", m.r#type, m.source, m.options.join(",")))
+            .map(|m| format!("{} {} {}", m.kind, m.source, m.options.join(",")))
             .collect()
     }
 

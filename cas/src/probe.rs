@@ -57,7 +57,7 @@ fn run(dir: &Path) -> Result<(), ProbeError> {
         dir: dir.display().to_string(),
         source,
     };
-    let digest = cas::Digest::of(PROBE_DATA);
+    let digest = crate::Digest::of(PROBE_DATA);
     let (stubs, data, mnt) = (dir.join("stubs"), dir.join("data"), dir.join("mnt"));
     let object = data.join(digest.object_relpath());
     for d in [
@@ -72,10 +72,10 @@ fn run(dir: &Path) -> Result<(), ProbeError> {
     fs::File::create(&stub)
         .and_then(|f| f.set_len(PROBE_DATA.len() as u64))
         .map_err(setup)?;
-    xattr::set(&stub, cas::stub::XATTR_METACOPY, b"").map_err(setup)?;
+    xattr::set(&stub, crate::stub::XATTR_METACOPY, b"").map_err(setup)?;
     xattr::set(
         &stub,
-        cas::stub::XATTR_REDIRECT,
+        crate::stub::XATTR_REDIRECT,
         digest.redirect().as_bytes(),
     )
     .map_err(setup)?;

@@ -1,0 +1,932 @@
+//! The snapshot lifecycle: containerd's snapshots as the store keeps them.
+//!
+//! A snapshot is a directory `snapshots/<id>` (`fs`, and `work` while active) plus a
+//! record in the index, mirrored in `snapshots/<id>/info`. At Commit the layer is
+//! ingested into the CAS: every regular file becomes a metadata stub whose bytes live in
+//! `cas/objects`, and the layer's manifest is written ([`crate::ingest`]); a layer the
+//! Diff service applied ([`Snapshots::apply_blob`], [`crate::unpack`]) is stubs, objects
+//! and manifest already. Mounts name the CAS as overlayfs' data-only lower layer
+//! ([`crate::mounts`]).
+//!
+//! [`Snapshots`] is the only code that changes snapshots. Its ordering rules are what
+//! keeps a `kill -9` at any instant harmless (each step is a [`crate::crash_point!`]):
+//!
+//! * **Create** (Prepare/View): build `snapshots/new-<id>` (`fs`, and `work` for active
+//!   snapshots), rename it to `snapshots/<id>` (`create.after-dir`), journal the record
+//!   and write its mirror (`create.after-info`), then insert it into the index, then
+//!   answer. A crash before the record leaves an orphan directory, which start-up and
+//!   Cleanup sweep.
+//! * **Commit**: ingest (objects published and synced, manifest written;
+//!   `commit.after-ingest`), journal the record (key → name; `commit.after-record`),
+//!   write the mirror (`commit.after-info`), then rename the record in the index and take
+//!   the references on its objects (`commit.after-index`). A crash before the record
+//!   leaves an active snapshot (containerd removes and redoes it) and objects nobody
+//!   references yet (GC takes them); after it, recovery rolls the index forward.
+//! * **Remove**: journal the deletion, delete the mirror (`remove.after-info`), delete
+//!   the record and drop its references, flush (`remove.after-index`), then move the
+//!   directory to `cas/tmp` (`remove.after-rename`) and delete it there. A crash in
+//!   between leaves a directory without a record, swept later.
+//! * **Open** ([`Snapshots::open`], see [`recovery`]): replay the journal, reconcile the
+//!   index with the mirrors the replayed records name, checkpoint, sweep.
+//!
+//! A record too large for one journal block (huge labels) takes the older durable path
+//! instead: a small `Dirty` record, a durable mirror, and an index flush before the
+//! answer.
+//!
+//! Concurrency: index mutations are serialised by one writer lock; reads (Stat, Mounts,
+//! Walk) take none. Ingests and applies hold the GC lock shared from before they look
+//! objects up until their references are in the index (or their manifest keeps them);
+//! GC holds it exclusively, so it never deletes an object an ingest has just decided to
+//! reuse. Every method blocks: the daemon calls them from blocking threads.
+
+mod recovery;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tracing::{debug, info, warn};
+
+use crate::admin::{FsckReport, Stats};
+use crate::error::CasError;
+use crate::gc::GcStats;
+use crate::index::{DiskUsage, IndexError, Kind, MetaStore, Record};
+use crate::ingest::IngestStats;
+use crate::journal::{Change, CommitLog};
+use crate::layout::{remove_tree, Layout, StoreMode, FS_DIR, WORK_DIR};
+use crate::mounts::{Mount, MountPlanner};
+use crate::objects::ObjectStore;
+use crate::probe::ProbeError;
+use crate::unpack::{Applied, Limits, UnpackError, UnpackStats};
+use crate::Digest;
+
+pub use recovery::{reconcile, ReconcileStats};
+
+/// Prefix of directories being built by Prepare/View, before their rename.
+const NEW_PREFIX: &str = "new-";
+
+/// Everything a lifecycle call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// No snapshot has this key or name.
+    #[error("snapshot {0:?} does not exist")]
+    NotFound(String),
+    /// A snapshot with this key or name already exists.
+    #[error("snapshot {0:?} already exists")]
+    AlreadyExists(String),
+    /// The snapshot exists but is in the wrong state for the call.
+    #[error("snapshot {key:?}: {reason}")]
+    FailedPrecondition {
+        /// The snapshot.
+        key: String,
+        /// What is wrong (e.g. "not active", "has children").
+        reason: &'static str,
+    },
+    /// The request itself is malformed (an empty key or name).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The store failed (directories, objects, manifests, journal, index).
+    #[error(transparent)]
+    Store(CasError),
+    /// A layer could not be applied (see [`crate::unpack`]).
+    #[error("applying the layer: {0}")]
+    Unpack(UnpackError),
+    /// The kernel cannot serve stubs (found by the start-up probe).
+    #[error(transparent)]
+    Unsupported(#[from] ProbeError),
+    /// The configured mount mode cannot serve the store's layers.
+    #[error("the store holds {stored:?} layers, which mount_mode {requested:?} cannot serve")]
+    ModeMismatch {
+        /// What the store was created with.
+        stored: StoreMode,
+        /// What the configuration asks for.
+        requested: RequestedMode,
+    },
+}
+
+/// A missing record is [`SnapshotError::NotFound`] whichever way it arrives.
+impl From<CasError> for SnapshotError {
+    fn from(e: CasError) -> Self {
+        match e {
+            CasError::Index(IndexError::NotFound(key)) => SnapshotError::NotFound(key),
+            other => SnapshotError::Store(other),
+        }
+    }
+}
+
+impl From<IndexError> for SnapshotError {
+    fn from(e: IndexError) -> Self {
+        CasError::Index(e).into()
+    }
+}
+
+impl From<crate::LayoutError> for SnapshotError {
+    fn from(e: crate::LayoutError) -> Self {
+        CasError::Layout(e).into()
+    }
+}
+
+impl SnapshotError {
+    fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Self {
+        let f = CasError::io(op, path);
+        move |e| SnapshotError::Store(f(e))
+    }
+}
+
+/// Shorthand for lifecycle results.
+pub type Result<T, E = SnapshotError> = std::result::Result<T, E>;
+
+/// The mount mode a configuration asks for (`[store] mount_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RequestedMode {
+    /// Stubs where the start-up probe shows the kernel can serve them, else materialised.
+    #[default]
+    Auto,
+    /// Stubs, or refuse to start.
+    DataOnly,
+    /// Real files (what kernels without data-only lower layers get).
+    Materialised,
+}
+
+/// How [`Snapshots::open`] opens a store.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// The mount mode asked for; a store keeps the one it was created with.
+    pub mode: RequestedMode,
+    /// The journal backend.
+    pub journal: ringio::journal::JournalMode,
+}
+
+/// A change of a snapshot's labels (Update with or without field paths).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LabelChange {
+    /// All labels become these.
+    Replace(BTreeMap<String, String>),
+    /// One label gets this value.
+    Set(String, String),
+    /// One label goes.
+    Unset(String),
+}
+
+/// What a Commit did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// The snapshot's directory number.
+    pub id: u64,
+    /// The layer's files and what of them was new.
+    pub stats: IngestStats,
+    /// Whether the layer was applied by the Diff service (nothing was ingested now).
+    pub applied: bool,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+/// The store's snapshots: create, commit, remove, mounts, and the store-wide
+/// operations (GC, stats, fsck, checkpoints) under the same locks.
+pub struct Snapshots {
+    mode: StoreMode,
+    layout: Layout,
+    meta: MetaStore,
+    objects: ObjectStore,
+    planner: MountPlanner,
+    /// Commit records (see [`crate::journal`]).
+    log: CommitLog,
+    /// Serialises index mutations.
+    writer: Mutex<()>,
+    /// Shared by ingests and applies, exclusive for GC and fsck.
+    gc_lock: RwLock<()>,
+    /// Ids of active snapshots being ingested by a Commit or applied into right now.
+    busy: Mutex<HashSet<u64>>,
+    /// What the Diff service's applies did, by snapshot id, until their Commit.
+    applied: Mutex<HashMap<u64, UnpackStats>>,
+    /// How long opening the store took (journal replay, reconcile, sweep).
+    recovered_in: Duration,
+}
+
+/// Marks an active snapshot as being committed or applied into; unmarks it when dropped.
+struct BusyGuard<'a> {
+    set: &'a Mutex<HashSet<u64>>,
+    id: u64,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        lock(self.set).remove(&self.id);
+    }
+}
+
+/// Which lifecycle step a record change belongs to (for its crash points).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Create,
+    Update,
+    Commit,
+}
+
+/// A poisoned lock only means another request panicked; the data it guards (a set,
+/// a map, nothing) stays usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn check_key(what: &str, key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(SnapshotError::InvalidArgument(format!(
+            "{what} must not be empty"
+        )));
+    }
+    Ok(())
+}
+
+/// Disk usage of a tree the way containerd's `fs.DiskUsage` counts it: allocated
+/// blocks, each inode once, the root included.
+pub fn disk_usage(root: &Path) -> Result<DiskUsage, CasError> {
+    let mut seen = HashSet::new();
+    let mut usage = DiskUsage::default();
+    for entry in walkdir::WalkDir::new(root) {
+        let entry = entry.map_err(|e| {
+            let path = e.path().unwrap_or(root).to_path_buf();
+            CasError::io("walk", path)(
+                e.into_io_error()
+                    .unwrap_or_else(|| io::Error::other("filesystem loop")),
+            )
+        })?;
+        let md = entry
+            .metadata()
+            .map_err(|e| CasError::io("stat", entry.path())(io::Error::other(e)))?;
+        if seen.insert((md.dev(), md.ino())) {
+            usage.size += md.blocks() as i64 * 512;
+            usage.inodes += 1;
+        }
+    }
+    Ok(usage)
+}
+
+impl Snapshots {
+    /// The store's mode.
+    pub fn mode(&self) -> StoreMode {
+        self.mode
+    }
+
+    /// The store layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// How long opening the store took.
+    pub fn recovered_in(&self) -> Duration {
+        self.recovered_in
+    }
+
+    /// The journal's backend (RWF_ATOMIC or rename), for the log and stats.
+    pub fn journal_backend(&self) -> ringio::journal::Backend {
+        self.log.backend()
+    }
+
+    /// The record of `key`.
+    pub fn stat(&self, key: &str) -> Result<Record> {
+        Ok(self.meta.require(key)?)
+    }
+
+    /// Every snapshot, by key.
+    pub fn list(&self) -> Result<Vec<(String, Record)>> {
+        Ok(self.meta.all()?)
+    }
+
+    /// Creates an active snapshot (Prepare) or a view (View) of `kind` over the
+    /// committed `parent`, and returns its mounts.
+    pub fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        check_key("key", key)?;
+        let (id, parent_ids) = {
+            let _w = lock(&self.writer);
+            if self.meta.get(key)?.is_some() {
+                return Err(SnapshotError::AlreadyExists(key.to_string()));
+            }
+            let mut parent_ids = Vec::new();
+            let mut owner = None;
+            if let Some(p) = parent {
+                let prec = self.meta.require(p)?;
+                if prec.kind != Kind::Committed {
+                    return Err(SnapshotError::FailedPrecondition {
+                        key: p.to_string(),
+                        reason: "parent is not committed",
+                    });
+                }
+                parent_ids.push(prec.id);
+                parent_ids.extend(self.meta.parent_ids(&prec)?);
+                let pfs = self.layout.fs_dir(prec.id);
+                let md = fs::metadata(&pfs).map_err(SnapshotError::io("stat", &pfs))?;
+                owner = Some((md.uid(), md.gid()));
+            }
+            let id = self.meta.next_id()?;
+            let dir = self.layout.snapshot_dir(id);
+            self.build_dir(kind, id, owner)?;
+            crate::crash_point!("create.after-dir");
+            let now = SystemTime::now();
+            let rec = Record {
+                id,
+                kind,
+                parent: parent.map(str::to_string),
+                labels,
+                created: now,
+                updated: now,
+                usage: DiskUsage::default(),
+                logical_bytes: 0,
+            };
+            let stored = self
+                .record_put(Step::Create, id, key, &rec)
+                .and_then(|flush| {
+                    self.meta.insert(key, &rec)?;
+                    if flush {
+                        self.meta.flush_blocking()?;
+                    }
+                    Ok(())
+                });
+            if let Err(e) = stored {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+            debug!(%key, id, ?kind, "created");
+            (id, parent_ids)
+        };
+        self.mounts_of(kind, id, &parent_ids)
+    }
+
+    /// Builds `snapshots/new-<id>` and renames it to `snapshots/<id>`; on failure
+    /// nothing is left.
+    fn build_dir(&self, kind: Kind, id: u64, owner: Option<(u32, u32)>) -> Result<()> {
+        let tmp = self
+            .layout
+            .snapshots_dir()
+            .join(format!("{NEW_PREFIX}{id}"));
+        let dir = self.layout.snapshot_dir(id);
+        let mkdir = |path: &Path, mode: u32| {
+            fs::DirBuilder::new()
+                .mode(mode)
+                .create(path)
+                .map_err(SnapshotError::io("mkdir", path))
+        };
+        let build = || -> Result<()> {
+            mkdir(&tmp, 0o700)?;
+            let fsdir = tmp.join(FS_DIR);
+            mkdir(&fsdir, 0o755)?;
+            if let Some((uid, gid)) = owner {
+                nix::unistd::chown(&fsdir, Some(uid.into()), Some(gid.into()))
+                    .map_err(|e| SnapshotError::io("chown", &fsdir)(e.into()))?;
+            }
+            if kind == Kind::Active {
+                mkdir(&tmp.join(WORK_DIR), 0o711)?;
+            }
+            fs::rename(&tmp, &dir).map_err(SnapshotError::io("rename", &dir))
+        };
+        build().inspect_err(|_| {
+            let _ = fs::remove_dir_all(&tmp);
+        })
+    }
+
+    /// Changes the labels of `key`; returns the new record.
+    pub fn update_labels(&self, key: &str, changes: &[LabelChange]) -> Result<Record> {
+        let _w = lock(&self.writer);
+        let mut rec = self.meta.require(key)?;
+        for change in changes {
+            match change {
+                LabelChange::Replace(all) => rec.labels = all.clone(),
+                LabelChange::Set(k, v) => {
+                    rec.labels.insert(k.clone(), v.clone());
+                }
+                LabelChange::Unset(k) => {
+                    rec.labels.remove(k);
+                }
+            }
+        }
+        rec.updated = SystemTime::now();
+        let flush = self.record_put(Step::Update, rec.id, key, &rec)?;
+        self.meta.put(key, &rec)?;
+        if flush {
+            self.meta.flush_blocking()?;
+        }
+        Ok(rec)
+    }
+
+    /// Usage of `key`. A committed layer's is what it added to the disk: its own tree
+    /// (stubs, directories, symlinks: metadata only) plus the bytes of the objects it was
+    /// first to store. Summed over all snapshots this equals the store's physical usage
+    /// at the time each layer was committed, which is what image-fs accounting needs;
+    /// the bytes of content shared with earlier layers are not counted again. An active
+    /// snapshot's is its upper directory's, as containerd counts it.
+    pub fn usage(&self, key: &str) -> Result<DiskUsage> {
+        let rec = self.meta.require(key)?;
+        match rec.kind {
+            Kind::Active => Ok(disk_usage(&self.layout.fs_dir(rec.id))?),
+            _ => Ok(rec.usage),
+        }
+    }
+
+    /// The mounts of the active snapshot or view `key`.
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let rec = self.meta.require(key)?;
+        if rec.kind == Kind::Committed {
+            return Err(SnapshotError::FailedPrecondition {
+                key: key.to_string(),
+                reason: "mounts are only available for active snapshots and views",
+            });
+        }
+        let parents = self.meta.parent_ids(&rec)?;
+        self.mounts_of(rec.kind, rec.id, &parents)
+    }
+
+    fn mounts_of(&self, kind: Kind, id: u64, parents: &[u64]) -> Result<Vec<Mount>> {
+        let plan = self.planner.plan(kind, id, parents);
+        if let Some(top) = plan.flat {
+            self.ensure_flat(top, parents)?;
+        }
+        Ok(plan.mounts)
+    }
+
+    /// Makes sure the flattened tree of the chain `parents` (whose top is `top`) exists.
+    fn ensure_flat(&self, top: u64, parents: &[u64]) -> Result<()> {
+        let out = self.layout.flat_dir(top);
+        if out.is_dir() {
+            return Ok(());
+        }
+        let _w = lock(&self.writer);
+        if out.is_dir() {
+            return Ok(());
+        }
+        // The parent's own flat tree, when it has one, already merges the rest of the
+        // chain: merging one layer over it keeps each flatten proportional to the tree.
+        let layers: Vec<_> = match parents.get(1).map(|p| self.layout.flat_dir(*p)) {
+            Some(below) if below.is_dir() => vec![self.layout.fs_dir(top), below],
+            _ => parents.iter().map(|p| self.layout.fs_dir(*p)).collect(),
+        };
+        let tmp = self.layout.snapshot_dir(top).join("flat.tmp");
+        let started = std::time::Instant::now();
+        remove_tree(&tmp)?;
+        crate::flatten::flatten(&layers, &tmp, &out)?;
+        info!(
+            snapshot = top,
+            layers = parents.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "flattened a deep chain"
+        );
+        Ok(())
+    }
+
+    /// Commits the active snapshot `key` as `name`: its layer is ingested (unless the
+    /// Diff service applied it) and it becomes an immutable parent.
+    pub fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Committed> {
+        check_key("name", name)?;
+        let rec = self.meta.require(key)?;
+        self.check_committable(name, key, &rec)?;
+        // One ingest per snapshot: a second Commit of the same key must not walk the tree
+        // the first one is rewriting.
+        let _busy = self.busy(key, rec.id)?;
+        // Shared GC lock from before the first object lookup until the references land.
+        let _g = self.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+        let started = std::time::Instant::now();
+        let fsdir = self.layout.fs_dir(rec.id);
+        let manifest = self.layout.manifest(rec.id);
+        // A layer the Diff service applied is already stubs + objects + manifest.
+        let applied = manifest.exists() && self.mode == StoreMode::Stubs;
+        let stats = if applied {
+            let s = self.applied_stats(rec.id, &fsdir, &manifest)?;
+            IngestStats {
+                files: s.files,
+                logical_bytes: s.logical_bytes,
+                new_objects: s.new_objects,
+                new_bytes: s.new_bytes,
+                dropped_overlay_xattrs: s.skipped_xattrs,
+            }
+        } else {
+            let parents = self.meta.parent_ids(&rec)?;
+            let lowers = self.planner.lower_trees(rec.id, &parents);
+            crate::ingest::ingest_layer(
+                &self.objects,
+                &self.layout.tmp_dir(),
+                &fsdir,
+                &lowers,
+                &manifest,
+                self.mode,
+            )?
+        };
+        let mut usage = disk_usage(&fsdir)?;
+        if self.mode == StoreMode::Stubs {
+            // materialised layers already hold their new objects' inodes
+            usage.size += stats.new_bytes as i64;
+            usage.inodes += stats.new_objects as i64;
+        }
+        let objects = crate::manifest::distinct_objects(&manifest)?;
+        crate::crash_point!("commit.after-ingest");
+
+        let _w = lock(&self.writer);
+        let mut rec = self.meta.require(key)?;
+        self.check_committable(name, key, &rec)?;
+        let now = SystemTime::now();
+        rec.kind = Kind::Committed;
+        rec.labels = labels;
+        rec.created = now;
+        rec.updated = now;
+        rec.usage = usage;
+        rec.logical_bytes = stats.logical_bytes;
+        // The Commit is durable once its record is: one journal write. Mirror and index
+        // follow without flushes; a checkpoint or the replay at start makes them durable.
+        let flush = self.record_put(Step::Commit, rec.id, name, &rec)?;
+        self.meta.rename(key, name, &rec, &objects)?;
+        if flush {
+            self.meta.flush_blocking()?;
+        }
+        crate::crash_point!("commit.after-index");
+        let _ = fs::remove_dir_all(self.layout.work_dir(rec.id));
+        let elapsed = started.elapsed();
+        info!(
+            %key, %name, id = rec.id,
+            files = stats.files,
+            logical_bytes = stats.logical_bytes,
+            new_objects = stats.new_objects,
+            new_bytes = stats.new_bytes,
+            dropped_overlay_xattrs = stats.dropped_overlay_xattrs,
+            applied,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "committed"
+        );
+        Ok(Committed {
+            id: rec.id,
+            stats,
+            applied,
+            elapsed,
+        })
+    }
+
+    fn check_committable(&self, name: &str, key: &str, rec: &Record) -> Result<()> {
+        if rec.kind != Kind::Active {
+            return Err(SnapshotError::FailedPrecondition {
+                key: key.to_string(),
+                reason: "only active snapshots can be committed",
+            });
+        }
+        if self.meta.get(name)?.is_some() {
+            return Err(SnapshotError::AlreadyExists(name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Removes `key` (refused while it has children). A layer applied but never
+    /// committed takes the objects nothing else references with it.
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let mut orphaned = Vec::new();
+        let trash = {
+            let _w = lock(&self.writer);
+            let rec = self.meta.require(key)?;
+            if self.meta.has_children(key)? {
+                return Err(SnapshotError::FailedPrecondition {
+                    key: key.to_string(),
+                    reason: "cannot remove a snapshot that has children",
+                });
+            }
+            let dir = self.layout.snapshot_dir(rec.id);
+            let manifest = self.layout.manifest(rec.id);
+            let objects = if rec.kind == Kind::Committed {
+                crate::manifest::distinct_objects(&manifest)?
+            } else {
+                if rec.kind == Kind::Active && manifest.exists() {
+                    // applied but never committed (a failed pull): its objects are
+                    // garbage unless something else keeps them; collected below
+                    orphaned = crate::manifest::distinct_objects(&manifest)?;
+                }
+                Vec::new()
+            };
+            lock(&self.applied).remove(&rec.id);
+            // The journal record makes the Remove durable; the mirror goes next, before
+            // the index: a rebuild after a crash here must not revive it.
+            self.log
+                .record_small(&Change::Delete { id: rec.id }, &self.meta)?;
+            let info = dir.join(crate::layout::INFO_FILE);
+            match fs::remove_file(&info) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(SnapshotError::io("remove", &info)(e))
+                }
+                _ => {}
+            }
+            crate::crash_point!("remove.after-info");
+            self.meta.delete(key, &rec, &objects)?;
+            // Durable before the directory (and its manifest, which the references
+            // were counted from) leaves `snapshots/`.
+            self.meta.flush_blocking()?;
+            crate::crash_point!("remove.after-index");
+            // Out of `snapshots/` while still under the lock, so no reader (fsck, the
+            // orphan sweep) sees a directory without a record; deleted outside it. A
+            // crash leaves it in `cas/tmp`, which is swept at start and by GC.
+            let trash = self.layout.tmp_dir().join(format!("removed-{}", rec.id));
+            match fs::rename(&dir, &trash) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(SnapshotError::io("rename", &dir)(e))
+                }
+                _ => {}
+            }
+            crate::crash_point!("remove.after-rename");
+            trash
+        };
+        remove_tree(&trash)?;
+        if !orphaned.is_empty() {
+            let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+            let stats = crate::gc::collect_objects(&self.layout, &self.meta, &orphaned)?;
+            debug!(%key, removed = stats.removed, "objects of an uncommitted applied layer collected");
+        }
+        debug!(%key, "removed");
+        Ok(())
+    }
+
+    /// What containerd's Cleanup asks for after its own garbage collection removed
+    /// snapshots: sweep directories without records, collect objects nothing
+    /// references, and (a quiet moment) retire the journal's records.
+    pub fn cleanup(&self) -> Result<GcStats> {
+        {
+            let _w = lock(&self.writer);
+            let swept = self.sweep_orphans()?;
+            if swept > 0 {
+                info!(
+                    swept,
+                    "cleanup removed snapshot directories without metadata"
+                );
+            }
+        }
+        let stats = self.gc()?;
+        self.checkpoint()?;
+        Ok(stats)
+    }
+
+    /// Removes every directory under `snapshots/` that no record names. Returns how many.
+    fn sweep_orphans(&self) -> Result<u64> {
+        let live: HashSet<String> = self
+            .meta
+            .all()?
+            .into_iter()
+            .map(|(_, r)| r.id.to_string())
+            .collect();
+        let dir = self.layout.snapshots_dir();
+        let mut swept = 0;
+        for entry in fs::read_dir(&dir).map_err(SnapshotError::io("read dir", &dir))? {
+            let entry = entry.map_err(SnapshotError::io("read dir", &dir))?;
+            if live.contains(entry.file_name().to_string_lossy().as_ref()) {
+                continue;
+            }
+            remove_tree(&entry.path())?;
+            swept += 1;
+        }
+        Ok(swept)
+    }
+
+    /// Makes every journaled change durable in the index and mirrors and retires the
+    /// records (also done every [`crate::journal::CHECKPOINT_EVERY`] records).
+    pub fn checkpoint(&self) -> Result<()> {
+        let _w = lock(&self.writer);
+        self.log.checkpoint(&self.meta)?;
+        Ok(())
+    }
+
+    /// The last step of a clean shutdown: a checkpoint and the clean-stop marker, so the
+    /// next start need not read every snapshot's `info` mirror. Call last, once nothing
+    /// calls in any more: a change after it would not be seen at the next start.
+    pub fn shutdown(&self) -> Result<()> {
+        let _w = lock(&self.writer);
+        self.log.mark_clean_stop(&self.meta)?;
+        Ok(())
+    }
+
+    /// Makes snapshot `id`'s new record durable ahead of the index: a journal record
+    /// and the `info` mirror written lazily; or, for a record too large for a journal
+    /// block, a Dirty record and a durable mirror, in which case it returns `true` and
+    /// the caller must flush the index after changing it.
+    fn record_put(&self, step: Step, id: u64, key: &str, rec: &Record) -> Result<bool> {
+        let dir = self.layout.snapshot_dir(id);
+        let change = Change::Put {
+            id,
+            key: key.to_string(),
+            record: rec.clone(),
+        };
+        let flush = if self.log.record(&change, &self.meta)? {
+            if step == Step::Commit {
+                crate::crash_point!("commit.after-record");
+            }
+            crate::journal::write_info_lazy(&dir, key, rec)?;
+            false
+        } else {
+            self.log.record_small(&Change::Dirty { id }, &self.meta)?;
+            crate::index::write_info(&dir, key, rec)?;
+            true
+        };
+        match step {
+            Step::Create => crate::crash_point!("create.after-info"),
+            Step::Commit => crate::crash_point!("commit.after-info"),
+            Step::Update => {}
+        }
+        Ok(flush)
+    }
+
+    /// Collects objects no committed snapshot references. Waits for running ingests and
+    /// holds new ones off while it runs.
+    pub fn gc(&self) -> Result<GcStats> {
+        let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+        let _w = lock(&self.writer);
+        let started = std::time::Instant::now();
+        let stats = crate::gc::collect(&self.layout, &self.meta)?;
+        info!(
+            removed = stats.removed,
+            freed_bytes = stats.freed_bytes,
+            scanned = stats.scanned,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "garbage collected"
+        );
+        Ok(stats)
+    }
+
+    /// Store statistics (`casctl stats`), with the journal's backend.
+    pub fn stats(&self) -> Result<Stats> {
+        let mut s = crate::admin::stats(&self.layout, &self.meta)?;
+        s.journal = Some(self.log.backend().to_string());
+        Ok(s)
+    }
+
+    /// Consistency check (`casctl fsck`), with ingests and index changes held off so
+    /// it sees one consistent state.
+    pub fn fsck(&self, verify_objects: bool) -> Result<FsckReport> {
+        let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+        let _w = lock(&self.writer);
+        Ok(crate::admin::fsck(
+            &self.layout,
+            &self.meta,
+            verify_objects,
+        )?)
+    }
+
+    /// Marks `id` busy (Commit or Apply) until the guard drops; a second one is refused.
+    fn busy(&self, key: &str, id: u64) -> Result<BusyGuard<'_>> {
+        if !lock(&self.busy).insert(id) {
+            return Err(SnapshotError::FailedPrecondition {
+                key: key.to_string(),
+                reason: "a commit or apply of this snapshot is already in progress",
+            });
+        }
+        Ok(BusyGuard {
+            set: &self.busy,
+            id,
+        })
+    }
+
+    /// The active snapshot whose layer directory (`snapshots/<id>/fs`) is `fs_dir`:
+    /// its key and record, or `None` when the directory is not one of ours.
+    pub fn active_by_fs_dir(&self, fs_dir: &Path) -> Result<Option<(String, Record)>> {
+        let Ok(rest) = fs_dir.strip_prefix(self.layout.snapshots_dir()) else {
+            return Ok(None);
+        };
+        let mut parts = rest.components();
+        let (Some(id), Some(fs), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Ok(None);
+        };
+        let Ok(id) = id.as_os_str().to_string_lossy().parse::<u64>() else {
+            return Ok(None);
+        };
+        if fs.as_os_str() != FS_DIR {
+            return Ok(None);
+        }
+        let Ok(info) = crate::index::read_info(&self.layout.snapshot_dir(id)) else {
+            return Ok(None);
+        };
+        match self.meta.get(&info.key)? {
+            Some(rec) if rec.id == id && rec.kind == Kind::Active => Ok(Some((info.key, rec))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Applies a layer blob into the active snapshot `key` in one pass (the Diff
+    /// service's fast path, see [`crate::unpack`]). Objects are published now and kept
+    /// by the snapshot's manifest until its Commit references them. On failure the layer
+    /// directory is emptied and the objects this apply added are collected again.
+    pub fn apply_blob(
+        &self,
+        key: &str,
+        blob: impl io::Read + Send,
+        blob_size: u64,
+        blob_digest: Option<Digest>,
+        limits: Limits,
+        pool: &ringio::Pool,
+    ) -> Result<Applied> {
+        let rec = self.meta.require(key)?;
+        if rec.kind != Kind::Active {
+            return Err(SnapshotError::FailedPrecondition {
+                key: key.to_string(),
+                reason: "layers can only be applied to active snapshots",
+            });
+        }
+        let _busy = self.busy(key, rec.id)?;
+        let manifest = self.layout.manifest(rec.id);
+        if manifest.exists() {
+            return Err(SnapshotError::FailedPrecondition {
+                key: key.to_string(),
+                reason: "a layer was already applied to this snapshot",
+            });
+        }
+        let parents = self.meta.parent_ids(&rec)?;
+        let lowers = self.planner.lower_trees(rec.id, &parents);
+        let fsdir = self.layout.fs_dir(rec.id);
+        let tmp = self.layout.tmp_dir();
+        let started = std::time::Instant::now();
+        let result = {
+            // Shared GC lock from the first object lookup until the manifest keeps them.
+            let _g = self.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+            let target = crate::unpack::Target {
+                store: &self.objects,
+                tmp_dir: &tmp,
+                fs_dir: &fsdir,
+                lowers: &lowers,
+                manifest: &manifest,
+                pool,
+            };
+            crate::unpack::apply_blob(blob, blob_size, blob_digest, limits, &target)
+        };
+        match result {
+            Ok(applied) => {
+                lock(&self.applied).insert(rec.id, applied.stats.clone());
+                info!(
+                    %key, id = rec.id,
+                    diff_id = %applied.diff_id,
+                    compression = applied.compression.as_str(),
+                    uncompressed_bytes = applied.uncompressed_size,
+                    files = applied.stats.files,
+                    logical_bytes = applied.stats.logical_bytes,
+                    new_objects = applied.stats.new_objects,
+                    new_bytes = applied.stats.new_bytes,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    input_wait_ms = applied.times.input_wait.as_millis() as u64,
+                    write_wait_ms = applied.times.write_wait.as_millis() as u64,
+                    stub_wait_ms = applied.times.stub_wait.as_millis() as u64,
+                    sync_ms = applied.times.sync.as_millis() as u64,
+                    "layer applied"
+                );
+                Ok(applied)
+            }
+            Err(failure) => {
+                warn!(%key, id = rec.id, error = %failure.error, "layer apply failed; nothing of it is kept");
+                if let Err(e) = empty_dir(&fsdir) {
+                    warn!(%key, error = %e, "could not empty the layer after a failed apply");
+                }
+                if !failure.new_objects.is_empty() {
+                    let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+                    let stats =
+                        crate::gc::collect_objects(&self.layout, &self.meta, &failure.new_objects)?;
+                    debug!(
+                        removed = stats.removed,
+                        "objects of the failed apply collected"
+                    );
+                }
+                Err(SnapshotError::Unpack(failure.error))
+            }
+        }
+    }
+
+    /// The figures of a layer the Diff service applied into snapshot `id`: kept in
+    /// memory from Apply to Commit, recomputed from its manifest after a restart.
+    fn applied_stats(&self, id: u64, fsdir: &Path, manifest: &Path) -> Result<UnpackStats> {
+        if let Some(s) = lock(&self.applied).remove(&id) {
+            return Ok(s);
+        }
+        let mut stats = UnpackStats::default();
+        let mut inodes = HashSet::new();
+        for entry in crate::manifest::read_manifest(manifest)? {
+            let entry = entry?;
+            stats.files += 1;
+            let p = fsdir.join(&entry.path);
+            let md = fs::symlink_metadata(&p).map_err(SnapshotError::io("stat", &p))?;
+            if inodes.insert(md.ino()) {
+                stats.logical_bytes += entry.size;
+            }
+        }
+        Ok(stats)
+    }
+}
+
+/// Removes everything inside `dir`, keeping `dir`.
+fn empty_dir(dir: &Path) -> Result<(), CasError> {
+    for e in fs::read_dir(dir).map_err(CasError::io("read dir", dir))? {
+        let e = e.map_err(CasError::io("read dir", dir))?;
+        remove_tree(&e.path())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,541 @@
+//! The lifecycle's contract and the order of its steps, on a materialised store (no
+//! mounts, no overlayfs xattrs) with a fake kernel probe.
+//!
+//! Ordering is checked at the crash points themselves: a `fail` callback at each
+//! point records what a crash there would leave (directory, mirror, index record), and
+//! a panicking callback stands in for the crash, after which the store is reopened and
+//! must show the old state or the new one. The real `kill -9` at each point runs in
+//! the integration tests (`faults`).
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::*;
+use crate::sys::fake::{Call, Recorder};
+
+/// Crash points are process-wide: the tests of this module run one at a time, and
+/// each leaves no point configured.
+fn serial() -> fail::FailScenario<'static> {
+    fail::FailScenario::setup()
+}
+
+fn opts() -> OpenOptions {
+    OpenOptions {
+        mode: RequestedMode::Auto,
+        journal: ringio::journal::JournalMode::ForceRename,
+    }
+}
+
+fn open(root: &Path) -> Snapshots {
+    Snapshots::open(Layout::ensure(root).unwrap(), opts(), &Recorder::new(false)).unwrap()
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Prepares `key` over `parent`, writes `files` (path, bytes) into it and commits it as
+/// `name`.
+fn layer(sn: &Snapshots, name: &str, parent: Option<&str>, files: &[(&str, &[u8])]) -> u64 {
+    let key = format!("{name}-active");
+    sn.create(Kind::Active, &key, parent, BTreeMap::new())
+        .unwrap();
+    let id = sn.stat(&key).unwrap().id;
+    for (path, bytes) in files {
+        let p = sn.layout().fs_dir(id).join(path);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, bytes).unwrap();
+    }
+    sn.commit(name, &key, BTreeMap::new()).unwrap();
+    id
+}
+
+#[test]
+fn a_snapshot_lives_from_prepare_to_remove() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let sn = open(dir.path());
+    assert_eq!(sn.mode(), StoreMode::Materialised);
+    let mounts = sn
+        .create(Kind::Active, "a", None, labels(&[("x", "1")]))
+        .unwrap();
+    let id = sn.stat("a").unwrap().id;
+    assert_eq!(mounts.len(), 1);
+    assert_eq!(mounts[0].kind, "bind");
+    assert_eq!(
+        mounts[0].source,
+        sn.layout().fs_dir(id).display().to_string()
+    );
+    assert!(sn.layout().work_dir(id).is_dir());
+    fs::write(sn.layout().fs_dir(id).join("f"), b"hello").unwrap();
+    assert!(sn.usage("a").unwrap().inodes >= 2);
+
+    let done = sn.commit("l1", "a", labels(&[("y", "2")])).unwrap();
+    assert_eq!((done.id, done.stats.files, done.applied), (id, 1, false));
+    let rec = sn.stat("l1").unwrap();
+    assert_eq!(rec.kind, Kind::Committed);
+    assert_eq!(rec.labels, labels(&[("y", "2")]));
+    assert_eq!(rec.logical_bytes, 5);
+    assert!(matches!(sn.stat("a"), Err(SnapshotError::NotFound(k)) if k == "a"));
+    assert!(
+        !sn.layout().work_dir(id).exists(),
+        "a committed layer keeps no workdir"
+    );
+    assert_eq!(sn.usage("l1").unwrap(), rec.usage);
+
+    // a view of one materialised layer is a read-only bind of it
+    let v = sn
+        .create(Kind::View, "v", Some("l1"), BTreeMap::new())
+        .unwrap();
+    assert_eq!(v[0].kind, "bind");
+    assert_eq!(v[0].options, ["ro", "rbind"]);
+    assert_eq!(sn.mounts("v").unwrap(), v);
+    let vid = sn.stat("v").unwrap().id;
+    assert!(!sn.layout().work_dir(vid).exists(), "views have no workdir");
+
+    assert!(matches!(
+        sn.remove("l1"),
+        Err(SnapshotError::FailedPrecondition { .. })
+    ));
+    sn.remove("v").unwrap();
+    sn.remove("l1").unwrap();
+    assert!(sn.list().unwrap().is_empty());
+    assert!(!sn.layout().snapshot_dir(id).exists());
+    let gc = sn.cleanup().unwrap();
+    assert_eq!(gc.removed, 1, "the layer's one object is garbage now");
+    assert_eq!(sn.stats().unwrap().objects, 0);
+}
+
+#[test]
+fn requests_containerd_refuses_are_refused() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let sn = open(dir.path());
+    let none = BTreeMap::new;
+    assert!(matches!(
+        sn.create(Kind::Active, "", None, none()),
+        Err(SnapshotError::InvalidArgument(_))
+    ));
+    sn.create(Kind::Active, "a", None, none()).unwrap();
+    assert!(matches!(
+        sn.create(Kind::Active, "a", None, none()),
+        Err(SnapshotError::AlreadyExists(k)) if k == "a"
+    ));
+    assert!(matches!(
+        sn.create(Kind::View, "v", Some("a"), none()),
+        Err(SnapshotError::FailedPrecondition { .. })
+    ));
+    assert!(matches!(
+        sn.create(Kind::View, "v", Some("missing"), none()),
+        Err(SnapshotError::NotFound(k)) if k == "missing"
+    ));
+    assert!(matches!(
+        sn.commit("", "a", none()),
+        Err(SnapshotError::InvalidArgument(_))
+    ));
+    layer(&sn, "l1", None, &[]);
+    assert!(matches!(
+        sn.commit("l1", "a", none()),
+        Err(SnapshotError::AlreadyExists(k)) if k == "l1"
+    ));
+    sn.create(Kind::View, "v", Some("l1"), none()).unwrap();
+    assert!(matches!(
+        sn.commit("v2", "v", none()),
+        Err(SnapshotError::FailedPrecondition { .. })
+    ));
+    assert!(matches!(
+        sn.commit("l2", "l1", none()),
+        Err(SnapshotError::FailedPrecondition { .. })
+    ));
+    assert!(matches!(
+        sn.mounts("l1"),
+        Err(SnapshotError::FailedPrecondition { .. })
+    ));
+    assert!(matches!(
+        sn.remove("missing"),
+        Err(SnapshotError::NotFound(_))
+    ));
+    assert!(matches!(
+        sn.usage("missing"),
+        Err(SnapshotError::NotFound(_))
+    ));
+    // a refused request leaves nothing behind: the store is as before
+    let keys: Vec<_> = sn.list().unwrap().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, ["a", "l1", "v"]);
+    assert_eq!(
+        fs::read_dir(sn.layout().snapshots_dir()).unwrap().count(),
+        3
+    );
+}
+
+#[test]
+fn labels_change_as_asked_and_survive_a_reopen() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let sn = open(dir.path());
+    sn.create(Kind::Active, "a", None, labels(&[("x", "1"), ("y", "2")]))
+        .unwrap();
+    let created = sn.stat("a").unwrap();
+    let rec = sn
+        .update_labels(
+            "a",
+            &[
+                LabelChange::Set("x".into(), "9".into()),
+                LabelChange::Unset("y".into()),
+                LabelChange::Set("z".into(), "3".into()),
+            ],
+        )
+        .unwrap();
+    assert_eq!(rec.labels, labels(&[("x", "9"), ("z", "3")]));
+    assert!(rec.updated >= created.updated);
+    assert_eq!(rec.created, created.created);
+    let rec = sn
+        .update_labels("a", &[LabelChange::Replace(labels(&[("only", "1")]))])
+        .unwrap();
+    assert_eq!(rec.labels, labels(&[("only", "1")]));
+    drop(sn);
+    let sn = open(dir.path());
+    assert_eq!(sn.stat("a").unwrap().labels, labels(&[("only", "1")]));
+}
+
+#[test]
+fn a_record_too_large_for_the_journal_takes_the_durable_path() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let sn = open(dir.path());
+    let big = "v".repeat(2 * ringio::journal::MAX_PAYLOAD);
+    sn.create(Kind::Active, "a", None, labels(&[("big", &big)]))
+        .unwrap();
+    let id = sn.stat("a").unwrap().id;
+    let info = crate::index::read_info(&sn.layout().snapshot_dir(id)).unwrap();
+    assert_eq!(info.record.labels["big"], big);
+    sn.commit("l", "a", labels(&[("big", &big)])).unwrap();
+    drop(sn);
+    let sn = open(dir.path());
+    assert_eq!(sn.stat("l").unwrap().labels["big"], big);
+}
+
+#[test]
+fn the_mode_is_chosen_once_and_kept() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::ensure(dir.path()).unwrap();
+    // a new store: auto probes, and takes what the kernel can serve
+    let without = Recorder::new(false);
+    let mode = recovery::choose_mode(&layout, RequestedMode::Auto, &without).unwrap();
+    assert_eq!(mode, StoreMode::Materialised);
+    assert_eq!(without.calls(), [Call::Probe(layout.tmp_dir())]);
+    // kept: a materialised store needs no probe, and refuses data-only
+    let with = Recorder::new(true);
+    assert_eq!(
+        recovery::choose_mode(&layout, RequestedMode::Auto, &with).unwrap(),
+        StoreMode::Materialised
+    );
+    assert!(matches!(
+        recovery::choose_mode(&layout, RequestedMode::DataOnly, &with),
+        Err(SnapshotError::ModeMismatch {
+            stored: StoreMode::Materialised,
+            ..
+        })
+    ));
+    assert!(with.calls().is_empty());
+
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::ensure(dir.path()).unwrap();
+    assert_eq!(
+        recovery::choose_mode(&layout, RequestedMode::Auto, &with).unwrap(),
+        StoreMode::Stubs
+    );
+    // a stub store is probed at every start (the kernel may have changed) ...
+    assert_eq!(
+        recovery::choose_mode(&layout, RequestedMode::Auto, &with).unwrap(),
+        StoreMode::Stubs
+    );
+    assert_eq!(with.calls().len(), 2);
+    // ... and refuses to start where the probe fails, or when asked to materialise
+    assert!(matches!(
+        recovery::choose_mode(&layout, RequestedMode::Auto, &without),
+        Err(SnapshotError::Unsupported(_))
+    ));
+    assert!(matches!(
+        recovery::choose_mode(&layout, RequestedMode::Materialised, &with),
+        Err(SnapshotError::ModeMismatch {
+            stored: StoreMode::Stubs,
+            ..
+        })
+    ));
+    // data-only on a new store without kernel support: refused, nothing recorded
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::ensure(dir.path()).unwrap();
+    assert!(recovery::choose_mode(&layout, RequestedMode::DataOnly, &without).is_err());
+    assert_eq!(layout.mode().unwrap(), None);
+}
+
+/// What a crash at a point would leave of snapshot `id`: its directory under
+/// `snapshots/`, the key its mirror names, and which keys the index knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    point: &'static str,
+    dir: bool,
+    mirror: Option<String>,
+    indexed: Vec<String>,
+}
+
+/// Records a [`Seen`] at each of `points` while `f` runs on `sn`.
+fn observe(
+    sn: &Arc<Snapshots>,
+    id: u64,
+    points: &[&'static str],
+    f: impl FnOnce(&Snapshots),
+) -> Vec<Seen> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let store: Arc<OnceLock<Arc<Snapshots>>> = Arc::new(OnceLock::new());
+    let _ = store.set(sn.clone());
+    for &point in points {
+        let (seen, store) = (seen.clone(), store.clone());
+        fail::cfg_callback(point, move || {
+            let sn = store.get().unwrap();
+            let dir = sn.layout().snapshot_dir(id);
+            let mirror = crate::index::read_info(&dir).ok().map(|i| i.key);
+            let indexed = sn
+                .list()
+                .unwrap()
+                .into_iter()
+                .filter(|(_, r)| r.id == id)
+                .map(|(k, _)| k)
+                .collect();
+            seen.lock().unwrap().push(Seen {
+                point,
+                dir: dir.is_dir(),
+                mirror,
+                indexed,
+            });
+        })
+        .unwrap();
+    }
+    f(sn);
+    for point in points {
+        fail::remove(point);
+    }
+    let out = seen.lock().unwrap().clone();
+    out
+}
+
+fn seen(point: &'static str, dir: bool, mirror: Option<&str>, indexed: &[&str]) -> Seen {
+    Seen {
+        point,
+        dir,
+        mirror: mirror.map(str::to_string),
+        indexed: indexed.iter().map(|k| k.to_string()).collect(),
+    }
+}
+
+/// Each step makes the next durable thing appear only after the one it depends on:
+/// directory before mirror before index on create and commit, and the reverse on remove.
+#[test]
+fn each_step_lands_after_the_one_it_depends_on() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let sn = Arc::new(open(dir.path()));
+    let next = sn.meta.next_id().unwrap() + 1;
+    let create = ["create.after-dir", "create.after-info"];
+    let got = observe(&sn, next, &create, |sn| {
+        sn.create(Kind::Active, "a", None, BTreeMap::new()).unwrap();
+    });
+    assert_eq!(
+        got,
+        [
+            seen("create.after-dir", true, None, &[]),
+            seen("create.after-info", true, Some("a"), &[]),
+        ]
+    );
+    let id = sn.stat("a").unwrap().id;
+    assert_eq!(id, next);
+    fs::write(sn.layout().fs_dir(id).join("f"), b"x").unwrap();
+
+    let commit = [
+        "commit.after-ingest",
+        "commit.after-record",
+        "commit.after-info",
+        "commit.after-index",
+    ];
+    let got = observe(&sn, id, &commit, |sn| {
+        sn.commit("l", "a", BTreeMap::new()).unwrap();
+    });
+    assert_eq!(
+        got,
+        [
+            seen("commit.after-ingest", true, Some("a"), &["a"]),
+            seen("commit.after-record", true, Some("a"), &["a"]),
+            seen("commit.after-info", true, Some("l"), &["a"]),
+            seen("commit.after-index", true, Some("l"), &["l"]),
+        ]
+    );
+    let digest = Digest::of(b"x");
+    assert_eq!(sn.meta.ref_count(&digest).unwrap(), 1);
+
+    let remove = [
+        "remove.after-info",
+        "remove.after-index",
+        "remove.after-rename",
+    ];
+    let got = observe(&sn, id, &remove, |sn| sn.remove("l").unwrap());
+    assert_eq!(
+        got,
+        [
+            seen("remove.after-info", true, None, &["l"]),
+            seen("remove.after-index", true, None, &[]),
+            seen("remove.after-rename", false, None, &[]),
+        ]
+    );
+    assert_eq!(sn.meta.ref_count(&digest).unwrap(), 0);
+}
+
+/// Stands in for a crash at `point` during `f`: the step panics there, the store is
+/// dropped and opened again, as after a restart.
+fn crash_at(root: &Path, point: &'static str, f: impl FnOnce(&Snapshots)) -> Snapshots {
+    let sn = open(root);
+    fail::cfg_callback(point, move || panic!("crash at {point}")).unwrap();
+    let crashed = catch_unwind(AssertUnwindSafe(|| f(&sn)));
+    fail::remove(point);
+    assert!(crashed.is_err(), "{point} was not reached");
+    drop(sn);
+    open(root)
+}
+
+/// After a crash at any step, the reopened store shows the state before the call or
+/// the state after it, never a mix; and it can go on from there.
+#[test]
+fn a_crash_at_any_step_leaves_the_old_state_or_the_new() {
+    let _serial = serial();
+    let digest = Digest::of(b"x");
+    // create: not answered, so rolled back
+    for point in ["create.after-dir", "create.after-info"] {
+        let dir = tempfile::tempdir().unwrap();
+        let sn = crash_at(dir.path(), point, |sn| {
+            let _ = sn.create(Kind::Active, "a", None, BTreeMap::new());
+        });
+        assert!(
+            matches!(sn.stat("a"), Err(SnapshotError::NotFound(_))),
+            "{point}"
+        );
+        assert_eq!(
+            fs::read_dir(sn.layout().snapshots_dir()).unwrap().count(),
+            0,
+            "{point}: the directory is swept"
+        );
+        sn.create(Kind::Active, "a", None, BTreeMap::new()).unwrap();
+    }
+    // commit: before the record, still active (containerd redoes it); after, committed
+    for (point, committed) in [
+        ("commit.after-ingest", false),
+        ("commit.after-record", true),
+        ("commit.after-info", true),
+        ("commit.after-index", true),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let sn = open(dir.path());
+            sn.create(Kind::Active, "a", None, BTreeMap::new()).unwrap();
+            let id = sn.stat("a").unwrap().id;
+            fs::write(sn.layout().fs_dir(id).join("f"), b"x").unwrap();
+        }
+        let sn = crash_at(dir.path(), point, |sn| {
+            let _ = sn.commit("l", "a", BTreeMap::new());
+        });
+        let (present, gone) = if committed { ("l", "a") } else { ("a", "l") };
+        assert!(sn.stat(present).is_ok(), "{point}: {present} is there");
+        assert!(
+            matches!(sn.stat(gone), Err(SnapshotError::NotFound(_))),
+            "{point}: {gone} is not"
+        );
+        assert_eq!(
+            sn.meta.ref_count(&digest).unwrap(),
+            u64::from(committed),
+            "{point}: references follow the record"
+        );
+        if !committed {
+            // what containerd does next: remove the active snapshot and collect
+            sn.remove("a").unwrap();
+            sn.gc().unwrap();
+            assert_eq!(sn.stats().unwrap().objects, 0, "{point}: nothing leaks");
+        }
+        let report = sn.fsck(true).unwrap();
+        assert!(report.problems.is_empty(), "{point}: {:?}", report.problems);
+    }
+    // remove: journaled first, so once under way it completes
+    for point in [
+        "remove.after-info",
+        "remove.after-index",
+        "remove.after-rename",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let sn = open(dir.path());
+            layer(&sn, "l", None, &[("f", b"x")]);
+        }
+        let sn = crash_at(dir.path(), point, |sn| {
+            let _ = sn.remove("l");
+        });
+        assert!(
+            matches!(sn.stat("l"), Err(SnapshotError::NotFound(_))),
+            "{point}"
+        );
+        assert_eq!(sn.meta.ref_count(&digest).unwrap(), 0, "{point}");
+        assert_eq!(
+            fs::read_dir(sn.layout().snapshots_dir()).unwrap().count(),
+            0,
+            "{point}"
+        );
+        assert_eq!(
+            sn.gc().unwrap().removed,
+            1,
+            "{point}: the object is collected"
+        );
+        let report = sn.fsck(true).unwrap();
+        assert!(report.problems.is_empty(), "{point}: {:?}", report.problems);
+    }
+}
+
+#[test]
+fn a_clean_shutdown_is_seen_at_the_next_open() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let sn = open(dir.path());
+        layer(&sn, "base", None, &[("etc/os-release", b"debian")]);
+        layer(&sn, "app", Some("base"), &[("app/bin", b"elf")]);
+        sn.shutdown().unwrap();
+    }
+    assert!(dir.path().join("clean-stop").exists());
+    let sn = open(dir.path());
+    assert!(
+        !dir.path().join("clean-stop").exists(),
+        "the marker is taken at open"
+    );
+    let keys: Vec<_> = sn.list().unwrap().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, ["app", "base"]);
+    assert_eq!(sn.stat("app").unwrap().parent.as_deref(), Some("base"));
+    let v = sn
+        .create(Kind::View, "v", Some("app"), BTreeMap::new())
+        .unwrap();
+    assert_eq!(v[0].kind, "overlay");
+    let lower = v[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .unwrap();
+    let ids = [sn.stat("app").unwrap().id, sn.stat("base").unwrap().id];
+    assert_eq!(
+        lower,
+        format!(
+            "{}:{}",
+            sn.layout().fs_dir(ids[0]).display(),
+            sn.layout().fs_dir(ids[1]).display()
+        ),
+        "immediate parent first"
+    );
+}
