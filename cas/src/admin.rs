@@ -69,6 +69,10 @@ pub struct IngestPaths {
     pub blobs_from_content_api: u64,
     /// The I/O workers' backend (`io_uring` or `threads`).
     pub io_backend: Option<String>,
+    /// Where the Diff service reads layer blobs from now, or why it cannot (`None`:
+    /// the Diff service is off).
+    #[serde(default)]
+    pub blob_source: Option<String>,
 }
 
 /// Computes [`Stats`].

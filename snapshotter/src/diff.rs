@@ -29,6 +29,7 @@
 
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use cas::unpack::{ChunkReader, Limits};
@@ -36,7 +37,7 @@ use cas::Digest;
 use config::DifferConfig;
 use containerd_snapshots::api::types::Mount;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::error::ServiceError;
 use crate::metrics::BlobSource;
@@ -123,17 +124,90 @@ pub fn layer_dir_of(mounts: &[Mount]) -> Option<PathBuf> {
     None
 }
 
+/// Whether the Diff service can reach layer blobs, which it needs to apply anything:
+/// containerd's content directory (`[differ] content_dir`), or else its Content API
+/// (`[differ] containerd_address`). A containerd whose root or socket are not the
+/// defaults needs both keys set; without either, every layer is handed back and
+/// ingested at Commit, a slower path that still works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobReach {
+    /// `<content_dir>/blobs/sha256` is a directory.
+    pub content_dir: bool,
+    /// `containerd_address` accepts a connection.
+    pub content_api: bool,
+}
+
+impl BlobReach {
+    /// Looks now (containerd may start after the daemon: the answer can change).
+    pub fn check(cfg: &DifferConfig) -> BlobReach {
+        BlobReach {
+            content_dir: cfg.content_dir.join("blobs/sha256").is_dir(),
+            content_api: std::os::unix::net::UnixStream::connect(&cfg.containerd_address).is_ok(),
+        }
+    }
+
+    /// One line for the log and `casctl stats`: where blobs come from, or why none can.
+    pub fn describe(&self, cfg: &DifferConfig) -> String {
+        let (dir, sock) = (cfg.content_dir.display(), cfg.containerd_address.display());
+        match (self.content_dir, self.content_api) {
+            (true, _) => format!("containerd's content directory {dir}"),
+            (false, true) => format!(
+                "containerd's Content API at {sock} ([differ] content_dir {dir} has no blobs/sha256)"
+            ),
+            (false, false) => format!(
+                "unreachable: [differ] content_dir {dir} has no blobs/sha256 and [differ] \
+                 containerd_address {sock} does not answer; every layer is handed back to \
+                 containerd's applier and ingested at Commit (slower): set both keys to \
+                 containerd's root and socket"
+            ),
+        }
+    }
+
+    /// Whether some way to the blobs works.
+    pub fn reachable(&self) -> bool {
+        self.content_dir || self.content_api
+    }
+}
+
 /// The Diff service.
 pub struct CasDiffer {
     sn: Arc<CasSnapshotter>,
     cfg: DifferConfig,
     pool: ringio::Pool,
+    /// Whether a blob nowhere to be found was logged as a warning already.
+    warned: AtomicBool,
 }
 
 impl CasDiffer {
     /// A differ applying into `sn`'s active snapshots with `pool`'s workers.
     pub fn new(sn: Arc<CasSnapshotter>, cfg: DifferConfig, pool: ringio::Pool) -> CasDiffer {
-        CasDiffer { sn, cfg, pool }
+        sn.attach_differ(cfg.clone());
+        CasDiffer {
+            sn,
+            cfg,
+            pool,
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    /// Says in the log where layer blobs will come from, loudly when from nowhere
+    /// (at start; again at the first apply that finds no blob).
+    pub fn report_blob_reach(&self) {
+        if !self.cfg.enabled {
+            info!(
+                "the Diff service is off ([differ] enabled = false): layers are ingested at Commit"
+            );
+            return;
+        }
+        let reach = BlobReach::check(&self.cfg);
+        if reach.reachable() {
+            info!(source = %reach.describe(&self.cfg), "the Diff service reads layer blobs from");
+        } else {
+            warn!(
+                "the Diff service cannot reach layer blobs: {}",
+                reach.describe(&self.cfg)
+            );
+        }
     }
 
     fn limits(&self) -> Limits {
@@ -220,12 +294,22 @@ impl CasDiffer {
                 self.sn.metrics().blob_read(BlobSource::ContentApi);
                 Ok(Box::new(r))
             }
-            Err(e) => Err(ServiceError::NotApplicable(format!(
+            Err(e) => {
+                if !self.warned.swap(true, Ordering::Relaxed) {
+                    let reach = BlobReach::check(&self.cfg);
+                    warn!(
+                        blob = %digest,
+                        reach = %reach.describe(&self.cfg),
+                        "a layer blob was found neither in [differ] content_dir nor through [differ] containerd_address: handed back to containerd's applier (said once)"
+                    );
+                }
+                Err(ServiceError::NotApplicable(format!(
                 "blob sha256:{} is neither in {} nor readable through containerd's Content API at {}: {e}",
                 digest.hex(),
                 self.cfg.content_dir.display(),
                 self.cfg.containerd_address.display()
-            ))),
+            )))
+            }
         }
     }
 }
@@ -377,5 +461,32 @@ mod tests {
         assert!(!is_layer_media_type(
             "application/vnd.oci.image.config.v1+json"
         ));
+    }
+
+    /// A containerd with its root or socket elsewhere than the config says is found at
+    /// once, and the message names the two keys to set.
+    #[test]
+    fn blob_reach_names_the_keys_to_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = DifferConfig {
+            content_dir: dir.path().join("content"),
+            containerd_address: dir.path().join("containerd.sock"),
+            ..DifferConfig::default()
+        };
+        let none = BlobReach::check(&cfg);
+        assert!(!none.reachable());
+        let msg = none.describe(&cfg);
+        assert!(msg.contains("[differ] content_dir"), "{msg}");
+        assert!(msg.contains("[differ] containerd_address"), "{msg}");
+
+        let _listening = std::os::unix::net::UnixListener::bind(&cfg.containerd_address).unwrap();
+        let api = BlobReach::check(&cfg);
+        assert_eq!((api.content_dir, api.content_api), (false, true));
+        assert!(api.describe(&cfg).contains("Content API"));
+
+        std::fs::create_dir_all(cfg.content_dir.join("blobs/sha256")).unwrap();
+        let both = BlobReach::check(&cfg);
+        assert!(both.content_dir && both.content_api);
+        assert!(both.describe(&cfg).contains("content directory"));
     }
 }

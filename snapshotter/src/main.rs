@@ -105,6 +105,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         snapshotter.metrics().attach_pool(pool.clone());
         let differ = cas_snapshotter::diff::CasDiffer::new(snapshotter.clone(), cfg.differ.clone(), pool);
+        differ.report_blob_reach();
         let listener = server::bind(&cfg.address)?;
         let admin = cas_snapshotter::admin::bind(&snapshotter)?;
         let (gc_tx, gc_rx) = tokio::sync::watch::channel(cfg.gc.interval);

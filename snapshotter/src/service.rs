@@ -30,6 +30,8 @@ pub struct CasSnapshotter {
     store: Arc<Snapshots>,
     /// What `/metrics` exports.
     metrics: Arc<Metrics>,
+    /// The Diff service's configuration, once it serves (for `casctl stats`).
+    differ: std::sync::OnceLock<config::DifferConfig>,
 }
 
 impl CasSnapshotter {
@@ -62,6 +64,7 @@ impl CasSnapshotter {
         Ok(CasSnapshotter {
             store: Arc::new(store),
             metrics,
+            differ: std::sync::OnceLock::new(),
         })
     }
 
@@ -77,6 +80,11 @@ impl CasSnapshotter {
     /// The daemon's metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Records the Diff service's configuration, so stats can say where it reads blobs.
+    pub fn attach_differ(&self, cfg: config::DifferConfig) {
+        let _ = self.differ.set(cfg);
     }
 
     /// The store layout.
@@ -118,6 +126,11 @@ impl CasSnapshotter {
             blobs_from_content_dir: c.blobs_from_content_dir,
             blobs_from_content_api: c.blobs_from_content_api,
             io_backend: self.metrics.ring_backend().map(str::to_string),
+            blob_source: self
+                .differ
+                .get()
+                .filter(|d| d.enabled)
+                .map(|d| crate::diff::BlobReach::check(d).describe(d)),
         });
         Ok(s)
     }

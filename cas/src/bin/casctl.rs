@@ -108,6 +108,9 @@ fn print_stats(s: &Stats) {
         if let Some(b) = &p.io_backend {
             println!("io backend:           {b}");
         }
+        if let Some(b) = &p.blob_source {
+            println!("layer blobs from:     {b}");
+        }
     }
 }
 
