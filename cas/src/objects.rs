@@ -330,6 +330,7 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     #[test]
+    #[ignore = "needs root: objects are chowned to root (make unit runs it)"]
     fn publish_is_idempotent_and_normalises() {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::ensure(&dir.path().join("root")).unwrap();
@@ -357,6 +358,7 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs root: objects are chowned to root (make unit runs it)"]
     fn aliases_are_the_object_or_are_not_used() {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::ensure(&dir.path().join("root")).unwrap();

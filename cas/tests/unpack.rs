@@ -14,12 +14,14 @@ use cas::unpack::{apply_blob, Applied, ApplyFailure, Limits, Target, UnpackError
 use cas::{Digest, Layout};
 use ringio::pool::{BackendChoice, Pool, PoolConfig};
 
+/// The tests here are ignored unless asked for (`make unit`); asked for without root,
+/// they fail saying why.
 fn root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipped: unpack tests need root (mknod, chown, trusted.* xattrs)");
-    false
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "unpack tests need root (mknod, chown, trusted.* xattrs)"
+    );
+    true
 }
 
 fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
@@ -309,11 +311,13 @@ fn apply_three_ways(backend: BackendChoice) {
 }
 
 #[test]
+#[ignore = "needs root: mknod, chown, trusted.* xattrs (make unit runs it)"]
 fn applies_gzip_zstd_and_plain_layers_threads() {
     apply_three_ways(BackendChoice::Threads);
 }
 
 #[test]
+#[ignore = "needs root: mknod, chown, trusted.* xattrs (make unit runs it)"]
 fn applies_gzip_zstd_and_plain_layers_auto() {
     apply_three_ways(BackendChoice::Auto);
 }
@@ -340,6 +344,7 @@ fn expect_failure(
 }
 
 #[test]
+#[ignore = "needs root: mknod, chown, trusted.* xattrs (make unit runs it)"]
 fn bad_blobs_fail_clearly_and_leave_nothing_behind() {
     if !root() {
         return;
@@ -419,6 +424,7 @@ fn bad_blobs_fail_clearly_and_leave_nothing_behind() {
 }
 
 #[test]
+#[ignore = "needs root: mknod, chown, trusted.* xattrs (make unit runs it)"]
 fn symlinked_parents_resolve_inside_the_layer() {
     if !root() {
         return;
@@ -446,6 +452,7 @@ fn symlinked_parents_resolve_inside_the_layer() {
 /// it, and a later entry under it fails as on any path through a file: the same whether
 /// the stubs are made on this thread or on the stub threads.
 #[test]
+#[ignore = "needs root: mknod, chown, trusted.* xattrs (make unit runs it)"]
 fn a_file_over_an_implicit_directory_replaces_it() {
     if !root() {
         return;
@@ -472,6 +479,7 @@ fn a_file_over_an_implicit_directory_replaces_it() {
 }
 
 #[test]
+#[ignore = "needs root: mknod, chown, trusted.* xattrs (make unit runs it)"]
 fn later_entries_replace_earlier_ones() {
     if !root() {
         return;

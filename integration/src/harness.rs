@@ -18,12 +18,25 @@ use nix::unistd::Pid;
 use crate::fixture::{self, BuiltImage};
 use crate::registry::push_layout;
 
-/// Whether the tests can run here (root: they mount and run containerd). Prints why not.
+/// Set by `make test`: every test must run, so a test that cannot run here fails.
+pub const REQUIRE_ALL: &str = "CAS_REQUIRE_ALL_TESTS";
+
+/// Says why a test cannot run here and lets it pass as skipped; under
+/// [`REQUIRE_ALL`] it fails instead.
+pub fn skip(why: &str) {
+    assert!(
+        std::env::var_os(REQUIRE_ALL).is_none(),
+        "required test cannot run: {why}"
+    );
+    eprintln!("skipped: {why}");
+}
+
+/// Whether the tests can run here (root: they mount and run containerd); see [`skip`].
 pub fn require_root() -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
-    eprintln!("skipped: end-to-end tests need root (mounts, containerd, runc)");
+    skip("end-to-end tests need root (mounts, containerd, runc)");
     false
 }
 
@@ -307,14 +320,14 @@ pub fn loop_devices_available() -> bool {
     match Command::new("losetup").arg("-f").output() {
         Ok(o) if o.status.success() => true,
         Ok(o) => {
-            eprintln!(
-                "skipped: no loop device available (losetup -f: {})",
+            skip(&format!(
+                "no loop device available (losetup -f: {})",
                 String::from_utf8_lossy(&o.stderr).trim()
-            );
+            ));
             false
         }
         Err(e) => {
-            eprintln!("skipped: losetup not found ({e}); install util-linux");
+            skip(&format!("losetup not found ({e}); install util-linux"));
             false
         }
     }
@@ -464,7 +477,7 @@ impl ContainerdBin {
             ContainerdBin::Cached(_) => " (run scripts/containerd-versions.sh, or make deps)",
             _ => "",
         };
-        eprintln!("skipped: no containerd in {}{hint}", dir.display());
+        skip(&format!("no containerd in {}{hint}", dir.display()));
         false
     }
 

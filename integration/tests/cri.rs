@@ -321,6 +321,7 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T> {
 }
 
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn cri_pulls_runs_a_pod_and_reports_image_fs_usage() -> Result<()> {
     let Some(rig) = cri_rig(ContainerdOptions::cached("2"))? else {
         return Ok(());
@@ -331,6 +332,7 @@ fn cri_pulls_runs_a_pod_and_reports_image_fs_usage() -> Result<()> {
 /// The same with `cas-diff` as the transfer service's differ for cas, which CRI pulls
 /// through on 2.1: every layer of the pod's images is applied in one pass.
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn cri_with_our_differ() -> Result<()> {
     let Some(rig) = cri_rig(ContainerdOptions::cached("2").differ(true))? else {
         return Ok(());

@@ -7,6 +7,7 @@ use cas_integration::fixture::{APP_RELEASE, BASE_RELEASE};
 use cas_integration::harness::{require_root, Rig};
 
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn pull_run_and_compare_with_overlayfs() -> Result<()> {
     if !require_root() {
         return Ok(());
@@ -47,6 +48,7 @@ fn pull_run_and_compare_with_overlayfs() -> Result<()> {
 /// Kernels without data-only lower layers get a materialised store; it must serve the
 /// same trees.
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn materialised_store_matches_overlayfs() -> Result<()> {
     if !require_root() {
         return Ok(());
@@ -68,6 +70,7 @@ fn materialised_store_matches_overlayfs() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn copy_up_leaves_the_cas_untouched() -> Result<()> {
     if !require_root() {
         return Ok(());
@@ -100,6 +103,7 @@ fn copy_up_leaves_the_cas_untouched() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn removing_images_leaves_only_the_empty_layout() -> Result<()> {
     if !require_root() {
         return Ok(());
@@ -154,6 +158,7 @@ fn removing_images_leaves_only_the_empty_layout() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn kill9_between_pulls_keeps_the_first_image() -> Result<()> {
     if !require_root() {
         return Ok(());
@@ -200,6 +205,7 @@ fn kill9_between_pulls_keeps_the_first_image() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn hostile_overlay_xattrs_in_a_layer_are_not_honoured() -> Result<()> {
     use cas_integration::fixture::{
         pseudo_random, write_oci_layout, Compression, Entry, ImageSpec, LayerSpec, Meta,
@@ -263,6 +269,7 @@ fn hostile_overlay_xattrs_in_a_layer_are_not_honoured() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn casctl_gc_racing_pulls_and_removes_loses_nothing() -> Result<()> {
     if !require_root() {
         return Ok(());
@@ -337,6 +344,7 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 }
 
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn metrics_show_requests_ingest_store_and_gc() -> Result<()> {
     if !require_root() {
         return Ok(());

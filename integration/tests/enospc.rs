@@ -161,6 +161,7 @@ fn casctl(root: &Path, args: &[&str]) -> Result<(i32, String)> {
 }
 
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn a_full_disk_fails_the_pull_cleanly_and_the_retry_succeeds() -> Result<()> {
     if !require_root() || !loop_devices_available() {
         return Ok(());

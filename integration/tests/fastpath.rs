@@ -168,6 +168,7 @@ fn encodings_flow(rig: &Rig, encodings: &[Encoding]) -> Result<()> {
 /// blob through containerd's Content API: the same trees, every layer in one pass, and
 /// stats that say which way the blobs came.
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn blobs_stream_through_the_content_api_without_the_content_dir() -> Result<()> {
     if !require_root() || !ContainerdOptions::cached("2").bin.available() {
         return Ok(());
@@ -205,6 +206,7 @@ fn io_uring_usable() -> bool {
 /// gzip (the fixtures as built), zstd and plain tar layers through cas-diff on
 /// containerd 2.x, with the I/O workers on io_uring where the kernel allows it.
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn gzip_zstd_and_plain_layers_match_overlayfs() -> Result<()> {
     let Some(rig) = rig_on(ContainerdOptions::cached("2").differ(true), None)? else {
         return Ok(());
@@ -233,6 +235,7 @@ fn gzip_zstd_and_plain_layers_match_overlayfs() -> Result<()> {
 /// The same with `[ring] backend = "threads"`: the fallback every machine without io_uring
 /// takes.
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn the_threads_backend_applies_the_same_layers() -> Result<()> {
     let cfg = "[ring]\nbackend = \"threads\"\n";
     let Some(rig) = rig_on(ContainerdOptions::cached("2").differ(true), Some(cfg))? else {
@@ -426,6 +429,7 @@ fn fresh_tar(seed: u64) -> Result<Vec<u8>> {
 /// no snapshot of the layer is committed, the store holds no new object and no temporary
 /// file, fsck is clean, and a good image pulls and runs afterwards.
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn bad_layers_fail_clearly_and_leave_nothing_behind() -> Result<()> {
     let Some(mut rig) = rig_on(ContainerdOptions::cached("2").differ(true), None)? else {
         return Ok(());
@@ -543,6 +547,7 @@ const POINTS: &[&str] = &[
 /// GC after it); after a restart fsck is clean, and the image pulls again, through
 /// cas-diff, and runs.
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn fast_path_crash_points_recover() -> Result<()> {
     let Some(mut rig) = rig_on(ContainerdOptions::cached("1.7").differ(true), None)? else {
         return Ok(());

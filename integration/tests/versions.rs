@@ -78,6 +78,7 @@ fn core_flow(rig: &Rig, path: Path) -> Result<()> {
 /// containerd 1.7 with `cas-diff` first in the diff service's order: every layer is
 /// applied by our differ in one pass.
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn containerd_1_7_pulls_runs_and_matches_overlayfs() -> Result<()> {
     let Some(rig) = rig_on(ContainerdOptions::cached("1.7").differ(true))? else {
         return Ok(());
@@ -89,6 +90,7 @@ fn containerd_1_7_pulls_runs_and_matches_overlayfs() -> Result<()> {
 /// containerd 1.7 without our differ: containerd's applier writes the layers and Commit
 /// ingests them.
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn containerd_1_7_without_our_differ() -> Result<()> {
     let Some(rig) = rig_on(ContainerdOptions::cached("1.7"))? else {
         return Ok(());
@@ -99,6 +101,7 @@ fn containerd_1_7_without_our_differ() -> Result<()> {
 /// containerd 2.x, ctr through the transfer service, which unpacks `cas` with the walking
 /// differ here.
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn containerd_2_pulls_runs_and_matches_overlayfs() -> Result<()> {
     let Some(rig) = rig_on(ContainerdOptions::cached("2"))? else {
         return Ok(());
@@ -110,6 +113,7 @@ fn containerd_2_pulls_runs_and_matches_overlayfs() -> Result<()> {
 /// fallback there) and first in the diff service's order (`ctr pull --local`). Both pull
 /// paths apply every layer in one pass.
 #[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn containerd_2_with_our_differ() -> Result<()> {
     let Some(rig) = rig_on(ContainerdOptions::cached("2").differ(true))? else {
         return Ok(());
