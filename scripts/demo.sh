@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The demo: a local registry, a private containerd and cas-snapshotter, a real image built
-# by our fixture builder, pulled with --snapshotter cas and run with runc.
+# The demo: a local registry, a private containerd and cas-snapshotter, two images built by
+# our fixture builder that share content, pulled with --snapshotter cas and run with runc.
+# With containerd 2.x (make deps unpacks it beside the system's 1.6) layers are applied by
+# our differ (cas-diff) in one pass, and the demo shows what each pull wrote; with 1.6 they
+# are written by containerd's applier and ingested at Commit.
 #
 #   scripts/demo.sh up     (make demo)       KEEP=1 leaves everything running
 #   scripts/demo.sh down   (make demo-down)
@@ -16,7 +19,12 @@ REG=127.0.0.1:$PORT
 SOCK=$DEMO_DIR/cas.sock
 CTRD_SOCK=$DEMO_DIR/containerd/containerd.sock
 ROOT=$DEMO_DIR/store
-ctr() { command ctr --address "$CTRD_SOCK" "$@"; }
+CTRD_CACHE=${CAS_CONTAINERD_CACHE:-/var/cache/cas-snapshotter/containerd}
+CTRD_BIN=
+if [ -x "$CTRD_CACHE/2/usr/bin/containerd" ] && [ -x "$CTRD_CACHE/2/usr/bin/ctr" ]; then
+  CTRD_BIN=$CTRD_CACHE/2/usr/bin
+fi
+ctr() { "${CTRD_BIN:+$CTRD_BIN/}ctr" --address "$CTRD_SOCK" "$@"; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 down() {
@@ -37,6 +45,83 @@ down() {
     while read -r m; do umount -l "$m" 2>/dev/null || true; done
   rm -rf "$DEMO_DIR"
   echo "demo stopped and removed ($DEMO_DIR)"
+}
+
+# What the last pull's layers cost, from the daemon's log: one line per layer applied in
+# one pass (file bytes in the layer against bytes of new content written), or how many
+# layers containerd's applier wrote and Commit ingested.
+LOG_SEEN=0
+pull_cost() {
+  local log=$DEMO_DIR/cas-snapshotter.log
+  local lines; lines=$(tail -n +"$((LOG_SEEN + 1))" "$log")
+  LOG_SEEN=$(wc -l < "$log")
+  echo "-- what pulling $1 cost:"
+  grep 'layer applied' <<<"$lines" | sed 's/\x1b\[[0-9;]*m//g' | awk '
+    { for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } }
+    { printf "   layer applied in one pass: %s files, %.1f MB of file content, %.2f MB new written, %s ms\n",
+        v["files"], v["logical_bytes"] / 1e6, v["new_bytes"] / 1e6, v["elapsed_ms"] }'
+  local ingested; ingested=$(grep -c 'committed.*applied=false' <<<"$lines" || true)
+  [ "$ingested" = 0 ] || echo "   $ingested layers written by containerd's applier and ingested at Commit"
+}
+
+# containerd 2.x: the transfer service unpacks into cas with cas-diff (and into overlayfs
+# with walking); other client-side unpacks go through the diff service, cas-diff first.
+containerd_v3_config() {
+  cat <<TOML
+version = 3
+root = "$DEMO_DIR/containerd/root"
+state = "$DEMO_DIR/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.podsandbox.controller.v1.podsandbox", "io.containerd.nri.v1.nri"]
+[grpc]
+  address = "$CTRD_SOCK"
+[ttrpc]
+  address = "$CTRD_SOCK.ttrpc"
+[debug]
+  address = "$DEMO_DIR/containerd/debug.sock"
+[proxy_plugins]
+  [proxy_plugins.cas]
+    type = "snapshot"
+    address = "$SOCK"
+  [proxy_plugins.cas-diff]
+    type = "diff"
+    address = "$SOCK"
+[plugins.'io.containerd.internal.v1.opt']
+  path = "$DEMO_DIR/containerd/opt"
+[plugins.'io.containerd.service.v1.diff-service']
+  default = ["cas-diff", "walking"]
+[plugins.'io.containerd.transfer.v1.local']
+  config_path = "$DEMO_DIR/containerd/certs.d"
+  [[plugins.'io.containerd.transfer.v1.local'.unpack_config]]
+    platform = "linux"
+    snapshotter = "cas"
+    differ = "cas-diff"
+  [[plugins.'io.containerd.transfer.v1.local'.unpack_config]]
+    platform = "linux"
+    snapshotter = "overlayfs"
+    differ = "walking"
+TOML
+}
+
+# containerd 1.6 (config version 2): no proxy differs (a type = "diff" entry panics it).
+containerd_v2_config() {
+  cat <<TOML
+version = 2
+root = "$DEMO_DIR/containerd/root"
+state = "$DEMO_DIR/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$CTRD_SOCK"
+[ttrpc]
+  address = "$CTRD_SOCK.ttrpc"
+[debug]
+  address = "$DEMO_DIR/containerd/debug.sock"
+[proxy_plugins]
+  [proxy_plugins.cas]
+    type = "snapshot"
+    address = "$SOCK"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$DEMO_DIR/containerd/opt"
+TOML
 }
 
 wait_for() { # wait_for SECONDS CMD...
@@ -63,33 +148,37 @@ YML
   wait_for 10 curl -sf "http://$REG/v2/"
 
   say "starting cas-snapshotter (store $ROOT, socket $SOCK)"
-  "$BIN/cas-snapshotter" --root "$ROOT" --address "$SOCK" > "$DEMO_DIR/cas-snapshotter.log" 2>&1 &
+  # The differ reads blobs from this containerd's content store, or else through its socket.
+  cat > "$DEMO_DIR/cas-snapshotter.toml" <<TOML
+[differ]
+content_dir = "$DEMO_DIR/containerd/root/io.containerd.content.v1.content"
+containerd_address = "$CTRD_SOCK"
+TOML
+  cat "$DEMO_DIR/cas-snapshotter.toml"
+  "$BIN/cas-snapshotter" --root "$ROOT" --address "$SOCK" --config "$DEMO_DIR/cas-snapshotter.toml" \
+    > "$DEMO_DIR/cas-snapshotter.log" 2>&1 &
   echo $! > "$DEMO_DIR/cas-snapshotter.pid"
   wait_for 10 test -S "$SOCK"
 
-  say "starting a private containerd with [proxy_plugins.cas]"
-  cat > "$DEMO_DIR/containerd.toml" <<TOML
-version = 2
-root = "$DEMO_DIR/containerd/root"
-state = "$DEMO_DIR/containerd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$CTRD_SOCK"
-[ttrpc]
-  address = "$CTRD_SOCK.ttrpc"
-[debug]
-  address = "$DEMO_DIR/containerd/debug.sock"
-[proxy_plugins]
-  [proxy_plugins.cas]
-    type = "snapshot"
-    address = "$SOCK"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$DEMO_DIR/containerd/opt"
-TOML
-  containerd --config "$DEMO_DIR/containerd.toml" > "$DEMO_DIR/containerd.log" 2>&1 &
+  if [ -n "$CTRD_BIN" ]; then
+    say "starting a private containerd $("$CTRD_BIN/containerd" --version | awk '{print $3}') with [proxy_plugins.cas] and cas-diff"
+    containerd_v3_config > "$DEMO_DIR/containerd.toml"
+    # plain HTTP for the local registry (the transfer service reads hosts.toml)
+    mkdir -p "$DEMO_DIR/containerd/certs.d/$REG"
+    printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' \
+      "$REG" "$REG" > "$DEMO_DIR/containerd/certs.d/$REG/hosts.toml"
+  else
+    say "starting the system's containerd $(containerd --version | awk '{print $3}') with [proxy_plugins.cas]"
+    echo "containerd 2.x is not in $CTRD_CACHE/2 (make deps unpacks it): 1.6 has no proxy differs, so"
+    echo "layers are written by containerd's applier and ingested at Commit (the slower path)"
+    containerd_v2_config > "$DEMO_DIR/containerd.toml"
+  fi
+  # a cached release finds its own shim on PATH first
+  PATH="${CTRD_BIN:+$CTRD_BIN:}$PATH" "${CTRD_BIN:+$CTRD_BIN/}containerd" --config "$DEMO_DIR/containerd.toml" \
+    > "$DEMO_DIR/containerd.log" 2>&1 &
   echo $! > "$DEMO_DIR/containerd.pid"
   wait_for 20 ctr version
-  grep -A3 'proxy_plugins.cas' "$DEMO_DIR/containerd.toml"
+  sed -n '/^\[proxy_plugins\]/,$p' "$DEMO_DIR/containerd.toml"
 
   say "building two fixture images with our builder and pushing them"
   "$BIN/cas-fixture" build --image base --busybox /bin/busybox --out "$DEMO_DIR/img-base"
@@ -97,9 +186,11 @@ TOML
   "$BIN/cas-fixture" push --layout "$DEMO_DIR/img-base" --registry "$REG" --repo fixture/base --tag 1
   "$BIN/cas-fixture" push --layout "$DEMO_DIR/img-app" --registry "$REG" --repo fixture/app --tag 1
 
-  say "ctr images pull --snapshotter cas (the app image shares the base image's first layer)"
+  say "ctr images pull --snapshotter cas: the base image, then the app image, which shares its first layer and a 2 MiB file"
   ctr images pull --plain-http --snapshotter cas "$REG/fixture/base:1"
+  pull_cost base
   ctr images pull --plain-http --snapshotter cas "$REG/fixture/app:1"
+  pull_cost app
   ctr snapshots --snapshotter cas ls
 
   say "ctr run --snapshotter cas: a container reading its rootfs"

@@ -26,7 +26,7 @@
 //! A clean stop ends with a checkpoint and then a durable `<root>/clean-stop` marker:
 //! index and mirrors agree and no record is pending. The next start takes the marker
 //! away (durably, before anything can change) and, having had it, skips reading every
-//! snapshot's mirror ([`crate::admin::reconcile`] with [`Stop::Clean`]): a restart of
+//! snapshot's mirror ([`crate::snapshots::reconcile`] with [`Stop::Clean`]): a restart of
 //! the daemon costs the index open, not a read of every snapshot directory.
 //!
 //! Records hold the same JSON as the `info` mirror. One that does not fit in a journal

@@ -2,7 +2,7 @@
 //!
 //! The store's rules (which mode a store gets, what a tar entry may do) are decided
 //! here in plain code; the few calls that only root can make go through [`Syscalls`],
-//! so those rules are unit-tested without root against [`fake::Recorder`], which
+//! so those rules are unit-tested without root against a recording fake (`sys::fake::Recorder`, in tests), which
 //! records what would have been called and answers as configured. The daemon and
 //! `casctl` use [`Host`], the real implementation.
 

@@ -26,7 +26,7 @@
 //!   the record and drop its references, flush (`remove.after-index`), then move the
 //!   directory to `cas/tmp` (`remove.after-rename`) and delete it there. A crash in
 //!   between leaves a directory without a record, swept later.
-//! * **Open** ([`Snapshots::open`], see [`recovery`]): replay the journal, reconcile the
+//! * **Open** ([`Snapshots::open`], see [`reconcile`]): replay the journal, reconcile the
 //!   index with the mirrors the replayed records name, checkpoint, sweep.
 //!
 //! A record too large for one journal block (huge labels) takes the older durable path
