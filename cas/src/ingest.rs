@@ -42,7 +42,7 @@ use crate::digest::Digest;
 use crate::error::CasError;
 use crate::layout::StoreMode;
 use crate::manifest::{ManifestEntry, ManifestWriter};
-use crate::objects::{reflink_capable, ObjectStore, Publish};
+use crate::objects::{reflink_capable, ObjectStore, Publish, Redirect};
 use std::os::unix::ffi::OsStrExt;
 
 use crate::stub::{
@@ -94,7 +94,7 @@ pub fn ingest_layer(
     let mut linked: HashMap<(u64, u64), (PathBuf, Digest, u64)> = HashMap::new();
     let mut dir_times: Vec<(PathBuf, TimeSpec, TimeSpec)> = Vec::new();
     // digest -> the redirect its stubs get (short alias, or the full path)
-    let mut redirects: HashMap<Digest, String> = HashMap::new();
+    let mut redirects: HashMap<Digest, Redirect> = HashMap::new();
 
     let walk = walkdir::WalkDir::new(fs_dir)
         .follow_links(false)
@@ -185,10 +185,10 @@ pub fn ingest_layer(
                     crate::crash_point!("ingest.object-published");
                 }
                 let redirect = match redirects.get(&digest) {
-                    Some(r) => r.clone(),
+                    Some(r) => *r,
                     None => {
-                        let r = store.redirect_for(&digest)?;
-                        redirects.insert(digest, r.clone());
+                        let r = store.redirect(&digest)?;
+                        redirects.insert(digest, r);
                         r
                     }
                 };
@@ -411,10 +411,10 @@ mod tests {
                 .unwrap();
             let d = Digest::of(data);
             let expect = match store.aliases() {
-                true => format!("/{}", d.alias()),
-                false => d.redirect(),
+                true => Redirect::Alias(d),
+                false => Redirect::Full(d),
             };
-            assert_eq!(r, expect.into_bytes());
+            assert_eq!(r, expect.value().into_bytes());
         }
     }
 }

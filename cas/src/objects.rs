@@ -50,6 +50,40 @@ pub enum Publish {
     Existing,
 }
 
+/// Where a stub's `trusted.overlay.redirect` points in the objects directory: its
+/// object's alias (`/<23 characters>`, short enough for the stub's xattrs to fit in an
+/// ext4 inode) or the object's full name (`/ab/cdef…`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Redirect {
+    /// The alias of this object.
+    Alias(Digest),
+    /// The full name of this object.
+    Full(Digest),
+}
+
+impl Redirect {
+    /// The object it names.
+    pub fn digest(&self) -> Digest {
+        match self {
+            Redirect::Alias(d) | Redirect::Full(d) => *d,
+        }
+    }
+
+    /// The xattr's value.
+    pub fn value(&self) -> String {
+        match self {
+            Redirect::Alias(d) => format!("/{}", d.alias()),
+            Redirect::Full(d) => d.redirect(),
+        }
+    }
+}
+
+impl std::fmt::Display for Redirect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.value())
+    }
+}
+
 /// The `cas/objects` directory.
 #[derive(Debug, Clone)]
 pub struct ObjectStore {
@@ -158,32 +192,31 @@ impl ObjectStore {
         self.objects.join(alias)
     }
 
-    /// The redirect a stub of `digest` (an existing object) gets: `/<alias>` once the
-    /// alias is this object's inode, otherwise the object's full `/ab/cdef…`.
-    pub fn redirect_for(&self, digest: &Digest) -> Result<String, CasError> {
+    /// The redirect a stub of `digest` (an existing object) gets: its alias once the
+    /// alias is this object's inode, otherwise the object's full name.
+    pub fn redirect(&self, digest: &Digest) -> Result<Redirect, CasError> {
         if !self.aliases() {
-            return Ok(digest.redirect());
+            return Ok(Redirect::Full(*digest));
         }
-        let alias = digest.alias();
         let object = self.path(digest);
-        let at = self.alias_path(&alias);
+        let at = self.alias_path(&digest.alias());
         let ok = match fs::hard_link(&object, &at) {
             Ok(()) => true,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => same_inode(&at, &object)?,
             Err(e) => return Err(CasError::io("link", at)(e)),
         };
         Ok(if ok {
-            format!("/{alias}")
+            Redirect::Alias(*digest)
         } else {
-            tracing::debug!(%digest, alias, "alias taken by another object: long redirect");
-            digest.redirect()
+            tracing::debug!(%digest, "alias taken by another object: long redirect");
+            Redirect::Full(*digest)
         })
     }
 
     /// The redirect a stub of `digest` gets when the object is stored (`None` when it is
-    /// not), as [`ObjectStore::redirect_for`] gives it, but looked up before anything is
+    /// not), as [`ObjectStore::redirect`] gives it, but looked up before anything is
     /// linked: an object whose alias is in place costs two `stat`s.
-    pub fn stored_redirect(&self, digest: &Digest) -> Result<Option<String>, CasError> {
+    pub fn stored(&self, digest: &Digest) -> Result<Option<Redirect>, CasError> {
         let object = self.path(digest);
         let omd = match fs::symlink_metadata(&object) {
             Ok(md) => md,
@@ -191,19 +224,18 @@ impl ObjectStore {
             Err(e) => return Err(CasError::io("stat", object)(e)),
         };
         if !self.aliases() {
-            return Ok(Some(digest.redirect()));
+            return Ok(Some(Redirect::Full(*digest)));
         }
-        let alias = digest.alias();
-        let at = self.alias_path(&alias);
+        let at = self.alias_path(&digest.alias());
         match fs::symlink_metadata(&at) {
             Ok(md) if (md.dev(), md.ino()) == (omd.dev(), omd.ino()) => {
-                Ok(Some(format!("/{alias}")))
+                Ok(Some(Redirect::Alias(*digest)))
             }
             Ok(_) => {
-                tracing::debug!(%digest, alias, "alias taken by another object: long redirect");
-                Ok(Some(digest.redirect()))
+                tracing::debug!(%digest, "alias taken by another object: long redirect");
+                Ok(Some(Redirect::Full(*digest)))
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => self.redirect_for(digest).map(Some),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => self.redirect(digest).map(Some),
             Err(e) => Err(CasError::io("stat", at)(e)),
         }
     }
@@ -212,16 +244,15 @@ impl ObjectStore {
     /// redirect, and the alias the writer links the new object at (see
     /// [`ringio::Pool::write_linked`]). The alias is planned when its name is free now;
     /// if it is taken when the writer gets there (a concurrent publish), the writer says
-    /// so and [`ObjectStore::redirect_for`] decides again.
-    pub fn plan_redirect(&self, digest: &Digest) -> (String, Option<PathBuf>) {
+    /// so and [`ObjectStore::redirect`] decides again.
+    pub fn plan(&self, digest: &Digest) -> (Redirect, Option<PathBuf>) {
         if !self.aliases() {
-            return (digest.redirect(), None);
+            return (Redirect::Full(*digest), None);
         }
-        let alias = digest.alias();
-        let at = self.alias_path(&alias);
+        let at = self.alias_path(&digest.alias());
         match fs::symlink_metadata(&at) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => (format!("/{alias}"), Some(at)),
-            _ => (digest.redirect(), None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (Redirect::Alias(*digest), Some(at)),
+            _ => (Redirect::Full(*digest), None),
         }
     }
 
@@ -372,10 +403,11 @@ mod tests {
             d
         };
         let d = publish(b"aliased");
-        let r = store.redirect_for(&d).unwrap();
-        assert_eq!(r, format!("/{}", d.alias()));
-        assert!(r.len() <= 24, "{r} must fit in an ext4 inode");
-        assert_eq!(store.redirect_for(&d).unwrap(), r, "idempotent");
+        let r = store.redirect(&d).unwrap();
+        assert_eq!(r, Redirect::Alias(d));
+        assert_eq!(r.value(), format!("/{}", d.alias()));
+        assert!(r.value().len() <= 24, "{r} must fit in an ext4 inode");
+        assert_eq!(store.redirect(&d).unwrap(), r, "idempotent");
         let target = StubTarget::Alias(d.alias());
         assert_eq!(store.resolve(&target).unwrap(), Some(d));
         assert!(store.target_is(&target, &d).unwrap());
@@ -385,7 +417,7 @@ mod tests {
         let e = publish(b"other");
         fs::remove_file(store.alias_path(&d.alias())).unwrap();
         fs::hard_link(store.path(&e), store.alias_path(&d.alias())).unwrap();
-        assert_eq!(store.redirect_for(&d).unwrap(), d.redirect());
+        assert_eq!(store.redirect(&d).unwrap(), Redirect::Full(d));
         assert!(!store.target_is(&target, &d).unwrap());
         assert_eq!(store.resolve(&target).unwrap(), None);
         store.remove_alias(&d).unwrap();

@@ -108,13 +108,14 @@ pub fn write_stub(
     at: &Path,
     md: &FileMeta,
     xattrs: &[(OsString, Vec<u8>)],
-    redirect: &str,
+    redirect: &crate::objects::Redirect,
 ) -> Result<u64, CasError> {
+    let value = redirect.value();
     create_with(
         at,
         md,
         md.size,
-        &[(XATTR_METACOPY, b""), (XATTR_REDIRECT, redirect.as_bytes())],
+        &[(XATTR_METACOPY, b""), (XATTR_REDIRECT, value.as_bytes())],
         xattrs,
     )
 }
