@@ -413,6 +413,31 @@ fn bad_blobs_fail_clearly_and_leave_nothing_behind() {
         "{e}"
     );
 
+    // a whiteout naming its own directory or the one above: refused, nothing cleared
+    for name in [".wh..", "d/.wh..."] {
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_data(
+            &mut header(tar::EntryType::Regular, 0, 0o644),
+            name,
+            &[][..],
+        )
+        .unwrap();
+        let (dir, e) = expect_failure(
+            &mut s,
+            &gzip(&b.into_inner().unwrap()),
+            None,
+            Limits::default(),
+        );
+        assert!(
+            matches!(e, UnpackError::Store(cas::CasError::Hostile { .. })),
+            "{name}: {e}"
+        );
+        assert!(
+            dir.join("fs").is_dir(),
+            "{name}: the layer directory is still there"
+        );
+    }
+
     // not a tar at all
     let (_, e) = expect_failure(
         &mut s,
