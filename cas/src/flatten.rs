@@ -26,11 +26,9 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::sys::stat::{utimensat, UtimensatFlags};
-use nix::sys::time::TimeSpec;
-
 use crate::error::CasError;
-use crate::stub::{is_overlay_private, XATTR_METACOPY, XATTR_REDIRECT};
+use crate::stub::{is_overlay_private, FileMeta, XATTR_METACOPY, XATTR_REDIRECT};
+use crate::sys::{At, Host, Syscalls};
 
 const XATTR_OPAQUE: &str = "trusted.overlay.opaque";
 
@@ -78,21 +76,12 @@ pub fn flatten(layers: &[PathBuf], tmp: &Path, out: &Path) -> Result<(), CasErro
 }
 
 fn set_times(path: &Path, md: &fs::Metadata) -> Result<(), CasError> {
-    let atime = TimeSpec::new(md.atime(), md.atime_nsec());
-    let mtime = TimeSpec::new(md.mtime(), md.mtime_nsec());
-    utimensat(None, path, &atime, &mtime, UtimensatFlags::NoFollowSymlink)
-        .map_err(|e| CasError::io("utimens", path)(e.into()))
+    FileMeta::from(md).restore_times(&Host, At::Path(path), path)
 }
 
 fn set_owner(path: &Path, md: &fs::Metadata) -> Result<(), CasError> {
-    nix::unistd::fchownat(
-        None,
-        path,
-        Some(md.uid().into()),
-        Some(md.gid().into()),
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .map_err(|e| CasError::io("chown", path)(e.into()))
+    Host.chown(At::Path(path), md.uid(), md.gid())
+        .map_err(CasError::io("chown", path))
 }
 
 /// Copies xattrs from `src` to `dst`; overlayfs' own only where `keep_stub` (a stub's
@@ -207,13 +196,13 @@ impl Flattener {
             } else {
                 nix::sys::stat::SFlag::S_IFSOCK
             };
-            nix::sys::stat::mknod(
+            Host.mknod(
                 dst,
                 kind,
                 nix::sys::stat::Mode::from_bits_truncate(0o600),
                 md.rdev(),
             )
-            .map_err(|e| CasError::io("mknod", dst)(e.into()))?;
+            .map_err(CasError::io("mknod", dst))?;
         }
         set_owner(dst, md)?;
         fs::set_permissions(dst, fs::Permissions::from_mode(md.mode() & 0o7777))

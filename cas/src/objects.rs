@@ -28,6 +28,7 @@ use crate::digest::Digest;
 use crate::error::CasError;
 use crate::layout::Layout;
 use crate::stub::StubTarget;
+use crate::sys::{At, Host, Syscalls};
 
 /// Mode of every object: readable, never writable (overlayfs copies up before writes).
 pub const OBJECT_MODE: u32 = 0o444;
@@ -91,6 +92,8 @@ pub struct ObjectStore {
     tmp: PathBuf,
     /// Whether stubs redirect to aliases: probed on first use, shared by clones.
     aliases: Arc<OnceLock<bool>>,
+    /// The calls that need root, for everything written into the store.
+    sys: Arc<dyn Syscalls>,
 }
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -102,7 +105,20 @@ impl ObjectStore {
             objects: layout.objects_dir(),
             tmp: layout.tmp_dir(),
             aliases: Arc::new(OnceLock::new()),
+            sys: Arc::new(Host),
         }
+    }
+
+    /// This store with `sys` making the calls that need root, for it and for the
+    /// stubs, layers and objects written into it (tests give a fake).
+    pub fn with_syscalls(mut self, sys: Arc<dyn Syscalls>) -> ObjectStore {
+        self.sys = sys;
+        self
+    }
+
+    /// The calls that need root.
+    pub fn sys(&self) -> &dyn Syscalls {
+        &*self.sys
     }
 
     /// This store with aliases on or off whatever the filesystem (tests of both forms).
@@ -119,7 +135,7 @@ impl ObjectStore {
     /// cannot run (no `trusted.*` xattrs without root), they are used too.
     pub fn aliases(&self) -> bool {
         *self.aliases.get_or_init(|| {
-            let fits = long_redirect_fits(&self.tmp);
+            let fits = long_redirect_fits(&*self.sys, &self.tmp);
             match &fits {
                 Ok(true) => tracing::info!(
                     "stubs hold the long redirect in their inode: objects get no alias"
@@ -298,8 +314,9 @@ impl ObjectStore {
     }
 
     fn normalise(&self, tmp: &Path) -> Result<(), CasError> {
-        nix::unistd::chown(tmp, Some(0.into()), Some(0.into()))
-            .map_err(|e| CasError::io("chown", tmp)(e.into()))?;
+        self.sys
+            .chown(At::Path(tmp), 0, 0)
+            .map_err(CasError::io("chown", tmp))?;
         fs::set_permissions(tmp, fs::Permissions::from_mode(OBJECT_MODE))
             .map_err(CasError::io("chmod", tmp))?;
         for name in xattr::list(tmp).map_err(CasError::io("listxattr", tmp))? {
@@ -327,9 +344,8 @@ impl ObjectStore {
 
 /// Whether a stub's xattrs with the long redirect fit in an inode of the filesystem of
 /// `tmp` (see [`ObjectStore::aliases`]).
-fn long_redirect_fits(tmp: &Path) -> io::Result<bool> {
+fn long_redirect_fits(sys: &dyn Syscalls, tmp: &Path) -> io::Result<bool> {
     use std::os::unix::fs::OpenOptionsExt;
-    use xattr::FileExt;
     let f = fs::OpenOptions::new()
         .write(true)
         .custom_flags(nix::libc::O_TMPFILE)
@@ -337,8 +353,9 @@ fn long_redirect_fits(tmp: &Path) -> io::Result<bool> {
         .open(tmp)?;
     f.set_len(1 << 20)?;
     let probe = Digest::from_bytes([0xa5; 32]);
-    f.set_xattr(crate::stub::XATTR_METACOPY, b"")?;
-    f.set_xattr(crate::stub::XATTR_REDIRECT, probe.redirect().as_bytes())?;
+    sys.set_trusted_xattr(At::File(&f), crate::stub::XATTR_METACOPY, b"")?;
+    let long = Redirect::Full(probe).value();
+    sys.set_trusted_xattr(At::File(&f), crate::stub::XATTR_REDIRECT, long.as_bytes())?;
     Ok(f.metadata()?.blocks() == 0)
 }
 
@@ -358,14 +375,15 @@ fn same_inode(a: &Path, b: &Path) -> Result<bool, CasError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::fake::{Call, Recorder};
     use std::os::unix::fs::MetadataExt;
 
     #[test]
-    #[ignore = "needs root: objects are chowned to root (make unit runs it)"]
     fn publish_is_idempotent_and_normalises() {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::ensure(&dir.path().join("root")).unwrap();
-        let store = ObjectStore::new(&layout);
+        let sys = Arc::new(Recorder::new(true));
+        let store = ObjectStore::new(&layout).with_syscalls(sys.clone());
         let a = dir.path().join("root/a");
         let b = dir.path().join("root/b");
         fs::write(&a, b"same").unwrap();
@@ -379,6 +397,12 @@ mod tests {
         );
         let md = fs::metadata(store.path(&d)).unwrap();
         assert_eq!(md.mode() & 0o7777, OBJECT_MODE);
+        // owned by root, the set-uid bit gone, before the object is linked
+        assert!(
+            matches!(&sys.calls()[..], [Call::Chown(_, 0, 0)]),
+            "{:?}",
+            sys.calls()
+        );
         assert_eq!(fs::read(store.path(&d)).unwrap(), b"same");
         assert_eq!(
             fs::read_dir(layout.tmp_dir()).unwrap().count(),
@@ -389,11 +413,12 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs root: objects are chowned to root (make unit runs it)"]
     fn aliases_are_the_object_or_are_not_used() {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::ensure(&dir.path().join("root")).unwrap();
-        let store = ObjectStore::new(&layout).with_aliases(true);
+        let store = ObjectStore::new(&layout)
+            .with_aliases(true)
+            .with_syscalls(Arc::new(Recorder::new(true)));
         let publish = |bytes: &[u8]| {
             let f = dir.path().join("root/f");
             fs::write(&f, bytes).unwrap();

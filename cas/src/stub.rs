@@ -15,17 +15,16 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, Metadata, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use nix::sys::stat::futimens;
 use nix::sys::time::TimeSpec;
 use xattr::FileExt;
 
 use crate::digest::Digest;
 use crate::error::CasError;
+use crate::sys::{At, Syscalls};
 
 /// Marks a stub as metadata-only.
 pub const XATTR_METACOPY: &str = "trusted.overlay.metacopy";
@@ -81,9 +80,23 @@ impl From<&Metadata> for FileMeta {
     }
 }
 
+impl FileMeta {
+    /// Restores these times on `at`: the one way the store restores file times.
+    pub fn restore_times(
+        &self,
+        sys: &dyn Syscalls,
+        at: At<'_>,
+        path: &Path,
+    ) -> Result<(), CasError> {
+        sys.set_times(at, &self.atime, &self.mtime)
+            .map_err(CasError::io("utimens", path))
+    }
+}
+
 /// Gives the open file `f` (at `at`) the owner, mode, xattrs and times of `md` and
 /// `xattrs`. Times come last, since every other change would touch them.
 pub fn apply_metadata(
+    sys: &dyn Syscalls,
     f: &File,
     at: &Path,
     md: &FileMeta,
@@ -91,20 +104,21 @@ pub fn apply_metadata(
 ) -> Result<(), CasError> {
     let io = |op| CasError::io(op, at);
     // chown clears set-id bits and file capabilities: owner first, then mode and xattrs.
-    nix::unistd::fchown(f.as_raw_fd(), Some(md.uid.into()), Some(md.gid.into()))
-        .map_err(|e| io("chown")(e.into()))?;
+    sys.chown(At::File(f), md.uid, md.gid)
+        .map_err(io("chown"))?;
     f.set_permissions(std::fs::Permissions::from_mode(md.mode & 0o7777))
         .map_err(io("chmod"))?;
     for (name, value) in xattrs {
         f.set_xattr(name, value).map_err(io("setxattr"))?;
     }
-    futimens(f.as_raw_fd(), &md.atime, &md.mtime).map_err(|e| io("utimens")(e.into()))
+    md.restore_times(sys, At::File(f), at)
 }
 
 /// Creates at `at` (which must not exist) a stub for a file with metadata `md` and
 /// xattrs `xattrs` whose bytes are the object `redirect` names. Returns the stub's
 /// inode number.
 pub fn write_stub(
+    sys: &dyn Syscalls,
     at: &Path,
     md: &FileMeta,
     xattrs: &[(OsString, Vec<u8>)],
@@ -112,6 +126,7 @@ pub fn write_stub(
 ) -> Result<u64, CasError> {
     let value = redirect.value();
     create_with(
+        sys,
         at,
         md,
         md.size,
@@ -123,11 +138,12 @@ pub fn write_stub(
 /// Creates at `at` (which must not exist) an empty regular file with metadata `md`
 /// (its size aside) and xattrs `xattrs`. Returns its inode number.
 pub fn create_empty(
+    sys: &dyn Syscalls,
     at: &Path,
     md: &FileMeta,
     xattrs: &[(OsString, Vec<u8>)],
 ) -> Result<u64, CasError> {
-    create_with(at, md, 0, &[], xattrs)
+    create_with(sys, at, md, 0, &[], xattrs)
 }
 
 /// Creates `at` exclusively as a sparse file of `size` bytes with the owner, mode,
@@ -136,6 +152,7 @@ pub fn create_empty(
 /// only where the new file's differ (umask, another owner, set-id bits): one `fstat`
 /// instead of a `chown` and a `chmod` for most files.
 fn create_with(
+    sys: &dyn Syscalls,
     at: &Path,
     md: &FileMeta,
     size: u64,
@@ -156,8 +173,8 @@ fn create_with(
     let mode = md.mode & 0o7777;
     if (st.uid(), st.gid()) != (md.uid, md.gid) {
         // clears set-id bits and file capabilities: before the mode and the xattrs
-        nix::unistd::fchown(f.as_raw_fd(), Some(md.uid.into()), Some(md.gid.into()))
-            .map_err(|e| io("chown")(e.into()))?;
+        sys.chown(At::File(&f), md.uid, md.gid)
+            .map_err(io("chown"))?;
     }
     // set-id and sticky bits are never in the new file's mode: they are set here
     if st.mode() & 0o7777 != mode {
@@ -165,12 +182,13 @@ fn create_with(
             .map_err(io("chmod"))?;
     }
     for (name, value) in overlay {
-        f.set_xattr(name, value).map_err(io("setxattr"))?;
+        sys.set_trusted_xattr(At::File(&f), name, value)
+            .map_err(io("setxattr"))?;
     }
     for (name, value) in own {
         f.set_xattr(name, value).map_err(io("setxattr"))?;
     }
-    futimens(f.as_raw_fd(), &md.atime, &md.mtime).map_err(|e| io("utimens")(e.into()))?;
+    md.restore_times(sys, At::File(&f), at)?;
     Ok(st.ino())
 }
 
@@ -196,13 +214,15 @@ impl StubTarget {
 }
 
 /// The object a stub points at, or `None` if `path` is not one of our stubs.
-pub fn stub_target(path: &Path) -> Result<Option<StubTarget>, CasError> {
-    let Some(redirect) =
-        xattr::get(path, XATTR_REDIRECT).map_err(CasError::io("getxattr", path))?
+pub fn stub_target(sys: &dyn Syscalls, path: &Path) -> Result<Option<StubTarget>, CasError> {
+    let Some(redirect) = sys
+        .trusted_xattr(path, XATTR_REDIRECT)
+        .map_err(CasError::io("getxattr", path))?
     else {
         return Ok(None);
     };
-    if xattr::get(path, XATTR_METACOPY)
+    if sys
+        .trusted_xattr(path, XATTR_METACOPY)
         .map_err(CasError::io("getxattr", path))?
         .is_none()
     {

@@ -1,20 +1,56 @@
 //! The calls that need root, behind one seam.
 //!
-//! The store's rules (which mode a store gets, what a tar entry may do) are decided
-//! here in plain code; the few calls that only root can make go through [`Syscalls`],
-//! so those rules are unit-tested without root against a recording fake (`sys::fake::Recorder`, in tests), which
-//! records what would have been called and answers as configured. The daemon and
-//! `casctl` use [`Host`], the real implementation.
+//! The store's rules (which mode a store gets, what a tar entry may do, how a stub is
+//! made) are plain code; the few calls only root can make go through [`Syscalls`]: the
+//! kernel probe (a mount), `mknod`, changing owners, overlayfs' `trusted.*` xattrs, and
+//! restoring file times (the one way the store does it). The daemon and `casctl` use
+//! [`Host`], the real calls. Unit tests use a recording fake (`sys::fake::Recorder`,
+//! built for tests only), so the rules are tested without root: it records every call,
+//! makes a plain empty file where a device would be, keeps `trusted.*` xattrs as
+//! `user.*` ones of the same file, and changes owners nowhere.
 
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
 use std::path::Path;
+
+use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use xattr::FileExt;
 
 use crate::probe::ProbeError;
 
-/// The calls of the store that need root.
-pub trait Syscalls: Send + Sync {
+/// What a call acts on: a path (a symlink itself, never its target) or an open file.
+#[derive(Debug, Clone, Copy)]
+pub enum At<'a> {
+    /// A path, not followed if it is a symlink.
+    Path(&'a Path),
+    /// An open file.
+    File(&'a File),
+}
+
+/// The calls of the store that need root (or, for times, the owner).
+pub trait Syscalls: Send + Sync + std::fmt::Debug {
     /// Whether this kernel's overlayfs serves stubs from a data-only lower layer: a
     /// scratch mount under `scratch` (see [`crate::probe`]).
     fn probe_data_only_lowers(&self, scratch: &Path) -> Result<(), ProbeError>;
+
+    /// Makes a device node, a FIFO or a whiteout (a 0/0 character device) at `path`,
+    /// which must not exist.
+    fn mknod(&self, path: &Path, kind: SFlag, perm: Mode, dev: u64) -> io::Result<()>;
+
+    /// Changes the owner.
+    fn chown(&self, at: At<'_>, uid: u32, gid: u32) -> io::Result<()>;
+
+    /// Sets one of overlayfs' `trusted.*` xattrs (metacopy, redirect, opaque).
+    fn set_trusted_xattr(&self, at: At<'_>, name: &str, value: &[u8]) -> io::Result<()>;
+
+    /// Reads one of overlayfs' `trusted.*` xattrs (`None` when the file has none).
+    fn trusted_xattr(&self, path: &Path, name: &str) -> io::Result<Option<Vec<u8>>>;
+
+    /// Sets the access and modification times: last, since every other change of a
+    /// file touches them.
+    fn set_times(&self, at: At<'_>, atime: &TimeSpec, mtime: &TimeSpec) -> io::Result<()>;
 }
 
 /// The real calls.
@@ -25,15 +61,57 @@ impl Syscalls for Host {
     fn probe_data_only_lowers(&self, scratch: &Path) -> Result<(), ProbeError> {
         crate::probe::probe_data_only_lowers(scratch)
     }
+
+    fn mknod(&self, path: &Path, kind: SFlag, perm: Mode, dev: u64) -> io::Result<()> {
+        Ok(nix::sys::stat::mknod(path, kind, perm, dev)?)
+    }
+
+    fn chown(&self, at: At<'_>, uid: u32, gid: u32) -> io::Result<()> {
+        let (uid, gid) = (Some(uid.into()), Some(gid.into()));
+        match at {
+            At::Path(p) => {
+                nix::unistd::fchownat(None, p, uid, gid, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)?
+            }
+            At::File(f) => nix::unistd::fchown(f.as_raw_fd(), uid, gid)?,
+        }
+        Ok(())
+    }
+
+    fn set_trusted_xattr(&self, at: At<'_>, name: &str, value: &[u8]) -> io::Result<()> {
+        match at {
+            At::Path(p) => xattr::set(p, name, value),
+            At::File(f) => f.set_xattr(name, value),
+        }
+    }
+
+    fn trusted_xattr(&self, path: &Path, name: &str) -> io::Result<Option<Vec<u8>>> {
+        xattr::get(path, name)
+    }
+
+    fn set_times(&self, at: At<'_>, atime: &TimeSpec, mtime: &TimeSpec) -> io::Result<()> {
+        match at {
+            At::Path(p) => {
+                nix::sys::stat::utimensat(None, p, atime, mtime, UtimensatFlags::NoFollowSymlink)?
+            }
+            At::File(f) => nix::sys::stat::futimens(f.as_raw_fd(), atime, mtime)?,
+        }
+        Ok(())
+    }
 }
 
 /// A recording fake of [`Syscalls`] for unit tests.
 #[cfg(test)]
 pub mod fake {
+    use std::fs::{File, OpenOptions};
+    use std::io;
     use std::path::{Path, PathBuf};
     use std::sync::Mutex;
 
-    use super::Syscalls;
+    use nix::sys::stat::{Mode, SFlag};
+    use nix::sys::time::TimeSpec;
+    use xattr::FileExt;
+
+    use super::{At, Host, Syscalls};
     use crate::probe::ProbeError;
 
     /// One call the fake received.
@@ -41,6 +119,12 @@ pub mod fake {
     pub enum Call {
         /// [`Syscalls::probe_data_only_lowers`] with this scratch directory.
         Probe(PathBuf),
+        /// [`Syscalls::mknod`]: path, file type, device number.
+        Mknod(PathBuf, SFlag, u64),
+        /// [`Syscalls::chown`]: path, owner, group.
+        Chown(PathBuf, u32, u32),
+        /// [`Syscalls::set_trusted_xattr`]: path, name, value.
+        SetTrusted(PathBuf, String, Vec<u8>),
     }
 
     /// Records calls; the probe succeeds when `data_only` is set.
@@ -50,6 +134,24 @@ pub mod fake {
         pub data_only: bool,
         /// Every call, in order.
         pub calls: Mutex<Vec<Call>>,
+    }
+
+    /// Where the fake keeps `trusted.<x>`: `user.trusted.<x>` of the same file.
+    fn user_name(name: &str) -> String {
+        format!("user.{name}")
+    }
+
+    /// The path of an open file, for the record.
+    fn path_of(f: &File) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())).unwrap_or_default()
+    }
+
+    fn path(at: At<'_>) -> PathBuf {
+        match at {
+            At::Path(p) => p.to_path_buf(),
+            At::File(f) => path_of(f),
+        }
     }
 
     impl Recorder {
@@ -65,14 +167,15 @@ pub mod fake {
         pub fn calls(&self) -> Vec<Call> {
             self.calls.lock().unwrap().clone()
         }
+
+        fn record(&self, call: Call) {
+            self.calls.lock().unwrap().push(call);
+        }
     }
 
     impl Syscalls for Recorder {
         fn probe_data_only_lowers(&self, scratch: &Path) -> Result<(), ProbeError> {
-            self.calls
-                .lock()
-                .unwrap()
-                .push(Call::Probe(scratch.to_path_buf()));
+            self.record(Call::Probe(scratch.to_path_buf()));
             if self.data_only {
                 Ok(())
             } else {
@@ -81,6 +184,35 @@ pub mod fake {
                     errno: nix::errno::Errno::EINVAL,
                 })
             }
+        }
+
+        /// A plain empty file stands in for the node; the name is taken as by mknod.
+        fn mknod(&self, path: &Path, kind: SFlag, _perm: Mode, dev: u64) -> io::Result<()> {
+            OpenOptions::new().write(true).create_new(true).open(path)?;
+            self.record(Call::Mknod(path.to_path_buf(), kind, dev));
+            Ok(())
+        }
+
+        fn chown(&self, at: At<'_>, uid: u32, gid: u32) -> io::Result<()> {
+            self.record(Call::Chown(path(at), uid, gid));
+            Ok(())
+        }
+
+        fn set_trusted_xattr(&self, at: At<'_>, name: &str, value: &[u8]) -> io::Result<()> {
+            match at {
+                At::Path(p) => xattr::set(p, user_name(name), value)?,
+                At::File(f) => f.set_xattr(user_name(name), value)?,
+            }
+            self.record(Call::SetTrusted(path(at), name.to_string(), value.to_vec()));
+            Ok(())
+        }
+
+        fn trusted_xattr(&self, path: &Path, name: &str) -> io::Result<Option<Vec<u8>>> {
+            xattr::get(path, user_name(name))
+        }
+
+        fn set_times(&self, at: At<'_>, atime: &TimeSpec, mtime: &TimeSpec) -> io::Result<()> {
+            Host.set_times(at, atime, mtime)
         }
     }
 }

@@ -188,7 +188,9 @@ impl Store {
 fn check_tree(store: &Store, dir: &Path, layer: &Layer) {
     let fs_dir = dir.join("fs");
     let read_obj = |p: &str| {
-        let t = stub_target(&fs_dir.join(p)).unwrap().expect("a stub");
+        let t = stub_target(&cas::sys::Host, &fs_dir.join(p))
+            .unwrap()
+            .expect("a stub");
         let d = match t {
             cas::stub::StubTarget::Object(d) => d,
             cas::stub::StubTarget::Alias(a) => {
@@ -556,7 +558,10 @@ fn later_entries_replace_earlier_ones() {
     let fs_dir = dir.join("fs");
     let md = |p: &str| fs::symlink_metadata(fs_dir.join(p)).unwrap();
     let object = |p: &str| {
-        let d = match stub_target(&fs_dir.join(p)).unwrap().expect("a stub") {
+        let d = match stub_target(&cas::sys::Host, &fs_dir.join(p))
+            .unwrap()
+            .expect("a stub")
+        {
             cas::stub::StubTarget::Object(d) => fs::read(s.store.path(&d)).unwrap(),
             cas::stub::StubTarget::Alias(a) => fs::read(s.store.alias_path(&a)).unwrap(),
         };

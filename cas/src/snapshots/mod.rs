@@ -383,8 +383,10 @@ impl Snapshots {
             let fsdir = tmp.join(FS_DIR);
             mkdir(&fsdir, 0o755)?;
             if let Some((uid, gid)) = owner {
-                nix::unistd::chown(&fsdir, Some(uid.into()), Some(gid.into()))
-                    .map_err(|e| SnapshotError::io("chown", &fsdir)(e.into()))?;
+                self.objects
+                    .sys()
+                    .chown(crate::sys::At::Path(&fsdir), uid, gid)
+                    .map_err(SnapshotError::io("chown", &fsdir))?;
             }
             if kind == Kind::Active {
                 mkdir(&tmp.join(WORK_DIR), 0o711)?;

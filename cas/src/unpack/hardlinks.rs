@@ -51,7 +51,7 @@ impl Unpacker<'_> {
         if let Some((digest, size)) = self.recent.get(md.ino()) {
             return Ok(Some((digest, size, md.ino())));
         }
-        let Some(target) = crate::stub::stub_target(abs)? else {
+        let Some(target) = crate::stub::stub_target(self.t.store.sys(), abs)? else {
             return Ok(None);
         };
         // An old target: name the object from the stub (an alias is read to be sure).

@@ -14,7 +14,7 @@
 //! ```
 //!
 //! Decompression and the diffID run on one thread, tar parsing, hashing and the store's
-//! other metadata calls on another, stubs are made on the stub threads (see [`stubs`]
+//! other metadata calls on another, stubs are made on the stub threads (see `stubs`
 //! for the order they keep) and the bytes of new objects are written by the I/O pool's
 //! workers, so every core is busy. The channel between the threads is bounded, and so
 //! are the writes in flight ([`FLUSH_BYTES`]): memory does not grow with the layer.
@@ -67,14 +67,14 @@
 //! (fsync + rename): a layer whose manifest exists is complete on disk.
 //!
 //! ## Where each part lives
-//! * [`decode`]: the decode thread (compression, blob digest, diffID, limits) and the
+//! * `decode`: the decode thread (compression, blob digest, diffID, limits) and the
 //!   chunk reader between the threads;
 //! * [`names`]: the name rules, a pure classification of each entry before any write;
-//! * [`tree`]: directories, parents resolved inside the layer, replacements, symlinks,
+//! * `tree`: directories, parents resolved inside the layer, replacements, symlinks,
 //!   devices, whiteouts and entry metadata;
-//! * [`writes`]: new objects (in memory or streamed) and the redirects their stubs get;
-//! * [`stubs`]: the stub threads;
-//! * [`hardlinks`]: hardlinks inside the layer.
+//! * `writes`: new objects (in memory or streamed) and the redirects their stubs get;
+//! * `stubs`: the stub threads;
+//! * `hardlinks`: hardlinks inside the layer.
 
 mod decode;
 mod hardlinks;
@@ -97,6 +97,7 @@ use crate::error::CasError;
 use crate::manifest::{ManifestEntry, ManifestWriter};
 use crate::objects::ObjectStore;
 use crate::stub::FileMeta;
+use crate::sys::At;
 
 pub use decode::{ChunkReader, Compression};
 pub use names::clean_name;
@@ -309,9 +310,10 @@ pub fn apply_blob(
         };
         for n in 0..stub_threads() {
             let (jobs, done, fs_dir) = (&jobs, done_tx.clone(), target.fs_dir);
+            let sys = target.store.sys();
             let spawned = std::thread::Builder::new()
                 .name(format!("layer-stubs-{n}"))
-                .spawn_scoped(scope, move || stub_worker(fs_dir, jobs, done));
+                .spawn_scoped(scope, move || stub_worker(sys, fs_dir, jobs, done));
             if let Err(e) = spawned {
                 return Err(ApplyFailure {
                     error: UnpackError::Read(e),
@@ -447,7 +449,7 @@ impl<'a> Unpacker<'a> {
         self.flush()?;
         for (rel, meta) in self.dirs.iter().rev() {
             let abs = self.t.fs_dir.join(rel);
-            tree::set_times(&abs, meta)?;
+            meta.restore_times(self.t.store.sys(), At::Path(&abs), &abs)?;
         }
         crate::crash_point!("apply.before-syncfs");
         let syncing = std::time::Instant::now();
@@ -488,81 +490,4 @@ impl<'a> Unpacker<'a> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::objects::Redirect;
-    use crate::stub::write_stub;
-    use nix::sys::time::TimeSpec;
-    use std::fs;
-
-    #[test]
-    #[ignore = "needs root: trusted.* xattrs (make unit runs it)"]
-    fn stubs_follow_the_redirect_when_a_planned_alias_is_taken() {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "needs root: trusted.* xattrs"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let layout = crate::Layout::ensure(dir.path()).unwrap();
-        let store = ObjectStore::new(&layout).with_aliases(true);
-        let pool = Pool::start(&ringio::PoolConfig::default()).unwrap();
-        let (fs_dir, manifest, tmp) = (
-            dir.path().join("fs"),
-            dir.path().join("manifest"),
-            layout.tmp_dir(),
-        );
-        fs::create_dir(&fs_dir).unwrap();
-        let target = Target {
-            store: &store,
-            tmp_dir: &tmp,
-            fs_dir: &fs_dir,
-            lowers: &[],
-            manifest: &manifest,
-            pool: &pool,
-        };
-        let mut u = Unpacker::new(&target, StubThreads::none()).unwrap();
-        let meta = FileMeta {
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            size: 4,
-            atime: TimeSpec::new(0, 0),
-            mtime: TimeSpec::new(0, 0),
-        };
-        let digest = Digest::of(b"data");
-        let planned = u.write_object(digest, b"data".to_vec()).unwrap();
-        assert_eq!(planned, Redirect::Alias(digest));
-        let ino = write_stub(&fs_dir.join("s"), &meta, &[], &planned).unwrap();
-        u.alias_stubs
-            .get_mut(&digest)
-            .unwrap()
-            .push(("s".into(), ino));
-        u.flush().unwrap();
-        assert_eq!(u.stats.new_objects, 1);
-        // As if another object had taken the alias before the pool linked it.
-        let alias = store.alias_path(&digest.alias());
-        fs::remove_file(&alias).unwrap();
-        fs::write(&alias, b"other").unwrap();
-        let settled = u
-            .settle_redirect(&digest, &planned, &[("s".into(), ino)])
-            .unwrap();
-        assert_eq!(settled, Redirect::Full(digest));
-        assert_eq!(
-            crate::stub::stub_target(&fs_dir.join("s")).unwrap(),
-            Some(crate::stub::StubTarget::Object(digest))
-        );
-        u.abandon();
-    }
-
-    #[test]
-    fn limits_scale_with_the_blob() {
-        let l = Limits {
-            max_bytes: 10_000,
-            max_ratio: 10,
-            ratio_floor: 100,
-        };
-        assert_eq!(l.allowed(1), 100);
-        assert_eq!(l.allowed(50), 500);
-        assert_eq!(l.allowed(5_000), 10_000);
-    }
-}
+mod tests;

@@ -7,7 +7,7 @@
 //! names are reserved and skipped, and `.wh.<name>` hides `<name>`, which must be a
 //! plain name (`.wh..` would hide the directory above). What the parent directory
 //! resolves to on disk (symlinks inside the layer) is decided later, when the
-//! operation is carried out ([`super::tree`]).
+//! operation is carried out (the unpack's `tree` module).
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;

@@ -12,6 +12,7 @@ use super::{UnpackError, Unpacker};
 use crate::error::CasError;
 use crate::objects::Redirect;
 use crate::stub::{create_empty, write_stub, FileMeta};
+use crate::sys::Syscalls;
 
 /// Stubs and empty files handed to the stub threads and not yet reported back.
 pub(super) const STUBS_IN_FLIGHT: usize = 256;
@@ -46,7 +47,8 @@ impl Unpacker<'_> {
 
     /// Makes a stub on this thread, replacing what an earlier entry left at its name.
     fn make_stub_here(&mut self, job: StubJob) -> Result<(), UnpackError> {
-        let ino = self.replacing(&job.rel, |abs| job.create(abs))?;
+        let sys = self.t.store.sys();
+        let ino = self.replacing(&job.rel, |abs| job.create(sys, abs))?;
         self.stub_made(job, ino);
         Ok(())
     }
@@ -126,10 +128,10 @@ pub(super) struct StubJob {
 
 impl StubJob {
     /// Creates it at `abs` (which must not exist); returns its inode number.
-    fn create(&self, abs: &Path) -> Result<u64, CasError> {
+    pub(super) fn create(&self, sys: &dyn Syscalls, abs: &Path) -> Result<u64, CasError> {
         match &self.content {
-            Some(redirect) => write_stub(abs, &self.meta, &self.xattrs, redirect),
-            None => create_empty(abs, &self.meta, &self.xattrs),
+            Some(redirect) => write_stub(sys, abs, &self.meta, &self.xattrs, redirect),
+            None => create_empty(sys, abs, &self.meta, &self.xattrs),
         }
     }
 }
@@ -184,6 +186,7 @@ pub(super) fn stub_threads() -> usize {
 
 /// A stub thread: makes stubs until the job channel closes.
 pub(super) fn stub_worker(
+    sys: &dyn Syscalls,
     fs_dir: &Path,
     jobs: &std::sync::Mutex<mpsc::Receiver<StubJob>>,
     done: mpsc::Sender<StubDone>,
@@ -196,7 +199,7 @@ pub(super) fn stub_worker(
         let Ok(job) = job else {
             return;
         };
-        let result = job.create(&fs_dir.join(&job.rel));
+        let result = job.create(sys, &fs_dir.join(&job.rel));
         if done.send(StubDone { job, result }).is_err() {
             return;
         }

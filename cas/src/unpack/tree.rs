@@ -14,14 +14,14 @@ use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use nix::sys::stat::{mknod, utimensat, Mode, SFlag, UtimensatFlags};
+use nix::sys::stat::{Mode, SFlag};
 use nix::sys::time::TimeSpec;
-use nix::unistd::fchownat;
 
 use super::names::{classify, EntryKind, Header, Operation};
 use super::{ChunkReader, UnpackError, Unpacker, XATTR_OPAQUE};
 use crate::error::CasError;
 use crate::stub::FileMeta;
+use crate::sys::At;
 
 /// Symlinks followed while resolving one parent path inside the layer.
 const MAX_SYMLINKS: usize = 255;
@@ -79,7 +79,11 @@ impl Unpacker<'_> {
             Operation::Root => Ok(()),
             Operation::Opaque { .. } => {
                 let dir = self.abs(&parent);
-                xattr::set(&dir, XATTR_OPAQUE, b"y").map_err(CasError::io("setxattr", &dir))?;
+                self.t
+                    .store
+                    .sys()
+                    .set_trusted_xattr(At::Path(&dir), XATTR_OPAQUE, b"y")
+                    .map_err(CasError::io("setxattr", &dir))?;
                 Ok(())
             }
             Operation::Reserved { .. } => {
@@ -124,11 +128,12 @@ impl Unpacker<'_> {
     /// A whiteout (character device 0/0) hiding `hidden` of the layers below.
     fn whiteout(&mut self, hidden: &Path, meta: &FileMeta) -> Result<(), UnpackError> {
         self.settle_stub(hidden)?;
+        let sys = self.t.store.sys();
         self.replacing(hidden, |abs| {
-            mknod(abs, SFlag::S_IFCHR, Mode::empty(), 0)
-                .map_err(|e| CasError::io("mknod", abs)(e.into()))
+            sys.mknod(abs, SFlag::S_IFCHR, Mode::empty(), 0)
+                .map_err(CasError::io("mknod", abs))
         })?;
-        lchown(&self.abs(hidden), meta.uid, meta.gid)?;
+        self.chown(&self.abs(hidden), meta)?;
         Ok(())
     }
 
@@ -144,7 +149,7 @@ impl Unpacker<'_> {
             self.clear(&rel, true)?;
             mkdir(&abs)?;
         }
-        set_owner_mode(&abs, &em.meta)?;
+        self.set_owner_mode(&abs, &em.meta)?;
         for (n, v) in &em.xattrs {
             xattr::set(&abs, n, v).map_err(CasError::io("setxattr", &abs))?;
         }
@@ -164,14 +169,14 @@ impl Unpacker<'_> {
             std::os::unix::fs::symlink(target, abs).map_err(CasError::io("symlink", abs))
         })?;
         let abs = self.abs(rel);
-        lchown(&abs, em.meta.uid, em.meta.gid)?;
+        self.chown(&abs, &em.meta)?;
         for (n, v) in &em.xattrs {
             // user.* xattrs are not allowed on symlinks; containerd skips those too
             if let Err(e) = xattr::set(&abs, n, v) {
                 tracing::debug!(path = %rel.display(), error = %e, "xattr on symlink skipped");
             }
         }
-        set_times(&abs, &em.meta)?;
+        self.set_times(&abs, &em.meta)?;
         Ok(())
     }
 
@@ -183,19 +188,41 @@ impl Unpacker<'_> {
         dev: u64,
         em: &EntryMeta,
     ) -> Result<(), UnpackError> {
+        let sys = self.t.store.sys();
         self.replacing(rel, |abs| {
-            mknod(abs, flag, Mode::from_bits_truncate(0o600), dev)
-                .map_err(|e| CasError::io("mknod", abs)(e.into()))
+            sys.mknod(abs, flag, Mode::from_bits_truncate(0o600), dev)
+                .map_err(CasError::io("mknod", abs))
         })?;
         let abs = self.abs(rel);
-        lchown(&abs, em.meta.uid, em.meta.gid)?;
+        self.chown(&abs, &em.meta)?;
         fs::set_permissions(&abs, fs::Permissions::from_mode(em.meta.mode))
             .map_err(CasError::io("chmod", &abs))?;
         for (n, v) in &em.xattrs {
             xattr::set(&abs, n, v).map_err(CasError::io("setxattr", &abs))?;
         }
-        set_times(&abs, &em.meta)?;
+        self.set_times(&abs, &em.meta)?;
         Ok(())
+    }
+
+    /// The owner of `path` (a symlink itself).
+    fn chown(&self, path: &Path, meta: &FileMeta) -> Result<(), CasError> {
+        self.t
+            .store
+            .sys()
+            .chown(At::Path(path), meta.uid, meta.gid)
+            .map_err(CasError::io("chown", path))
+    }
+
+    /// Owner, then mode (a chown clears set-id bits).
+    pub(super) fn set_owner_mode(&self, path: &Path, meta: &FileMeta) -> Result<(), CasError> {
+        self.chown(path, meta)?;
+        fs::set_permissions(path, fs::Permissions::from_mode(meta.mode))
+            .map_err(CasError::io("chmod", path))
+    }
+
+    /// The times of `path` (a symlink itself).
+    fn set_times(&self, path: &Path, meta: &FileMeta) -> Result<(), CasError> {
+        meta.restore_times(self.t.store.sys(), At::Path(path), path)
     }
 
     fn entry_meta(
@@ -340,7 +367,7 @@ impl Unpacker<'_> {
                 .map_err(CasError::io("mkdir", &abs))?;
             if let Some(md) = lower {
                 let meta = FileMeta::from(&md);
-                set_owner_mode(&abs, &meta)?;
+                self.set_owner_mode(&abs, &meta)?;
                 self.dirs.push((cur.clone(), meta));
             }
             // every directory of the layer is known, so that a file replacing one is
@@ -405,34 +432,6 @@ pub(super) fn pax_time(v: &[u8]) -> Option<TimeSpec> {
         return Some(TimeSpec::new(secs - 1, 1_000_000_000 - nanos));
     }
     Some(TimeSpec::new(secs, nanos))
-}
-
-pub(super) fn lchown(path: &Path, uid: u32, gid: u32) -> Result<(), CasError> {
-    fchownat(
-        None,
-        path,
-        Some(uid.into()),
-        Some(gid.into()),
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .map_err(|e| CasError::io("chown", path)(e.into()))
-}
-
-pub(super) fn set_owner_mode(path: &Path, meta: &FileMeta) -> Result<(), CasError> {
-    lchown(path, meta.uid, meta.gid)?;
-    fs::set_permissions(path, fs::Permissions::from_mode(meta.mode))
-        .map_err(CasError::io("chmod", path))
-}
-
-pub(super) fn set_times(path: &Path, meta: &FileMeta) -> Result<(), CasError> {
-    utimensat(
-        None,
-        path,
-        &meta.atime,
-        &meta.mtime,
-        UtimensatFlags::NoFollowSymlink,
-    )
-    .map_err(|e| CasError::io("utimens", path)(e.into()))
 }
 
 #[cfg(test)]

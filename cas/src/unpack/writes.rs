@@ -26,6 +26,7 @@ use crate::digest::Digest;
 use crate::error::CasError;
 use crate::objects::{Publish, Redirect, OBJECT_MODE};
 use crate::stub::XATTR_REDIRECT;
+use crate::sys::At;
 
 /// Files in flight before the unpack waits for the oldest half.
 const FLUSH_FILES: usize = 1024;
@@ -314,13 +315,19 @@ impl Unpacker<'_> {
             for (rel, ino) in stubs {
                 let abs = self.abs(rel);
                 // only the stubs still there (a later entry may have replaced one)
+                let sys = self.t.store.sys();
                 let same = fs::symlink_metadata(&abs).is_ok_and(|md| md.ino() == *ino)
-                    && xattr::get(&abs, XATTR_REDIRECT)
+                    && sys
+                        .trusted_xattr(&abs, XATTR_REDIRECT)
                         .map_err(CasError::io("getxattr", &abs))?
                         .is_some_and(|v| v == planned.value().as_bytes());
                 if same {
-                    xattr::set(&abs, XATTR_REDIRECT, redirect.value().as_bytes())
-                        .map_err(CasError::io("setxattr", &abs))?;
+                    sys.set_trusted_xattr(
+                        At::Path(&abs),
+                        XATTR_REDIRECT,
+                        redirect.value().as_bytes(),
+                    )
+                    .map_err(CasError::io("setxattr", &abs))?;
                 }
             }
         }
