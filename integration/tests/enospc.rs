@@ -16,8 +16,8 @@ use cas_integration::fixture::{
     pseudo_random, write_oci_layout, Compression, Entry, ImageSpec, LayerSpec, Meta,
 };
 use cas_integration::harness::{
-    busybox_path, loop_devices_available, require_root, workspace_bin, Containerd, Daemon, FsKind,
-    LoopFs, Registry,
+    busybox_path, loop_devices_available, require_root, retry_unavailable, workspace_bin,
+    Containerd, Daemon, FsKind, LoopFs, Registry,
 };
 use cas_integration::registry::push_layout;
 
@@ -126,26 +126,11 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// `ctr images pull`, retried while containerd redials a restarted daemon.
+/// `ctr images pull` into cas, retried while containerd redials a restarted daemon.
 fn pull(containerd: &Containerd, image: &str) -> Result<String> {
-    let mut last = None;
-    for _ in 0..50 {
-        match containerd.ctr(&[
-            "images",
-            "pull",
-            "--plain-http",
-            "--snapshotter",
-            "cas",
-            image,
-        ]) {
-            Err(e) if e.to_string().contains("unavailable") => {
-                last = Some(e);
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-            r => return r,
-        }
-    }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("pull kept failing")))
+    retry_unavailable(50, std::time::Duration::from_millis(200), || {
+        containerd.pull("cas", image)
+    })
 }
 
 fn casctl(root: &Path, args: &[&str]) -> Result<(i32, String)> {

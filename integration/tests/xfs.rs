@@ -4,35 +4,20 @@
 //! The filesystem is made by the test on a loop file. Needs root and mkfs.xfs; skips
 //! otherwise, and says so when the kernel reports no atomic write units.
 
-use std::time::Duration;
-
 use anyhow::Result;
 use cas_integration::fixture::{build_app_image, build_base_image, APP_RELEASE, BASE_RELEASE};
 use cas_integration::harness::{
-    busybox_path, loop_devices_available, require_root, workspace_bin, Containerd, Daemon, FsKind,
-    LoopFs, Registry,
+    busybox_path, loop_devices_available, require_root, retry_unavailable, workspace_bin,
+    Containerd, Daemon, FsKind, LoopFs, Registry,
 };
 use cas_integration::registry::push_layout;
 
+/// `ctr images pull` into cas, retried while containerd redials a restarted daemon.
 fn pull(containerd: &Containerd, image: &str) -> Result<()> {
-    let mut last = None;
-    for _ in 0..50 {
-        match containerd.ctr(&[
-            "images",
-            "pull",
-            "--plain-http",
-            "--snapshotter",
-            "cas",
-            image,
-        ]) {
-            Err(e) if e.to_string().contains("unavailable") => {
-                last = Some(e);
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            r => return r.map(|_| ()),
-        }
-    }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("pull kept failing")))
+    retry_unavailable(50, std::time::Duration::from_millis(200), || {
+        containerd.pull("cas", image)
+    })
+    .map(|_| ())
 }
 
 #[test]

@@ -1,0 +1,51 @@
+//! A local OCI registry (Debian's `docker-registry`) on a free port of 127.0.0.1, its
+//! storage under the test's directory.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use super::*;
+
+/// Debian's `docker-registry` (Distribution 2.8) on a free loopback port.
+pub struct Registry {
+    proc: Proc,
+    /// `127.0.0.1:PORT`
+    pub addr: String,
+}
+
+impl Registry {
+    /// Starts a registry storing under `dir`.
+    pub fn start(dir: &Path) -> Result<Registry> {
+        fs::create_dir_all(dir.join("storage"))?;
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let cfg = dir.join("config.yml");
+        fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {}}}}}\nhttp: {{addr: {addr}}}\n",
+                dir.join("storage").display()
+            ),
+        )?;
+        let mut proc = Proc::spawn(
+            Command::new("docker-registry").arg("serve").arg(&cfg),
+            &dir.join("registry.log"),
+        )?;
+        let url = format!("http://{addr}/v2/");
+        let up = wait_until("the registry", Duration::from_secs(15), || {
+            ureq::get(&url).call().is_ok()
+        });
+        if up.is_err() || !proc.alive() {
+            bail!("registry did not start:\n{}", proc.log_tail());
+        }
+        Ok(Registry { proc, addr })
+    }
+
+    /// The log so far (for failure messages).
+    pub fn log(&self) -> String {
+        self.proc.log_tail()
+    }
+}
