@@ -12,16 +12,17 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use flate2::write::GzEncoder;
 use oci_spec::image::{
     Arch, ConfigBuilder, DescriptorBuilder, ImageConfigurationBuilder, ImageIndexBuilder,
     ImageManifestBuilder, MediaType, OciLayoutBuilder, Os, RootFsBuilder,
 };
 use sha2::{Digest as _, Sha256};
+
+pub use crate::compression::Compression;
+use crate::compression::LayerCompression;
 
 /// Text of `/etc/fixture-release` in the base image (as its last layer leaves it).
 pub const BASE_RELEASE: &str = "cas-snapshotter fixture base, layer 2\n";
@@ -118,35 +119,6 @@ pub enum Entry {
         dir: String,
     },
 }
-
-/// How a layer blob is compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    /// `application/vnd.oci.image.layer.v1.tar+gzip`
-    Gzip,
-    /// `application/vnd.oci.image.layer.v1.tar`
-    None,
-    /// `application/vnd.oci.image.layer.v1.tar+zstd`
-    Zstd,
-}
-
-impl Compression {
-    /// Compresses a whole tar in memory.
-    fn compress(self, tar: Vec<u8>) -> Result<Vec<u8>> {
-        Ok(match self {
-            Compression::Gzip => {
-                let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::default());
-                gz.write_all(&tar)?;
-                gz.finish()?
-            }
-            Compression::Zstd => zstd::encode_all(tar.as_slice(), ZSTD_LEVEL)?,
-            Compression::None => tar,
-        })
-    }
-}
-
-/// zstd's own default level, what image builders use for `tar+zstd` layers.
-const ZSTD_LEVEL: i32 = 3;
 
 /// One layer.
 #[derive(Debug, Clone)]
@@ -279,7 +251,7 @@ pub fn write_oci_layout(spec: &ImageSpec, out_dir: &Path) -> Result<BuiltImage> 
     for layer in &spec.layers {
         let tar = layer_tar(layer)?;
         let diff_id = sha256(&tar);
-        let blob = layer.compression.compress(tar)?;
+        let blob = layer.compression.compress(&tar)?;
         let digest = sha256(&blob);
         fs::write(blobs.join(&digest["sha256:".len()..]), &blob)?;
         layers.push(LayerBlob {
@@ -308,11 +280,7 @@ pub fn finish_oci_layout(
     };
     let mut descs = Vec::new();
     for l in layers {
-        let media = match l.compression {
-            Compression::Gzip => MediaType::ImageLayerGzip,
-            Compression::None => MediaType::ImageLayer,
-            Compression::Zstd => MediaType::ImageLayerZstd,
-        };
+        let media = l.compression.media_type();
         descs.push(
             DescriptorBuilder::default()
                 .media_type(media)
@@ -520,47 +488,6 @@ fn gen_header(kind: tar::EntryType, mode: u32, mtime: u64, size: u64) -> tar::He
     h
 }
 
-/// A compressing writer for one of the [`Compression`]s.
-enum Encoder<W: Write> {
-    Gzip(GzEncoder<W>),
-    Zstd(zstd::Encoder<'static, W>),
-    None(W),
-}
-
-impl<W: Write> Encoder<W> {
-    fn new(c: Compression, w: W) -> Result<Encoder<W>> {
-        Ok(match c {
-            Compression::Gzip => Encoder::Gzip(GzEncoder::new(w, flate2::Compression::default())),
-            Compression::Zstd => Encoder::Zstd(zstd::Encoder::new(w, ZSTD_LEVEL)?),
-            Compression::None => Encoder::None(w),
-        })
-    }
-    fn finish(self) -> Result<W> {
-        Ok(match self {
-            Encoder::Gzip(e) => e.finish()?,
-            Encoder::Zstd(e) => e.finish()?,
-            Encoder::None(w) => w,
-        })
-    }
-}
-
-impl<W: Write> Write for Encoder<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Encoder::Gzip(e) => e.write(buf),
-            Encoder::Zstd(e) => e.write(buf),
-            Encoder::None(w) => w.write(buf),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Encoder::Gzip(e) => e.flush(),
-            Encoder::Zstd(e) => e.flush(),
-            Encoder::None(w) => w.flush(),
-        }
-    }
-}
-
 /// Writes a layer of generated files (every set, in order, directories first) as a blob
 /// into `blobs` (a layout's `blobs/sha256`), streaming: memory stays small for a layer
 /// of a million files or of gigabytes.
@@ -573,10 +500,7 @@ pub fn write_files_layer(
     fs::create_dir_all(blobs).with_context(|| format!("creating {}", blobs.display()))?;
     let tmp = blobs.join(format!(".gen-{}.tmp", std::process::id()));
     let file = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let enc = Encoder::new(
-        compression,
-        hashing(std::io::BufWriter::with_capacity(1 << 20, file)),
-    )?;
+    let enc = compression.encoder(hashing(std::io::BufWriter::with_capacity(1 << 20, file)))?;
     let mut tar = tar::Builder::new(hashing(enc));
     let mut dirs = BTreeSet::new();
     for set in sets {

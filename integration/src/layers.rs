@@ -8,62 +8,15 @@
 //! [`crate::registry::push_layout`].
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
-/// `application/vnd.oci.image.layer.v1.tar`
-pub const MEDIA_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
-/// `application/vnd.oci.image.layer.v1.tar+gzip`
-pub const MEDIA_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-/// `application/vnd.oci.image.layer.v1.tar+zstd`
-pub const MEDIA_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
-
-/// How a layer blob is encoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
-    /// gzip
-    Gzip,
-    /// zstd
-    Zstd,
-    /// the tar itself
-    Plain,
-}
-
-impl Encoding {
-    /// The OCI media type of a layer so encoded.
-    pub fn media_type(self) -> &'static str {
-        match self {
-            Encoding::Gzip => MEDIA_GZIP,
-            Encoding::Zstd => MEDIA_ZSTD,
-            Encoding::Plain => MEDIA_TAR,
-        }
-    }
-
-    /// A short name (`gzip`, `zstd`, `plain`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Encoding::Gzip => "gzip",
-            Encoding::Zstd => "zstd",
-            Encoding::Plain => "plain",
-        }
-    }
-
-    fn of_media_type(media: &str) -> Result<Encoding> {
-        Ok(if media.ends_with("gzip") {
-            Encoding::Gzip
-        } else if media.ends_with("zstd") {
-            Encoding::Zstd
-        } else if media.ends_with(".tar") {
-            Encoding::Plain
-        } else {
-            bail!("not a tar layer: {media}")
-        })
-    }
-}
+pub use crate::compression::Compression;
+use crate::compression::LayerCompression;
 
 /// `sha256:<hex>` of `bytes`.
 pub fn sha256(bytes: &[u8]) -> String {
@@ -87,40 +40,23 @@ impl Layer {
         sha256(&self.blob)
     }
 
-    /// A layer of `tar` encoded as `enc`.
-    pub fn encode(tar: &[u8], enc: Encoding) -> Result<Layer> {
-        let blob = match enc {
-            Encoding::Gzip => {
-                let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-                gz.write_all(tar)?;
-                gz.finish()?
-            }
-            Encoding::Zstd => zstd::encode_all(tar, 3)?,
-            Encoding::Plain => tar.to_vec(),
-        };
+    /// A layer of `tar` compressed as `c`.
+    pub fn encode(tar: &[u8], c: Compression) -> Result<Layer> {
         Ok(Layer {
-            blob,
-            media_type: enc.media_type().to_string(),
+            blob: c.compress(tar)?,
+            media_type: c.media_type().to_string(),
             diff_id: sha256(tar),
         })
     }
 
     /// The uncompressed tar of this layer.
     pub fn tar(&self) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        match Encoding::of_media_type(&self.media_type)? {
-            Encoding::Gzip => {
-                flate2::read::MultiGzDecoder::new(&self.blob[..]).read_to_end(&mut out)?;
-            }
-            Encoding::Zstd => out = zstd::decode_all(&self.blob[..])?,
-            Encoding::Plain => out = self.blob.clone(),
-        }
-        Ok(out)
+        Compression::of_media_type(&self.media_type)?.decompress(&self.blob)
     }
 
-    /// The same layer encoded as `enc`.
-    pub fn reencode(&self, enc: Encoding) -> Result<Layer> {
-        Layer::encode(&self.tar()?, enc)
+    /// The same layer compressed as `c`.
+    pub fn reencode(&self, c: Compression) -> Result<Layer> {
+        Layer::encode(&self.tar()?, c)
     }
 
     /// The same blob with a diffID in the config that is not its tar's.
@@ -180,12 +116,12 @@ pub fn unique_bytes(len: usize, seed: u64) -> Vec<u8> {
 /// A gzip layer of `tar` whose compressed stream is cut short: its digest is that of
 /// the bytes pushed, so only decompressing it shows that it is broken.
 pub fn truncated_gzip(tar: &[u8]) -> Result<Layer> {
-    let good = Layer::encode(tar, Encoding::Gzip)?;
+    let good = Layer::encode(tar, Compression::Gzip)?;
     let mut blob = good.blob;
     blob.truncate(blob.len() / 2);
     Ok(Layer {
         blob,
-        media_type: MEDIA_GZIP.to_string(),
+        media_type: Compression::Gzip.media_type().to_string(),
         diff_id: good.diff_id,
     })
 }
@@ -217,7 +153,7 @@ pub fn zero_bomb(path: &str, len: u64) -> Result<Layer> {
     let blob = enc.finish()?;
     Ok(Layer {
         blob,
-        media_type: MEDIA_ZSTD.to_string(),
+        media_type: Compression::Zstd.media_type().to_string(),
         diff_id: format!("sha256:{}", hex::encode(hasher.finalize())),
     })
 }
@@ -275,7 +211,10 @@ impl Image {
         {
             layers.push(Layer {
                 blob: blob(l["digest"].as_str().context("layer without digest")?)?,
-                media_type: l["mediaType"].as_str().unwrap_or(MEDIA_GZIP).to_string(),
+                media_type: l["mediaType"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| Compression::Gzip.media_type().to_string()),
                 diff_id: diff_ids
                     .get(i)
                     .and_then(Value::as_str)
@@ -287,7 +226,7 @@ impl Image {
     }
 
     /// The same image with every layer encoded as `enc`.
-    pub fn reencode(&self, enc: Encoding) -> Result<Image> {
+    pub fn reencode(&self, enc: Compression) -> Result<Image> {
         Ok(Image {
             layers: self
                 .layers
@@ -360,15 +299,15 @@ mod tests {
     #[test]
     fn reencoded_layers_keep_their_diff_ids() {
         let tar = files_tar(&[("a/b/c", b"hello".to_vec()), ("d", unique_bytes(3000, 1))]).unwrap();
-        let gz = Layer::encode(&tar, Encoding::Gzip).unwrap();
-        for enc in [Encoding::Zstd, Encoding::Plain, Encoding::Gzip] {
+        let gz = Layer::encode(&tar, Compression::Gzip).unwrap();
+        for enc in [Compression::Zstd, Compression::None, Compression::Gzip] {
             let l = gz.reencode(enc).unwrap();
             assert_eq!(l.diff_id, gz.diff_id);
-            assert_eq!(l.media_type, enc.media_type());
+            assert_eq!(l.media_type, enc.media_type().to_string());
             assert_eq!(l.tar().unwrap(), tar);
         }
         assert_eq!(
-            Layer::encode(&tar, Encoding::Plain).unwrap().digest(),
+            Layer::encode(&tar, Compression::None).unwrap().digest(),
             gz.diff_id
         );
         assert_ne!(gz.clone().with_wrong_diff_id().diff_id, gz.diff_id);
@@ -399,12 +338,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tar = files_tar(&[("f", b"x".to_vec())]).unwrap();
         let img = Image {
-            layers: vec![Layer::encode(&tar, Encoding::Zstd).unwrap()],
+            layers: vec![Layer::encode(&tar, Compression::Zstd).unwrap()],
             config: json!({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["sh"]}}),
         };
         let w = img.write(&dir.path().join("a")).unwrap();
         let back = Image::read(&w.layout_dir).unwrap();
-        assert_eq!(back.layers[0].media_type, MEDIA_ZSTD);
+        assert_eq!(
+            back.layers[0].media_type,
+            Compression::Zstd.media_type().to_string()
+        );
         assert_eq!(back.layers[0].diff_id, sha256(&tar));
         assert_eq!(back.config["config"]["Cmd"][0], "sh");
         let w2 = back.write(&dir.path().join("b")).unwrap();

@@ -12,12 +12,15 @@
 //!   the benchmark images (`cas-bench`);
 //! * [`harness`]: real registry, daemon and containerd processes (Debian's containerd 1.6
 //!   or a cached 1.7 / 2.x release), cleaned up on drop;
-//! * [`cri`]: a Kubernetes CRI client, as kubelet talks to containerd.
+//! * [`cri`]: a Kubernetes CRI client, as kubelet talks to containerd;
+//! * [`compression`]: layer compression (the store's [`cas::unpack::Compression`] with
+//!   media types, encoders and the decompressor the benchmarks compare with).
 //!
-//! The tests themselves live in `tests/` and need root; they skip with a message
-//! otherwise.
+//! The tests themselves live in `tests/` and need root: ignored in a plain `cargo test`,
+//! run by `make e2e`.
 #![forbid(unsafe_code)]
 
+pub mod compression;
 pub mod cri;
 pub mod fixture;
 pub mod harness;

@@ -22,10 +22,10 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use flate2::write::GzEncoder;
 use sha2::{Digest as _, Sha256};
 
-use crate::fixture::{Compression, LayerBlob};
+use crate::compression::{Compression, LayerCompression};
+use crate::fixture::LayerBlob;
 
 /// What a directory handed to [`write_dir_layer`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,10 +69,7 @@ pub fn write_dir_layer(dir: &Path, kind: DirKind, blobs: &Path) -> Result<LayerB
     fs::create_dir_all(blobs).with_context(|| format!("creating {}", blobs.display()))?;
     let tmp = blobs.join(format!(".layer-{}.tmp", std::process::id()));
     let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let gz = GzEncoder::new(
-        hashing(BufWriter::with_capacity(1 << 20, file)),
-        flate2::Compression::default(),
-    );
+    let gz = Compression::Gzip.encoder(hashing(BufWriter::with_capacity(1 << 20, file)))?;
     let mut tar = tar::Builder::new(hashing(gz));
     tar.follow_symlinks(false);
     append_tree(&mut tar, dir, kind).with_context(|| format!("archiving {}", dir.display()))?;

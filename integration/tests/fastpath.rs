@@ -19,7 +19,7 @@ use anyhow::{ensure, Context, Result};
 use cas_integration::fixture::{APP_RELEASE, BASE_RELEASE};
 use cas_integration::harness::{require_root, ContainerdOptions, Rig, RigOptions};
 use cas_integration::layers::{
-    files_tar, truncated_gzip, unique_bytes, zero_bomb, Encoding, Image, Layer,
+    files_tar, truncated_gzip, unique_bytes, zero_bomb, Compression, Image, Layer,
 };
 use cas_integration::registry::push_layout;
 use serde_json::Value;
@@ -102,33 +102,33 @@ fn remove_images(rig: &Rig, refs: &[&str]) -> Result<()> {
 /// and overlayfs from an empty store, trees compared, containers run, every layer applied
 /// by cas-diff, the store verified. The images are removed again before the next
 /// encoding, because layers with the same diffIDs are not unpacked twice.
-fn encodings_flow(rig: &Rig, encodings: &[Encoding]) -> Result<()> {
+fn encodings_flow(rig: &Rig, encodings: &[Compression]) -> Result<()> {
     let base = Image::read(&rig.base.layout_dir)?;
     let app = Image::read(&rig.app.layout_dir)?;
     for &enc in encodings {
         let started = Instant::now();
         let (base_ref, app_ref) = match enc {
-            Encoding::Gzip => (rig.base_ref.clone(), rig.app_ref.clone()),
+            Compression::Gzip => (rig.base_ref.clone(), rig.app_ref.clone()),
             _ => (
-                push(rig, &base.reencode(enc)?, &format!("base-{}", enc.name()))?,
-                push(rig, &app.reencode(enc)?, &format!("app-{}", enc.name()))?,
+                push(rig, &base.reencode(enc)?, &format!("base-{}", enc.as_str()))?,
+                push(rig, &app.reencode(enc)?, &format!("app-{}", enc.as_str()))?,
             ),
         };
         let before = stats(rig)?;
         ensure!(
             num(&before["committed"]) == 0,
             "the store is not empty before the {} round: {before}",
-            enc.name()
+            enc.as_str()
         );
         for image in [&base_ref, &app_ref] {
             rig.pull("cas", image)
-                .with_context(|| format!("{} pull with cas\n{}", enc.name(), rig.logs()))?;
+                .with_context(|| format!("{} pull with cas\n{}", enc.as_str(), rig.logs()))?;
             rig.pull("overlayfs", image)?;
         }
-        rig.assert_same_tree(&base_ref, &format!("base-{}", enc.name()))?;
-        rig.assert_same_tree(&app_ref, &format!("app-{}", enc.name()))?;
+        rig.assert_same_tree(&base_ref, &format!("base-{}", enc.as_str()))?;
+        rig.assert_same_tree(&app_ref, &format!("app-{}", enc.as_str()))?;
         let out = rig.run(&base_ref, "fp-base", &["cat", "/etc/fixture-release"])?;
-        ensure!(out == BASE_RELEASE, "{}: base says {out:?}", enc.name());
+        ensure!(out == BASE_RELEASE, "{}: base says {out:?}", enc.as_str());
         let out = rig.run(
             &app_ref,
             "fp-app",
@@ -137,7 +137,7 @@ fn encodings_flow(rig: &Rig, encodings: &[Encoding]) -> Result<()> {
         ensure!(
             out == format!("{APP_RELEASE}app\n"),
             "{}: app says {out:?}",
-            enc.name()
+            enc.as_str()
         );
         let after = stats(rig)?;
         let (p0, p1) = (&before["ingest_paths"], &after["ingest_paths"]);
@@ -150,14 +150,14 @@ fn encodings_flow(rig: &Rig, encodings: &[Encoding]) -> Result<()> {
                 && num(&p1["failed_applies"]) == num(&p0["failed_applies"])
                 && num(&p1["fallback_applies"]) == num(&p0["fallback_applies"]),
             "{}: expected each of the {committed} layers applied by cas-diff, got {fast}: {after}\n{}",
-            enc.name(),
+            enc.as_str(),
             rig.logs()
         );
-        fsck(rig, true, &format!("after the {} round", enc.name()))?;
+        fsck(rig, true, &format!("after the {} round", enc.as_str()))?;
         remove_images(rig, &[&base_ref, &app_ref])?;
         eprintln!(
             "{}: {committed} layers through cas-diff in {:?}",
-            enc.name(),
+            enc.as_str(),
             started.elapsed()
         );
     }
@@ -183,7 +183,7 @@ fn blobs_stream_through_the_content_api_without_the_content_dir() -> Result<()> 
         "no cas-diff on {}",
         rig.containerd.version
     );
-    encodings_flow(&rig, &[Encoding::Gzip, Encoding::Zstd])?;
+    encodings_flow(&rig, &[Compression::Gzip, Compression::Zstd])?;
     let p = &stats(&rig)?["ingest_paths"];
     let fast = num(&p["fast_path_applies"]);
     ensure!(
@@ -211,7 +211,10 @@ fn gzip_zstd_and_plain_layers_match_overlayfs() -> Result<()> {
     let Some(rig) = rig_on(ContainerdOptions::cached("2").differ(true), None)? else {
         return Ok(());
     };
-    encodings_flow(&rig, &[Encoding::Gzip, Encoding::Zstd, Encoding::Plain])?;
+    encodings_flow(
+        &rig,
+        &[Compression::Gzip, Compression::Zstd, Compression::None],
+    )?;
     let s = stats(&rig)?;
     let p = &s["ingest_paths"];
     ensure!(
@@ -246,7 +249,10 @@ fn the_threads_backend_applies_the_same_layers() -> Result<()> {
         s["ingest_paths"]["io_backend"] == "threads",
         "backend = \"threads\" not in effect: {s}"
     );
-    encodings_flow(&rig, &[Encoding::Gzip, Encoding::Zstd, Encoding::Plain])
+    encodings_flow(
+        &rig,
+        &[Compression::Gzip, Compression::Zstd, Compression::None],
+    )
 }
 
 /// The store's state a failed pull must leave as it was (after containerd's GC).
@@ -402,7 +408,7 @@ fn good_pull_runs(rig: &Rig, base: &Image, n: u64) -> Result<()> {
             ("good/msg", msg.clone().into_bytes()),
             ("good/data", unique_bytes(200_000, 1000 + n)),
         ])?,
-        Encoding::Gzip,
+        Compression::Gzip,
     )?;
     let img = Image {
         layers: vec![base.layers[0].clone(), top],
@@ -501,7 +507,7 @@ fn bad_layers_fail_clearly_and_leave_nothing_behind() -> Result<()> {
     let img = Image {
         layers: vec![
             base.layers[0].clone(),
-            Layer::encode(&fresh_tar(20)?, Encoding::Gzip)?.with_wrong_diff_id(),
+            Layer::encode(&fresh_tar(20)?, Compression::Gzip)?.with_wrong_diff_id(),
         ],
         config: base.config.clone(),
     };

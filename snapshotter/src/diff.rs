@@ -36,6 +36,7 @@ use cas::unpack::{ChunkReader, Limits};
 use cas::Digest;
 use config::DifferConfig;
 use containerd_snapshots::api::types::Mount;
+use oci_spec::image::MediaType;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
@@ -79,29 +80,36 @@ use proto::containerd::services::diff::v1::{
 };
 use proto::containerd::types::Descriptor;
 
-/// The media type of what Apply returns: the uncompressed tar.
-pub const MEDIA_TYPE_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 /// gRPC metadata key containerd puts the namespace in.
 const NAMESPACE_HEADER: &str = "containerd-namespace";
 /// Chunks of a streamed blob buffered between the Content API and the unpack.
 const STREAM_CHUNKS: usize = 16;
 
+/// Docker's layer media types (image manifest v2, schema 2), which `oci-spec` does not
+/// name; containerd's applier takes them as tar layers too.
+const DOCKER_LAYERS: [&str; 4] = [
+    "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.zstd",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+];
+
 /// Whether `media_type` is a layer this service unpacks: OCI and Docker tar layers,
 /// plain, gzip or zstd (the compression itself is told from the blob's first bytes).
+/// Anything else (encrypted layers, artifacts) is containerd's applier's.
 pub fn is_layer_media_type(media_type: &str) -> bool {
-    matches!(
-        media_type,
-        "application/vnd.oci.image.layer.v1.tar"
-            | "application/vnd.oci.image.layer.v1.tar+gzip"
-            | "application/vnd.oci.image.layer.v1.tar+zstd"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
-            | "application/vnd.docker.image.rootfs.diff.tar"
-            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
-            | "application/vnd.docker.image.rootfs.diff.tar.zstd"
-            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
-    )
+    // the non-distributable types are deprecated by the image spec, but images have them
+    #[allow(deprecated)]
+    let oci = matches!(
+        MediaType::from(media_type),
+        MediaType::ImageLayer
+            | MediaType::ImageLayerGzip
+            | MediaType::ImageLayerZstd
+            | MediaType::ImageLayerNonDistributable
+            | MediaType::ImageLayerNonDistributableGzip
+            | MediaType::ImageLayerNonDistributableZstd
+    );
+    oci || DOCKER_LAYERS.contains(&media_type)
 }
 
 /// The layer directory (`…/snapshots/<id>/fs`) a mount list writes into: the source of
@@ -265,7 +273,8 @@ impl CasDiffer {
             .apply_blob(&key, blob, size, Some(digest), self.limits(), &self.pool)
             .await?;
         Ok(Descriptor {
-            media_type: MEDIA_TYPE_TAR.to_string(),
+            // what Apply returns describes the uncompressed tar
+            media_type: MediaType::ImageLayer.to_string(),
             digest: format!("sha256:{}", applied.diff_id.hex()),
             size: applied.uncompressed_size as i64,
             annotations: Default::default(),

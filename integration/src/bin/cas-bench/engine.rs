@@ -28,7 +28,7 @@ use anyhow::{bail, Context, Result};
 use cas::layout::Layout;
 use cas::objects::ObjectStore;
 use cas::unpack::{apply_blob, Limits, Target};
-use cas_integration::fixture::Compression;
+use cas_integration::compression::LayerCompression;
 use cas_integration::harness::{FsKind, LoopFs};
 use ringio::pool::{BackendChoice, Pool, PoolConfig};
 
@@ -154,11 +154,7 @@ pub fn measure(
             image: name.clone(),
             files: layer.def.files(),
             tar_bytes,
-            compression: match layer.def.compression {
-                Compression::Gzip => "gzip",
-                Compression::Zstd => "zstd",
-                Compression::None => "none",
-            },
+            compression: layer.def.compression.as_str(),
             limit: m(limit),
             tar: m(tar),
             new: m(new),
@@ -201,11 +197,7 @@ pub fn table(rows: &[EngineRow]) -> String {
 
 /// The single-core decompressor of `layer`'s blob (`cat` for a plain tar).
 fn tool(layer: &Layer) -> &'static str {
-    match layer.def.compression {
-        Compression::Gzip => "gzip",
-        Compression::Zstd => "zstd",
-        Compression::None => "cat",
-    }
+    layer.def.compression.decompressor()
 }
 
 /// Reads the blob so it is in the page cache.

@@ -38,7 +38,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use cas_integration::fixture::Compression;
+use cas_integration::compression::LayerCompression;
 
 use crate::{durability, engine, fs_type};
 use cas_integration::harness::{
@@ -882,11 +882,7 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
             if decomp_rate.contains_key(&l.blob.digest) {
                 continue;
             }
-            let tool = match l.blob.compression {
-                Compression::Gzip => "gzip",
-                Compression::Zstd => "zstd",
-                Compression::None => "cat",
-            };
+            let tool = l.blob.compression.decompressor();
             time_decompress(tool, &l.path)?;
             let mut v = Vec::new();
             for _ in 0..a.runs {
@@ -995,11 +991,7 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
                     l.def.files(),
                     l.def.file_bytes(),
                     l.blob.size,
-                    match l.blob.compression {
-                        Compression::Gzip => "gzip",
-                        Compression::Zstd => "zstd",
-                        Compression::None => "none",
-                    },
+                    l.blob.compression.as_str(),
                 )
             })
         })
