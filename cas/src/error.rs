@@ -3,20 +3,14 @@
 use std::io;
 use std::path::PathBuf;
 
+use ringio::IoError;
+
 /// Everything the store can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum CasError {
     /// A filesystem operation failed.
-    #[error("{op} {path}: {source}")]
-    Io {
-        /// What was attempted.
-        op: &'static str,
-        /// On which path.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// A layer entry would make the store unsafe (e.g. an entry outside the layer).
     #[error("{path}: {reason}")]
     Hostile {
@@ -53,22 +47,21 @@ impl CasError {
     /// Builds a closure that wraps an [`io::Error`] with its operation and path.
     pub fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> CasError {
         let path = path.into();
-        move |source| CasError::Io { op, path, source }
+        move |source| CasError::Io(IoError { op, path, source })
     }
 
     /// Whether the cause is a name that exists already (`EEXIST`).
     pub fn is_already_exists(&self) -> bool {
-        matches!(self, CasError::Io { source, .. } if source.kind() == io::ErrorKind::AlreadyExists)
+        matches!(self, CasError::Io(e) if e.kind() == io::ErrorKind::AlreadyExists)
     }
 
     /// Whether the underlying cause is a full disk.
     pub fn is_enospc(&self) -> bool {
-        let enospc = Some(nix::libc::ENOSPC);
+        use ringio::journal::JournalError;
         match self {
-            CasError::Io { source, .. } => source.raw_os_error() == enospc,
-            CasError::Journal(ringio::journal::JournalError::Io { source, .. }) => {
-                source.raw_os_error() == enospc
-            }
+            CasError::Io(e) | CasError::Journal(JournalError::Io(e)) => e.is_enospc(),
+            CasError::Durable(ringio::durable::DurableError::Io(e)) => e.is_enospc(),
+            CasError::Layout(crate::layout::LayoutError::Io(e)) => e.is_enospc(),
             _ => false,
         }
     }

@@ -157,11 +157,10 @@ impl CommitLog {
     /// full journal is checkpointed first (`meta` is flushed for that).
     pub fn record(&self, change: &Change, meta: &MetaStore) -> Result<bool, CasError> {
         let payload = serde_json::to_vec(change).map_err(|e| {
-            CasError::Journal(JournalError::Io {
-                op: "encode",
-                path: self.layout.root().join("journal"),
-                source: io::Error::other(e),
-            })
+            CasError::Journal(JournalError::Io(ringio::IoError::at(
+                "encode",
+                self.layout.root().join("journal"),
+            )(io::Error::other(e))))
         })?;
         let mut j = self.lock();
         if payload.len() > ringio::journal::MAX_PAYLOAD {

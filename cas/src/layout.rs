@@ -4,6 +4,8 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use ringio::IoError;
+
 /// Removes a directory tree; one that is already gone is fine (idempotent cleanup).
 pub fn remove_tree(path: &Path) -> Result<(), crate::CasError> {
     let mut last = None;
@@ -71,14 +73,8 @@ impl StoreMode {
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
     /// A directory or file of the layout could not be created or read.
-    #[error("{path}: {source}")]
-    Io {
-        /// The path.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// The root was written by an incompatible version.
     #[error(
         "{path}: unsupported layout version {found:?} (this build reads version {LAYOUT_VERSION})"
@@ -120,7 +116,7 @@ impl Layout {
             layout.snapshots_dir(),
             layout.index_dir(),
         ] {
-            fs::create_dir_all(&dir).map_err(|source| LayoutError::Io { path: dir, source })?;
+            fs::create_dir_all(&dir).map_err(IoError::at("mkdir", &dir))?;
         }
         let marker = layout.root.join(LAYOUT_FILE);
         match fs::read_to_string(&marker) {
@@ -134,12 +130,7 @@ impl Layout {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 ringio::durable::replace_file(&marker, format!("{LAYOUT_VERSION}\n").as_bytes())?;
             }
-            Err(source) => {
-                return Err(LayoutError::Io {
-                    path: marker,
-                    source,
-                })
-            }
+            Err(source) => return Err(IoError::at("read", marker)(source).into()),
         }
         Ok(layout)
     }
@@ -158,7 +149,7 @@ impl Layout {
                     .unwrap_or(false);
                 Ok(populated.then_some(StoreMode::Stubs))
             }
-            Err(source) => Err(LayoutError::Io { path, source }),
+            Err(source) => Err(IoError::at("read", path)(source).into()),
         }
     }
 

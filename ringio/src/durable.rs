@@ -9,31 +9,21 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use crate::error::IoError;
+
 /// Errors of the durable-publish helpers, each naming the path it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum DurableError {
-    /// A system call on `path` failed.
-    #[error("{op} {path}: {source}")]
-    Io {
-        /// The operation (`create`, `write`, `fsync`, `rename`, ...).
-        op: &'static str,
-        /// The path it was applied to.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
+    /// A system call on a path failed.
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// The target has no parent directory to hold the temporary file.
     #[error("{0} has no parent directory")]
     NoParent(PathBuf),
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DurableError + 'a {
-    move |source| DurableError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| IoError::at_path(op, path)(source).into()
 }
 
 /// Fsyncs a directory so that entries created, renamed or removed in it are durable.

@@ -33,6 +33,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::durable;
+use crate::error::IoError;
 
 /// Size of a journal block, and the write unit the atomic backend needs.
 pub const BLOCK: usize = 4096;
@@ -93,16 +94,8 @@ impl fmt::Display for Backend {
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     /// A system call failed.
-    #[error("journal {op} {path}: {source}")]
-    Io {
-        /// The operation.
-        op: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
+    #[error("journal {0}")]
+    Io(#[from] IoError),
     /// A durable publish of the rename backend failed.
     #[error(transparent)]
     Durable(#[from] durable::DurableError),
@@ -115,11 +108,7 @@ pub enum JournalError {
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> JournalError + 'a {
-    move |source| JournalError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| IoError::at_path(op, path)(source).into()
 }
 
 /// A journal in one directory.

@@ -21,9 +21,11 @@
 //! upholds it; buffers handed to the kernel are never touched until their completion.
 
 pub mod durable;
+pub mod error;
 pub mod journal;
 pub mod pool;
 
+pub use error::IoError;
 pub use pool::{
     probe_io_uring, Backend, BackendChoice, Linked, Pool, PoolConfig, PoolError, PoolStats, Ticket,
     UringUnavailable,

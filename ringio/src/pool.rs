@@ -93,6 +93,8 @@ use std::thread::JoinHandle;
 
 use async_channel::{Receiver, Sender, TrySendError};
 
+use crate::error::IoError;
+
 mod uring;
 
 /// Which backend to run.
@@ -157,17 +159,9 @@ impl Default for PoolConfig {
 /// Errors of the pool.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    /// A system call on `path` failed.
-    #[error("{op} {path}: {source}")]
-    Io {
-        /// The operation (`open`, `read`, `write`, ...).
-        op: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
+    /// A system call on a file failed.
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// A worker thread could not be started.
     #[error("starting I/O worker: {0}")]
     Spawn(#[source] io::Error),
@@ -226,18 +220,14 @@ impl PoolError {
     /// The OS error behind this one, if any (ENOSPC, EEXIST, ...).
     pub fn os_error(&self) -> Option<&io::Error> {
         match self {
-            PoolError::Io { source, .. } => Some(source),
+            PoolError::Io(e) => Some(&e.source),
             _ => None,
         }
     }
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PoolError + 'a {
-    move |source| PoolError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| IoError::at_path(op, path)(source).into()
 }
 
 /// Counters of a pool since it started.
@@ -1155,7 +1145,7 @@ mod tests {
         for p in pools() {
             let err = p.read_file(&missing).unwrap_err();
             assert!(
-                matches!(&err, PoolError::Io { op: "open", path, .. } if *path == missing),
+                matches!(&err, PoolError::Io(IoError { op: "open", path, .. }) if *path == missing),
                 "{err:?}"
             );
             assert_eq!(
@@ -1318,7 +1308,7 @@ mod tests {
                 err.os_error().and_then(|e| e.raw_os_error()),
                 Some(libc::EEXIST)
             );
-            assert!(matches!(&err, PoolError::Io { path, .. } if *path == a));
+            assert!(matches!(&err, PoolError::Io(IoError { path, .. }) if *path == a));
             // A stream on an existing name: its chunks may find it stopped, and `finish`
             // says why.
             let mut s = p.create_stream(&a, 0o600).unwrap();
@@ -1516,7 +1506,9 @@ mod tests {
                 "{:?}: {err:?}",
                 p.backend()
             );
-            assert!(matches!(&err, PoolError::Io { op: "write", path: at, .. } if *at == path));
+            assert!(
+                matches!(&err, PoolError::Io(IoError { op: "write", path: at, .. }) if *at == path)
+            );
             let stream = fs.0.path().join("stream");
             let mut s = p.create_stream(&stream, 0o644).unwrap();
             for _ in 0..64 {

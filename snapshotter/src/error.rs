@@ -122,6 +122,15 @@ mod tests {
             Code::Unimplemented
         );
         assert_eq!(code(io_err(nix::libc::ENOSPC)), Code::ResourceExhausted);
+        // a full disk is a full disk whichever layer of the store met it
+        let full =
+            || ringio::IoError::at("write", "/x")(io::Error::from_raw_os_error(nix::libc::ENOSPC));
+        let journal = CasError::Journal(ringio::journal::JournalError::Io(full()));
+        assert_eq!(code(journal), Code::ResourceExhausted);
+        let durable = CasError::Durable(ringio::durable::DurableError::Io(full()));
+        assert_eq!(code(durable), Code::ResourceExhausted);
+        let layout = CasError::Layout(cas::LayoutError::Io(full()));
+        assert_eq!(code(layout), Code::ResourceExhausted);
         assert_eq!(code(io_err(nix::libc::EIO)), Code::Internal);
         let hostile = CasError::Hostile {
             path: "../x".into(),

@@ -305,9 +305,7 @@ const INFO_READERS: usize = 16;
 /// The `info` mirror of every directory (`None` where it has none), read in parallel.
 fn read_infos(dirs: &[(u64, PathBuf)]) -> Vec<Result<Option<crate::index::InfoFile>, CasError>> {
     let read = |dir: &Path| match read_info(dir) {
-        Err(CasError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            Ok(None)
-        }
+        Err(CasError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         r => r.map(Some),
     };
     if dirs.len() < 2 * INFO_READERS {

@@ -118,6 +118,9 @@ pub(super) fn snapshots_api(
         .output()
         .context("running the conformance harness")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if let Some(dir) = log.parent() {
+        fs::create_dir_all(dir)?;
+    }
     fs::write(
         log,
         format!("{text}{}", String::from_utf8_lossy(&out.stderr)),
