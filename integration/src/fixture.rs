@@ -496,12 +496,8 @@ pub fn write_files_layer(
     compression: Compression,
     blobs: &Path,
 ) -> Result<LayerBlob> {
-    use crate::rootfs::hashing;
-    fs::create_dir_all(blobs).with_context(|| format!("creating {}", blobs.display()))?;
-    let tmp = blobs.join(format!(".gen-{}.tmp", std::process::id()));
-    let file = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let enc = compression.encoder(hashing(std::io::BufWriter::with_capacity(1 << 20, file)))?;
-    let mut tar = tar::Builder::new(hashing(enc));
+    let (blob, sink) = crate::rootfs::BlobWriter::create(blobs, compression)?;
+    let mut tar = tar::Builder::new(sink);
     let mut dirs = BTreeSet::new();
     for set in sets {
         for i in 0..set.count {
@@ -521,20 +517,7 @@ pub fn write_files_layer(
             tar.append_data(&mut h, &path, content)?;
         }
     }
-    let tar_out = tar.into_inner()?;
-    let diff_id = format!("sha256:{}", hex::encode(tar_out.hash.finalize()));
-    let blob_out = tar_out.inner.finish()?;
-    let digest = format!("sha256:{}", hex::encode(blob_out.hash.finalize()));
-    let size = blob_out.len;
-    let file = blob_out.inner.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
-    fs::rename(&tmp, blobs.join(&digest["sha256:".len()..]))?;
-    Ok(LayerBlob {
-        digest,
-        diff_id,
-        size,
-        compression,
-    })
+    blob.finish(tar.into_inner()?)
 }
 
 fn dir(path: &str, meta: Meta) -> Entry {

@@ -55,7 +55,7 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-pub(crate) fn hashing<W>(inner: W) -> Hashing<W> {
+fn hashing<W>(inner: W) -> Hashing<W> {
     Hashing {
         inner,
         hash: Sha256::new(),
@@ -63,30 +63,60 @@ pub(crate) fn hashing<W>(inner: W) -> Hashing<W> {
     }
 }
 
+/// The stream a layer's tar is written into: hashed (the diffID), compressed, hashed
+/// again (the blob's digest), buffered into a temporary file.
+pub(crate) type TarSink = Hashing<crate::compression::Encoder<Hashing<BufWriter<File>>>>;
+
+/// A layer blob being written into a layout's `blobs/sha256`, streaming: memory stays
+/// small whatever the layer's size. [`BlobWriter::finish`] gives the blob its digest's
+/// name.
+pub(crate) struct BlobWriter {
+    tmp: PathBuf,
+    blobs: PathBuf,
+    compression: Compression,
+}
+
+impl BlobWriter {
+    /// A new blob in `blobs`, and the sink its tar goes into.
+    pub(crate) fn create(blobs: &Path, compression: Compression) -> Result<(BlobWriter, TarSink)> {
+        fs::create_dir_all(blobs).with_context(|| format!("creating {}", blobs.display()))?;
+        let tmp = blobs.join(format!(".layer-{}.tmp", std::process::id()));
+        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let enc = compression.encoder(hashing(BufWriter::with_capacity(1 << 20, file)))?;
+        let writer = BlobWriter {
+            tmp,
+            blobs: blobs.to_path_buf(),
+            compression,
+        };
+        Ok((writer, hashing(enc)))
+    }
+
+    /// Ends the blob written into `sink`: synced, and named by its digest.
+    pub(crate) fn finish(self, sink: TarSink) -> Result<LayerBlob> {
+        let diff_id = format!("sha256:{}", hex::encode(sink.hash.finalize()));
+        let blob_out = sink.inner.finish()?;
+        let digest = format!("sha256:{}", hex::encode(blob_out.hash.finalize()));
+        let size = blob_out.len;
+        let file = blob_out.inner.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        fs::rename(&self.tmp, self.blobs.join(&digest["sha256:".len()..]))?;
+        Ok(LayerBlob {
+            digest,
+            diff_id,
+            size,
+            compression: self.compression,
+        })
+    }
+}
+
 /// Writes the tree at `dir` as a gzip layer blob into `blobs` (a layout's
 /// `blobs/sha256`) and returns its descriptor data.
 pub fn write_dir_layer(dir: &Path, kind: DirKind, blobs: &Path) -> Result<LayerBlob> {
-    fs::create_dir_all(blobs).with_context(|| format!("creating {}", blobs.display()))?;
-    let tmp = blobs.join(format!(".layer-{}.tmp", std::process::id()));
-    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let gz = Compression::Gzip.encoder(hashing(BufWriter::with_capacity(1 << 20, file)))?;
-    let mut tar = tar::Builder::new(hashing(gz));
+    let (blob, sink) = BlobWriter::create(blobs, Compression::Gzip)?;
+    let mut tar = tar::Builder::new(sink);
     tar.follow_symlinks(false);
     append_tree(&mut tar, dir, kind).with_context(|| format!("archiving {}", dir.display()))?;
-    let tar_out = tar.into_inner()?;
-    let diff_id = format!("sha256:{}", hex::encode(tar_out.hash.finalize()));
-    let blob_out = tar_out.inner.finish()?;
-    let digest = format!("sha256:{}", hex::encode(blob_out.hash.finalize()));
-    let size = blob_out.len;
-    let file = blob_out.inner.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
-    fs::rename(&tmp, blobs.join(&digest["sha256:".len()..]))?;
-    Ok(LayerBlob {
-        digest,
-        diff_id,
-        size,
-        compression: Compression::Gzip,
-    })
+    blob.finish(tar.into_inner()?)
 }
 
 fn append_tree<W: Write>(tar: &mut tar::Builder<W>, root: &Path, kind: DirKind) -> Result<()> {
