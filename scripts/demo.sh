@@ -24,7 +24,11 @@ CTRD_BIN=
 if [ -x "$CTRD_CACHE/2/usr/bin/containerd" ] && [ -x "$CTRD_CACHE/2/usr/bin/ctr" ]; then
   CTRD_BIN=$CTRD_CACHE/2/usr/bin
 fi
-ctr() { "${CTRD_BIN:+$CTRD_BIN/}ctr" --address "$CTRD_SOCK" "$@"; }
+# the ctr of the same release (the system's is found on PATH, past this function)
+ctr() {
+  if [ -n "$CTRD_BIN" ]; then "$CTRD_BIN/ctr" --address "$CTRD_SOCK" "$@"
+  else command ctr --address "$CTRD_SOCK" "$@"; fi
+}
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 down() {
@@ -47,46 +51,56 @@ down() {
   echo "demo stopped and removed ($DEMO_DIR)"
 }
 
-# What the last pull's layers cost, from the daemon's log: one line per layer applied in
-# one pass (file bytes in the layer against bytes of new content written), or how many
-# layers containerd's applier wrote and Commit ingested.
+# What the last pull's layers cost, from the daemon's log: per layer, its files' bytes
+# against the bytes of new content written, and whether cas-diff applied it in one pass
+# or containerd's applier wrote it and Commit ingested it.
 LOG_SEEN=0
 pull_cost() {
   local log=$DEMO_DIR/cas-snapshotter.log
   local lines; lines=$(tail -n +"$((LOG_SEEN + 1))" "$log")
   LOG_SEEN=$(wc -l < "$log")
   echo "-- what pulling $1 cost:"
-  grep 'layer applied' <<<"$lines" | sed 's/\x1b\[[0-9;]*m//g' | awk '
-    { for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } }
-    { printf "   layer applied in one pass: %s files, %.1f MB of file content, %.2f MB new written, %s ms\n",
-        v["files"], v["logical_bytes"] / 1e6, v["new_bytes"] / 1e6, v["elapsed_ms"] }'
-  local ingested; ingested=$(grep -c 'committed.*applied=false' <<<"$lines" || true)
-  [ "$ingested" = 0 ] || echo "   $ingested layers written by containerd's applier and ingested at Commit"
+  sed 's/\x1b\[[0-9;]*m//g' <<<"$lines" | awk '
+    / layer applied / { how = "applied in one pass (cas-diff)" }
+    / committed .*applied=false/ { how = "written by containerd, ingested at Commit" }
+    / layer applied | committed .*applied=false/ {
+      delete v
+      for (i = 1; i <= NF; i++) { n = index($i, "="); if (n) v[substr($i, 1, n - 1)] = substr($i, n + 1) }
+      printf "   layer %s: %s files, %.1f MB of file content, %.2f MB new written, %s ms\n",
+        how, v["files"], v["logical_bytes"] / 1e6, v["new_bytes"] / 1e6, v["elapsed_ms"]
+    }'
 }
 
-# containerd 2.x: the transfer service unpacks into cas with cas-diff (and into overlayfs
-# with walking); other client-side unpacks go through the diff service, cas-diff first.
-containerd_v3_config() {
+# What both configs share: a root, state and sockets of the demo's own, and cas.
+containerd_common_config() { # VERSION DISABLED_PLUGINS QUOTE
   cat <<TOML
-version = 3
+version = $1
 root = "$DEMO_DIR/containerd/root"
 state = "$DEMO_DIR/containerd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.podsandbox.controller.v1.podsandbox", "io.containerd.nri.v1.nri"]
+disabled_plugins = [$2]
 [grpc]
   address = "$CTRD_SOCK"
 [ttrpc]
   address = "$CTRD_SOCK.ttrpc"
 [debug]
   address = "$DEMO_DIR/containerd/debug.sock"
+[plugins.$3io.containerd.internal.v1.opt$3]
+  path = "$DEMO_DIR/containerd/opt"
 [proxy_plugins]
   [proxy_plugins.cas]
     type = "snapshot"
     address = "$SOCK"
+TOML
+}
+
+# containerd 2.x: the transfer service unpacks into cas with cas-diff (and into overlayfs
+# with walking); other client-side unpacks go through the diff service, cas-diff first.
+containerd_v3_config() {
+  containerd_common_config 3 '"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.podsandbox.controller.v1.podsandbox", "io.containerd.nri.v1.nri"' "'"
+  cat <<TOML
   [proxy_plugins.cas-diff]
     type = "diff"
     address = "$SOCK"
-[plugins.'io.containerd.internal.v1.opt']
-  path = "$DEMO_DIR/containerd/opt"
 [plugins.'io.containerd.service.v1.diff-service']
   default = ["cas-diff", "walking"]
 [plugins.'io.containerd.transfer.v1.local']
@@ -104,24 +118,7 @@ TOML
 
 # containerd 1.6 (config version 2): no proxy differs (a type = "diff" entry panics it).
 containerd_v2_config() {
-  cat <<TOML
-version = 2
-root = "$DEMO_DIR/containerd/root"
-state = "$DEMO_DIR/containerd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$CTRD_SOCK"
-[ttrpc]
-  address = "$CTRD_SOCK.ttrpc"
-[debug]
-  address = "$DEMO_DIR/containerd/debug.sock"
-[proxy_plugins]
-  [proxy_plugins.cas]
-    type = "snapshot"
-    address = "$SOCK"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$DEMO_DIR/containerd/opt"
-TOML
+  containerd_common_config 2 '"io.containerd.grpc.v1.cri"' '"'
 }
 
 wait_for() { # wait_for SECONDS CMD...
