@@ -146,6 +146,17 @@ mod tests {
         assert_eq!(code(S::Unsupported(probe)), Code::Internal);
     }
 
+    /// A blocking task that panicked is the daemon's own failure.
+    #[test]
+    fn a_failed_task_is_internal() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let joined = rt.block_on(async { tokio::task::spawn_blocking(|| panic!("a bug")).await });
+        let e = ServiceError::from(joined.unwrap_err());
+        assert_eq!(code(e), Code::Internal);
+    }
+
     #[test]
     fn unpack_failures_say_whose_fault_they_are() {
         use UnpackError as U;
