@@ -293,11 +293,19 @@ async fn cri_flow(rig: &Rig) -> Result<()> {
     eprintln!(
         "ImageFsInfo: {used} bytes, {} inodes at {:?}; store objects {physical} bytes",
         expected.1,
-        fs.fs_id.map(|f| f.mountpoint)
+        fs.fs_id.as_ref().map(|f| &f.mountpoint)
     );
     assert!(
         used >= physical,
         "ImageFsInfo {used} < objects {physical}: {stats}"
+    );
+    // kubelet reads the image filesystem's capacity at this mountpoint: it must be our
+    // store's (exported as the proxy plugin's root), not a directory under containerd's
+    let mountpoint = fs.fs_id.map(|f| f.mountpoint).unwrap_or_default();
+    assert_eq!(
+        std::path::Path::new(&mountpoint),
+        rig.daemon.root,
+        "ImageFsInfo's mountpoint"
     );
     Ok(())
 }

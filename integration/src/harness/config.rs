@@ -30,6 +30,10 @@ pub struct ContainerdOptions {
     /// Registries (`host:port`) that containerd itself (the transfer service, CRI) reaches
     /// over plain HTTP; `ctr --plain-http` covers only pulls that ctr does itself.
     pub plain_http_registries: Vec<String>,
+    /// Our store's root, exported for the proxy plugin (`[proxy_plugins.cas.exports]
+    /// root`): CRI reports it as the image filesystem's mountpoint, where kubelet reads
+    /// its capacity. Written for 2.x, where CRI reads it.
+    pub snapshotter_root: Option<PathBuf>,
 }
 
 impl Default for ContainerdOptions {
@@ -39,6 +43,7 @@ impl Default for ContainerdOptions {
             with_differ: false,
             cri: None,
             plain_http_registries: Vec::new(),
+            snapshotter_root: None,
         }
     }
 }
@@ -148,7 +153,14 @@ disabled_plugins = [{disabled}]
   [proxy_plugins.cas]
     type = "snapshot"
     address = "{snap}"
-"#,
+{exports}"#,
+        exports = match (&opts.snapshotter_root, v3) {
+            (Some(root), true) => format!(
+                "    [proxy_plugins.cas.exports]\n      root = \"{}\"\n",
+                root.display()
+            ),
+            _ => String::new(),
+        },
         cv = if v3 { 3 } else { 2 },
         disabled = disabled
             .iter()
@@ -354,6 +366,22 @@ mod tests {
                 .iter()
                 .any(|p| p.as_str() == Some("io.containerd.grpc.v1.cri")));
         }
+    }
+
+    /// CRI (2.x) reports the exported root as the image filesystem's mountpoint.
+    #[test]
+    fn the_store_root_is_exported_on_2x() {
+        let opts = ContainerdOptions {
+            snapshotter_root: Some("/t/store".into()),
+            ..ContainerdOptions::default()
+        };
+        let c = render(v(2, 1, 9), &opts);
+        assert_eq!(
+            c["proxy_plugins"]["cas"]["exports"]["root"].as_str(),
+            Some("/t/store")
+        );
+        let c = render(v(1, 7, 24), &opts);
+        assert!(c["proxy_plugins"]["cas"].get("exports").is_none());
     }
 
     #[test]
