@@ -50,14 +50,16 @@ impl Unpacker<'_> {
             }
             _ => (0, 0),
         };
-        let name = entry.path_bytes().into_owned();
-        let link = entry.link_name_bytes().map(|l| l.into_owned());
-        let op = classify(&Header {
-            name: &name,
-            kind,
-            link: link.as_deref(),
-            device,
-        })?;
+        // borrowed from the header only while classifying: no copy of every name
+        let op = {
+            let (name, link) = (entry.path_bytes(), entry.link_name_bytes());
+            classify(&Header {
+                name: &name,
+                kind,
+                link: link.as_deref(),
+                device,
+            })?
+        };
         let parent = match &op {
             Operation::Root => {
                 tracing::debug!("entry resolves to the layer root: ignored");
@@ -87,7 +89,7 @@ impl Unpacker<'_> {
                 Ok(())
             }
             Operation::Reserved { .. } => {
-                tracing::debug!(name = %String::from_utf8_lossy(&name), "skipping reserved whiteout name");
+                tracing::debug!(dir = %parent.display(), "skipping a reserved whiteout name");
                 Ok(())
             }
             Operation::Whiteout { name, .. } => self.whiteout(&parent.join(name), &em.meta),
