@@ -317,7 +317,7 @@ pub fn fsck(
                     entry.size
                 )),
                 Ok(_) if !stubs => None,
-                Ok(_) => match stub_target(&crate::sys::Host, &stub)? {
+                Ok(_) => match stub_target(objects.sys(), &stub)? {
                     Some(t) if objects.target_is(&t, &entry.digest)? => None,
                     Some(t) => Some(format!("stub points at {t:?}")),
                     None => Some("not a stub (no metacopy/redirect)".to_string()),

@@ -58,7 +58,7 @@ impl CasSnapshotter {
                 JournalKind::Rename => JournalMode::ForceRename,
             },
         };
-        let store = Snapshots::open(layout, opts, &cas::sys::Host)?;
+        let store = Snapshots::open(layout, opts, Arc::new(cas::sys::Host))?;
         let metrics = Arc::new(Metrics::new());
         metrics.recovered_in(store.recovered_in());
         Ok(CasSnapshotter {
@@ -291,6 +291,3 @@ impl CasSnapshotter {
         Ok(convert::mounts(mounts))
     }
 }
-
-/// Shared handle served by tonic.
-pub type Shared = Arc<CasSnapshotter>;

@@ -284,11 +284,6 @@ impl Snapshots {
         self.recovered_in
     }
 
-    /// The journal's backend (RWF_ATOMIC or rename), for the log and stats.
-    pub fn journal_backend(&self) -> ringio::journal::Backend {
-        self.log.backend()
-    }
-
     /// The record of `key`.
     pub fn stat(&self, key: &str) -> Result<Record> {
         Ok(self.meta.require(key)?)

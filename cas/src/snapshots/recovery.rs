@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -34,8 +35,9 @@ use crate::sys::Syscalls;
 
 impl Snapshots {
     /// Opens the store at `layout`, recovering from whatever stopped it last (see the
-    /// module docs). `sys` makes the calls that need root (the kernel probe).
-    pub fn open(layout: Layout, opts: OpenOptions, sys: &dyn Syscalls) -> Result<Snapshots> {
+    /// module docs). `sys` makes the calls that need root: the kernel probe here, and
+    /// everything the store writes afterwards.
+    pub fn open(layout: Layout, opts: OpenOptions, sys: Arc<dyn Syscalls>) -> Result<Snapshots> {
         let started = std::time::Instant::now();
         let log = CommitLog::open(&layout, opts.journal)?;
         let clean = log.take_clean_stop()?;
@@ -68,12 +70,12 @@ impl Snapshots {
             elapsed_ms = reconciled.elapsed().as_millis() as u64,
             "recovery: index reconciled with the snapshots' info files"
         );
-        let mode = choose_mode(&layout, opts.mode, sys)?;
+        let mode = choose_mode(&layout, opts.mode, &*sys)?;
         let features = OverlayFeatures::probe();
         info!(index_off = features.index_param, ?mode, "store mode chosen");
         let mut sn = Snapshots {
             mode,
-            objects: ObjectStore::new(&layout),
+            objects: ObjectStore::new(&layout).with_syscalls(sys),
             planner: MountPlanner::new(layout.clone(), features, mode),
             layout,
             meta,

@@ -27,7 +27,8 @@ fn opts() -> OpenOptions {
 }
 
 fn open(root: &Path) -> Snapshots {
-    Snapshots::open(Layout::ensure(root).unwrap(), opts(), &Recorder::new(false)).unwrap()
+    let sys = Arc::new(Recorder::new(false));
+    Snapshots::open(Layout::ensure(root).unwrap(), opts(), sys).unwrap()
 }
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
