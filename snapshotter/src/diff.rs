@@ -85,6 +85,9 @@ const NAMESPACE_HEADER: &str = "containerd-namespace";
 /// Chunks of a streamed blob buffered between the Content API and the unpack.
 const STREAM_CHUNKS: usize = 16;
 
+/// Where containerd's content store keeps blobs, under `[differ] content_dir`.
+const CONTENT_BLOBS: &str = "blobs/sha256";
+
 /// Docker's layer media types (image manifest v2, schema 2), which `oci-spec` does not
 /// name; containerd's applier takes them as tar layers too.
 const DOCKER_LAYERS: [&str; 4] = [
@@ -149,7 +152,7 @@ impl BlobReach {
     /// Looks now (containerd may start after the daemon: the answer can change).
     pub fn check(cfg: &DifferConfig) -> BlobReach {
         BlobReach {
-            content_dir: cfg.content_dir.join("blobs/sha256").is_dir(),
+            content_dir: cfg.content_dir.join(CONTENT_BLOBS).is_dir(),
             content_api: std::os::unix::net::UnixStream::connect(&cfg.containerd_address).is_ok(),
         }
     }
@@ -287,7 +290,7 @@ impl CasDiffer {
         digest: &Digest,
         namespace: Option<String>,
     ) -> Result<Box<dyn Read + Send>, ServiceError> {
-        let path = self.cfg.content_dir.join("blobs/sha256").join(digest.hex());
+        let path = self.cfg.content_dir.join(CONTENT_BLOBS).join(digest.hex());
         match self.pool.read_file(&path) {
             Ok(r) => {
                 debug!(blob = %path.display(), "reading the blob from the content store");
