@@ -21,8 +21,7 @@ use oci_spec::image::{
 };
 use sha2::{Digest as _, Sha256};
 
-pub use crate::compression::Compression;
-use crate::compression::LayerCompression;
+use crate::compression::{Compression, LayerCompression};
 
 /// Text of `/etc/fixture-release` in the base image (as its last layer leaves it).
 pub const BASE_RELEASE: &str = "cas-snapshotter fixture base, layer 2\n";

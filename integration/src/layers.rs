@@ -15,8 +15,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
-pub use crate::compression::Compression;
-use crate::compression::LayerCompression;
+use crate::compression::{Compression, LayerCompression};
 
 /// `sha256:<hex>` of `bytes`.
 pub fn sha256(bytes: &[u8]) -> String {

@@ -207,8 +207,9 @@ fn kill9_between_pulls_keeps_the_first_image() -> Result<()> {
 #[test]
 #[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
 fn hostile_overlay_xattrs_in_a_layer_are_not_honoured() -> Result<()> {
+    use cas_integration::compression::Compression;
     use cas_integration::fixture::{
-        pseudo_random, write_oci_layout, Compression, Entry, ImageSpec, LayerSpec, Meta,
+        pseudo_random, write_oci_layout, Entry, ImageSpec, LayerSpec, Meta,
     };
     use sha2::{Digest, Sha256};
     if !require_root() {

@@ -12,8 +12,9 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use cas_integration::compression::Compression;
 use cas_integration::fixture::{
-    pseudo_random, write_oci_layout, Compression, Entry, ImageSpec, LayerSpec, Meta,
+    pseudo_random, write_oci_layout, Entry, ImageSpec, LayerSpec, Meta,
 };
 use cas_integration::harness::{
     busybox_path, loop_devices_available, require_root, retry_unavailable, workspace_bin,

@@ -16,11 +16,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
+use cas_integration::compression::Compression;
 use cas_integration::fixture::{APP_RELEASE, BASE_RELEASE};
 use cas_integration::harness::{require_root, ContainerdOptions, Rig, RigOptions};
-use cas_integration::layers::{
-    files_tar, truncated_gzip, unique_bytes, zero_bomb, Compression, Image, Layer,
-};
+use cas_integration::layers::{files_tar, truncated_gzip, unique_bytes, zero_bomb, Image, Layer};
 use cas_integration::registry::push_layout;
 use serde_json::Value;
 

@@ -108,10 +108,7 @@ impl Rig {
             &d.join("cas-snapshotter.log"),
             cfg.as_deref(),
         )?;
-        let copts = ContainerdOptions {
-            snapshotter_root: Some(daemon.root.clone()),
-            ..copts
-        };
+        copts.snapshotter_root = Some(daemon.root.clone());
         let containerd = Containerd::start_with(&ctrd, &daemon.sock, &copts)?;
         let base_ref = format!("{}/fixture/base:1", registry.addr);
         let app_ref = format!("{}/fixture/app:1", registry.addr);

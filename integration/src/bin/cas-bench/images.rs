@@ -18,9 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use cas_integration::fixture::{
-    finish_oci_layout, write_files_layer, Compression, FileSet, LayerBlob,
-};
+use cas_integration::compression::Compression;
+use cas_integration::fixture::{finish_oci_layout, write_files_layer, FileSet, LayerBlob};
 use sha2::{Digest as _, Sha256};
 
 /// Bump when [`write_files_layer`]'s output changes for the same definition.
