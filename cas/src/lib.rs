@@ -21,6 +21,7 @@
 //! * [`digest`]: [`Digest`], an object's name;
 //! * [`objects`]: publishing objects idempotently;
 //! * [`stub`]: metadata stubs and the rule that layers never bring overlayfs xattrs;
+//! * [`erofs`]: a layer's metadata as one EROFS image, the alternative to a stub tree;
 //! * [`manifest`]: a layer's path → object list;
 //! * [`ingest`]: a layer tree → stubs + objects + manifest, at Commit;
 //! * [`unpack`]: a compressed layer blob → stubs + objects + manifest in one pass (the
@@ -70,6 +71,7 @@ pub fn crash_now() -> ! {
 
 pub mod admin;
 pub mod digest;
+pub mod erofs;
 pub mod error;
 pub mod flatten;
 pub mod gc;

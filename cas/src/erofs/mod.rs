@@ -1,0 +1,870 @@
+//! A layer's metadata as one EROFS image: the alternative to a stub tree.
+//!
+//! The image holds what a committed layer's stub tree holds, in one file instead of one
+//! inode per entry: directories, symlinks, devices, whiteouts (character devices 0/0),
+//! owners, modes, times and xattrs, and for each regular file with content a
+//! metadata-only inode that redirects into the CAS (`trusted.overlay.metacopy` and
+//! `trusted.overlay.redirect`, exactly the xattrs a stub carries). Mounted read-only
+//! (`mount -t erofs <image>`; Linux 6.12+ mounts EROFS from a regular file), it is an
+//! overlayfs lower layer like a stub tree: `lowerdir=<image mounts…>::<cas/objects>`.
+//!
+//! Unlike composefs images, which describe a whole tree to be mounted as one overlay,
+//! a layer image is one layer of a stack: its `trusted.overlay.*` xattrs are written as
+//! given (an opaque directory is opaque to the overlay it is a lower of) and whiteouts
+//! stay whiteouts. Nothing a layer brings reaches them unfiltered: as for stubs, the
+//! unpack drops every `trusted.overlay.*` xattr of the layer's own
+//! ([`crate::stub::is_overlay_private`]) before building the image.
+//!
+//! What the writer produces: 4 KiB blocks; the root directory's inode first (its number
+//! must fit in 16 bits), then every inode in depth-first order with its xattrs and
+//! inline data (symlink targets, directory tails, the one-entry block map of a
+//! metadata-only file), then the shared xattr table (values used by more than one
+//! inode, such as the empty metacopy xattr of every file), then directory blocks. No
+//! compression and no data: an image is metadata only, so it is built in memory in one
+//! pass over the tree and written with one `write`.
+//!
+//! [`Image`] is the tree being built, with the operations a layer's entries need
+//! (later entries replace earlier ones, hardlinks, removals); [`Image::to_bytes`]
+//! serialises it.
+
+pub mod format;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use format::{DataLayout, FileType, BLOCK_SIZE, INODE_SIZE, SLOT_SIZE};
+
+/// Why an entry cannot be put in an image.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ImageError {
+    /// The path is empty or has `..`, `.` or a root after its start.
+    #[error("{0:?}: not a path inside the layer")]
+    BadPath(PathBuf),
+    /// A parent of the path is not a directory in this image.
+    #[error("{0:?}: a parent is not a directory")]
+    NotADirectory(PathBuf),
+    /// Nothing at this path.
+    #[error("{0:?}: no such entry in the layer")]
+    NotFound(PathBuf),
+    /// A regular file with a size and no object to read its bytes from.
+    #[error("{0:?}: a file with content but no object")]
+    NoContent(PathBuf),
+    /// Hardlinks name files, never directories.
+    #[error("{0:?}: a hardlink to a directory")]
+    LinkToDirectory(PathBuf),
+    /// A name longer than 255 bytes.
+    #[error("{0:?}: name longer than {} bytes", format::NAME_LEN)]
+    NameTooLong(PathBuf),
+    /// An xattr outside the namespaces EROFS stores (user, trusted, security, ACLs).
+    #[error("{path:?}: xattr {name:?} is in no namespace EROFS stores")]
+    XattrNamespace {
+        /// The entry.
+        path: PathBuf,
+        /// The xattr's name.
+        name: String,
+    },
+    /// An xattr too large for the format (name over 255 bytes after its prefix, value
+    /// over 64 KiB, or all of an inode's over 256 KiB).
+    #[error("{0:?}: xattrs too large for an EROFS inode")]
+    XattrTooLarge(PathBuf),
+    /// An entry's inline data cannot fit in one block with its inode (a symlink target
+    /// with many xattrs).
+    #[error("{0:?}: inode, xattrs and inline data exceed one block")]
+    TooLarge(PathBuf),
+    /// The image has more than 2^32 inodes or over 16 TiB of metadata.
+    #[error("image too large")]
+    ImageTooLarge,
+}
+
+/// What an entry of the image shows of itself besides its type and content.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Attrs {
+    /// Permission bits, set-id and sticky included (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time, seconds since the epoch (EROFS keeps no atime).
+    pub mtime: i64,
+    /// Modification time, nanoseconds.
+    pub mtime_nsec: u32,
+    /// Extended attributes, full names.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Attrs {
+    /// Attributes of a directory a layer names only as the parent of deeper entries:
+    /// what the unpack gives such directories (0755, root, time 0).
+    pub fn implicit_dir() -> Attrs {
+        Attrs {
+            mode: 0o755,
+            ..Attrs::default()
+        }
+    }
+}
+
+/// A non-directory entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leaf {
+    /// A regular file of `size` bytes held by the object at `redirect` in the data-only
+    /// lower layer (a redirect value, `/ab/cdef…` or an alias). `None` only for empty
+    /// files.
+    File {
+        /// Its size.
+        size: u64,
+        /// Where its bytes are: `trusted.overlay.redirect`'s value.
+        redirect: Option<String>,
+    },
+    /// A symlink to the target.
+    Symlink(Vec<u8>),
+    /// A character device.
+    CharDevice {
+        /// Major number.
+        major: u32,
+        /// Minor number.
+        minor: u32,
+    },
+    /// A block device.
+    BlockDevice {
+        /// Major number.
+        major: u32,
+        /// Minor number.
+        minor: u32,
+    },
+    /// A named pipe.
+    Fifo,
+    /// A socket.
+    Socket,
+}
+
+impl Leaf {
+    /// An overlayfs whiteout: a character device 0/0.
+    pub const WHITEOUT: Leaf = Leaf::CharDevice { major: 0, minor: 0 };
+
+    fn file_type(&self) -> FileType {
+        match self {
+            Leaf::File { .. } => FileType::Regular,
+            Leaf::Symlink(_) => FileType::Symlink,
+            Leaf::CharDevice { .. } => FileType::CharDevice,
+            Leaf::BlockDevice { .. } => FileType::BlockDevice,
+            Leaf::Fifo => FileType::Fifo,
+            Leaf::Socket => FileType::Socket,
+        }
+    }
+}
+
+/// Marks a metadata-only file (the value is empty, as on stubs).
+const XATTR_METACOPY: &[u8] = crate::stub::XATTR_METACOPY.as_bytes();
+/// Points a metadata-only file at its object.
+const XATTR_REDIRECT: &[u8] = crate::stub::XATTR_REDIRECT.as_bytes();
+
+type NodeId = usize;
+
+#[derive(Debug)]
+enum Content {
+    Dir(BTreeMap<Box<[u8]>, NodeId>),
+    Leaf(Leaf),
+}
+
+#[derive(Debug)]
+struct Node {
+    attrs: Attrs,
+    content: Content,
+    /// Names linking to this node (hardlinks); 0 once unlinked everywhere.
+    links: u32,
+}
+
+/// A layer's tree, built entry by entry, then serialised as an EROFS image.
+#[derive(Debug)]
+pub struct Image {
+    nodes: Vec<Node>,
+}
+
+impl Image {
+    /// An image whose root directory has `root`'s attributes.
+    pub fn new(root: Attrs) -> Image {
+        Image {
+            nodes: vec![Node {
+                attrs: root,
+                content: Content::Dir(BTreeMap::new()),
+                links: 1,
+            }],
+        }
+    }
+
+    /// Number of entries, the root included.
+    pub fn len(&self) -> usize {
+        self.nodes.iter().filter(|n| n.links > 0).count()
+    }
+
+    /// Whether only the root is there.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 1
+    }
+
+    /// Replaces the root directory's attributes.
+    pub fn set_root(&mut self, attrs: Attrs) {
+        self.nodes[0].attrs = attrs;
+    }
+
+    /// Makes `path` a directory with `attrs`. A directory already there keeps its
+    /// entries (a layer may name a directory again, to change it); anything else there
+    /// is replaced. Missing parents are made with [`Attrs::implicit_dir`].
+    pub fn dir(&mut self, path: &Path, attrs: Attrs) -> Result<(), ImageError> {
+        let (parent, name) = self.parent_of(path, true)?;
+        if let Some(&id) = self.children(parent).get(name) {
+            if matches!(self.nodes[id].content, Content::Dir(_)) {
+                self.nodes[id].attrs = attrs;
+                return Ok(());
+            }
+        }
+        let id = self.push(attrs, Content::Dir(BTreeMap::new()));
+        self.link_at(parent, name, id);
+        Ok(())
+    }
+
+    /// Puts `leaf` at `path`, replacing whatever is there (a directory with all it
+    /// holds). Missing parents are made with [`Attrs::implicit_dir`].
+    pub fn insert(&mut self, path: &Path, attrs: Attrs, leaf: Leaf) -> Result<(), ImageError> {
+        let (parent, name) = self.parent_of(path, true)?;
+        let id = self.push(attrs, Content::Leaf(leaf));
+        self.link_at(parent, name, id);
+        Ok(())
+    }
+
+    /// Makes `path` a hardlink of the file at `target`, replacing whatever is at `path`.
+    pub fn link(&mut self, path: &Path, target: &Path) -> Result<(), ImageError> {
+        let id = self.lookup(target)?;
+        if matches!(self.nodes[id].content, Content::Dir(_)) {
+            return Err(ImageError::LinkToDirectory(target.to_path_buf()));
+        }
+        let (parent, name) = self.parent_of(path, true)?;
+        if self.children(parent).get(name) == Some(&id) {
+            return Ok(());
+        }
+        self.nodes[id].links += 1;
+        self.link_at(parent, name, id);
+        Ok(())
+    }
+
+    /// Removes whatever is at `path` (a directory with all it holds); `false` if
+    /// nothing was there.
+    pub fn remove(&mut self, path: &Path) -> Result<bool, ImageError> {
+        let (parent, name) = self.parent_of(path, false)?;
+        let Content::Dir(entries) = &mut self.nodes[parent].content else {
+            unreachable!("parent_of returns directories")
+        };
+        match entries.remove(name) {
+            Some(old) => {
+                self.unlink(old);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Removes every entry of the directory at `path` (an opaque directory's earlier
+    /// content in this layer).
+    pub fn clear_dir(&mut self, path: &Path) -> Result<(), ImageError> {
+        let id = self.lookup(path)?;
+        let Content::Dir(entries) = &mut self.nodes[id].content else {
+            return Err(ImageError::NotADirectory(path.to_path_buf()));
+        };
+        for old in std::mem::take(entries).into_values() {
+            self.unlink(old);
+        }
+        Ok(())
+    }
+
+    /// Whether something is at `path`, and whether it is a directory.
+    pub fn kind(&self, path: &Path) -> Option<bool> {
+        let id = self.lookup(path).ok()?;
+        Some(matches!(self.nodes[id].content, Content::Dir(_)))
+    }
+
+    /// The attributes of the entry at `path`, to change them.
+    pub fn attrs_mut(&mut self, path: &Path) -> Result<&mut Attrs, ImageError> {
+        let id = self.lookup(path)?;
+        Ok(&mut self.nodes[id].attrs)
+    }
+
+    fn push(&mut self, attrs: Attrs, content: Content) -> NodeId {
+        self.nodes.push(Node {
+            attrs,
+            content,
+            links: 1,
+        });
+        self.nodes.len() - 1
+    }
+
+    fn children(&self, dir: NodeId) -> &BTreeMap<Box<[u8]>, NodeId> {
+        match &self.nodes[dir].content {
+            Content::Dir(entries) => entries,
+            Content::Leaf(_) => unreachable!("children of a leaf"),
+        }
+    }
+
+    /// Links `id` at `name` in `parent`, dropping what was there.
+    fn link_at(&mut self, parent: NodeId, name: &[u8], id: NodeId) {
+        let Content::Dir(entries) = &mut self.nodes[parent].content else {
+            unreachable!("parent_of returns directories")
+        };
+        if let Some(old) = entries.insert(name.into(), id) {
+            self.unlink(old);
+        }
+    }
+
+    /// Drops one link of `id` and, when it was the last, everything under it.
+    fn unlink(&mut self, id: NodeId) {
+        let mut stack = vec![id];
+        while let Some(id) = stack.pop() {
+            let node = &mut self.nodes[id];
+            node.links -= 1;
+            if node.links > 0 {
+                continue;
+            }
+            if let Content::Dir(entries) = &mut node.content {
+                stack.extend(std::mem::take(entries).into_values());
+            }
+        }
+    }
+
+    /// The node at `path`.
+    fn lookup(&self, path: &Path) -> Result<NodeId, ImageError> {
+        let mut at = 0;
+        for name in components(path)? {
+            at = match &self.nodes[at].content {
+                Content::Dir(entries) => *entries
+                    .get(name.as_bytes())
+                    .ok_or_else(|| ImageError::NotFound(path.to_path_buf()))?,
+                Content::Leaf(_) => return Err(ImageError::NotADirectory(path.to_path_buf())),
+            };
+        }
+        Ok(at)
+    }
+
+    /// The directory that holds `path`'s last name, and that name; with `make`, missing
+    /// parents are made.
+    fn parent_of<'p>(
+        &mut self,
+        path: &'p Path,
+        make: bool,
+    ) -> Result<(NodeId, &'p [u8]), ImageError> {
+        let names = components(path)?;
+        let Some((last, parents)) = names.split_last() else {
+            return Err(ImageError::BadPath(path.to_path_buf()));
+        };
+        if last.len() > format::NAME_LEN {
+            return Err(ImageError::NameTooLong(path.to_path_buf()));
+        }
+        let mut at = 0;
+        for name in parents {
+            let next = self.children(at).get(name.as_bytes()).copied();
+            at = match next {
+                Some(id) if matches!(self.nodes[id].content, Content::Dir(_)) => id,
+                Some(_) => return Err(ImageError::NotADirectory(path.to_path_buf())),
+                None if make => {
+                    if name.len() > format::NAME_LEN {
+                        return Err(ImageError::NameTooLong(path.to_path_buf()));
+                    }
+                    let id = self.push(Attrs::implicit_dir(), Content::Dir(BTreeMap::new()));
+                    self.link_at(at, name.as_bytes(), id);
+                    id
+                }
+                None => return Err(ImageError::NotFound(path.to_path_buf())),
+            };
+        }
+        Ok((at, last.as_bytes()))
+    }
+
+    /// The image's bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ImageError> {
+        Writer::new(self)?.write()
+    }
+}
+
+/// `path`'s names; it must be relative (a leading `/` is allowed) with no `.` or `..`.
+fn components(path: &Path) -> Result<Vec<&OsStr>, ImageError> {
+    let mut out = Vec::new();
+    for (i, c) in path.components().enumerate() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::RootDir if i == 0 => {}
+            Component::CurDir if i == 0 => {}
+            _ => return Err(ImageError::BadPath(path.to_path_buf())),
+        }
+    }
+    Ok(out)
+}
+
+/// One xattr as EROFS stores it: prefix index, the rest of the name, the value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct XAttr {
+    index: u8,
+    suffix: Vec<u8>,
+    value: Vec<u8>,
+}
+
+impl XAttr {
+    fn new(name: &[u8], value: &[u8], path: &Path) -> Result<XAttr, ImageError> {
+        let (index, prefix) = format::XATTR_PREFIXES
+            .iter()
+            .filter(|(_, p)| name.starts_with(p))
+            .max_by_key(|(_, p)| p.len())
+            .ok_or_else(|| ImageError::XattrNamespace {
+                path: path.to_path_buf(),
+                name: String::from_utf8_lossy(name).into_owned(),
+            })?;
+        let suffix = &name[prefix.len()..];
+        if suffix.len() > u8::MAX as usize || value.len() > u16::MAX as usize {
+            return Err(ImageError::XattrTooLarge(path.to_path_buf()));
+        }
+        Ok(XAttr {
+            index: *index,
+            suffix: suffix.to_vec(),
+            value: value.to_vec(),
+        })
+    }
+
+    fn size(&self) -> usize {
+        format::round_up(
+            format::XATTR_ENTRY_SIZE + self.suffix.len() + self.value.len(),
+            4,
+        )
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&format::xattr_entry(
+            self.suffix.len() as u8,
+            self.index,
+            self.value.len() as u16,
+        ));
+        out.extend_from_slice(&self.suffix);
+        out.extend_from_slice(&self.value);
+        pad(out, 4);
+    }
+}
+
+/// One inode as it will be written.
+struct Slot<'a> {
+    node: NodeId,
+    file_type: FileType,
+    /// Local xattrs, and indexes into the shared table.
+    local: Vec<XAttr>,
+    shared: Vec<usize>,
+    /// Inline data: a symlink's target, a block map, a directory's last block.
+    inline: Vec<u8>,
+    /// Whole blocks (directories only).
+    blocks: Vec<Vec<u8>>,
+    layout: DataLayout,
+    size: u64,
+    nlink: u32,
+    /// Entries of a directory, sorted, with `.` and `..`: (name, slot).
+    dirents: Vec<(&'a [u8], usize)>,
+    /// Byte offset of the inode, and of its first block.
+    offset: usize,
+    block: u32,
+}
+
+impl Slot<'_> {
+    fn xattr_size(&self) -> usize {
+        if self.local.is_empty() && self.shared.is_empty() {
+            return 0;
+        }
+        format::XATTR_IBODY_HEADER_SIZE
+            + 4 * self.shared.len()
+            + self.local.iter().map(XAttr::size).sum::<usize>()
+    }
+}
+
+struct Writer<'a> {
+    image: &'a Image,
+    slots: Vec<Slot<'a>>,
+    shared: Vec<XAttr>,
+}
+
+impl<'a> Writer<'a> {
+    /// Orders the inodes (depth first, the root first, each inode once however many
+    /// names it has) and gathers their xattrs.
+    fn new(image: &'a Image) -> Result<Writer<'a>, ImageError> {
+        let mut slots: Vec<Slot<'a>> = Vec::new();
+        let mut slot_of: HashMap<NodeId, usize> = HashMap::new();
+        let mut paths: Vec<PathBuf> = Vec::new();
+        // (node, parent slot, path) to visit; directories are visited once each
+        let mut stack: Vec<(NodeId, usize, PathBuf)> = vec![(0, 0, PathBuf::from("/"))];
+        while let Some((id, parent, path)) = stack.pop() {
+            let node = &image.nodes[id];
+            let me = slots.len();
+            slot_of.insert(id, me);
+            slots.push(Slot::empty(id, node));
+            paths.push(path.clone());
+            let Content::Dir(entries) = &node.content else {
+                continue;
+            };
+            let mut dirents: Vec<(&'a [u8], usize)> = Vec::with_capacity(entries.len() + 2);
+            dirents.push((b".", me));
+            dirents.push((b"..", parent));
+            let mut subdirs = Vec::new();
+            for (name, &child) in entries {
+                match slot_of.get(&child) {
+                    Some(&s) => dirents.push((name, s)),
+                    None => match &image.nodes[child].content {
+                        Content::Dir(_) => {
+                            // numbered when visited: usize::MAX until then, patched below
+                            dirents.push((name, usize::MAX));
+                            subdirs.push((child, path.join(OsStr::from_bytes(name))));
+                        }
+                        Content::Leaf(_) => {
+                            let s = slots.len();
+                            slot_of.insert(child, s);
+                            slots.push(Slot::empty(child, &image.nodes[child]));
+                            paths.push(path.join(OsStr::from_bytes(name)));
+                            dirents.push((name, s));
+                        }
+                    },
+                }
+            }
+            slots[me].nlink = 2 + subdirs.len() as u32;
+            slots[me].dirents = dirents;
+            for (child, p) in subdirs.into_iter().rev() {
+                stack.push((child, me, p));
+            }
+        }
+        // directories' entries that named not yet numbered directories
+        for slot in slots.iter_mut() {
+            if let Content::Dir(entries) = &image.nodes[slot.node].content {
+                for ((_, s), (_, child)) in slot.dirents[2..].iter_mut().zip(entries) {
+                    *s = slot_of[child];
+                }
+                slot.dirents.sort_by(|a, b| a.0.cmp(b.0));
+            }
+        }
+        if slots.len() > u32::MAX as usize {
+            return Err(ImageError::ImageTooLarge);
+        }
+
+        // xattrs: the redirect pair of metadata-only files first, then the entry's own
+        let mut count: HashMap<XAttr, usize> = HashMap::new();
+        for (slot, path) in slots.iter_mut().zip(&paths) {
+            let node = &image.nodes[slot.node];
+            if let Content::Leaf(Leaf::File {
+                redirect: Some(r), ..
+            }) = &node.content
+            {
+                slot.local.push(XAttr::new(XATTR_METACOPY, b"", path)?);
+                slot.local
+                    .push(XAttr::new(XATTR_REDIRECT, r.as_bytes(), path)?);
+            }
+            for (name, value) in &node.attrs.xattrs {
+                slot.local.push(XAttr::new(name, value, path)?);
+            }
+            for x in &slot.local {
+                *count.entry(x.clone()).or_default() += 1;
+            }
+        }
+        let mut shared: Vec<XAttr> = count
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(x, _)| x)
+            .collect();
+        shared.sort();
+        let index: HashMap<&XAttr, usize> =
+            shared.iter().enumerate().map(|(i, x)| (x, i)).collect();
+        for (slot, path) in slots.iter_mut().zip(&paths) {
+            let mut local = Vec::new();
+            for x in std::mem::take(&mut slot.local) {
+                match index.get(&x) {
+                    Some(&i) => slot.shared.push(i),
+                    None => local.push(x),
+                }
+            }
+            slot.local = local;
+            if slot.shared.len() > u8::MAX as usize || slot.xattr_size() > 256 << 10 {
+                return Err(ImageError::XattrTooLarge(path.clone()));
+            }
+        }
+        let mut w = Writer {
+            image,
+            slots,
+            shared,
+        };
+        w.contents(&paths)?;
+        Ok(w)
+    }
+
+    /// Each inode's data layout, size, inline data and blocks (directory blocks hold
+    /// slot numbers until nids are known: see [`Writer::write`]).
+    fn contents(&mut self, paths: &[PathBuf]) -> Result<(), ImageError> {
+        for (s, path) in paths.iter().enumerate() {
+            let node = &self.image.nodes[self.slots[s].node];
+            let slot = &mut self.slots[s];
+            match &node.content {
+                Content::Dir(_) => {
+                    let (blocks, tail) = dir_blocks(&slot.dirents);
+                    slot.size = (blocks * BLOCK_SIZE + tail) as u64;
+                    // the tail goes inline when it fits in the inode's block; see place()
+                    slot.layout = if tail == 0 {
+                        DataLayout::FlatPlain
+                    } else {
+                        DataLayout::FlatInline
+                    };
+                }
+                Content::Leaf(leaf) => {
+                    slot.nlink = node.links;
+                    match leaf {
+                        Leaf::File { size, redirect } => {
+                            slot.size = *size;
+                            if redirect.is_some() && *size > 0 {
+                                slot.layout = DataLayout::ChunkBased;
+                                slot.block = format::CHUNK_BITS_OVER_BLOCK;
+                                let chunk_bits =
+                                    format::BLOCK_BITS as u32 + format::CHUNK_BITS_OVER_BLOCK;
+                                let chunks = size.div_ceil(1u64 << chunk_bits);
+                                for _ in 0..chunks {
+                                    slot.inline
+                                        .extend_from_slice(&format::NULL_ADDR.to_le_bytes());
+                                }
+                            } else if *size > 0 {
+                                return Err(ImageError::NoContent(path.clone()));
+                            }
+                        }
+                        Leaf::Symlink(target) => {
+                            slot.size = target.len() as u64;
+                            slot.layout = DataLayout::FlatInline;
+                            slot.inline = target.clone();
+                            if INODE_SIZE + slot.xattr_size() + target.len() > BLOCK_SIZE {
+                                return Err(ImageError::TooLarge(path.clone()));
+                            }
+                        }
+                        Leaf::CharDevice { major, minor } | Leaf::BlockDevice { major, minor } => {
+                            slot.block = format::encode_dev(*major, *minor);
+                        }
+                        Leaf::Fifo | Leaf::Socket => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Places every inode, then the shared xattrs, then the directory blocks; returns
+    /// where the blocks start and the image's end.
+    fn place(&mut self) -> Result<(usize, usize, usize), ImageError> {
+        let mut at = format::SUPERBLOCK_OFFSET + format::SUPERBLOCK_SIZE;
+        for slot in &mut self.slots {
+            at = format::round_up(at, SLOT_SIZE);
+            let meta = INODE_SIZE + slot.xattr_size();
+            let tail = match slot.layout {
+                DataLayout::FlatInline if matches!(slot.file_type, FileType::Directory) => {
+                    slot.size as usize % BLOCK_SIZE
+                }
+                _ => slot.inline.len(),
+            };
+            if tail > 0 && meta + tail > BLOCK_SIZE {
+                // a directory tail that cannot share a block with its inode: a whole block
+                slot.layout = DataLayout::FlatPlain;
+            } else if tail > 0 && at / BLOCK_SIZE != (at + meta + tail - 1) / BLOCK_SIZE {
+                // inline data may not cross a block boundary: start the inode on a new block
+                at = format::round_up(at, BLOCK_SIZE);
+            }
+            slot.offset = at;
+            at += meta
+                + if slot.layout == DataLayout::FlatPlain {
+                    0
+                } else {
+                    tail
+                };
+        }
+        if self.slots[0].offset / SLOT_SIZE > u16::MAX as usize {
+            return Err(ImageError::ImageTooLarge);
+        }
+        let xattrs = format::round_up(at, 4);
+        at = xattrs + self.shared.iter().map(XAttr::size).sum::<usize>();
+        let blocks_start = format::round_up(at, BLOCK_SIZE);
+        let mut block = blocks_start / BLOCK_SIZE;
+        for slot in &mut self.slots {
+            if matches!(slot.file_type, FileType::Directory) {
+                let whole = slot.size as usize / BLOCK_SIZE
+                    + usize::from(
+                        slot.layout == DataLayout::FlatPlain
+                            && !(slot.size as usize).is_multiple_of(BLOCK_SIZE),
+                    );
+                slot.block = if whole > 0 { block as u32 } else { 0 };
+                block += whole;
+            }
+        }
+        if block > u32::MAX as usize {
+            return Err(ImageError::ImageTooLarge);
+        }
+        Ok((xattrs, blocks_start, block * BLOCK_SIZE))
+    }
+
+    fn write(mut self) -> Result<Vec<u8>, ImageError> {
+        let (xattrs_at, blocks_at, end) = self.place()?;
+        // shared xattr ids: offsets / 4 from the image's start (xattr_blkaddr 0)
+        let mut shared_ids = Vec::with_capacity(self.shared.len());
+        let mut x_at = xattrs_at;
+        for x in &self.shared {
+            shared_ids.push((x_at / 4) as u32);
+            x_at += x.size();
+        }
+        let nid = |s: &Slot| (s.offset / SLOT_SIZE) as u64;
+        let mut out = Vec::with_capacity(end);
+        out.resize(format::SUPERBLOCK_OFFSET, 0);
+        out.extend_from_slice(
+            &format::Superblock {
+                root_nid: nid(&self.slots[0]) as u16,
+                inodes: self.slots.len() as u64,
+                blocks: (end / BLOCK_SIZE) as u32,
+                feature_incompat: format::FEATURE_INCOMPAT_CHUNKED_FILE,
+            }
+            .bytes(),
+        );
+        // directory blocks, rendered now that every nid is known
+        let nids: Vec<u64> = self.slots.iter().map(nid).collect();
+        let types: Vec<FileType> = self.slots.iter().map(|s| s.file_type).collect();
+        for slot in &mut self.slots {
+            if matches!(slot.file_type, FileType::Directory) {
+                let (mut blocks, tail) = render_dir(&slot.dirents, &nids, &types);
+                if slot.layout == DataLayout::FlatInline {
+                    slot.inline = tail;
+                } else if !tail.is_empty() {
+                    blocks.push(tail);
+                }
+                slot.blocks = blocks;
+            }
+        }
+        for (i, slot) in self.slots.iter().enumerate() {
+            out.resize(slot.offset, 0);
+            let node = &self.image.nodes[slot.node];
+            let icount = match slot.xattr_size() {
+                0 => 0,
+                n => 1 + (n - format::XATTR_IBODY_HEADER_SIZE) / 4,
+            };
+            out.extend_from_slice(
+                &format::Inode {
+                    layout: slot.layout,
+                    xattr_icount: icount as u16,
+                    mode: slot.file_type.mode_bits() | (node.attrs.mode & 0o7777) as u16,
+                    size: slot.size,
+                    u: slot.block,
+                    ino: i as u32 + 1,
+                    uid: node.attrs.uid,
+                    gid: node.attrs.gid,
+                    mtime: node.attrs.mtime as u64,
+                    mtime_nsec: node.attrs.mtime_nsec,
+                    nlink: slot.nlink,
+                }
+                .bytes(),
+            );
+            if icount > 0 {
+                out.extend_from_slice(&format::xattr_ibody_header(slot.shared.len() as u8));
+                for &s in &slot.shared {
+                    out.extend_from_slice(&shared_ids[s].to_le_bytes());
+                }
+                for x in &slot.local {
+                    x.write(&mut out);
+                }
+            }
+            if slot.layout != DataLayout::FlatPlain {
+                out.extend_from_slice(&slot.inline);
+            }
+        }
+        out.resize(xattrs_at, 0);
+        for x in &self.shared {
+            x.write(&mut out);
+        }
+        out.resize(blocks_at, 0);
+        for slot in &self.slots {
+            for b in &slot.blocks {
+                out.extend_from_slice(b);
+                pad(&mut out, BLOCK_SIZE);
+            }
+        }
+        out.resize(end, 0);
+        Ok(out)
+    }
+}
+
+impl<'a> Slot<'a> {
+    fn empty(node: NodeId, n: &Node) -> Slot<'a> {
+        Slot {
+            node,
+            file_type: match &n.content {
+                Content::Dir(_) => FileType::Directory,
+                Content::Leaf(l) => l.file_type(),
+            },
+            local: Vec::new(),
+            shared: Vec::new(),
+            inline: Vec::new(),
+            blocks: Vec::new(),
+            layout: DataLayout::FlatPlain,
+            size: 0,
+            nlink: 1,
+            dirents: Vec::new(),
+            offset: 0,
+            block: 0,
+        }
+    }
+}
+
+/// How a directory's sorted entries split into blocks: (whole blocks, tail bytes).
+fn dir_blocks(dirents: &[(&[u8], usize)]) -> (usize, usize) {
+    let mut blocks = 0;
+    let mut used = 0;
+    for (name, _) in dirents {
+        let n = format::DIRENT_SIZE + name.len();
+        if used + n > BLOCK_SIZE {
+            blocks += 1;
+            used = 0;
+        }
+        used += n;
+    }
+    (blocks, used)
+}
+
+/// A directory's blocks and tail: each block its dirents, then their names.
+fn render_dir(
+    dirents: &[(&[u8], usize)],
+    nids: &[u64],
+    types: &[FileType],
+) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let mut blocks = Vec::new();
+    let mut start = 0;
+    let mut used = 0;
+    let render = |entries: &[(&[u8], usize)]| {
+        let mut b = Vec::with_capacity(BLOCK_SIZE);
+        let mut nameoff = format::DIRENT_SIZE * entries.len();
+        for (name, slot) in entries {
+            b.extend_from_slice(&format::dirent(nids[*slot], nameoff as u16, types[*slot]));
+            nameoff += name.len();
+        }
+        for (name, _) in entries {
+            b.extend_from_slice(name);
+        }
+        b
+    };
+    for (i, (name, _)) in dirents.iter().enumerate() {
+        let n = format::DIRENT_SIZE + name.len();
+        if used + n > BLOCK_SIZE {
+            let mut b = render(&dirents[start..i]);
+            b.resize(BLOCK_SIZE, 0);
+            blocks.push(b);
+            start = i;
+            used = 0;
+        }
+        used += n;
+    }
+    let tail = render(&dirents[start..]);
+    (blocks, tail)
+}
+
+fn pad(out: &mut Vec<u8>, to: usize) {
+    let n = format::round_up(out.len(), to);
+    out.resize(n, 0);
+}
