@@ -7,7 +7,7 @@ PROFILE ?= debug
 BIN     := $(CURDIR)/target/$(PROFILE)
 CARGO_PROFILE := $(if $(filter release,$(PROFILE)),--release,)
 
-.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench bench-dedup bench-durability bench-journal bench-recovery bench-engine install uninstall dist-check clean
+.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench bench-dedup bench-durability bench-journal bench-recovery bench-engine bench-layout install uninstall dist-check clean
 
 all: build
 
@@ -108,6 +108,14 @@ bench-engine:
 	$(CARGO) build --release -p cas-integration --bin cas-bench
 	$(CURDIR)/target/release/cas-bench engine --cache $(BENCH_CACHE) --runs $(RUNS) \
 	  $(if $(QUICK),--quick) $(if $(THREADS),--threads) $(foreach i,$(IMAGES),--image $(i))
+
+# A layer's metadata as a stub tree and as one EROFS image, side by side (needs root):
+# write + sync, disk and inodes, and a cold walk through overlayfs.
+# make bench-layout [RUNS=3] [FILES="5000 50000"]
+FILES ?= 5000 50000
+bench-layout:
+	$(CARGO) build --release -p cas-integration --bin cas-bench
+	$(CURDIR)/target/release/cas-bench layout --runs $(RUNS) $(foreach n,$(FILES),--files $(n))
 
 demo:
 	@command -v containerd >/dev/null && command -v docker-registry >/dev/null && command -v protoc >/dev/null || $(MAKE) deps

@@ -26,6 +26,42 @@
 //! [`Image`] is the tree being built, with the operations a layer's entries need
 //! (later entries replace earlier ones, hardlinks, removals); [`Image::to_bytes`]
 //! serialises it.
+//!
+//! ## Why one image per layer, not a stub tree (measured)
+//! `cas-bench layout` (`make bench-layout`) writes the metadata of one layer of small
+//! files both ways on one XFS loop filesystem and walks it through overlayfs with cold
+//! caches, median of 3 (2 cores, kernel 6.18):
+//!
+//! | files | stub tree: write + sync | image: build + write + fsync | disk, stub / image | inodes | lstat all + read 1/10 |
+//! |---:|---:|---:|---:|---:|---:|
+//! | 5,000 | 0.183 s (36.6 µs/file) | 0.033 s (6.5 µs/file) | 353 / 246 B per file | 5,100 / 1 | 0.209 / 0.206 s |
+//! | 50,000 | 1.788 s (35.8 µs/file) | 0.233 s (4.7 µs/file) | 359 / 246 B per file | 51,000 / 1 | 2.087 / 1.719 s |
+//!
+//! A stub costs five or six metadata transactions in the kernel (create, two xattrs,
+//! size, times, sometimes owner and mode); an image entry costs a few hundred bytes of
+//! memory and its share of one write. The image is 5-8x cheaper to make, a third
+//! smaller on disk, one inode instead of one per entry, and no slower to walk. It is
+//! also simpler to keep crash-safe: one file made durable with fsync + rename, where a
+//! stub tree is thousands of entries a crash can leave half made.
+//!
+//! What it costs, and how each cost is met:
+//! * **a mount per layer**: the daemon mounts each committed layer's image at its `fs`
+//!   directory, so the mounts it plans (`lowerdir=<fs of each parent>::<objects>`) are
+//!   unchanged, and unmounts it at Remove. overlayfs takes a private clone of each lower
+//!   layer's mount when it is mounted, so a container keeps running when the daemon
+//!   detaches its image mounts (at shutdown; they are mounted again at start);
+//! * **Linux 6.12+** mounts EROFS from a regular file; the store probes it at start and
+//!   keeps writing stub trees where it cannot (older kernels, no EROFS), so both layouts
+//!   stay readable in one store: a layer is an image if `layer.erofs` is beside its
+//!   `fs`;
+//! * **no page-cache or dedup change**: file data still lives only in `cas/objects`;
+//!   aliases are never needed, since the image has no inode-size limit on xattrs.
+//!
+//! Rejected: composefs images (the `composefs` crate's writer) describe one whole tree
+//! and escape every `trusted.overlay.*` xattr and whiteout, so a layer's opaque
+//! directories and whiteouts would not act in a stack of layers; one flattened image per
+//! chain would make each Commit cost the whole chain, not its layer; batching stub
+//! calls through io_uring leaves the kernel's per-inode transactions, which are the cost.
 
 pub mod format;
 #[cfg(test)]

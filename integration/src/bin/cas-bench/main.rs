@@ -43,6 +43,7 @@ use sha2::{Digest as _, Sha256};
 mod durability;
 mod engine;
 mod images;
+mod layout;
 mod perf;
 mod plot;
 
@@ -86,6 +87,8 @@ enum Cmd {
     /// The fast path alone (no containerd): apply each layer blob into a new store and
     /// again into the same store, next to single-core decompression and `tar -x`.
     Engine(engine::EngineArgs),
+    /// A layer's metadata as a stub tree and as one EROFS image: write, disk, walk.
+    Layout(layout::LayoutArgs),
 }
 
 fn main() -> ExitCode {
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
         Cmd::Perf(a) => perf::perf(&a),
         Cmd::Durability(a) => durability::run(&a),
         Cmd::Engine(a) => engine::run(&a),
+        Cmd::Layout(a) => layout::run(&a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
