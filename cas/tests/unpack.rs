@@ -128,18 +128,31 @@ fn zstd(data: &[u8]) -> Vec<u8> {
 }
 
 struct Store {
-    _dir: tempfile::TempDir,
     layout: Layout,
     store: ObjectStore,
     pool: Pool,
     n: u32,
+    /// Layers become EROFS images (mounted at their `fs` once applied), not stub trees.
+    images: bool,
+    mounted: Vec<PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        for m in &self.mounted {
+            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
 }
 
 impl Store {
-    fn new(backend: BackendChoice) -> Store {
+    fn with(backend: BackendChoice, images: bool) -> Store {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::ensure(dir.path()).unwrap();
         Store {
+            images,
+            mounted: Vec::new(),
             store: ObjectStore::new(&layout),
             layout,
             _dir: dir,
@@ -164,6 +177,7 @@ impl Store {
         fs::create_dir_all(dir.join("fs")).unwrap();
         let fs_dir = dir.join("fs");
         let manifest = dir.join("manifest");
+        let image = dir.join("layer.erofs");
         let tmp = self.layout.tmp_dir();
         let target = Target {
             store: &self.store,
@@ -171,9 +185,21 @@ impl Store {
             fs_dir: &fs_dir,
             lowers: &[],
             manifest: &manifest,
+            image: self.images.then_some(image.as_path()),
             pool: &self.pool,
         };
         let r = apply_blob(blob, blob.len() as u64, digest, limits, &target);
+        if self.images && r.is_ok() {
+            nix::mount::mount(
+                Some(&image),
+                &fs_dir,
+                Some("erofs"),
+                nix::mount::MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+            .expect("mounting the layer's image");
+            self.mounted.push(fs_dir);
+        }
         (dir, r)
     }
 
@@ -218,7 +244,14 @@ fn check_tree(store: &Store, dir: &Path, layer: &Layer) {
         (a.len(), a.uid(), a.gid(), a.mode() & 0o7777),
         (5, 1000, 1001, 0o644)
     );
-    assert_eq!(a.blocks(), 0, "a stub holds no data");
+    if store.images {
+        assert!(
+            fs::metadata(dir.join("layer.erofs")).unwrap().len() <= 16 << 10,
+            "an image holds no data"
+        );
+    } else {
+        assert_eq!(a.blocks(), 0, "a stub holds no data");
+    }
     assert_eq!(a.mtime(), 1_600_000_000);
     let b = fs::metadata(fs_dir.join("etc/b")).unwrap();
     assert_eq!(b.mode() & 0o7777, 0o4755, "set-id bits survive the chown");
@@ -278,13 +311,13 @@ fn check_tree(store: &Store, dir: &Path, layer: &Layer) {
     assert_eq!(manifest, expect);
 }
 
-fn apply_three_ways(backend: BackendChoice) {
+fn apply_three_ways(backend: BackendChoice, images: bool) {
     if !root() {
         return;
     }
     let layer = layer();
     let diff_id = Digest::of(&layer.tar);
-    let mut s = Store::new(backend);
+    let mut s = Store::with(backend, images);
     let mut first = true;
     for blob in [gzip(&layer.tar), zstd(&layer.tar), layer.tar.clone()] {
         let (dir, r) = s.apply(&blob, Some(Digest::of(&blob)), Limits::default());
@@ -315,13 +348,19 @@ fn apply_three_ways(backend: BackendChoice) {
 #[test]
 #[ignore = "needs root: mknod, chown, trusted.* xattrs (make unit runs it)"]
 fn applies_gzip_zstd_and_plain_layers_threads() {
-    apply_three_ways(BackendChoice::Threads);
+    apply_three_ways(BackendChoice::Threads, false);
+}
+
+#[test]
+#[ignore = "needs root: mknod, chown, trusted.* xattrs (make unit runs it)"]
+fn applies_gzip_zstd_and_plain_layers_as_images() {
+    apply_three_ways(BackendChoice::Auto, true);
 }
 
 #[test]
 #[ignore = "needs root: mknod, chown, trusted.* xattrs (make unit runs it)"]
 fn applies_gzip_zstd_and_plain_layers_auto() {
-    apply_three_ways(BackendChoice::Auto);
+    apply_three_ways(BackendChoice::Auto, false);
 }
 
 fn expect_failure(
@@ -348,11 +387,21 @@ fn expect_failure(
 #[test]
 #[ignore = "needs root: mknod, chown, trusted.* xattrs (make unit runs it)"]
 fn bad_blobs_fail_clearly_and_leave_nothing_behind() {
+    bad_blobs_fail_clearly_and_leave_nothing_behind_in(false);
+}
+
+#[test]
+#[ignore = "needs root: mknod, chown, trusted.* xattrs (make unit runs it)"]
+fn bad_blobs_fail_clearly_and_leave_nothing_behind_as_images() {
+    bad_blobs_fail_clearly_and_leave_nothing_behind_in(true);
+}
+
+fn bad_blobs_fail_clearly_and_leave_nothing_behind_in(images: bool) {
     if !root() {
         return;
     }
     let layer = layer();
-    let mut s = Store::new(BackendChoice::Auto);
+    let mut s = Store::with(BackendChoice::Auto, images);
     let good = gzip(&layer.tar);
 
     let mut corrupt = good.clone();
@@ -453,6 +502,16 @@ fn bad_blobs_fail_clearly_and_leave_nothing_behind() {
 #[test]
 #[ignore = "needs root: mknod, chown, trusted.* xattrs (make unit runs it)"]
 fn symlinked_parents_resolve_inside_the_layer() {
+    symlinked_parents_resolve_inside_the_layer_in(false);
+}
+
+#[test]
+#[ignore = "needs root: mknod, chown, trusted.* xattrs (make unit runs it)"]
+fn symlinked_parents_resolve_inside_the_layer_as_images() {
+    symlinked_parents_resolve_inside_the_layer_in(true);
+}
+
+fn symlinked_parents_resolve_inside_the_layer_in(images: bool) {
     if !root() {
         return;
     }
@@ -467,7 +526,7 @@ fn symlinked_parents_resolve_inside_the_layer() {
     )
     .unwrap();
     let blob = gzip(&b.into_inner().unwrap());
-    let mut s = Store::new(BackendChoice::Auto);
+    let mut s = Store::with(BackendChoice::Auto, images);
     let (dir, r) = s.apply(&blob, None, Limits::default());
     r.map_err(|f| f.error).unwrap();
     // `up` points at /tmp of the layer, never of the host
@@ -481,6 +540,16 @@ fn symlinked_parents_resolve_inside_the_layer() {
 #[test]
 #[ignore = "needs root: mknod, chown, trusted.* xattrs (make unit runs it)"]
 fn a_file_over_an_implicit_directory_replaces_it() {
+    a_file_over_an_implicit_directory_replaces_it_in(false);
+}
+
+#[test]
+#[ignore = "needs root: mknod, chown, trusted.* xattrs (make unit runs it)"]
+fn a_file_over_an_implicit_directory_replaces_it_as_images() {
+    a_file_over_an_implicit_directory_replaces_it_in(true);
+}
+
+fn a_file_over_an_implicit_directory_replaces_it_in(images: bool) {
     if !root() {
         return;
     }
@@ -493,7 +562,7 @@ fn a_file_over_an_implicit_directory_replaces_it() {
         }
         gzip(&b.into_inner().unwrap())
     };
-    let mut s = Store::new(BackendChoice::Auto);
+    let mut s = Store::with(BackendChoice::Auto, images);
     let (dir, r) = s.apply(&layer(&["i/j/f", "i"]), None, Limits::default());
     r.map_err(|f| f.error).unwrap();
     assert!(fs::symlink_metadata(dir.join("fs/i")).unwrap().is_file());
@@ -508,6 +577,16 @@ fn a_file_over_an_implicit_directory_replaces_it() {
 #[test]
 #[ignore = "needs root: mknod, chown, trusted.* xattrs (make unit runs it)"]
 fn later_entries_replace_earlier_ones() {
+    later_entries_replace_earlier_ones_in(false);
+}
+
+#[test]
+#[ignore = "needs root: mknod, chown, trusted.* xattrs (make unit runs it)"]
+fn later_entries_replace_earlier_ones_as_images() {
+    later_entries_replace_earlier_ones_in(true);
+}
+
+fn later_entries_replace_earlier_ones_in(images: bool) {
     if !root() {
         return;
     }
@@ -552,7 +631,7 @@ fn later_entries_replace_earlier_ones() {
     add("g", Regular, 0o640, b"file g");
     add("h", Link, 0o640, b"g");
     let blob = gzip(&b.into_inner().unwrap());
-    let mut s = Store::new(BackendChoice::Auto);
+    let mut s = Store::with(BackendChoice::Auto, images);
     let (dir, r) = s.apply(&blob, None, Limits::default());
     let applied = r.map_err(|f| f.error).unwrap();
     let fs_dir = dir.join("fs");

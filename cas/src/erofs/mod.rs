@@ -323,6 +323,15 @@ impl Image {
         Some(matches!(self.nodes[id].content, Content::Dir(_)))
     }
 
+    /// The non-directory entry at `path`, if there is one.
+    pub fn leaf(&self, path: &Path) -> Option<&Leaf> {
+        let id = self.lookup(path).ok()?;
+        match &self.nodes[id].content {
+            Content::Leaf(l) => Some(l),
+            Content::Dir(_) => None,
+        }
+    }
+
     /// The attributes of the entry at `path`, to change them.
     pub fn attrs_mut(&mut self, path: &Path) -> Result<&mut Attrs, ImageError> {
         let id = self.lookup(path)?;

@@ -854,6 +854,7 @@ impl Snapshots {
                 fs_dir: &fsdir,
                 lowers: &lowers,
                 manifest: &manifest,
+                image: None,
                 pool,
             };
             crate::unpack::apply_blob(blob, blob_size, blob_digest, limits, &target)

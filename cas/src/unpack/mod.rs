@@ -78,6 +78,7 @@
 
 mod decode;
 mod hardlinks;
+mod image;
 pub mod names;
 mod stubs;
 mod tree;
@@ -227,6 +228,9 @@ pub struct Target<'a> {
     pub lowers: &'a [PathBuf],
     /// Where the manifest goes; written last.
     pub manifest: &'a Path,
+    /// Where the layer's EROFS image goes ([`crate::erofs`]); `None` for a stub tree
+    /// in `fs_dir`. With an image, `fs_dir` stays empty (its attributes are the root's).
+    pub image: Option<&'a Path>,
     /// Writes new objects.
     pub pool: &'a Pool,
 }
@@ -248,6 +252,9 @@ pub struct UnpackStats {
     pub discarded_bytes: u64,
     /// `trusted.*` xattrs in the archive that were skipped.
     pub skipped_xattrs: u64,
+    /// Bytes of the layer's image (0 for a stub tree).
+    #[serde(default)]
+    pub image_bytes: u64,
 }
 
 /// The result of a successful apply.
@@ -308,7 +315,13 @@ pub fn apply_blob(
                 })
             }
         };
-        for n in 0..stub_threads() {
+        // an image is built on this thread: no stubs to make
+        let threads = if target.image.is_some() {
+            0
+        } else {
+            stub_threads()
+        };
+        for n in 0..threads {
             let (jobs, done, fs_dir) = (&jobs, done_tx.clone(), target.fs_dir);
             let sys = target.store.sys();
             let spawned = std::thread::Builder::new()
@@ -391,11 +404,18 @@ struct Unpacker<'a> {
     times: ApplyTimes,
     /// Stubs and empty files being created by the stub threads.
     stubs: StubThreads,
+    /// The layer being built, when it becomes an image rather than a stub tree.
+    image: Option<crate::erofs::Image>,
 }
 
 impl<'a> Unpacker<'a> {
     fn new(t: &'a Target<'a>, stubs: StubThreads) -> Result<Unpacker<'a>, CasError> {
+        let image = match t.image {
+            Some(_) => Some(crate::erofs::Image::new(image::root_attrs(t.fs_dir)?)),
+            None => None,
+        };
         Ok(Unpacker {
+            image,
             t,
             manifest: Some(ManifestWriter::create(t.manifest)?),
             stats: UnpackStats::default(),
@@ -447,6 +467,9 @@ impl<'a> Unpacker<'a> {
         self.settle_stubs()?;
         self.stubs.jobs = None;
         self.flush()?;
+        if let Some(at) = self.t.image {
+            self.write_image(at)?;
+        }
         for (rel, meta) in self.dirs.iter().rev() {
             let abs = self.t.fs_dir.join(rel);
             meta.restore_times(self.t.store.sys(), At::Path(&abs), &abs)?;

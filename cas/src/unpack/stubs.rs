@@ -21,6 +21,9 @@ impl Unpacker<'_> {
     /// Makes a stub (or an empty file): on a stub thread, or here when its name has
     /// a directory or a stub in the making, which the stub threads must not race.
     pub(super) fn make_stub(&mut self, job: StubJob) -> Result<(), UnpackError> {
+        if self.image.is_some() {
+            return self.image_file(&job.rel, &job.meta, &job.xattrs, job.content);
+        }
         if self.known_dirs.contains(&job.rel) || self.stubs.in_flight.contains(&job.rel) {
             self.settle_stubs()?;
             return self.make_stub_here(job);

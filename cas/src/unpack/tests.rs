@@ -67,6 +67,7 @@ impl Rig {
             fs_dir: &fs_dir,
             lowers: &[],
             manifest: &manifest,
+            image: None,
             pool: &self.pool,
         };
         let r = apply_blob(
@@ -382,6 +383,7 @@ fn stubs_follow_the_redirect_when_a_planned_alias_is_taken() {
         fs_dir: &fs_dir,
         lowers: &[],
         manifest: &manifest,
+        image: None,
         pool: &pool,
     };
     let mut u = Unpacker::new(&target, StubThreads::none()).unwrap();

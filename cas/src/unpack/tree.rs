@@ -19,6 +19,7 @@ use nix::sys::time::TimeSpec;
 
 use super::names::{classify, EntryKind, Header, Operation};
 use super::{ChunkReader, UnpackError, Unpacker, XATTR_OPAQUE};
+use crate::erofs::Leaf;
 use crate::error::CasError;
 use crate::stub::FileMeta;
 use crate::sys::At;
@@ -70,6 +71,12 @@ impl Unpacker<'_> {
             | Operation::Whiteout { parent, .. }
             | Operation::Make { parent, .. } => parent,
         };
+        if self.image.is_some() {
+            let parent = self.image_resolve(parent)?;
+            let em = self.entry_meta(&mut entry)?;
+            self.image_ensure_dirs(&parent)?;
+            return self.image_entry(op, parent, em, &mut entry);
+        }
         if !parent.as_os_str().is_empty() && !self.known_dirs.contains(parent) {
             // resolving looks at what is on disk, which must be complete
             self.settle_stubs()?;
@@ -118,6 +125,55 @@ impl Unpacker<'_> {
                         self.device(&rel, SFlag::S_IFBLK, dev, &em)
                     }
                     EntryKind::Fifo => self.device(&rel, SFlag::S_IFIFO, 0, &em),
+                    EntryKind::Other(other) => {
+                        tracing::debug!(path = %rel.display(), kind = ?other, "tar entry type skipped");
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+
+    /// One entry, classified and with its parent made, into the layer's image.
+    fn image_entry(
+        &mut self,
+        op: Operation,
+        parent: PathBuf,
+        em: EntryMeta,
+        entry: &mut tar::Entry<'_, ChunkReader<'_>>,
+    ) -> Result<(), UnpackError> {
+        match op {
+            Operation::Root => Ok(()),
+            Operation::Opaque { .. } => self.image_opaque(&parent),
+            Operation::Reserved { .. } => {
+                tracing::debug!(dir = %parent.display(), "skipping a reserved whiteout name");
+                Ok(())
+            }
+            Operation::Whiteout { name, .. } => self.image_whiteout(&parent.join(name), &em.meta),
+            Operation::Make { name, kind, .. } => {
+                let rel = parent.join(name);
+                match kind {
+                    EntryKind::Dir => self.image_directory(&rel, &em),
+                    EntryKind::Regular => self.regular(entry, rel, em),
+                    EntryKind::Symlink(target) => self.image_symlink(&rel, &target, &em),
+                    EntryKind::Hardlink(target) => self.image_hardlink(rel, &target),
+                    EntryKind::Char(major, minor) => self.image_leaf(
+                        &rel,
+                        Leaf::CharDevice {
+                            major: major.into(),
+                            minor: minor.into(),
+                        },
+                        &em,
+                    ),
+                    EntryKind::Block(major, minor) => self.image_leaf(
+                        &rel,
+                        Leaf::BlockDevice {
+                            major: major.into(),
+                            minor: minor.into(),
+                        },
+                        &em,
+                    ),
+                    EntryKind::Fifo => self.image_leaf(&rel, Leaf::Fifo, &em),
                     EntryKind::Other(other) => {
                         tracing::debug!(path = %rel.display(), kind = ?other, "tar entry type skipped");
                         Ok(())

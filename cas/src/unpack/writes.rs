@@ -166,7 +166,12 @@ impl Unpacker<'_> {
         data: Vec<u8>,
     ) -> Result<Redirect, UnpackError> {
         let size = data.len() as u64;
-        let (redirect, alias) = self.t.store.plan(&digest);
+        let (redirect, alias) = if self.image.is_some() {
+            // an image names every object in full: no alias to link
+            (Redirect::Full(digest), None)
+        } else {
+            self.t.store.plan(&digest)
+        };
         let dest = self.t.store.path(&digest);
         let waiting = std::time::Instant::now();
         let ticket = self.t.pool.write_linked(

@@ -249,6 +249,7 @@ fn apply(layout: &Layout, store: &ObjectStore, pool: &Pool, layer: &Layer, n: u6
         fs_dir: &fs_dir,
         lowers: &[],
         manifest: &manifest,
+        image: None,
         pool,
     };
     let digest = layer.blob.digest.parse().context("the blob's digest")?;
