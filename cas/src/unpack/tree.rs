@@ -157,22 +157,12 @@ impl Unpacker<'_> {
                     EntryKind::Regular => self.regular(entry, rel, em),
                     EntryKind::Symlink(target) => self.image_symlink(&rel, &target, &em),
                     EntryKind::Hardlink(target) => self.image_hardlink(rel, &target),
-                    EntryKind::Char(major, minor) => self.image_leaf(
-                        &rel,
-                        Leaf::CharDevice {
-                            major: major.into(),
-                            minor: minor.into(),
-                        },
-                        &em,
-                    ),
-                    EntryKind::Block(major, minor) => self.image_leaf(
-                        &rel,
-                        Leaf::BlockDevice {
-                            major: major.into(),
-                            minor: minor.into(),
-                        },
-                        &em,
-                    ),
+                    EntryKind::Char(major, minor) => {
+                        self.image_leaf(&rel, Leaf::CharDevice { major, minor }, &em)
+                    }
+                    EntryKind::Block(major, minor) => {
+                        self.image_leaf(&rel, Leaf::BlockDevice { major, minor }, &em)
+                    }
                     EntryKind::Fifo => self.image_leaf(&rel, Leaf::Fifo, &em),
                     EntryKind::Other(other) => {
                         tracing::debug!(path = %rel.display(), kind = ?other, "tar entry type skipped");
