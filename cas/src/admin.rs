@@ -26,6 +26,12 @@ pub struct Stats {
     pub snapshots: u64,
     /// Committed layers.
     pub committed: u64,
+    /// Committed layers whose metadata is one EROFS image (the others are stub trees).
+    #[serde(default)]
+    pub image_layers: u64,
+    /// Bytes of those images.
+    #[serde(default)]
+    pub image_bytes: u64,
     /// Objects in `cas/objects`.
     pub objects: u64,
     /// Bytes of those objects: what the store really keeps for file contents.
@@ -41,6 +47,9 @@ pub struct Stats {
     pub unreferenced_objects: u64,
     /// Their bytes.
     pub unreferenced_bytes: u64,
+    /// What new layers become (filled in by the running daemon).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_layers: Option<String>,
     /// How commit records are made durable (filled in by the running daemon).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal: Option<String>,
@@ -83,6 +92,10 @@ pub fn stats(layout: &Layout, meta: &MetaStore) -> Result<Stats, CasError> {
         if rec.kind == Kind::Committed {
             s.committed += 1;
             s.logical_bytes += rec.logical_bytes;
+            if let Ok(md) = fs::metadata(layout.image_file(rec.id)) {
+                s.image_layers += 1;
+                s.image_bytes += md.len();
+            }
         }
     }
     for (digest, path) in list_objects(layout)? {
@@ -287,6 +300,25 @@ pub fn fsck(
                 continue;
             }
         };
+        // an image layer is read through its mount: made for the check when the daemon
+        // is not running, and undone after it
+        let image_mount = if crate::erofs::mount::has_image(layout, rec.id)
+            && !crate::erofs::mount::is_mounted(&dir.join(FS_DIR))
+        {
+            match crate::erofs::mount::ensure_mounted(objects.sys(), layout, rec.id) {
+                Ok(_) => Some(dir.join(FS_DIR)),
+                Err(e) => {
+                    r.problems.push(Problem::StubMismatch {
+                        snapshot: key.clone(),
+                        path: PathBuf::from(crate::layout::IMAGE_FILE),
+                        reason: format!("the layer's image does not mount: {e}"),
+                    });
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
         let mut mine = std::collections::BTreeSet::new();
         for entry in entries {
             let entry = match entry {
@@ -333,6 +365,9 @@ pub fn fsck(
         }
         for d in mine {
             *counted.entry(d).or_default() += 1;
+        }
+        if let Some(at) = image_mount {
+            crate::erofs::mount::unmount(objects.sys(), &at)?;
         }
     }
 

@@ -29,8 +29,13 @@ pub fn remove_tree(path: &Path) -> Result<(), crate::CasError> {
     }
 }
 
-/// Version of the on-disk layout; bumped when an existing root needs migration.
-pub const LAYOUT_VERSION: u32 = 1;
+/// Version of the on-disk layout this code writes: 2 once layers may be EROFS images
+/// ([`IMAGE_FILE`]); a root of version 1 (stub trees only) is read as it is and moves to
+/// 2 when images are first enabled on it ([`Layout::allow_images`]), so that older
+/// binaries, which would see an image layer as an empty directory, refuse it.
+pub const LAYOUT_VERSION: u32 = 2;
+/// The version of a root whose layers are all stub trees.
+const STUB_TREES_VERSION: u32 = 1;
 
 /// File at the root holding [`LAYOUT_VERSION`].
 pub const LAYOUT_FILE: &str = "layout";
@@ -40,6 +45,9 @@ pub const FS_DIR: &str = "fs";
 pub const WORK_DIR: &str = "work";
 /// `snapshots/<id>/flat`: the merged stub tree of a snapshot and its ancestors.
 pub const FLAT_DIR: &str = "flat";
+/// `snapshots/<id>/layer.erofs`: a committed layer's metadata as one EROFS image
+/// ([`crate::erofs`]), mounted read-only at its `fs` while the daemon runs.
+pub const IMAGE_FILE: &str = "layer.erofs";
 /// `snapshots/<id>/manifest`: a layer's path → object list, written by ingest or apply.
 pub const MANIFEST_FILE: &str = "manifest";
 /// `snapshots/<id>/info`: the mirror of the snapshot's index record.
@@ -120,7 +128,10 @@ impl Layout {
         }
         let marker = layout.root.join(LAYOUT_FILE);
         match fs::read_to_string(&marker) {
-            Ok(found) if found.trim() == LAYOUT_VERSION.to_string() => {}
+            Ok(found)
+                if [STUB_TREES_VERSION, LAYOUT_VERSION]
+                    .iter()
+                    .any(|v| found.trim() == v.to_string()) => {}
             Ok(found) => {
                 return Err(LayoutError::Version {
                     path: marker,
@@ -128,11 +139,25 @@ impl Layout {
                 })
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                ringio::durable::replace_file(&marker, format!("{LAYOUT_VERSION}\n").as_bytes())?;
+                ringio::durable::replace_file(
+                    &marker,
+                    format!("{STUB_TREES_VERSION}\n").as_bytes(),
+                )?;
             }
             Err(source) => return Err(IoError::at("read", marker)(source).into()),
         }
         Ok(layout)
+    }
+
+    /// Marks the root as holding (or about to hold) image layers: version
+    /// [`LAYOUT_VERSION`], written durably before the first image is.
+    pub fn allow_images(&self) -> Result<(), LayoutError> {
+        let marker = self.root.join(LAYOUT_FILE);
+        let found = fs::read_to_string(&marker).map_err(IoError::at("read", &marker))?;
+        if found.trim() != LAYOUT_VERSION.to_string() {
+            ringio::durable::replace_file(&marker, format!("{LAYOUT_VERSION}\n").as_bytes())?;
+        }
+        Ok(())
     }
 
     /// The mode recorded for this store, if any. A store written before modes were
@@ -194,6 +219,11 @@ impl Layout {
     pub fn flat_dir(&self, id: u64) -> PathBuf {
         self.snapshot_dir(id).join(FLAT_DIR)
     }
+    /// `snapshots/<id>/layer.erofs`: the layer's image, when it is one.
+    pub fn image_file(&self, id: u64) -> PathBuf {
+        self.snapshot_dir(id).join(IMAGE_FILE)
+    }
+
     /// `snapshots/<id>/manifest`: the layer's path → object list.
     pub fn manifest(&self, id: u64) -> PathBuf {
         self.snapshot_dir(id).join(MANIFEST_FILE)

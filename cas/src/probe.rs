@@ -1,10 +1,15 @@
-//! Start-up probe: does this kernel serve stubs from a data-only lower layer?
+//! Start-up probes: does this kernel serve stubs from a data-only lower layer, and can
+//! a layer be one EROFS image?
 //!
 //! Decided by doing it, not by version numbers: a scratch overlay mount
 //! `metacopy=on,lowerdir=<stub>::<data>` in `cas/tmp`, whose one stub must read back the
 //! bytes of its object. Kernels before 6.5 reject the `::` syntax; a kernel built without
 //! metacopy, or a seccomp or LSM policy, can fail the mount or the read. The daemon
 //! refuses to start rather than hand containerd mounts that cannot work.
+//!
+//! The image probe does the same with the stub in a one-file EROFS image mounted from
+//! its file (Linux 6.12+ with `CONFIG_EROFS_FS_BACKED_BY_FILE`); where it fails, layers
+//! stay stub trees.
 
 use std::fs;
 use std::io;
@@ -52,6 +57,57 @@ pub fn probe_data_only_lowers(scratch: &Path) -> Result<(), ProbeError> {
     result
 }
 
+/// Runs the image probe in a fresh directory under `scratch` (removed afterwards).
+pub fn probe_layer_images(scratch: &Path) -> Result<(), ProbeError> {
+    let dir = scratch.join(format!("probe-images-{}", std::process::id()));
+    let result = run_images(&dir);
+    let _ = umount2(&dir.join("mnt"), MntFlags::MNT_DETACH);
+    let _ = umount2(&dir.join("layer"), MntFlags::MNT_DETACH);
+    let _ = fs::remove_dir_all(&dir);
+    result
+}
+
+fn run_images(dir: &Path) -> Result<(), ProbeError> {
+    use crate::erofs::{Attrs, Image, Leaf};
+    let setup = |source| ProbeError::Setup {
+        dir: dir.display().to_string(),
+        source,
+    };
+    let digest = crate::Digest::of(PROBE_DATA);
+    let (layer, data, mnt) = (dir.join("layer"), dir.join("data"), dir.join("mnt"));
+    let object = data.join(digest.object_relpath());
+    for d in [
+        &layer,
+        &mnt,
+        &object.parent().unwrap_or(&data).to_path_buf(),
+    ] {
+        fs::create_dir_all(d).map_err(setup)?;
+    }
+    fs::write(&object, PROBE_DATA).map_err(setup)?;
+    let mut img = Image::new(Attrs::implicit_dir());
+    let file = Leaf::File {
+        size: PROBE_DATA.len() as u64,
+        redirect: Some(digest.redirect()),
+    };
+    img.insert(Path::new("file"), Attrs::implicit_dir(), file)
+        .map_err(|e| setup(io::Error::other(e)))?;
+    let image = dir.join("layer.erofs");
+    let bytes = img.to_bytes().map_err(|e| setup(io::Error::other(e)))?;
+    fs::write(&image, bytes).map_err(setup)?;
+    mount(
+        Some(&image),
+        &layer,
+        Some("erofs"),
+        MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(|errno| ProbeError::Mount {
+        options: format!("-t erofs {}", image.display()),
+        errno,
+    })?;
+    read_through_overlay(&layer, &data, &mnt)
+}
+
 fn run(dir: &Path) -> Result<(), ProbeError> {
     let setup = |source| ProbeError::Setup {
         dir: dir.display().to_string(),
@@ -79,14 +135,23 @@ fn run(dir: &Path) -> Result<(), ProbeError> {
         digest.redirect().as_bytes(),
     )
     .map_err(setup)?;
+    read_through_overlay(&stubs, &data, &mnt)
+}
+
+/// Mounts `lower` over the data-only `data` at `mnt` and reads the probe's file.
+fn read_through_overlay(lower: &Path, data: &Path, mnt: &Path) -> Result<(), ProbeError> {
+    let setup = |source| ProbeError::Setup {
+        dir: mnt.display().to_string(),
+        source,
+    };
     let options = format!(
         "metacopy=on,lowerdir={}::{}",
-        stubs.display(),
+        lower.display(),
         data.display()
     );
     mount(
         Some("overlay"),
-        &mnt,
+        mnt,
         Some("overlay"),
         MsFlags::MS_RDONLY,
         Some(options.as_str()),

@@ -2,8 +2,9 @@
 //!
 //! The store's rules (which mode a store gets, what a tar entry may do, how a stub is
 //! made) are plain code; the few calls only root can make go through [`Syscalls`]: the
-//! kernel probe (a mount), `mknod`, changing owners, overlayfs' `trusted.*` xattrs, and
-//! restoring file times (the one way the store does it). The daemon and `casctl` use
+//! kernel probes (mounts), mounting and unmounting layer images, `mknod`, changing
+//! owners, overlayfs' `trusted.*` xattrs, and restoring file times (the one way the
+//! store does it). The daemon and `casctl` use
 //! [`Host`], the real calls. Unit tests use a recording fake (`sys::fake::Recorder`,
 //! built for tests only), so the rules are tested without root: it records every call,
 //! makes a plain empty file where a device would be, keeps `trusted.*` xattrs as
@@ -35,6 +36,16 @@ pub trait Syscalls: Send + Sync + std::fmt::Debug {
     /// scratch mount under `scratch` (see [`crate::probe`]).
     fn probe_data_only_lowers(&self, scratch: &Path) -> Result<(), ProbeError>;
 
+    /// Whether this kernel mounts a layer's EROFS image from its file and serves it as
+    /// an overlayfs lower layer over the data-only one (see [`crate::probe`]).
+    fn probe_layer_images(&self, scratch: &Path) -> Result<(), ProbeError>;
+
+    /// Mounts the EROFS image `image` (a regular file) read-only at `at`.
+    fn mount_image(&self, image: &Path, at: &Path) -> io::Result<()>;
+
+    /// Detaches the mount at `at` (lazily: users of it keep it until they let go).
+    fn unmount(&self, at: &Path) -> io::Result<()>;
+
     /// Makes a device node, a FIFO or a whiteout (a 0/0 character device) at `path`,
     /// which must not exist.
     fn mknod(&self, path: &Path, kind: SFlag, perm: Mode, dev: u64) -> io::Result<()>;
@@ -60,6 +71,26 @@ pub struct Host;
 impl Syscalls for Host {
     fn probe_data_only_lowers(&self, scratch: &Path) -> Result<(), ProbeError> {
         crate::probe::probe_data_only_lowers(scratch)
+    }
+
+    fn probe_layer_images(&self, scratch: &Path) -> Result<(), ProbeError> {
+        crate::probe::probe_layer_images(scratch)
+    }
+
+    fn mount_image(&self, image: &Path, at: &Path) -> io::Result<()> {
+        use nix::mount::MsFlags;
+        let flags = MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+        Ok(nix::mount::mount(
+            Some(image),
+            at,
+            Some("erofs"),
+            flags,
+            None::<&str>,
+        )?)
+    }
+
+    fn unmount(&self, at: &Path) -> io::Result<()> {
+        Ok(nix::mount::umount2(at, nix::mount::MntFlags::MNT_DETACH)?)
     }
 
     fn mknod(&self, path: &Path, kind: SFlag, perm: Mode, dev: u64) -> io::Result<()> {
@@ -119,6 +150,8 @@ pub mod fake {
     pub enum Call {
         /// [`Syscalls::probe_data_only_lowers`] with this scratch directory.
         Probe(PathBuf),
+        /// [`Syscalls::probe_layer_images`] with this scratch directory.
+        ProbeImages(PathBuf),
         /// [`Syscalls::mknod`]: path, file type, device number.
         Mknod(PathBuf, SFlag, u64),
         /// [`Syscalls::chown`]: path, owner, group.
@@ -184,6 +217,23 @@ pub mod fake {
                     errno: nix::errno::Errno::EINVAL,
                 })
             }
+        }
+
+        /// The fake mounts nothing: layers on it are stub trees.
+        fn probe_layer_images(&self, scratch: &Path) -> Result<(), ProbeError> {
+            self.record(Call::ProbeImages(scratch.to_path_buf()));
+            Err(ProbeError::Mount {
+                options: "erofs".into(),
+                errno: nix::errno::Errno::ENODEV,
+            })
+        }
+
+        fn mount_image(&self, _image: &Path, _at: &Path) -> io::Result<()> {
+            Err(io::Error::from(io::ErrorKind::Unsupported))
+        }
+
+        fn unmount(&self, _at: &Path) -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(nix::libc::EINVAL))
         }
 
         /// A plain empty file stands in for the node; the name is taken as by mknod.

@@ -16,6 +16,7 @@
 //!
 //! [store]
 //! mount_mode = "auto" # auto | data-only | materialised
+//! layer_metadata = "auto"  # auto (EROFS images where the kernel mounts them) | erofs | stubs
 //! journal = "auto"    # auto (RWF_ATOMIC where supported) | rename
 //!
 //! [gc]
@@ -169,6 +170,20 @@ pub enum MountMode {
     Materialised,
 }
 
+/// How new layers keep their metadata, in a store that serves them from the CAS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LayerMetadata {
+    /// One EROFS image per layer where the kernel mounts EROFS from a file (probed at
+    /// start; Linux 6.12+), otherwise stub trees (default).
+    #[default]
+    Auto,
+    /// EROFS images; refuse to start without kernel support.
+    Erofs,
+    /// A stub tree per layer (one sparse file per regular file).
+    Stubs,
+}
+
 /// How commit records are made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -187,6 +202,8 @@ pub enum JournalKind {
 pub struct StoreConfig {
     /// How committed layers are served. A store keeps the mode it was created with.
     pub mount_mode: MountMode,
+    /// How new layers keep their metadata. A store reads both kinds whatever it writes.
+    pub layer_metadata: LayerMetadata,
     /// How commit records are made durable.
     pub journal: JournalKind,
 }
@@ -476,6 +493,9 @@ mod tests {
         assert_eq!(cfg.store.mount_mode, MountMode::Materialised);
         assert_eq!(cfg.store.journal, JournalKind::Auto);
         assert!(Config::from_toml("[store]\nmount_mode = \"fuse\"\n", "t").is_err());
+        let cfg = Config::from_toml("[store]\nlayer_metadata = \"stubs\"\n", "t").unwrap();
+        assert_eq!(cfg.store.layer_metadata, LayerMetadata::Stubs);
+        assert!(Config::from_toml("[store]\nlayer_metadata = \"composefs\"\n", "t").is_err());
         let cfg = Config::from_toml("[store]\njournal = \"rename\"\n", "t").unwrap();
         assert_eq!(cfg.store.journal, JournalKind::Rename);
     }

@@ -79,7 +79,9 @@ impl From<ServiceError> for tonic::Status {
                     UnpackError::Store(e) => store_status(e, msg),
                     UnpackError::Pool(_) => internal(msg),
                 },
-                SnapshotError::Unsupported(_) | SnapshotError::ModeMismatch { .. } => internal(msg),
+                SnapshotError::Unsupported(_)
+                | SnapshotError::ModeMismatch { .. }
+                | SnapshotError::ImagesNeedStubs(_) => internal(msg),
             },
         }
     }
@@ -142,6 +144,10 @@ mod tests {
             requested: cas::snapshots::RequestedMode::Materialised,
         };
         assert_eq!(code(mismatch), Code::Internal);
+        assert_eq!(
+            code(S::ImagesNeedStubs(cas::StoreMode::Materialised)),
+            Code::Internal
+        );
         let probe = cas::probe::ProbeError::Read { got: String::new() };
         assert_eq!(code(S::Unsupported(probe)), Code::Internal);
     }

@@ -85,7 +85,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let layout = cas::Layout::ensure(&cfg.root)
             .with_context(|| format!("opening store at {}", cfg.root.display()))?;
         let snapshotter = Arc::new(
-            CasSnapshotter::open_with(layout, cfg.store.mount_mode, cfg.store.journal)
+            CasSnapshotter::open_with(layout, &cfg.store)
                 .with_context(|| format!("opening store at {}", cfg.root.display()))?,
         );
         let pool = ringio::Pool::start(&ringio::PoolConfig {

@@ -12,10 +12,10 @@ use std::sync::Arc;
 
 use cas::gc::GcStats;
 use cas::index::{Kind, Record};
-use cas::snapshots::{OpenOptions, RequestedMode, SnapshotError, Snapshots};
+use cas::snapshots::{OpenOptions, RequestedLayers, RequestedMode, SnapshotError, Snapshots};
 use cas::unpack::{Applied, Limits};
 use cas::{Digest, Layout, StoreMode};
-use config::{JournalKind, MountMode};
+use config::{JournalKind, LayerMetadata, MountMode};
 use containerd_snapshots::{api::types::Mount, Info, Snapshotter, Usage};
 use ringio::journal::JournalMode;
 use tracing::instrument;
@@ -38,22 +38,30 @@ impl CasSnapshotter {
     /// Opens the store at `layout`, recovering from whatever stopped it last (see
     /// `cas::snapshots`).
     pub fn open(layout: Layout, requested: MountMode) -> Result<CasSnapshotter, ServiceError> {
-        Self::open_with(layout, requested, JournalKind::Auto)
+        let store = config::StoreConfig {
+            mount_mode: requested,
+            ..config::StoreConfig::default()
+        };
+        Self::open_with(layout, &store)
     }
 
-    /// [`CasSnapshotter::open`] with the journal backend chosen by config.
+    /// [`CasSnapshotter::open`] with the `[store]` section of the configuration.
     pub fn open_with(
         layout: Layout,
-        requested: MountMode,
-        journal: JournalKind,
+        store: &config::StoreConfig,
     ) -> Result<CasSnapshotter, ServiceError> {
         let opts = OpenOptions {
-            mode: match requested {
+            mode: match store.mount_mode {
                 MountMode::Auto => RequestedMode::Auto,
                 MountMode::DataOnly => RequestedMode::DataOnly,
                 MountMode::Materialised => RequestedMode::Materialised,
             },
-            journal: match journal {
+            layers: match store.layer_metadata {
+                LayerMetadata::Auto => RequestedLayers::Auto,
+                LayerMetadata::Erofs => RequestedLayers::Images,
+                LayerMetadata::Stubs => RequestedLayers::StubTrees,
+            },
+            journal: match store.journal {
                 JournalKind::Auto => JournalMode::Auto,
                 JournalKind::Rename => JournalMode::ForceRename,
             },

@@ -91,6 +91,16 @@ fn print_stats(s: &Stats) {
         s.unreferenced_objects,
         human_bytes(s.unreferenced_bytes)
     );
+    println!(
+        "layer metadata:       {} EROFS images ({}), {} stub trees{}",
+        s.image_layers,
+        human_bytes(s.image_bytes),
+        s.committed - s.image_layers,
+        match &s.new_layers {
+            Some(n) => format!("; new layers: {n}"),
+            None => String::new(),
+        }
+    );
     if let Some(j) = &s.journal {
         println!("journal:              {j}");
     }

@@ -64,6 +64,7 @@
 //! calls through io_uring leaves the kernel's per-inode transactions, which are the cost.
 
 pub mod format;
+pub mod mount;
 #[cfg(test)]
 mod tests;
 

@@ -100,6 +100,9 @@ pub enum SnapshotError {
     /// The kernel cannot serve stubs (found by the start-up probe).
     #[error(transparent)]
     Unsupported(#[from] ProbeError),
+    /// Layer images were asked for where the store cannot use them.
+    #[error("layer_metadata = \"erofs\" needs a store that serves layers from the CAS (mount_mode data-only or auto), found {0:?}")]
+    ImagesNeedStubs(StoreMode),
     /// The configured mount mode cannot serve the store's layers.
     #[error("the store holds {stored:?} layers, which mount_mode {requested:?} cannot serve")]
     ModeMismatch {
@@ -154,11 +157,27 @@ pub enum RequestedMode {
     Materialised,
 }
 
+/// How new layers keep their metadata (`[store] layer_metadata`), in a store that
+/// serves layers from the CAS (see [`crate::erofs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RequestedLayers {
+    /// One EROFS image per layer where the start-up probe shows the kernel mounts them,
+    /// else stub trees.
+    #[default]
+    Auto,
+    /// Images, or refuse to start.
+    Images,
+    /// Stub trees.
+    StubTrees,
+}
+
 /// How [`Snapshots::open`] opens a store.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenOptions {
     /// The mount mode asked for; a store keeps the one it was created with.
     pub mode: RequestedMode,
+    /// How new layers keep their metadata; a store reads both kinds whatever it writes.
+    pub layers: RequestedLayers,
     /// The journal backend.
     pub journal: ringio::journal::JournalMode,
 }
@@ -191,6 +210,8 @@ pub struct Committed {
 /// operations (GC, stats, fsck, checkpoints) under the same locks.
 pub struct Snapshots {
     mode: StoreMode,
+    /// Whether the Diff service's applies write one EROFS image per layer.
+    images: bool,
     layout: Layout,
     meta: MetaStore,
     objects: ObjectStore,
@@ -523,7 +544,15 @@ impl Snapshots {
                 self.mode,
             )?
         };
-        let mut usage = disk_usage(&fsdir)?;
+        let image = self.layout.image_file(rec.id);
+        let mut usage = match fs::metadata(&image) {
+            // an image layer is its image: one file, whatever it describes
+            Ok(md) if applied => DiskUsage {
+                size: md.len() as i64,
+                inodes: 1,
+            },
+            _ => disk_usage(&fsdir)?,
+        };
         if self.mode == StoreMode::Stubs {
             // materialised layers already hold their new objects' inodes
             usage.size += stats.new_bytes as i64;
@@ -631,6 +660,7 @@ impl Snapshots {
             // orphan sweep) sees a directory without a record; deleted outside it. A
             // crash leaves it in `cas/tmp`, which is swept at start and by GC.
             let trash = self.layout.tmp_dir().join(format!("removed-{}", rec.id));
+            crate::erofs::mount::unmount(self.objects.sys(), &self.layout.fs_dir(rec.id))?;
             match fs::rename(&dir, &trash) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
                     return Err(SnapshotError::io("rename", &dir)(e))
@@ -684,6 +714,7 @@ impl Snapshots {
             if live.contains(entry.file_name().to_string_lossy().as_ref()) {
                 continue;
             }
+            crate::erofs::mount::unmount(self.objects.sys(), &entry.path().join(FS_DIR))?;
             remove_tree(&entry.path())?;
             swept += 1;
         }
@@ -704,7 +735,37 @@ impl Snapshots {
     pub fn shutdown(&self) -> Result<()> {
         let _w = lock(&self.writer);
         self.log.mark_clean_stop(&self.meta)?;
+        // no mount outlives the daemon; containers keep their overlays' own clones
+        let mut detached = 0;
+        for (_, rec) in self.meta.all()? {
+            if crate::erofs::mount::unmount(self.objects.sys(), &self.layout.fs_dir(rec.id))? {
+                detached += 1;
+            }
+        }
+        if detached > 0 {
+            info!(detached, "layer images unmounted");
+        }
         Ok(())
+    }
+
+    /// Whether new layers applied by the Diff service become EROFS images.
+    pub fn layer_images(&self) -> bool {
+        self.images
+    }
+
+    /// Mounts the image of every layer that has one at its `fs` (at start: mounts do
+    /// not survive a reboot, and a clean stop detaches them).
+    fn mount_images(&self) -> Result<u64> {
+        let mut mounted = 0;
+        for (_, rec) in self.meta.all()? {
+            if crate::erofs::mount::has_image(&self.layout, rec.id)
+                && self.layout.manifest(rec.id).exists()
+                && crate::erofs::mount::ensure_mounted(self.objects.sys(), &self.layout, rec.id)?
+            {
+                mounted += 1;
+            }
+        }
+        Ok(mounted)
     }
 
     /// Makes snapshot `id`'s new record durable ahead of the index: a journal record
@@ -758,6 +819,14 @@ impl Snapshots {
     pub fn stats(&self) -> Result<Stats> {
         let mut s = crate::admin::stats(&self.layout, &self.meta)?;
         s.journal = Some(self.log.backend().to_string());
+        s.new_layers = Some(
+            match (self.mode, self.images) {
+                (StoreMode::Materialised, _) => "materialised trees",
+                (_, true) => "EROFS images",
+                (_, false) => "stub trees",
+            }
+            .to_string(),
+        );
         Ok(s)
     }
 
@@ -843,6 +912,7 @@ impl Snapshots {
         let parents = self.meta.parent_ids(&rec)?;
         let lowers = self.planner.lower_trees(rec.id, &parents);
         let fsdir = self.layout.fs_dir(rec.id);
+        let image = self.layout.image_file(rec.id);
         let tmp = self.layout.tmp_dir();
         let started = std::time::Instant::now();
         let result = {
@@ -854,10 +924,27 @@ impl Snapshots {
                 fs_dir: &fsdir,
                 lowers: &lowers,
                 manifest: &manifest,
-                image: None,
+                image: self.images.then_some(image.as_path()),
                 pool,
             };
             crate::unpack::apply_blob(blob, blob_size, blob_digest, limits, &target)
+        };
+        // an image is of use once mounted: a mount that fails fails the apply
+        let result = match result {
+            Ok(applied) if self.images => {
+                match crate::erofs::mount::ensure_mounted(self.objects.sys(), &self.layout, rec.id)
+                {
+                    Ok(_) => Ok(applied),
+                    Err(e) => {
+                        let _ = fs::remove_file(&manifest);
+                        Err(crate::unpack::ApplyFailure {
+                            error: UnpackError::Store(e),
+                            new_objects: Vec::new(),
+                        })
+                    }
+                }
+            }
+            other => other,
         };
         match result {
             Ok(applied) => {
@@ -875,6 +962,7 @@ impl Snapshots {
                     input_wait_ms = applied.times.input_wait.as_millis() as u64,
                     write_wait_ms = applied.times.write_wait.as_millis() as u64,
                     stub_wait_ms = applied.times.stub_wait.as_millis() as u64,
+                    image_bytes = applied.stats.image_bytes,
                     sync_ms = applied.times.sync.as_millis() as u64,
                     "layer applied"
                 );
@@ -884,6 +972,14 @@ impl Snapshots {
                 warn!(%key, id = rec.id, error = %failure.error, "layer apply failed; nothing of it is kept");
                 if let Err(e) = empty_dir(&fsdir) {
                     warn!(%key, error = %e, "could not empty the layer after a failed apply");
+                }
+                for f in [image.clone(), image.with_extension("tmp")] {
+                    match fs::remove_file(&f) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                            warn!(%key, error = %e, "could not remove the image of a failed apply")
+                        }
+                        _ => {}
+                    }
                 }
                 if !failure.new_objects.is_empty() {
                     let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::{lock, OpenOptions, RequestedMode, Result, SnapshotError, Snapshots};
+use super::{lock, OpenOptions, RequestedLayers, RequestedMode, Result, SnapshotError, Snapshots};
 use crate::digest::Digest;
 use crate::error::CasError;
 use crate::index::{read_info, Kind, MetaStore};
@@ -71,10 +71,12 @@ impl Snapshots {
             "recovery: index reconciled with the snapshots' info files"
         );
         let mode = choose_mode(&layout, opts.mode, &*sys)?;
+        let images = choose_layers(&layout, mode, opts.layers, &*sys)?;
         let features = OverlayFeatures::probe();
         info!(index_off = features.index_param, ?mode, "store mode chosen");
         let mut sn = Snapshots {
             mode,
+            images,
             objects: ObjectStore::new(&layout).with_syscalls(sys),
             planner: MountPlanner::new(layout.clone(), features, mode),
             layout,
@@ -92,6 +94,10 @@ impl Snapshots {
         };
         if swept > 0 {
             info!(swept, "removed leftovers of interrupted operations");
+        }
+        let mounted = sn.mount_images()?;
+        if mounted > 0 {
+            info!(mounted, "layer images mounted");
         }
         sn.recovered_in = started.elapsed();
         info!(
@@ -178,6 +184,44 @@ pub(super) fn choose_mode(
         info!("overlayfs probed: stubs are served from the CAS as a data-only lower layer");
     }
     Ok(mode)
+}
+
+/// Whether new layers become EROFS images: where the store serves layers from the CAS
+/// and the kernel mounts images from files (probed), unless stub trees are asked for.
+/// A store that may hold images is marked so ([`Layout::allow_images`]).
+pub(super) fn choose_layers(
+    layout: &Layout,
+    mode: StoreMode,
+    requested: RequestedLayers,
+    sys: &dyn Syscalls,
+) -> Result<bool> {
+    let images = match (mode, requested) {
+        (_, RequestedLayers::StubTrees) => false,
+        (StoreMode::Materialised, RequestedLayers::Images) => {
+            return Err(SnapshotError::ImagesNeedStubs(mode))
+        }
+        (StoreMode::Materialised, RequestedLayers::Auto) => false,
+        (StoreMode::Stubs, RequestedLayers::Images) => {
+            sys.probe_layer_images(&layout.tmp_dir())?;
+            true
+        }
+        (StoreMode::Stubs, RequestedLayers::Auto) => {
+            match sys.probe_layer_images(&layout.tmp_dir()) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(error = %e, "EROFS images cannot be mounted from files here: new layers are stub trees");
+                    false
+                }
+            }
+        }
+    };
+    if images {
+        layout.allow_images()?;
+        info!("new layers are EROFS images over the CAS (one file and one mount per layer)");
+    } else if mode == StoreMode::Stubs {
+        info!("new layers are stub trees over the CAS");
+    }
+    Ok(images)
 }
 
 /// What [`reconcile`] repaired.

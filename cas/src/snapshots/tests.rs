@@ -22,6 +22,7 @@ fn serial() -> fail::FailScenario<'static> {
 fn opts() -> OpenOptions {
     OpenOptions {
         mode: RequestedMode::Auto,
+        layers: Default::default(),
         journal: ringio::journal::JournalMode::ForceRename,
     }
 }

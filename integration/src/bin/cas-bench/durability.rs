@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use cas_integration::harness::{FsKind, LoopFs};
 use cas_snapshotter::service::CasSnapshotter;
-use config::{JournalKind, MountMode};
+use config::StoreConfig;
 use containerd_snapshots::Snapshotter as _;
 use ringio::journal::{Backend, Journal, JournalMode};
 
@@ -138,11 +138,7 @@ fn open_store(root: &Path, cold: bool) -> Result<(CasSnapshotter, f64)> {
         drop_caches()?;
     }
     let started = Instant::now();
-    let sn = CasSnapshotter::open_with(
-        cas::Layout::ensure(root)?,
-        MountMode::Auto,
-        JournalKind::Auto,
-    )?;
+    let sn = CasSnapshotter::open_with(cas::Layout::ensure(root)?, &StoreConfig::default())?;
     Ok((sn, started.elapsed().as_secs_f64() * 1e3))
 }
 

@@ -1,0 +1,56 @@
+//! Layer images at their mount points: a layer whose metadata is an image
+//! (`snapshots/<id>/layer.erofs`) is mounted read-only at its own `fs` directory, so
+//! every mount the store plans (`lowerdir=<fs of each parent>::<objects>`) and every
+//! reader of a layer tree (fsck, flattening, hardlink lookups) sees the same tree a
+//! stub tree would show.
+//!
+//! Mounts are kernel state, not store state: they are made when the image is complete
+//! (after an apply), made again at start for every layer that has an image, and
+//! detached at Remove (before the directory goes) and at shutdown. overlayfs holds a
+//! private clone of each lower layer's mount, so detaching never disturbs a container
+//! already running on the layer.
+
+use std::path::Path;
+
+use crate::error::CasError;
+use crate::layout::Layout;
+use crate::sys::Syscalls;
+
+/// `EROFS_SUPER_MAGIC_V1`, as `statfs(2)` reports it.
+const EROFS_MAGIC: i64 = 0xE0F5_E1E2;
+
+/// Whether an EROFS filesystem is mounted at `dir`.
+pub fn is_mounted(dir: &Path) -> bool {
+    nix::sys::statfs::statfs(dir)
+        .map(|s| s.filesystem_type().0 as i64 == EROFS_MAGIC)
+        .unwrap_or(false)
+}
+
+/// Whether snapshot `id`'s layer is an image.
+pub fn has_image(layout: &Layout, id: u64) -> bool {
+    layout.image_file(id).is_file()
+}
+
+/// Mounts snapshot `id`'s image at its `fs` unless it is mounted already. Returns
+/// whether it mounted it now.
+pub fn ensure_mounted(sys: &dyn Syscalls, layout: &Layout, id: u64) -> Result<bool, CasError> {
+    let (image, at) = (layout.image_file(id), layout.fs_dir(id));
+    if is_mounted(&at) {
+        return Ok(false);
+    }
+    sys.mount_image(&image, &at)
+        .map_err(CasError::io("mount -t erofs", &image))?;
+    Ok(true)
+}
+
+/// Detaches whatever image is mounted at `fs_dir` (all of it, should a mount have been
+/// made twice). Returns whether there was one.
+pub fn unmount(sys: &dyn Syscalls, fs_dir: &Path) -> Result<bool, CasError> {
+    let mut any = false;
+    while is_mounted(fs_dir) {
+        sys.unmount(fs_dir)
+            .map_err(CasError::io("umount", fs_dir))?;
+        any = true;
+    }
+    Ok(any)
+}
