@@ -20,6 +20,8 @@ use crate::sys::Syscalls;
 const EROFS_MAGIC: i64 = 0xE0F5_E1E2;
 
 /// Whether an EROFS filesystem is mounted at `dir`.
+// `f_type` is an `i64` here, narrower on some other targets
+#[allow(clippy::unnecessary_cast)]
 pub fn is_mounted(dir: &Path) -> bool {
     nix::sys::statfs::statfs(dir)
         .map(|s| s.filesystem_type().0 as i64 == EROFS_MAGIC)
