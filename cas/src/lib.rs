@@ -2,11 +2,13 @@
 //!
 //! ```text
 //! <root>/
-//!   layout               version marker of this layout (written once, durably)
+//!   layout               version marker of this layout (1: stub trees only; 2: images too)
 //!   cas/objects/ab/cdef… one file per distinct content, named by sha256; immutable;
 //!                        mode 0444, owner root, no xattrs; overlayfs' data-only lower layer
 //!   cas/tmp/             in-flight object links and stubs, swept at start
-//!   snapshots/<id>/fs    a layer tree; in committed layers regular files are stubs
+//!   snapshots/<id>/fs    a layer tree; in committed layers regular files are stubs, or
+//!                        the mount point of the layer's image
+//!   snapshots/<id>/layer.erofs  a layer's metadata as one EROFS image (where it is one)
 //!   snapshots/<id>/work  overlay workdir of active snapshots
 //!   snapshots/<id>/manifest  a committed layer's file list (authoritative)
 //!   index/               sled: snapshot metadata and object refcounts (rebuildable)
@@ -23,9 +25,9 @@
 //! * [`stub`]: metadata stubs and the rule that layers never bring overlayfs xattrs;
 //! * [`erofs`]: a layer's metadata as one EROFS image, the alternative to a stub tree;
 //! * [`manifest`]: a layer's path → object list;
-//! * [`ingest`]: a layer tree → stubs + objects + manifest, at Commit;
-//! * [`unpack`]: a compressed layer blob → stubs + objects + manifest in one pass (the
-//!   differ's fast path);
+//! * [`ingest`]: a layer tree → stubs (or an image) + objects + manifest, at Commit;
+//! * [`unpack`]: a compressed layer blob → stubs (or an image) + objects + manifest in
+//!   one pass (the differ's fast path);
 //! * [`index`]: snapshot records and object reference counts in sled;
 //! * [`journal`]: commit records, checkpoints and their replay at start;
 //! * [`snapshots`]: the snapshot lifecycle (create, commit, remove, recovery at open),

@@ -117,6 +117,53 @@ pub enum ImageError {
     ImageTooLarge,
 }
 
+/// An entry an image cannot hold is refused as the stub tree would refuse it.
+impl From<ImageError> for crate::error::CasError {
+    fn from(e: ImageError) -> Self {
+        use crate::error::CasError::Hostile;
+        let hostile = |path: PathBuf, reason| Hostile { path, reason };
+        match e {
+            ImageError::NotADirectory(p) => hostile(p, "a parent of an entry is not a directory"),
+            ImageError::BadPath(p) | ImageError::NotFound(p) | ImageError::NoContent(p) => {
+                hostile(p, "an entry the layer image cannot hold")
+            }
+            ImageError::LinkToDirectory(p) => hostile(
+                p,
+                "hardlink to an entry that is not earlier in the same layer",
+            ),
+            ImageError::NameTooLong(p) => hostile(p, "a name longer than 255 bytes"),
+            ImageError::XattrNamespace { path, .. } => {
+                hostile(path, "an xattr in a namespace EROFS does not store")
+            }
+            ImageError::XattrTooLarge(p) | ImageError::TooLarge(p) => {
+                hostile(p, "xattrs too large for one inode")
+            }
+            ImageError::ImageTooLarge => hostile(PathBuf::new(), "a layer too large for one image"),
+        }
+    }
+}
+
+/// Writes `img` durably at `at`: a temporary file, fsync, rename, and an fsync of the
+/// directory. Returns the image's size.
+pub fn write_image(img: &Image, at: &Path) -> Result<u64, crate::error::CasError> {
+    use crate::error::CasError;
+    use std::io::Write;
+    let bytes = img.to_bytes()?;
+    let tmp = at.with_extension("tmp");
+    let io = |op| CasError::io(op, at);
+    let mut f = std::fs::File::create(&tmp).map_err(io("create"))?;
+    f.write_all(&bytes).map_err(io("write"))?;
+    f.sync_all().map_err(io("fsync"))?;
+    drop(f);
+    std::fs::rename(&tmp, at).map_err(io("rename"))?;
+    if let Some(dir) = at.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(CasError::io("fsync", dir))?;
+    }
+    Ok(bytes.len() as u64)
+}
+
 /// What an entry of the image shows of itself besides its type and content.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Attrs {

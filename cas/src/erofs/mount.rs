@@ -45,6 +45,13 @@ pub fn ensure_mounted(sys: &dyn Syscalls, layout: &Layout, id: u64) -> Result<bo
     Ok(true)
 }
 
+/// Removes the snapshot directory `dir`, detaching first an image mounted at its `fs`
+/// (a tree is never deleted through a mount).
+pub fn remove_snapshot_dir(sys: &dyn Syscalls, dir: &Path) -> Result<(), CasError> {
+    unmount(sys, &dir.join(crate::layout::FS_DIR))?;
+    crate::layout::remove_tree(dir)
+}
+
 /// Detaches whatever image is mounted at `fs_dir` (all of it, should a mount have been
 /// made twice). Returns whether there was one.
 pub fn unmount(sys: &dyn Syscalls, fs_dir: &Path) -> Result<bool, CasError> {

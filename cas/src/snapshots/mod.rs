@@ -2,11 +2,13 @@
 //!
 //! A snapshot is a directory `snapshots/<id>` (`fs`, and `work` while active) plus a
 //! record in the index, mirrored in `snapshots/<id>/info`. At Commit the layer is
-//! ingested into the CAS: every regular file becomes a metadata stub whose bytes live in
-//! `cas/objects`, and the layer's manifest is written ([`crate::ingest`]); a layer the
-//! Diff service applied ([`Snapshots::apply_blob`], [`crate::unpack`]) is stubs, objects
-//! and manifest already. Mounts name the CAS as overlayfs' data-only lower layer
-//! ([`crate::mounts`]).
+//! ingested into the CAS: every regular file's bytes go to `cas/objects`, the layer's
+//! metadata becomes one EROFS image (`layer.erofs`, where the kernel mounts them; see
+//! [`crate::erofs`]) or a tree of metadata stubs, and its manifest is written
+//! ([`crate::ingest`]); a layer the Diff service applied ([`Snapshots::apply_blob`],
+//! [`crate::unpack`]) is all of that already. An image is mounted at the layer's `fs`
+//! ([`crate::erofs::mount`]), so mounts name every layer by its `fs` either way, over
+//! the CAS as overlayfs' data-only lower layer ([`crate::mounts`]).
 //!
 //! [`Snapshots`] is the only code that changes snapshots. Its ordering rules are what
 //! keeps a `kill -9` at any instant harmless (each step is a [`crate::crash_point!`]):
@@ -21,7 +23,9 @@
 //!   write the mirror (`commit.after-info`), then rename the record in the index and take
 //!   the references on its objects (`commit.after-index`). A crash before the record
 //!   leaves an active snapshot (containerd removes and redoes it) and objects nobody
-//!   references yet (GC takes them); after it, recovery rolls the index forward.
+//!   references yet (GC takes them); after it, recovery rolls the index forward. An
+//!   image layer's tree is moved to `cas/tmp` and its image mounted last; a crash
+//!   before that is finished at the next start.
 //! * **Remove**: journal the deletion, delete the mirror (`remove.after-info`), delete
 //!   the record and drop its references, flush (`remove.after-index`), then move the
 //!   directory to `cas/tmp` (`remove.after-rename`) and delete it there. A crash in
@@ -212,6 +216,8 @@ pub struct Snapshots {
     mode: StoreMode,
     /// Whether the Diff service's applies write one EROFS image per layer.
     images: bool,
+    /// Serialises putting images in place (a Commit, Mounts of several children).
+    mounting: Mutex<()>,
     layout: Layout,
     meta: MetaStore,
     objects: ObjectStore,
@@ -466,6 +472,14 @@ impl Snapshots {
     }
 
     fn mounts_of(&self, kind: Kind, id: u64, parents: &[u64]) -> Result<Vec<Mount>> {
+        // every image layer of the chain mounted (one statfs each when it is)
+        for &p in parents {
+            if crate::erofs::mount::has_image(&self.layout, p)
+                && !crate::erofs::mount::is_mounted(&self.layout.fs_dir(p))
+            {
+                self.swap_in_image(p)?;
+            }
+        }
         let plan = self.planner.plan(kind, id, parents);
         if let Some(top) = plan.flat {
             self.ensure_flat(top, parents)?;
@@ -532,6 +546,11 @@ impl Snapshots {
                 new_bytes: s.new_bytes,
                 dropped_overlay_xattrs: s.skipped_xattrs,
             }
+        } else if self.images {
+            let parents = self.meta.parent_ids(&rec)?;
+            let lowers = self.planner.lower_trees(rec.id, &parents);
+            let image = self.layout.image_file(rec.id);
+            crate::ingest::ingest_layer_image(&self.objects, &fsdir, &lowers, &manifest, &image)?
         } else {
             let parents = self.meta.parent_ids(&rec)?;
             let lowers = self.planner.lower_trees(rec.id, &parents);
@@ -547,7 +566,7 @@ impl Snapshots {
         let image = self.layout.image_file(rec.id);
         let mut usage = match fs::metadata(&image) {
             // an image layer is its image: one file, whatever it describes
-            Ok(md) if applied => DiskUsage {
+            Ok(md) => DiskUsage {
                 size: md.len() as i64,
                 inodes: 1,
             },
@@ -580,6 +599,12 @@ impl Snapshots {
         }
         crate::crash_point!("commit.after-index");
         let _ = fs::remove_dir_all(self.layout.work_dir(rec.id));
+        if crate::erofs::mount::has_image(&self.layout, rec.id) {
+            if let Err(e) = self.swap_in_image(rec.id) {
+                // durable already: the next Mounts of a child, or the next start, mounts it
+                warn!(%name, id = rec.id, error = %e, "the committed layer's image is not mounted yet");
+            }
+        }
         let elapsed = started.elapsed();
         info!(
             %key, %name, id = rec.id,
@@ -714,8 +739,7 @@ impl Snapshots {
             if live.contains(entry.file_name().to_string_lossy().as_ref()) {
                 continue;
             }
-            crate::erofs::mount::unmount(self.objects.sys(), &entry.path().join(FS_DIR))?;
-            remove_tree(&entry.path())?;
+            crate::erofs::mount::remove_snapshot_dir(self.objects.sys(), &entry.path())?;
             swept += 1;
         }
         Ok(swept)
@@ -748,6 +772,33 @@ impl Snapshots {
         Ok(())
     }
 
+    /// Puts committed snapshot `id`'s image in place of the tree it was ingested from:
+    /// the tree is moved to `cas/tmp` and deleted, and the image mounted at `fs`.
+    fn swap_in_image(&self, id: u64) -> Result<()> {
+        let _m = lock(&self.mounting);
+        let fs_dir = self.layout.fs_dir(id);
+        if crate::erofs::mount::is_mounted(&fs_dir) {
+            return Ok(());
+        }
+        let holds_entries = fs::read_dir(&fs_dir)
+            .map_err(SnapshotError::io("read dir", &fs_dir))?
+            .next()
+            .is_some();
+        if holds_entries {
+            let md = fs::symlink_metadata(&fs_dir).map_err(SnapshotError::io("stat", &fs_dir))?;
+            let trash = self.layout.tmp_dir().join(format!("ingested-{id}"));
+            remove_tree(&trash)?;
+            fs::rename(&fs_dir, &trash).map_err(SnapshotError::io("rename", &fs_dir))?;
+            fs::DirBuilder::new()
+                .mode(md.mode() & 0o7777)
+                .create(&fs_dir)
+                .map_err(SnapshotError::io("mkdir", &fs_dir))?;
+            remove_tree(&trash)?;
+        }
+        crate::erofs::mount::ensure_mounted(self.objects.sys(), &self.layout, id)?;
+        Ok(())
+    }
+
     /// Whether new layers applied by the Diff service become EROFS images.
     pub fn layer_images(&self) -> bool {
         self.images
@@ -758,12 +809,28 @@ impl Snapshots {
     fn mount_images(&self) -> Result<u64> {
         let mut mounted = 0;
         for (_, rec) in self.meta.all()? {
-            if crate::erofs::mount::has_image(&self.layout, rec.id)
-                && self.layout.manifest(rec.id).exists()
-                && crate::erofs::mount::ensure_mounted(self.objects.sys(), &self.layout, rec.id)?
+            let fs_dir = self.layout.fs_dir(rec.id);
+            if !crate::erofs::mount::has_image(&self.layout, rec.id)
+                || !self.layout.manifest(rec.id).exists()
+                || crate::erofs::mount::is_mounted(&fs_dir)
             {
-                mounted += 1;
+                continue;
             }
+            if rec.kind == Kind::Committed {
+                // a Commit that stopped before its tree was swapped out finishes here
+                self.swap_in_image(rec.id)?;
+            } else {
+                let empty = fs::read_dir(&fs_dir)
+                    .map_err(SnapshotError::io("read dir", &fs_dir))?
+                    .next()
+                    .is_none();
+                if !empty {
+                    // an ingest whose Commit never landed: the tree stays until it does
+                    continue;
+                }
+                crate::erofs::mount::ensure_mounted(self.objects.sys(), &self.layout, rec.id)?;
+            }
+            mounted += 1;
         }
         Ok(mounted)
     }

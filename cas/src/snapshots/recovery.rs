@@ -24,10 +24,11 @@ use tracing::{info, warn};
 
 use super::{lock, OpenOptions, RequestedLayers, RequestedMode, Result, SnapshotError, Snapshots};
 use crate::digest::Digest;
+use crate::erofs::mount::remove_snapshot_dir;
 use crate::error::CasError;
 use crate::index::{read_info, Kind, MetaStore};
 use crate::journal::{CommitLog, Stop};
-use crate::layout::{remove_tree, Layout, StoreMode, MANIFEST_FILE};
+use crate::layout::{Layout, StoreMode, MANIFEST_FILE};
 
 use crate::mounts::{MountPlanner, OverlayFeatures};
 use crate::objects::ObjectStore;
@@ -58,7 +59,7 @@ impl Snapshots {
         );
         let meta = open_index(&layout)?;
         let reconciled = std::time::Instant::now();
-        let fixed = reconcile(&layout, &meta, &stop)?;
+        let fixed = reconcile(&layout, &meta, &stop, &*sys)?;
         // index and mirrors agree now: retire the replayed records with both durable
         log.checkpoint(&meta)?;
         log.mark_journaled()?;
@@ -77,6 +78,7 @@ impl Snapshots {
         let mut sn = Snapshots {
             mode,
             images,
+            mounting: Default::default(),
             objects: ObjectStore::new(&layout).with_syscalls(sys),
             planner: MountPlanner::new(layout.clone(), features, mode),
             layout,
@@ -257,6 +259,7 @@ pub fn reconcile(
     layout: &Layout,
     meta: &MetaStore,
     stop: &Stop,
+    sys: &dyn Syscalls,
 ) -> Result<ReconcileStats, CasError> {
     let mut stats = ReconcileStats::default();
     let mut by_id: HashMap<u64, (String, crate::index::Record)> = meta
@@ -326,11 +329,11 @@ pub fn reconcile(
             (Some((key, rec)), None) => {
                 let objects = objects_of(dir, &rec)?;
                 meta.delete(&key, &rec, &objects)?;
-                remove_tree(dir)?;
+                remove_snapshot_dir(sys, dir)?;
                 stats.removes_completed += 1;
             }
             (None, _) => {
-                remove_tree(dir)?;
+                remove_snapshot_dir(sys, dir)?;
                 stats.creates_rolled_back += 1;
             }
         }
@@ -419,7 +422,7 @@ mod tests {
         let crash = |ids: &[u64]| Stop::Crash {
             changed: ids.iter().copied().collect(),
         };
-        let stats = reconcile(&layout, &meta, &crash(&[2])).unwrap();
+        let stats = reconcile(&layout, &meta, &crash(&[2]), &crate::sys::Host).unwrap();
         assert_eq!(
             stats,
             ReconcileStats {
@@ -432,7 +435,7 @@ mod tests {
         assert_eq!(meta.get("b").unwrap().unwrap().labels, changed.labels);
         assert!(!orphan.exists());
         // nothing journaled: nothing read
-        let stats = reconcile(&layout, &meta, &crash(&[])).unwrap();
+        let stats = reconcile(&layout, &meta, &crash(&[]), &crate::sys::Host).unwrap();
         assert_eq!(stats.consistent, 2);
     }
 
@@ -445,12 +448,12 @@ mod tests {
         let b = snapshot(&layout, &meta, "b", &rec(2, Kind::Active));
         // agreed at the clean stop: the mirrors are not read (an unreadable one passes)
         fs::write(b.join(INFO_FILE), b"not json").unwrap();
-        let stats = reconcile(&layout, &meta, &Stop::Clean).unwrap();
+        let stats = reconcile(&layout, &meta, &Stop::Clean, &crate::sys::Host).unwrap();
         assert_eq!(stats.consistent, 2);
         // a directory removed while stopped: every mirror is compared, the record goes
         crate::index::write_info(&b, "b", &rec(2, Kind::Active)).unwrap();
-        remove_tree(&b).unwrap();
-        let stats = reconcile(&layout, &meta, &Stop::Clean).unwrap();
+        crate::layout::remove_tree(&b).unwrap();
+        let stats = reconcile(&layout, &meta, &Stop::Clean, &crate::sys::Host).unwrap();
         assert_eq!((stats.consistent, stats.removes_completed), (1, 1));
         assert_eq!(meta.all().unwrap().len(), 1);
     }
@@ -483,7 +486,7 @@ mod tests {
         fs::create_dir_all(orphan.join("fs")).unwrap();
         write_info(&orphan, "never", &rec(4, Kind::Active)).unwrap();
 
-        let stats = reconcile(&layout, &meta, &Stop::Unknown).unwrap();
+        let stats = reconcile(&layout, &meta, &Stop::Unknown, &crate::sys::Host).unwrap();
         assert_eq!(
             stats,
             ReconcileStats {
@@ -508,7 +511,7 @@ mod tests {
         );
         assert_eq!(meta.ref_count(&digest).unwrap(), 1);
         assert!(!gone.exists() && !orphan.exists());
-        let again = reconcile(&layout, &meta, &Stop::Unknown).unwrap();
+        let again = reconcile(&layout, &meta, &Stop::Unknown, &crate::sys::Host).unwrap();
         assert_eq!(again.consistent, 2);
         // the synthetic manifest names an object and a stub that do not exist; everything
         // else (mirrors, reference counts, directories) must now agree

@@ -16,8 +16,7 @@
 //! manifest exists has its image on disk.
 
 use std::ffi::{OsStr, OsString};
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
@@ -84,23 +83,8 @@ fn hostile(path: &Path, reason: &'static str) -> CasError {
     }
 }
 
-/// An image operation's failure: the entry is refused as the stub tree would refuse it.
 fn refused(e: crate::erofs::ImageError) -> CasError {
-    use crate::erofs::ImageError as E;
-    match e {
-        E::NotADirectory(p) => hostile(&p, "a parent of an entry is not a directory"),
-        E::BadPath(p) | E::NotFound(p) | E::NoContent(p) => {
-            hostile(&p, "an entry the layer image cannot hold")
-        }
-        E::LinkToDirectory(p) => hostile(
-            &p,
-            "hardlink to an entry that is not earlier in the same layer",
-        ),
-        E::NameTooLong(p) => hostile(&p, "a name longer than 255 bytes"),
-        E::XattrNamespace { path, .. } => hostile(&path, "an xattr in an unknown namespace"),
-        E::XattrTooLarge(p) | E::TooLarge(p) => hostile(&p, "xattrs too large for one inode"),
-        E::ImageTooLarge => hostile(Path::new(""), "a layer too large for one image"),
-    }
+    e.into()
 }
 
 impl Unpacker<'_> {
@@ -304,20 +288,7 @@ impl Unpacker<'_> {
 
     /// Writes the image durably at `at`.
     pub(super) fn write_image(&mut self, at: &Path) -> Result<(), CasError> {
-        let bytes = self.image().to_bytes().map_err(refused)?;
-        let tmp = at.with_extension("tmp");
-        let io = |op| CasError::io(op, at);
-        let mut f = File::create(&tmp).map_err(io("create"))?;
-        f.write_all(&bytes).map_err(io("write"))?;
-        f.sync_all().map_err(io("fsync"))?;
-        drop(f);
-        fs::rename(&tmp, at).map_err(io("rename"))?;
-        if let Some(dir) = at.parent() {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(CasError::io("fsync", dir))?;
-        }
-        self.stats.image_bytes = bytes.len() as u64;
+        self.stats.image_bytes = crate::erofs::write_image(self.image(), at)?;
         Ok(())
     }
 }

@@ -48,6 +48,9 @@ use crate::stub::{
 };
 use crate::sys::At;
 
+mod image;
+pub use image::ingest_layer_image;
+
 /// What one ingest did; the figures behind dedup statistics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IngestStats {
@@ -276,7 +279,7 @@ fn materialise(
     fs::rename(tmp, path).map_err(CasError::io("rename", path))
 }
 
-fn is_metacopy(path: &Path) -> Result<bool, CasError> {
+pub(crate) fn is_metacopy(path: &Path) -> Result<bool, CasError> {
     Ok(xattr::get(path, XATTR_METACOPY)
         .map_err(CasError::io("getxattr", path))?
         .is_some())
@@ -284,7 +287,7 @@ fn is_metacopy(path: &Path) -> Result<bool, CasError> {
 
 /// The object behind a metadata-only copy-up at `rel`: the stub of the same path (or of
 /// the path its `redirect` names) in the topmost lower layer that has it.
-fn copied_up_object(
+pub(crate) fn copied_up_object(
     store: &ObjectStore,
     path: &Path,
     rel: &Path,

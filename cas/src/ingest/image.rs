@@ -1,0 +1,205 @@
+//! Ingest at Commit into one EROFS image ([`crate::erofs`]): the layer tree containerd's
+//! applier (or a container) wrote is read once and described by an image, instead of
+//! being rewritten in place as stubs.
+//!
+//! For every entry of the layer (`snapshots/<id>/fs`), in name order:
+//!
+//! * a regular file is hashed and its own inode published as the object (or dropped
+//!   when the content is stored already: the dedup), then described in the image as a
+//!   metadata-only file redirecting to the object; further names of a hardlinked inode
+//!   become hardlinks in the image; a metadata-only copy-up takes its object from the
+//!   layer below, as in a stub tree (see the module docs of [`super`]);
+//! * directories, symlinks, devices, FIFOs, sockets and whiteouts are described as they
+//!   are, with their owners, modes, times and own xattrs; overlayfs' opaque marker
+//!   (`trusted.overlay.opaque`, set by overlayfs on the upper directory) is kept, every
+//!   other `trusted.overlay.*` xattr is dropped.
+//!
+//! Nothing in the tree is changed but the published inodes (normalised as objects), so
+//! times need no restoring. Then one `syncfs` makes the objects durable, the image is
+//! written (temp file, fsync, rename, directory fsync) and the manifest last. The tree
+//! itself is moved away and deleted by the Commit once its record is durable, and the
+//! image mounted in its place ([`crate::snapshots`]).
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use super::{copied_up_object, is_metacopy, IngestStats};
+use crate::digest::Digest;
+use crate::erofs::{Attrs, Image, Leaf};
+use crate::error::CasError;
+use crate::manifest::{ManifestEntry, ManifestWriter};
+use crate::objects::{ObjectStore, Publish, Redirect};
+use crate::stub::{is_overlay_private, own_xattrs};
+use crate::unpack::XATTR_OPAQUE;
+
+fn attrs(md: &fs::Metadata, xattrs: Vec<(std::ffi::OsString, Vec<u8>)>) -> Attrs {
+    Attrs {
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime: md.mtime(),
+        mtime_nsec: md.mtime_nsec() as u32,
+        xattrs: xattrs
+            .into_iter()
+            .map(|(n, v)| (n.as_bytes().to_vec(), v))
+            .collect(),
+    }
+}
+
+fn refused(e: crate::erofs::ImageError) -> CasError {
+    e.into()
+}
+
+/// Ingests the layer tree at `fs_dir` into `store` as the image `image`, writing its
+/// manifest to `manifest`; `lowers` are the layers the snapshot was mounted over,
+/// topmost first (empty for a parentless snapshot).
+pub fn ingest_layer_image(
+    store: &ObjectStore,
+    fs_dir: &Path,
+    lowers: &[PathBuf],
+    manifest: &Path,
+    image: &Path,
+) -> Result<IngestStats, CasError> {
+    let mut stats = IngestStats::default();
+    let mut writer = ManifestWriter::create(manifest)?;
+    let root_md = fs::symlink_metadata(fs_dir).map_err(CasError::io("stat", fs_dir))?;
+    let mut img = Image::new(attrs(&root_md, Vec::new()));
+    // (dev, ino) of a hardlinked file -> its first name in the image, digest and size
+    let mut linked: HashMap<(u64, u64), (PathBuf, Option<(Digest, u64)>)> = HashMap::new();
+
+    let walk = walkdir::WalkDir::new(fs_dir)
+        .min_depth(1)
+        .follow_links(false)
+        .same_file_system(true)
+        .sort_by_file_name();
+    for entry in walk {
+        let entry = entry.map_err(|e| {
+            let path = e.path().unwrap_or(fs_dir).to_path_buf();
+            CasError::io("walk", path)(
+                e.into_io_error()
+                    .unwrap_or_else(|| std::io::Error::other("filesystem loop")),
+            )
+        })?;
+        let path = entry.path();
+        let rel = path.strip_prefix(fs_dir).unwrap_or(path).to_path_buf();
+        let md = fs::symlink_metadata(path).map_err(CasError::io("stat", path))?;
+        let ft = md.file_type();
+        let all = xattr::list(path).map_err(CasError::io("listxattr", path))?;
+        let overlay: Vec<_> = all.filter(|n| is_overlay_private(n)).collect();
+        let mut xattrs = own_xattrs(path)?;
+        if ft.is_dir() {
+            let opaque = store
+                .sys()
+                .trusted_xattr(path, XATTR_OPAQUE)
+                .map_err(CasError::io("getxattr", path))?;
+            let mut a = attrs(&md, std::mem::take(&mut xattrs));
+            if opaque.as_deref() == Some(b"y") {
+                a.xattrs
+                    .push((XATTR_OPAQUE.as_bytes().to_vec(), b"y".to_vec()));
+            }
+            stats.dropped_overlay_xattrs += overlay
+                .iter()
+                .filter(|n| n.as_bytes() != XATTR_OPAQUE.as_bytes())
+                .count() as u64;
+            img.dir(&rel, a).map_err(refused)?;
+            continue;
+        }
+        if ft.is_symlink() {
+            let target = fs::read_link(path).map_err(CasError::io("readlink", path))?;
+            let leaf = Leaf::Symlink(target.as_os_str().as_bytes().to_vec());
+            img.insert(&rel, attrs(&md, xattrs), leaf)
+                .map_err(refused)?;
+            continue;
+        }
+        if !ft.is_file() {
+            let rdev = md.rdev();
+            let (major, minor) = (
+                nix::sys::stat::major(rdev) as u32,
+                nix::sys::stat::minor(rdev) as u32,
+            );
+            let leaf = if ft.is_char_device() {
+                Leaf::CharDevice { major, minor }
+            } else if ft.is_block_device() {
+                Leaf::BlockDevice { major, minor }
+            } else if ft.is_fifo() {
+                Leaf::Fifo
+            } else if ft.is_socket() {
+                Leaf::Socket
+            } else {
+                continue;
+            };
+            stats.dropped_overlay_xattrs += overlay.len() as u64;
+            img.insert(&rel, attrs(&md, xattrs), leaf)
+                .map_err(refused)?;
+            continue;
+        }
+        let key = (md.dev(), md.ino());
+        if let Some((first, content)) = linked.get(&key) {
+            img.link(&rel, first).map_err(refused)?;
+            if let Some((digest, size)) = content {
+                writer.push(&ManifestEntry {
+                    path: rel,
+                    digest: *digest,
+                    size: *size,
+                })?;
+                stats.files += 1;
+            }
+            continue;
+        }
+        let size = md.size();
+        let content = if !lowers.is_empty() && size > 0 && is_metacopy(path)? {
+            Some((copied_up_object(store, path, &rel, lowers)?, size))
+        } else {
+            stats.dropped_overlay_xattrs += overlay.len() as u64;
+            if size == 0 {
+                None
+            } else {
+                let file = File::open(path).map_err(CasError::io("open", path))?;
+                let (digest, read) =
+                    Digest::of_reader(&file).map_err(CasError::io("read", path))?;
+                if read != size {
+                    return Err(CasError::Hostile {
+                        path: path.to_path_buf(),
+                        reason: "file changed size while the layer was being committed",
+                    });
+                }
+                if store.ensure_from_inode(path, &digest, true)? == Publish::New {
+                    stats.new_objects += 1;
+                    stats.new_bytes += size;
+                    crate::crash_point!("ingest.object-published");
+                }
+                Some((digest, size))
+            }
+        };
+        let leaf = Leaf::File {
+            size: content.map_or(0, |(_, s)| s),
+            redirect: content.map(|(d, _)| Redirect::Full(d).value()),
+        };
+        img.insert(&rel, attrs(&md, xattrs), leaf)
+            .map_err(refused)?;
+        if md.nlink() > 1 {
+            linked.insert(key, (rel.clone(), content));
+        }
+        if let Some((digest, size)) = content {
+            writer.push(&ManifestEntry {
+                path: rel,
+                digest,
+                size,
+            })?;
+            stats.files += 1;
+            stats.logical_bytes += size;
+        }
+    }
+    crate::crash_point!("ingest.before-syncfs");
+    let root = File::open(fs_dir).map_err(CasError::io("open", fs_dir))?;
+    nix::unistd::syncfs(root.as_raw_fd()).map_err(|e| CasError::io("syncfs", fs_dir)(e.into()))?;
+    crate::erofs::write_image(&img, image)?;
+    crate::crash_point!("ingest.before-manifest");
+    writer.finish()?;
+    crate::crash_point!("ingest.after-manifest");
+    Ok(stats)
+}
