@@ -36,6 +36,9 @@ use crate::objects::{ObjectStore, Publish, Redirect};
 use crate::stub::{is_overlay_private, own_xattrs};
 use crate::unpack::XATTR_OPAQUE;
 
+/// The object a file reads from, and its size; `None` for an empty file.
+type Content = Option<(Digest, u64)>;
+
 fn attrs(md: &fs::Metadata, xattrs: Vec<(std::ffi::OsString, Vec<u8>)>) -> Attrs {
     Attrs {
         mode: md.mode() & 0o7777,
@@ -69,7 +72,7 @@ pub fn ingest_layer_image(
     let root_md = fs::symlink_metadata(fs_dir).map_err(CasError::io("stat", fs_dir))?;
     let mut img = Image::new(attrs(&root_md, Vec::new()));
     // (dev, ino) of a hardlinked file -> its first name in the image, digest and size
-    let mut linked: HashMap<(u64, u64), (PathBuf, Option<(Digest, u64)>)> = HashMap::new();
+    let mut linked: HashMap<(u64, u64), (PathBuf, Content)> = HashMap::new();
 
     let walk = walkdir::WalkDir::new(fs_dir)
         .min_depth(1)
