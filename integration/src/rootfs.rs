@@ -112,7 +112,17 @@ impl BlobWriter {
 /// Writes the tree at `dir` as a gzip layer blob into `blobs` (a layout's
 /// `blobs/sha256`) and returns its descriptor data.
 pub fn write_dir_layer(dir: &Path, kind: DirKind, blobs: &Path) -> Result<LayerBlob> {
-    let (blob, sink) = BlobWriter::create(blobs, Compression::Gzip)?;
+    write_dir_layer_as(dir, kind, blobs, Compression::Gzip)
+}
+
+/// [`write_dir_layer`] with another compression.
+pub fn write_dir_layer_as(
+    dir: &Path,
+    kind: DirKind,
+    blobs: &Path,
+    compression: Compression,
+) -> Result<LayerBlob> {
+    let (blob, sink) = BlobWriter::create(blobs, compression)?;
     let mut tar = tar::Builder::new(sink);
     tar.follow_symlinks(false);
     append_tree(&mut tar, dir, kind).with_context(|| format!("archiving {}", dir.display()))?;

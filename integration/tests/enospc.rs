@@ -152,6 +152,17 @@ fn a_full_disk_fails_the_pull_cleanly_and_the_retry_succeeds() -> Result<()> {
     if !require_root() || !loop_devices_available() {
         return Ok(());
     }
+    // 8 MiB free: the applier runs out of blocks writing the layer. 800 inodes free: it
+    // runs out of inodes writing the layer's ~1500 files.
+    full_disk("auto", &[Free::Bytes(8 << 20), Free::Inodes(800)])?;
+    // Where layers are stub trees, 2200 inodes free: the layer's files fit, the Commit's
+    // stubs (one new inode each, the files' own inodes become the objects) do not. (An
+    // image takes one inode per layer.)
+    full_disk("stubs", &[Free::Inodes(2200)])
+}
+
+/// The scenario with `layer_metadata` and each of `frees` in turn.
+fn full_disk(layer_metadata: &str, frees: &[Free]) -> Result<()> {
     let dir = tempfile::Builder::new().prefix("cas-enospc-").tempdir()?;
     let d = dir.path();
     big_image(&d.join("img"))?;
@@ -160,12 +171,17 @@ fn a_full_disk_fails_the_pull_cleanly_and_the_retry_succeeds() -> Result<()> {
     let image = format!("{}/enospc/big:1", registry.addr);
     let loopfs = LoopFs::new(d, 160, FsKind::Ext4)?;
     let store = loopfs.mnt.join("store");
+    let config = d.join("cas-snapshotter.toml");
+    fs::write(
+        &config,
+        format!("[store]\nlayer_metadata = \"{layer_metadata}\"\n"),
+    )?;
     let mut daemon = Daemon::start(
         &workspace_bin("cas-snapshotter", "CAS_SNAPSHOTTER_BIN")?,
         &store,
         &d.join("cas.sock"),
         &d.join("cas-snapshotter.log"),
-        None,
+        Some(&config),
     )?;
     let containerd = Containerd::start(&d.join("containerd"), &daemon.sock)?;
     let logs = |daemon: &Daemon| {
@@ -176,10 +192,7 @@ fn a_full_disk_fails_the_pull_cleanly_and_the_retry_succeeds() -> Result<()> {
         )
     };
 
-    // 8 MiB free: the applier runs out of blocks writing the layer. 2200 inodes free:
-    // the layer's ~1500 files fit, the Commit's stubs (one new inode each, the files'
-    // own inodes become the objects) do not.
-    for free in [Free::Bytes(8 << 20), Free::Inodes(2200)] {
+    for &free in frees {
         fill_to(&loopfs, free)?;
         let err = match pull(&containerd, &image) {
             Ok(_) => bail!("the pull with {free:?} free succeeded"),

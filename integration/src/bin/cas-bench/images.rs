@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use cas_integration::compression::Compression;
+use cas_integration::compression::{Compression, LayerCompression as _};
 use cas_integration::fixture::{finish_oci_layout, write_files_layer, FileSet, LayerBlob};
 use sha2::{Digest as _, Sha256};
 
@@ -33,6 +33,9 @@ const BUILD_TIMES: [u64; 4] = [1_700_000_000, 1_700_086_400, 1_700_172_800, 1_70
 pub struct LayerDef {
     pub sets: Vec<FileSet>,
     pub compression: Compression,
+    /// Files and their bytes, counted from the blob, for a layer not generated here
+    /// (the Debian images).
+    pub counted: Option<(u64, u64)>,
 }
 
 impl LayerDef {
@@ -43,12 +46,18 @@ impl LayerDef {
 
     /// Bytes of the regular files the layer holds (what an unpack writes as data).
     pub fn file_bytes(&self) -> u64 {
-        self.sets.iter().map(FileSet::total_bytes).sum()
+        match self.counted {
+            Some((_, bytes)) => bytes,
+            None => self.sets.iter().map(FileSet::total_bytes).sum(),
+        }
     }
 
     /// Regular files in the layer.
     pub fn files(&self) -> u64 {
-        self.sets.iter().map(|s| s.count).sum()
+        match self.counted {
+            Some((files, _)) => files,
+            None => self.sets.iter().map(|s| s.count).sum(),
+        }
     }
 }
 
@@ -113,6 +122,7 @@ impl Sizes {
                 },
             ],
             compression,
+            counted: None,
         }
     }
 
@@ -129,6 +139,7 @@ impl Sizes {
                 compressible: true,
             }],
             compression: Compression::Gzip,
+            counted: None,
         }
     }
 
@@ -146,6 +157,7 @@ impl Sizes {
                 compressible: true,
             }],
             compression: Compression::Gzip,
+            counted: None,
         }
     }
 
@@ -162,6 +174,7 @@ impl Sizes {
                 compressible: true,
             }],
             compression: Compression::Gzip,
+            counted: None,
         }
     }
 
@@ -281,4 +294,69 @@ fn ensure_layer(root: &Path, def: &LayerDef) -> Result<LayerBlob> {
     });
     fs::write(&record, serde_json::to_vec_pretty(&v)?)?;
     Ok(blob)
+}
+
+/// The Debian images `scripts/bench-dedup.sh` builds (`debootstrap` bases, an app layer
+/// installed over base 1, zstd variants of both), as benchmark images named
+/// `debian-<name>`: those of `names` whose layout in `<cache>/images` is complete.
+pub fn debian_images(cache: &Path, names: &[&str]) -> Result<BTreeMap<String, Image>> {
+    let mut out = BTreeMap::new();
+    for name in names {
+        let layout = cache.join("images").join(name);
+        if !layout.with_extension("done").exists() {
+            continue;
+        }
+        let index = oci_spec::image::ImageIndex::from_file(layout.join("index.json"))?;
+        let desc = index.manifests().first().context("an empty image index")?;
+        let blob = |d: &oci_spec::image::Digest| layout.join("blobs/sha256").join(d.digest());
+        let manifest = oci_spec::image::ImageManifest::from_file(blob(desc.digest()))?;
+        let config =
+            oci_spec::image::ImageConfiguration::from_file(blob(manifest.config().digest()))?;
+        let mut layers = Vec::new();
+        for (l, diff_id) in manifest.layers().iter().zip(config.rootfs().diff_ids()) {
+            let compression = Compression::of_media_type(l.media_type().as_ref())?;
+            let path = blob(l.digest());
+            let counted = count_files(&path, compression)
+                .with_context(|| format!("reading {}", path.display()))?;
+            layers.push(Layer {
+                def: LayerDef {
+                    sets: Vec::new(),
+                    compression,
+                    counted: Some(counted),
+                },
+                blob: LayerBlob {
+                    digest: l.digest().to_string(),
+                    diff_id: diff_id.clone(),
+                    size: l.size(),
+                    compression,
+                },
+                path,
+            });
+        }
+        let name = format!("debian-{name}");
+        out.insert(
+            name.clone(),
+            Image {
+                name,
+                layers,
+                layout,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Regular files in a layer blob, and their bytes.
+fn count_files(blob: &Path, compression: Compression) -> Result<(u64, u64)> {
+    let data = compression.decompress(&fs::read(blob)?)?;
+    let mut archive = tar::Archive::new(&data[..]);
+    let (mut files, mut bytes) = (0, 0);
+    for e in archive.entries()? {
+        let e = e?;
+        if e.header().entry_type() == tar::EntryType::Regular {
+            files += 1;
+            bytes += e.size();
+        }
+    }
+    Ok((files, bytes))
 }

@@ -33,10 +33,11 @@ use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use cas_integration::compression::Compression;
 use cas_integration::fixture::finish_oci_layout;
 use cas_integration::harness::{workspace_bin, Containerd, Daemon, Registry};
 use cas_integration::registry::push_layout;
-use cas_integration::rootfs::{write_dir_layer, DirKind};
+use cas_integration::rootfs::{write_dir_layer, write_dir_layer_as, DirKind};
 use clap::{Parser, Subcommand};
 use sha2::{Digest as _, Sha256};
 
@@ -142,7 +143,11 @@ fn images(cache: &Path, versions: usize) -> Result<()> {
         let base_dir = cache.join(format!("images/base-{i}"));
         let app_dir = cache.join(format!("images/app-{i}"));
         let done = |d: &Path| d.with_extension("done");
-        if done(&base_dir).exists() && done(&app_dir).exists() {
+        let zstd_done = i != 1
+            || ["base-1-zstd", "app-1-zstd"]
+                .iter()
+                .all(|n| done(&cache.join("images").join(n)).exists());
+        if done(&base_dir).exists() && done(&app_dir).exists() && zstd_done {
             continue;
         }
         for d in [&base_dir, &app_dir] {
@@ -163,6 +168,26 @@ fn images(cache: &Path, versions: usize) -> Result<()> {
         finish_oci_layout(&app_dir, &[base.clone(), app.clone()], &cmd())?;
         File::create(done(&base_dir))?;
         File::create(done(&app_dir))?;
+        if i == 1 {
+            // the first version in zstd too: the same trees, the other compression
+            let zbase_dir = cache.join("images/base-1-zstd");
+            let zapp_dir = cache.join("images/app-1-zstd");
+            for d in [&zbase_dir, &zapp_dir] {
+                let _ = fs::remove_dir_all(d);
+                let _ = fs::remove_file(done(d));
+            }
+            let zb = zbase_dir.join("blobs/sha256");
+            let zbase = write_dir_layer_as(&rootfs, DirKind::Rootfs, &zb, Compression::Zstd)?;
+            finish_oci_layout(&zbase_dir, std::slice::from_ref(&zbase), &cmd())?;
+            let za = zapp_dir.join("blobs/sha256");
+            fs::create_dir_all(&za)?;
+            let name = &zbase.digest["sha256:".len()..];
+            fs::hard_link(zb.join(name), za.join(name))?;
+            let zapp = write_dir_layer_as(&upper, DirKind::OverlayUpper, &za, Compression::Zstd)?;
+            finish_oci_layout(&zapp_dir, &[zbase, zapp], &cmd())?;
+            File::create(done(&zbase_dir))?;
+            File::create(done(&zapp_dir))?;
+        }
         println!(
             "version {i}: base layer {} ({}), app layer {} ({}) in {:.1}s",
             short(&base.digest),

@@ -20,6 +20,58 @@ pub struct Case {
     pub scaling_files: Option<u64>,
 }
 
+/// The Debian images the real-image cases pull, as `scripts/bench-dedup.sh` names them.
+pub(super) const DEBIAN_IMAGES: [&str; 5] =
+    ["base-1", "base-2", "app-1", "base-1-zstd", "app-1-zstd"];
+
+/// The cases on the Debian images (debootstrap bases, an apt-get layer), those whose
+/// images `have` holds (`debian-<name>`).
+pub(super) fn debian_cases(have: &dyn Fn(&str) -> bool) -> Vec<Case> {
+    let c = |id: &str, title: &str, setup: &[&str], targets: &[&str]| Case {
+        id: id.into(),
+        title: title.into(),
+        setup: setup.iter().map(|s| format!("debian-{s}")).collect(),
+        targets: targets.iter().map(|s| format!("debian-{s}")).collect(),
+        cold: false,
+        scaling_files: None,
+    };
+    [
+        c(
+            "debian-unpack",
+            "Debian base (debootstrap minbase), gzip",
+            &[],
+            &["base-1"],
+        ),
+        c(
+            "debian-unpack-zstd",
+            "the same Debian base, zstd",
+            &[],
+            &["base-1-zstd"],
+        ),
+        c(
+            "debian-near-dup",
+            "another build of the Debian base, one present",
+            &["base-1"],
+            &["base-2"],
+        ),
+        c(
+            "debian-app",
+            "an apt-get install layer over the present Debian base, gzip",
+            &["base-1"],
+            &["app-1"],
+        ),
+        c(
+            "debian-app-zstd",
+            "the same app layer over the zstd base, zstd",
+            &["base-1-zstd"],
+            &["app-1-zstd"],
+        ),
+    ]
+    .into_iter()
+    .filter(|case| case.setup.iter().chain(&case.targets).all(|i| have(i)))
+    .collect()
+}
+
 pub(super) fn cases(sizes: Sizes) -> Vec<Case> {
     let c = |id: &str, title: &str, setup: &[&str], targets: &[&str], cold: bool| Case {
         id: id.into(),

@@ -152,7 +152,15 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
     let started = Instant::now();
     let ctrd_bin = select_containerd(a.containerd.as_deref())?;
     let sizes = Sizes { quick: a.quick };
-    let images = ensure_images(&a.cache, sizes)?;
+    let mut images = ensure_images(&a.cache, sizes)?;
+    let debian = crate::images::debian_images(&a.cache, &cases::DEBIAN_IMAGES)?;
+    if debian.is_empty() {
+        println!(
+            "bench: no Debian images in {} (scripts/bench-dedup.sh builds them): synthetic cases only",
+            a.cache.join("images").display()
+        );
+    }
+    images.extend(debian);
     let (work, _tmp) = work_dir(a.workdir.as_deref(), "cas-perf-")?;
     let loopfs = LoopFs::new(&work, a.fs_gib << 10, FsKind::Xfs)?;
     let dev = loopfs.device()?;
@@ -203,6 +211,7 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
     println!("bench: unpack: {unpack}");
 
     let mut cases = cases(sizes);
+    cases.extend(cases::debian_cases(&|name| rig.images.contains_key(name)));
     if !a.only.is_empty() {
         let unknown: Vec<&String> = a
             .only
