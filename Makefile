@@ -63,7 +63,10 @@ test: check unit dist-check conformance e2e
 #              [CAS_DIFF=0 (walking differ for both; default: cas-diff on >= 1.7.4)]
 #              [CTR_LOCAL=1 (2.x: ctr images pull --local rather than the transfer service)]
 #              [CASES="unpack scale-100000" BENCH_OUT=dir (only these cases, reported in dir)]
-# Images are generated once into $(BENCH_CACHE) and reused.
+#              [DEBIAN=0 (no real-image cases: skips building the Debian images)]
+# Images are generated once into $(BENCH_CACHE) and reused; the Debian images (two
+# debootstrap bases, an apt-get layer over the first, zstd variants) are built by
+# scripts/bench-dedup.sh the first time (a few minutes, needs the Debian mirror).
 QUICK       ?=
 RUNS        ?= 3
 CONTAINERD  ?=
@@ -72,9 +75,12 @@ CTR_LOCAL   ?=
 CASES       ?=
 BENCH_OUT   ?= bench
 BENCH_CACHE ?= /var/cache/cas-bench
+DEBIAN      ?= 1
 bench:
 	@command -v fio >/dev/null && command -v pigz >/dev/null && command -v zstd >/dev/null || $(MAKE) deps
 	$(CARGO) build --release -p cas-snapshotter -p cas -p cas-integration --bins
+	$(if $(filter 1,$(DEBIAN)),@command -v debootstrap >/dev/null || $(MAKE) deps)
+	$(if $(filter 1,$(DEBIAN)),CAS_BENCH_CACHE=$(BENCH_CACHE) BIN=$(CURDIR)/target/release VERSIONS=2 IMAGES_ONLY=1 bash scripts/bench-dedup.sh)
 	CAS_SNAPSHOTTER_BIN=$(CURDIR)/target/release/cas-snapshotter CASCTL_BIN=$(CURDIR)/target/release/casctl \
 	$(CURDIR)/target/release/cas-bench perf \
 	  --cache $(BENCH_CACHE) --out $(BENCH_OUT) --runs $(RUNS) $(if $(QUICK),--quick) \

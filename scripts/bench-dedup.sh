@@ -74,5 +74,7 @@ for i in $(seq 1 "$VERSIONS"); do
   build_app "$i"
 done
 "$BIN/cas-bench" images --cache "$CACHE" --versions "$VERSIONS"
+# make bench builds the images this way, and pulls them itself
+[[ -n ${IMAGES_ONLY:-} ]] && exit 0
 CAS_SNAPSHOTTER_BIN=$BIN/cas-snapshotter CASCTL_BIN=$BIN/casctl \
   "$BIN/cas-bench" dedup --cache "$CACHE" --versions "$VERSIONS" --out "$OUT" ${WORKDIR:+--workdir "$WORKDIR"}

@@ -780,21 +780,25 @@ impl Snapshots {
         if crate::erofs::mount::is_mounted(&fs_dir) {
             return Ok(());
         }
-        let holds_entries = fs::read_dir(&fs_dir)
-            .map_err(SnapshotError::io("read dir", &fs_dir))?
-            .next()
-            .is_some();
+        let trash = self.layout.tmp_dir().join(format!("ingested-{id}"));
+        let holds_entries = match fs::read_dir(&fs_dir) {
+            Ok(mut d) => d.next().is_some(),
+            // moved away by a swap that stopped there
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(SnapshotError::io("read dir", &fs_dir)(e)),
+        };
         if holds_entries {
-            let md = fs::symlink_metadata(&fs_dir).map_err(SnapshotError::io("stat", &fs_dir))?;
-            let trash = self.layout.tmp_dir().join(format!("ingested-{id}"));
             remove_tree(&trash)?;
             fs::rename(&fs_dir, &trash).map_err(SnapshotError::io("rename", &fs_dir))?;
-            fs::DirBuilder::new()
-                .mode(md.mode() & 0o7777)
-                .create(&fs_dir)
-                .map_err(SnapshotError::io("mkdir", &fs_dir))?;
-            remove_tree(&trash)?;
+            crate::crash_point!("commit.tree-moved");
         }
+        match fs::DirBuilder::new().mode(0o755).create(&fs_dir) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(SnapshotError::io("mkdir", &fs_dir)(e))
+            }
+            _ => {}
+        }
+        remove_tree(&trash)?;
         crate::erofs::mount::ensure_mounted(self.objects.sys(), &self.layout, id)?;
         Ok(())
     }
