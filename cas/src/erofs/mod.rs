@@ -45,11 +45,12 @@
 //! stub tree is thousands of entries a crash can leave half made.
 //!
 //! What it costs, and how each cost is met:
-//! * **a mount per layer**: the daemon mounts each committed layer's image at its `fs`
-//!   directory, so the mounts it plans (`lowerdir=<fs of each parent>::<objects>`) are
-//!   unchanged, and unmounts it at Remove. overlayfs takes a private clone of each lower
-//!   layer's mount when it is mounted, so a container keeps running when the daemon
-//!   detaches its image mounts (at shutdown; they are mounted again at start);
+//! * **a mount per layer in use**: the daemon mounts a layer's image at its `fs`
+//!   directory when the layer is first needed, so the mounts it plans
+//!   (`lowerdir=<fs of each parent>::<objects>`) are unchanged, and unmounts it at
+//!   Remove ([`mount`]). overlayfs takes a private clone of each lower layer's mount
+//!   when it is mounted, so a container keeps running when the daemon detaches its
+//!   image mounts (at shutdown);
 //! * **Linux 6.12+** mounts EROFS from a regular file; the store probes it at start and
 //!   keeps writing stub trees where it cannot (older kernels, no EROFS), so both layouts
 //!   stay readable in one store: a layer is an image if `layer.erofs` is beside its

@@ -4,8 +4,10 @@
 //! reader of a layer tree (fsck, flattening, hardlink lookups) sees the same tree a
 //! stub tree would show.
 //!
-//! Mounts are kernel state, not store state: they are made when the image is complete
-//! (after an apply), made again at start for every layer that has an image, and
+//! Mounts are kernel state, not store state: an image is mounted when it is complete
+//! (after an apply or an ingest) and, after a restart, when its tree is first needed (a
+//! mount naming the layer, a child being made, an apply or ingest reading the layers
+//! below), so a start mounts nothing however many layers the store holds; images are
 //! detached at Remove (before the directory goes) and at shutdown. overlayfs holds a
 //! private clone of each lower layer's mount, so detaching never disturbs a container
 //! already running on the layer.

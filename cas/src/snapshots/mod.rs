@@ -472,14 +472,7 @@ impl Snapshots {
     }
 
     fn mounts_of(&self, kind: Kind, id: u64, parents: &[u64]) -> Result<Vec<Mount>> {
-        // every image layer of the chain mounted (one statfs each when it is)
-        for &p in parents {
-            if crate::erofs::mount::has_image(&self.layout, p)
-                && !crate::erofs::mount::is_mounted(&self.layout.fs_dir(p))
-            {
-                self.swap_in_image(p)?;
-            }
-        }
+        self.mount_chain(parents)?;
         let plan = self.planner.plan(kind, id, parents);
         if let Some(top) = plan.flat {
             self.ensure_flat(top, parents)?;
@@ -537,6 +530,16 @@ impl Snapshots {
         let manifest = self.layout.manifest(rec.id);
         // A layer the Diff service applied is already stubs + objects + manifest.
         let applied = manifest.exists() && self.mode == StoreMode::Stubs;
+        let parents = self.meta.parent_ids(&rec)?;
+        self.mount_chain(&parents)?;
+        let empty = fs::read_dir(&fsdir)
+            .map_err(SnapshotError::io("read dir", &fsdir))?
+            .next()
+            .is_none();
+        if applied && empty && crate::erofs::mount::has_image(&self.layout, rec.id) {
+            // applied before a restart: its image is read through its mount
+            crate::erofs::mount::ensure_mounted(self.objects.sys(), &self.layout, rec.id)?;
+        }
         let stats = if applied {
             let s = self.applied_stats(rec.id, &fsdir, &manifest)?;
             IngestStats {
@@ -547,12 +550,10 @@ impl Snapshots {
                 dropped_overlay_xattrs: s.skipped_xattrs,
             }
         } else if self.images {
-            let parents = self.meta.parent_ids(&rec)?;
             let lowers = self.planner.lower_trees(rec.id, &parents);
             let image = self.layout.image_file(rec.id);
             crate::ingest::ingest_layer_image(&self.objects, &fsdir, &lowers, &manifest, &image)?
         } else {
-            let parents = self.meta.parent_ids(&rec)?;
             let lowers = self.planner.lower_trees(rec.id, &parents);
             crate::ingest::ingest_layer(
                 &self.objects,
@@ -808,35 +809,42 @@ impl Snapshots {
         self.images
     }
 
-    /// Mounts the image of every layer that has one at its `fs` (at start: mounts do
-    /// not survive a reboot, and a clean stop detaches them).
-    fn mount_images(&self) -> Result<u64> {
-        let mut mounted = 0;
+    /// Finishes at start the Commits that stopped before their ingested tree was
+    /// swapped for the image. Images themselves are mounted when a layer's tree is first
+    /// needed ([`Snapshots::mount_chain`]): a start mounts nothing else, however many
+    /// layers the store holds.
+    fn finish_swaps(&self) -> Result<u64> {
+        let mut finished = 0;
         for (_, rec) in self.meta.all()? {
-            let fs_dir = self.layout.fs_dir(rec.id);
-            if !crate::erofs::mount::has_image(&self.layout, rec.id)
-                || !self.layout.manifest(rec.id).exists()
-                || crate::erofs::mount::is_mounted(&fs_dir)
+            if rec.kind != Kind::Committed || !crate::erofs::mount::has_image(&self.layout, rec.id)
             {
                 continue;
             }
-            if rec.kind == Kind::Committed {
-                // a Commit that stopped before its tree was swapped out finishes here
+            let fs_dir = self.layout.fs_dir(rec.id);
+            let holds_tree = match fs::read_dir(&fs_dir) {
+                Ok(mut d) => d.next().is_some(),
+                Err(_) => true,
+            };
+            if holds_tree && !crate::erofs::mount::is_mounted(&fs_dir) {
                 self.swap_in_image(rec.id)?;
-            } else {
-                let empty = fs::read_dir(&fs_dir)
-                    .map_err(SnapshotError::io("read dir", &fs_dir))?
-                    .next()
-                    .is_none();
-                if !empty {
-                    // an ingest whose Commit never landed: the tree stays until it does
-                    continue;
-                }
-                crate::erofs::mount::ensure_mounted(self.objects.sys(), &self.layout, rec.id)?;
+                finished += 1;
             }
-            mounted += 1;
         }
-        Ok(mounted)
+        Ok(finished)
+    }
+
+    /// Makes sure every image layer of `chain` (committed snapshots) is mounted at its
+    /// `fs`: before a mount names them, an apply or ingest reads them, or a child is
+    /// made. One `stat` and one `statfs` per layer when all are.
+    fn mount_chain(&self, chain: &[u64]) -> Result<()> {
+        for &p in chain {
+            if crate::erofs::mount::has_image(&self.layout, p)
+                && !crate::erofs::mount::is_mounted(&self.layout.fs_dir(p))
+            {
+                self.swap_in_image(p)?;
+            }
+        }
+        Ok(())
     }
 
     /// Makes snapshot `id`'s new record durable ahead of the index: a journal record
@@ -981,6 +989,7 @@ impl Snapshots {
             });
         }
         let parents = self.meta.parent_ids(&rec)?;
+        self.mount_chain(&parents)?;
         let lowers = self.planner.lower_trees(rec.id, &parents);
         let fsdir = self.layout.fs_dir(rec.id);
         let image = self.layout.image_file(rec.id);

@@ -97,9 +97,9 @@ impl Snapshots {
         if swept > 0 {
             info!(swept, "removed leftovers of interrupted operations");
         }
-        let mounted = sn.mount_images()?;
-        if mounted > 0 {
-            info!(mounted, "layer images mounted");
+        let finished = sn.finish_swaps()?;
+        if finished > 0 {
+            info!(finished, "commits of image layers finished");
         }
         sn.recovered_in = started.elapsed();
         info!(

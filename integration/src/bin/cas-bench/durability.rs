@@ -214,6 +214,8 @@ async fn recovery(t: &Target, runs: usize) -> Result<Recovery> {
             }
         }
     }
+    // detaches the layers' images: the tree can go
+    sn.shutdown().await?;
     drop(sn);
     fs::remove_dir_all(&root)?;
     Ok(r)
