@@ -144,24 +144,16 @@ impl From<ImageError> for crate::error::CasError {
     }
 }
 
-/// Writes `img` durably at `at`: a temporary file, fsync, rename, and an fsync of the
-/// directory. Returns the image's size.
+/// Writes `img` at `at` through a temporary name and a rename, so that `at` is never a
+/// partial image. Not synced: the caller's `syncfs` of the store, which must follow
+/// before anything depends on the image (the layer's manifest), makes it durable with
+/// the layer's objects in one flush. Returns the image's size.
 pub fn write_image(img: &Image, at: &Path) -> Result<u64, crate::error::CasError> {
     use crate::error::CasError;
-    use std::io::Write;
     let bytes = img.to_bytes()?;
     let tmp = at.with_extension("tmp");
-    let io = |op| CasError::io(op, at);
-    let mut f = std::fs::File::create(&tmp).map_err(io("create"))?;
-    f.write_all(&bytes).map_err(io("write"))?;
-    f.sync_all().map_err(io("fsync"))?;
-    drop(f);
-    std::fs::rename(&tmp, at).map_err(io("rename"))?;
-    if let Some(dir) = at.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(CasError::io("fsync", dir))?;
-    }
+    std::fs::write(&tmp, &bytes).map_err(CasError::io("write", &tmp))?;
+    std::fs::rename(&tmp, at).map_err(CasError::io("rename", at))?;
     Ok(bytes.len() as u64)
 }
 

@@ -15,8 +15,8 @@
 //!   other `trusted.overlay.*` xattr is dropped.
 //!
 //! Nothing in the tree is changed but the published inodes (normalised as objects), so
-//! times need no restoring. Then one `syncfs` makes the objects durable, the image is
-//! written (temp file, fsync, rename, directory fsync) and the manifest last. The tree
+//! times need no restoring. Then the image is written (temp file, rename), one `syncfs`
+//! makes it and the objects durable, and the manifest comes last. The tree
 //! itself is moved away and deleted by the Commit once its record is durable, and the
 //! image mounted in its place ([`crate::snapshots`]).
 
@@ -197,10 +197,11 @@ pub fn ingest_layer_image(
             stats.logical_bytes += size;
         }
     }
+    crate::erofs::write_image(&img, image)?;
     crate::crash_point!("ingest.before-syncfs");
+    // objects and image durable in one flush, before the manifest names them
     let root = File::open(fs_dir).map_err(CasError::io("open", fs_dir))?;
     nix::unistd::syncfs(root.as_raw_fd()).map_err(|e| CasError::io("syncfs", fs_dir)(e.into()))?;
-    crate::erofs::write_image(&img, image)?;
     crate::crash_point!("ingest.before-manifest");
     writer.finish()?;
     crate::crash_point!("ingest.after-manifest");

@@ -11,9 +11,9 @@
 //! * every file names its object by its full name (`/ab/cdef…`): xattrs in an image
 //!   have no inode-size limit, so aliases are never needed.
 //!
-//! The image is written to a temporary name, `fsync`ed, renamed into place and its
-//! directory `fsync`ed, before the objects' `syncfs` and the manifest: a layer whose
-//! manifest exists has its image on disk.
+//! The image is written to a temporary name and renamed into place before the apply's
+//! `syncfs`, which makes it durable with the objects, and before the manifest: a layer
+//! whose manifest exists has its image on disk.
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
@@ -286,7 +286,7 @@ impl Unpacker<'_> {
         Ok(())
     }
 
-    /// Writes the image durably at `at`.
+    /// Writes the image at `at` (made durable by the apply's `syncfs`).
     pub(super) fn write_image(&mut self, at: &Path) -> Result<(), CasError> {
         self.stats.image_bytes = crate::erofs::write_image(self.image(), at)?;
         Ok(())
