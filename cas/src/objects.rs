@@ -195,6 +195,37 @@ impl ObjectStore {
         result
     }
 
+    /// Publishes the inode at `src` (holding exactly the bytes of `digest`, with the
+    /// metadata `md`; `xattrs` when it has any) as that object unless it exists,
+    /// normalising the inode where it is, with no temporary name: for an inode whose
+    /// path the caller gives up (an ingested tree that is deleted once its layer is an
+    /// image). The object's name appears only once the inode is normalised.
+    pub fn publish_in_place(
+        &self,
+        src: &Path,
+        md: &fs::Metadata,
+        xattrs: bool,
+        digest: &Digest,
+    ) -> Result<Publish, CasError> {
+        let dst = self.path(digest);
+        if fs::symlink_metadata(&dst).is_ok() {
+            return Ok(Publish::Existing);
+        }
+        if (md.uid(), md.gid()) != (0, 0) {
+            self.sys
+                .chown(At::Path(src), 0, 0)
+                .map_err(CasError::io("chown", src))?;
+        }
+        fs::set_permissions(src, fs::Permissions::from_mode(OBJECT_MODE))
+            .map_err(CasError::io("chmod", src))?;
+        if xattrs {
+            for name in xattr::list(src).map_err(CasError::io("listxattr", src))? {
+                xattr::remove(src, &name).map_err(CasError::io("removexattr", src))?;
+            }
+        }
+        self.link(src, &dst)
+    }
+
     /// Publishes `tmp`, a file this process wrote for the store (owner root, mode
     /// [`OBJECT_MODE`], no xattrs, holding exactly the bytes of `digest`), by linking it
     /// as the object; the caller removes `tmp` afterwards. "Already exists" is

@@ -26,6 +26,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use super::{copied_up_object, is_metacopy, IngestStats};
 use crate::digest::Digest;
@@ -74,6 +75,10 @@ pub fn ingest_layer_image(
     // (dev, ino) of a hardlinked file -> its first name in the image, digest and size
     let mut linked: HashMap<(u64, u64), (PathBuf, Content)> = HashMap::new();
 
+    let hashing = Instant::now();
+    let mut hashed = hash_files(fs_dir, !lowers.is_empty());
+    stats.times.hash = hashing.elapsed();
+
     let walk = walkdir::WalkDir::new(fs_dir)
         .min_depth(1)
         .follow_links(false)
@@ -91,9 +96,15 @@ pub fn ingest_layer_image(
         let rel = path.strip_prefix(fs_dir).unwrap_or(path).to_path_buf();
         let md = fs::symlink_metadata(path).map_err(CasError::io("stat", path))?;
         let ft = md.file_type();
-        let all = xattr::list(path).map_err(CasError::io("listxattr", path))?;
-        let overlay: Vec<_> = all.filter(|n| is_overlay_private(n)).collect();
-        let mut xattrs = own_xattrs(path)?;
+        let all: Vec<_> = xattr::list(path)
+            .map_err(CasError::io("listxattr", path))?
+            .collect();
+        let overlay: Vec<_> = all.iter().filter(|n| is_overlay_private(n)).collect();
+        let mut xattrs = if all.len() > overlay.len() {
+            own_xattrs(path)?
+        } else {
+            Vec::new()
+        };
         if ft.is_dir() {
             let opaque = store
                 .sys()
@@ -161,20 +172,23 @@ pub fn ingest_layer_image(
             if size == 0 {
                 None
             } else {
-                let file = File::open(path).map_err(CasError::io("open", path))?;
-                let (digest, read) =
-                    Digest::of_reader(&file).map_err(CasError::io("read", path))?;
+                let (digest, read) = match hashed.remove(path) {
+                    Some(h) => h?,
+                    None => hash(path)?,
+                };
                 if read != size {
                     return Err(CasError::Hostile {
                         path: path.to_path_buf(),
                         reason: "file changed size while the layer was being committed",
                     });
                 }
-                if store.ensure_from_inode(path, &digest, true)? == Publish::New {
+                let publishing = Instant::now();
+                if store.publish_in_place(path, &md, !all.is_empty(), &digest)? == Publish::New {
                     stats.new_objects += 1;
                     stats.new_bytes += size;
                     crate::crash_point!("ingest.object-published");
                 }
+                stats.times.publish += publishing.elapsed();
                 Some((digest, size))
             }
         };
@@ -197,13 +211,80 @@ pub fn ingest_layer_image(
             stats.logical_bytes += size;
         }
     }
+    let imaging = Instant::now();
     crate::erofs::write_image(&img, image)?;
+    stats.times.image = imaging.elapsed();
     crate::crash_point!("ingest.before-syncfs");
+    let syncing = Instant::now();
     // objects and image durable in one flush, before the manifest names them
     let root = File::open(fs_dir).map_err(CasError::io("open", fs_dir))?;
     nix::unistd::syncfs(root.as_raw_fd()).map_err(|e| CasError::io("syncfs", fs_dir)(e.into()))?;
     crate::crash_point!("ingest.before-manifest");
     writer.finish()?;
+    stats.times.sync = syncing.elapsed();
     crate::crash_point!("ingest.after-manifest");
     Ok(stats)
+}
+
+/// Files hashed ahead of the walk that builds the image, by path.
+type Hashed = HashMap<PathBuf, Result<(Digest, u64), CasError>>;
+
+/// One file's digest and the bytes read.
+fn hash(path: &Path) -> Result<(Digest, u64), CasError> {
+    let file = File::open(path).map_err(CasError::io("open", path))?;
+    Digest::of_reader(&file).map_err(CasError::io("read", path))
+}
+
+/// The digests of the layer's files that will become objects (regular, not empty, one
+/// name per inode, not a metadata-only copy-up when `copy_ups` may exist), hashed on
+/// every core: the reading and hashing of containerd's applier's output is an ingest's
+/// largest cost after the sync.
+fn hash_files(fs_dir: &Path, copy_ups: bool) -> Hashed {
+    let mut files = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for entry in walkdir::WalkDir::new(fs_dir)
+        .min_depth(1)
+        .follow_links(false)
+        .same_file_system(true)
+    {
+        let Ok(entry) = entry else {
+            continue; // the main walk reports it
+        };
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let Ok(md) = entry.metadata() else {
+            continue;
+        };
+        if md.len() == 0 || (md.nlink() > 1 && !seen.insert((md.dev(), md.ino()))) {
+            continue;
+        }
+        if copy_ups && is_metacopy(entry.path()).unwrap_or(false) {
+            continue;
+        }
+        files.push(entry.into_path());
+    }
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8)
+        .min(files.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(HashMap::with_capacity(files.len()));
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(path) = files.get(i) else {
+                    return;
+                };
+                let h = hash(path);
+                results
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(path.clone(), h);
+            });
+        }
+    });
+    results.into_inner().unwrap_or_else(|p| p.into_inner())
 }

@@ -64,6 +64,21 @@ pub struct IngestStats {
     pub new_bytes: u64,
     /// `trusted.overlay.*` xattrs dropped from the layer's files.
     pub dropped_overlay_xattrs: u64,
+    /// Where an ingest into an image spent its time (zero for a stub tree).
+    pub times: IngestTimes,
+}
+
+/// Where an ingest into an image spent its time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngestTimes {
+    /// Reading and hashing the files.
+    pub hash: std::time::Duration,
+    /// Publishing new objects (links and their metadata).
+    pub publish: std::time::Duration,
+    /// Building and writing the image.
+    pub image: std::time::Duration,
+    /// The `syncfs` and the manifest.
+    pub sync: std::time::Duration,
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(0);

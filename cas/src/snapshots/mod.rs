@@ -548,6 +548,7 @@ impl Snapshots {
                 new_objects: s.new_objects,
                 new_bytes: s.new_bytes,
                 dropped_overlay_xattrs: s.skipped_xattrs,
+                times: Default::default(),
             }
         } else if self.images {
             let lowers = self.planner.lower_trees(rec.id, &parents);
@@ -600,12 +601,14 @@ impl Snapshots {
         }
         crate::crash_point!("commit.after-index");
         let _ = fs::remove_dir_all(self.layout.work_dir(rec.id));
+        let swapping = std::time::Instant::now();
         if crate::erofs::mount::has_image(&self.layout, rec.id) {
             if let Err(e) = self.swap_in_image(rec.id) {
                 // durable already: the next Mounts of a child, or the next start, mounts it
                 warn!(%name, id = rec.id, error = %e, "the committed layer's image is not mounted yet");
             }
         }
+        let swap = swapping.elapsed();
         let elapsed = started.elapsed();
         info!(
             %key, %name, id = rec.id,
@@ -615,6 +618,11 @@ impl Snapshots {
             new_bytes = stats.new_bytes,
             dropped_overlay_xattrs = stats.dropped_overlay_xattrs,
             applied,
+            hash_ms = stats.times.hash.as_millis() as u64,
+            publish_ms = stats.times.publish.as_millis() as u64,
+            image_ms = stats.times.image.as_millis() as u64,
+            sync_ms = stats.times.sync.as_millis() as u64,
+            swap_ms = swap.as_millis() as u64,
             elapsed_ms = elapsed.as_millis() as u64,
             "committed"
         );
@@ -799,8 +807,21 @@ impl Snapshots {
             }
             _ => {}
         }
-        remove_tree(&trash)?;
         crate::erofs::mount::ensure_mounted(self.objects.sys(), &self.layout, id)?;
+        if holds_entries {
+            // one unlink per file, none of it needed for the answer: deleted meanwhile
+            // (what is left of it at a crash, the sweep of `cas/tmp` at start takes)
+            let spawned = std::thread::Builder::new()
+                .name("ingested-tree".into())
+                .spawn(move || {
+                    if let Err(e) = remove_tree(&trash) {
+                        warn!(error = %e, "could not delete an ingested tree");
+                    }
+                });
+            if let Err(e) = spawned {
+                warn!(error = %e, "no thread to delete an ingested tree: it waits for the next sweep");
+            }
+        }
         Ok(())
     }
 
