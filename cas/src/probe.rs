@@ -87,7 +87,7 @@ fn run_images(dir: &Path) -> Result<(), ProbeError> {
     let mut img = Image::new(Attrs::implicit_dir());
     let file = Leaf::File {
         size: PROBE_DATA.len() as u64,
-        redirect: Some(digest.redirect()),
+        object: Some(digest),
     };
     img.insert(Path::new("file"), Attrs::implicit_dir(), file)
         .map_err(|e| setup(io::Error::other(e)))?;

@@ -76,6 +76,8 @@ use std::path::{Component, Path, PathBuf};
 
 use format::{DataLayout, FileType, BLOCK_SIZE, INODE_SIZE, SLOT_SIZE};
 
+use crate::digest::Digest;
+
 /// Why an entry cannot be put in an image.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ImageError {
@@ -188,14 +190,14 @@ impl Attrs {
 /// A non-directory entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Leaf {
-    /// A regular file of `size` bytes held by the object at `redirect` in the data-only
-    /// lower layer (a redirect value, `/ab/cdef…` or an alias). `None` only for empty
-    /// files.
+    /// A regular file of `size` bytes held by `object` in the data-only lower layer,
+    /// which the file's `trusted.overlay.redirect` names in full (`/ab/cdef…`). `None`
+    /// only for empty files.
     File {
         /// Its size.
         size: u64,
-        /// Where its bytes are: `trusted.overlay.redirect`'s value.
-        redirect: Option<String>,
+        /// Where its bytes are.
+        object: Option<Digest>,
     },
     /// A symlink to the target.
     Symlink(Vec<u8>),
@@ -234,11 +236,6 @@ impl Leaf {
         }
     }
 }
-
-/// Marks a metadata-only file (the value is empty, as on stubs).
-const XATTR_METACOPY: &[u8] = crate::stub::XATTR_METACOPY.as_bytes();
-/// Points a metadata-only file at its object.
-const XATTR_REDIRECT: &[u8] = crate::stub::XATTR_REDIRECT.as_bytes();
 
 type NodeId = usize;
 
@@ -489,7 +486,7 @@ fn components(path: &Path) -> Result<Vec<&OsStr>, ImageError> {
 }
 
 /// One xattr as EROFS stores it: prefix index, the rest of the name, the value.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct XAttr {
     index: u8,
     suffix: Vec<u8>,
@@ -497,18 +494,18 @@ struct XAttr {
 }
 
 impl XAttr {
-    fn new(name: &[u8], value: &[u8], path: &Path) -> Result<XAttr, ImageError> {
+    fn new(name: &[u8], value: &[u8], path: impl Fn() -> PathBuf) -> Result<XAttr, ImageError> {
         let (index, prefix) = format::XATTR_PREFIXES
             .iter()
             .filter(|(_, p)| name.starts_with(p))
             .max_by_key(|(_, p)| p.len())
             .ok_or_else(|| ImageError::XattrNamespace {
-                path: path.to_path_buf(),
+                path: path(),
                 name: String::from_utf8_lossy(name).into_owned(),
             })?;
         let suffix = &name[prefix.len()..];
         if suffix.len() > u8::MAX as usize || value.len() > u16::MAX as usize {
-            return Err(ImageError::XattrTooLarge(path.to_path_buf()));
+            return Err(ImageError::XattrTooLarge(path()));
         }
         Ok(XAttr {
             index: *index,
@@ -518,111 +515,165 @@ impl XAttr {
     }
 
     fn size(&self) -> usize {
-        format::round_up(
-            format::XATTR_ENTRY_SIZE + self.suffix.len() + self.value.len(),
-            4,
-        )
+        entry_size(self.suffix.len(), self.value.len())
     }
 
     fn write(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&format::xattr_entry(
-            self.suffix.len() as u8,
-            self.index,
-            self.value.len() as u16,
-        ));
-        out.extend_from_slice(&self.suffix);
-        out.extend_from_slice(&self.value);
-        pad(out, 4);
+        write_entry(out, self.index, &self.suffix, &self.value);
     }
 }
 
-/// One inode as it will be written.
+/// Bytes of one xattr entry with a name suffix of `name` bytes and a value of `value`.
+fn entry_size(name: usize, value: usize) -> usize {
+    format::round_up(format::XATTR_ENTRY_SIZE + name + value, 4)
+}
+
+fn write_entry(out: &mut Vec<u8>, index: u8, suffix: &[u8], value: &[u8]) {
+    out.extend_from_slice(&format::xattr_entry(
+        suffix.len() as u8,
+        index,
+        value.len() as u16,
+    ));
+    out.extend_from_slice(suffix);
+    out.extend_from_slice(value);
+    pad(out, 4);
+}
+
+/// `trusted.` is prefix 4: the metacopy and redirect xattrs are stored by suffix.
+const TRUSTED_INDEX: u8 = 4;
+const METACOPY_SUFFIX: &[u8] = b"overlay.metacopy";
+const REDIRECT_SUFFIX: &[u8] = b"overlay.redirect";
+/// Bytes of a full redirect, `/ab/cdef…`.
+const REDIRECT_LEN: usize = 1 + 2 + 1 + 62;
+
+/// One inode as it will be written: kept small, since a layer has one per entry.
 struct Slot<'a> {
     node: NodeId,
+    /// The directory holding its first name, and that name (for error messages).
+    parent: u32,
+    name: &'a [u8],
     file_type: FileType,
-    /// Local xattrs, and indexes into the shared table.
-    local: Vec<XAttr>,
-    shared: Vec<usize>,
-    /// Inline data: a symlink's target, a block map, a directory's last block.
-    inline: Vec<u8>,
-    /// Whole blocks (directories only).
-    blocks: Vec<Vec<u8>>,
     layout: DataLayout,
+    /// The object a metadata-only file reads from (its redirect and the shared
+    /// metacopy xattr are written from it).
+    object: Option<Digest>,
+    /// The entry's own xattrs.
+    local: Vec<XAttr>,
     size: u64,
     nlink: u32,
     /// Entries of a directory, sorted, with `.` and `..`: (name, slot).
-    dirents: Vec<(&'a [u8], usize)>,
-    /// Byte offset of the inode, and of its first block.
+    dirents: Vec<(&'a [u8], u32)>,
+    /// Byte offset of the inode.
     offset: usize,
-    block: u32,
+    /// First block (directories), device number, or chunk format.
+    u: u32,
 }
 
 impl Slot<'_> {
     fn xattr_size(&self) -> usize {
-        if self.local.is_empty() && self.shared.is_empty() {
+        let redirect = if self.object.is_some() {
+            4 + entry_size(REDIRECT_SUFFIX.len(), REDIRECT_LEN)
+        } else {
+            0
+        };
+        if self.local.is_empty() && redirect == 0 {
             return 0;
         }
         format::XATTR_IBODY_HEADER_SIZE
-            + 4 * self.shared.len()
+            + redirect
             + self.local.iter().map(XAttr::size).sum::<usize>()
     }
+
+    /// Bytes after the inode and its xattrs: a symlink's target, a directory's tail,
+    /// a metadata-only file's block map.
+    fn inline_len(&self, image: &Image) -> usize {
+        match self.layout {
+            DataLayout::FlatInline => match &image.nodes[self.node].content {
+                Content::Leaf(Leaf::Symlink(t)) => t.len(),
+                _ => self.size as usize % BLOCK_SIZE,
+            },
+            DataLayout::ChunkBased => 4 * chunks(self.size) as usize,
+            DataLayout::FlatPlain => 0,
+        }
+    }
+}
+
+/// Block-map entries of a metadata-only file of `size` bytes.
+fn chunks(size: u64) -> u64 {
+    let chunk_bits = format::BLOCK_BITS as u32 + format::CHUNK_BITS_OVER_BLOCK;
+    size.div_ceil(1u64 << chunk_bits)
 }
 
 struct Writer<'a> {
     image: &'a Image,
     slots: Vec<Slot<'a>>,
-    shared: Vec<XAttr>,
 }
 
 impl<'a> Writer<'a> {
+    /// The path of slot `s`, for an error message.
+    fn path_of(&self, s: usize) -> PathBuf {
+        let mut names = Vec::new();
+        let mut at = s;
+        while at != 0 {
+            names.push(self.slots[at].name);
+            at = self.slots[at].parent as usize;
+        }
+        let mut p = PathBuf::from("/");
+        for n in names.iter().rev() {
+            p.push(OsStr::from_bytes(n));
+        }
+        p
+    }
+
     /// Orders the inodes (depth first, the root first, each inode once however many
-    /// names it has) and gathers their xattrs.
+    /// names it has) and works out each one's layout.
     fn new(image: &'a Image) -> Result<Writer<'a>, ImageError> {
-        let mut slots: Vec<Slot<'a>> = Vec::new();
-        let mut slot_of: HashMap<NodeId, usize> = HashMap::new();
-        let mut paths: Vec<PathBuf> = Vec::new();
-        // (node, parent slot, path) to visit; directories are visited once each
-        let mut stack: Vec<(NodeId, usize, PathBuf)> = vec![(0, 0, PathBuf::from("/"))];
-        while let Some((id, parent, path)) = stack.pop() {
-            let node = &image.nodes[id];
-            let me = slots.len();
+        let mut w = Writer {
+            image,
+            slots: Vec::new(),
+        };
+        let mut slot_of: HashMap<NodeId, u32> = HashMap::new();
+        // (node, parent slot, name) to visit; directories are visited once each
+        let mut stack: Vec<(NodeId, u32, &'a [u8])> = vec![(0, 0, b"")];
+        while let Some((id, parent, name)) = stack.pop() {
+            let me = w.slots.len() as u32;
             slot_of.insert(id, me);
-            slots.push(Slot::empty(id, node));
-            paths.push(path.clone());
-            let Content::Dir(entries) = &node.content else {
+            w.slots
+                .push(Slot::empty(id, parent, name, &image.nodes[id]));
+            let Content::Dir(entries) = &image.nodes[id].content else {
                 continue;
             };
-            let mut dirents: Vec<(&'a [u8], usize)> = Vec::with_capacity(entries.len() + 2);
+            let mut dirents: Vec<(&'a [u8], u32)> = Vec::with_capacity(entries.len() + 2);
             dirents.push((b".", me));
             dirents.push((b"..", parent));
             let mut subdirs = Vec::new();
             for (name, &child) in entries {
-                match slot_of.get(&child) {
-                    Some(&s) => dirents.push((name, s)),
+                let slot = match slot_of.get(&child) {
+                    Some(&s) => s,
                     None => match &image.nodes[child].content {
                         Content::Dir(_) => {
-                            // numbered when visited: usize::MAX until then, patched below
-                            dirents.push((name, usize::MAX));
-                            subdirs.push((child, path.join(OsStr::from_bytes(name))));
+                            subdirs.push((child, me, &name[..]));
+                            u32::MAX // numbered when visited, patched below
                         }
                         Content::Leaf(_) => {
-                            let s = slots.len();
+                            let s = w.slots.len() as u32;
                             slot_of.insert(child, s);
-                            slots.push(Slot::empty(child, &image.nodes[child]));
-                            paths.push(path.join(OsStr::from_bytes(name)));
-                            dirents.push((name, s));
+                            w.slots
+                                .push(Slot::empty(child, me, name, &image.nodes[child]));
+                            s
                         }
                     },
-                }
+                };
+                dirents.push((name, slot));
             }
-            slots[me].nlink = 2 + subdirs.len() as u32;
-            slots[me].dirents = dirents;
-            for (child, p) in subdirs.into_iter().rev() {
-                stack.push((child, me, p));
+            w.slots[me as usize].nlink = 2 + subdirs.len() as u32;
+            w.slots[me as usize].dirents = dirents;
+            stack.extend(subdirs.into_iter().rev());
+            if w.slots.len() > u32::MAX as usize / 2 {
+                return Err(ImageError::ImageTooLarge);
             }
         }
-        // directories' entries that named not yet numbered directories
-        for slot in slots.iter_mut() {
+        for slot in w.slots.iter_mut() {
             if let Content::Dir(entries) = &image.nodes[slot.node].content {
                 for ((_, s), (_, child)) in slot.dirents[2..].iter_mut().zip(entries) {
                     *s = slot_of[child];
@@ -630,133 +681,91 @@ impl<'a> Writer<'a> {
                 slot.dirents.sort_by(|a, b| a.0.cmp(b.0));
             }
         }
-        if slots.len() > u32::MAX as usize {
-            return Err(ImageError::ImageTooLarge);
+        for s in 0..w.slots.len() {
+            w.contents(s)?;
         }
-
-        // xattrs: the redirect pair of metadata-only files first, then the entry's own
-        let mut count: HashMap<XAttr, usize> = HashMap::new();
-        for (slot, path) in slots.iter_mut().zip(&paths) {
-            let node = &image.nodes[slot.node];
-            if let Content::Leaf(Leaf::File {
-                redirect: Some(r), ..
-            }) = &node.content
-            {
-                slot.local.push(XAttr::new(XATTR_METACOPY, b"", path)?);
-                slot.local
-                    .push(XAttr::new(XATTR_REDIRECT, r.as_bytes(), path)?);
-            }
-            for (name, value) in &node.attrs.xattrs {
-                slot.local.push(XAttr::new(name, value, path)?);
-            }
-            for x in &slot.local {
-                *count.entry(x.clone()).or_default() += 1;
-            }
-        }
-        let mut shared: Vec<XAttr> = count
-            .into_iter()
-            .filter(|(_, n)| *n > 1)
-            .map(|(x, _)| x)
-            .collect();
-        shared.sort();
-        let index: HashMap<&XAttr, usize> =
-            shared.iter().enumerate().map(|(i, x)| (x, i)).collect();
-        for (slot, path) in slots.iter_mut().zip(&paths) {
-            let mut local = Vec::new();
-            for x in std::mem::take(&mut slot.local) {
-                match index.get(&x) {
-                    Some(&i) => slot.shared.push(i),
-                    None => local.push(x),
-                }
-            }
-            slot.local = local;
-            if slot.shared.len() > u8::MAX as usize || slot.xattr_size() > 256 << 10 {
-                return Err(ImageError::XattrTooLarge(path.clone()));
-            }
-        }
-        let mut w = Writer {
-            image,
-            slots,
-            shared,
-        };
-        w.contents(&paths)?;
         Ok(w)
     }
 
-    /// Each inode's data layout, size, inline data and blocks (directory blocks hold
-    /// slot numbers until nids are known: see [`Writer::write`]).
-    fn contents(&mut self, paths: &[PathBuf]) -> Result<(), ImageError> {
-        for (s, path) in paths.iter().enumerate() {
-            let node = &self.image.nodes[self.slots[s].node];
-            let slot = &mut self.slots[s];
-            match &node.content {
-                Content::Dir(_) => {
-                    let (blocks, tail) = dir_blocks(&slot.dirents);
-                    slot.size = (blocks * BLOCK_SIZE + tail) as u64;
-                    // the tail goes inline when it fits in the inode's block; see place()
-                    slot.layout = if tail == 0 {
-                        DataLayout::FlatPlain
-                    } else {
-                        DataLayout::FlatInline
-                    };
-                }
-                Content::Leaf(leaf) => {
-                    slot.nlink = node.links;
-                    match leaf {
-                        Leaf::File { size, redirect } => {
-                            slot.size = *size;
-                            if redirect.is_some() && *size > 0 {
+    /// Slot `s`'s xattrs, data layout, size and inline data.
+    fn contents(&mut self, s: usize) -> Result<(), ImageError> {
+        let node = &self.image.nodes[self.slots[s].node];
+        let mut local = Vec::with_capacity(node.attrs.xattrs.len());
+        for (name, value) in &node.attrs.xattrs {
+            local.push(XAttr::new(name, value, || self.path_of(s))?);
+        }
+        let slot = &mut self.slots[s];
+        slot.local = local;
+        match &node.content {
+            Content::Dir(_) => {
+                let (blocks, tail) = dir_blocks(&slot.dirents);
+                slot.size = (blocks * BLOCK_SIZE + tail) as u64;
+                // the tail goes inline when it fits in the inode's block; see place()
+                slot.layout = DataLayout::FlatInline;
+            }
+            Content::Leaf(leaf) => {
+                slot.nlink = node.links;
+                match leaf {
+                    Leaf::File { size, object } => {
+                        slot.size = *size;
+                        match object {
+                            Some(d) if *size > 0 => {
+                                slot.object = Some(*d);
                                 slot.layout = DataLayout::ChunkBased;
-                                slot.block = format::CHUNK_BITS_OVER_BLOCK;
-                                let chunk_bits =
-                                    format::BLOCK_BITS as u32 + format::CHUNK_BITS_OVER_BLOCK;
-                                let chunks = size.div_ceil(1u64 << chunk_bits);
-                                for _ in 0..chunks {
-                                    slot.inline
-                                        .extend_from_slice(&format::NULL_ADDR.to_le_bytes());
-                                }
-                            } else if *size > 0 {
-                                return Err(ImageError::NoContent(path.clone()));
+                                slot.u = format::CHUNK_BITS_OVER_BLOCK;
                             }
-                        }
-                        Leaf::Symlink(target) => {
-                            slot.size = target.len() as u64;
-                            slot.layout = DataLayout::FlatInline;
-                            slot.inline = target.clone();
-                            if INODE_SIZE + slot.xattr_size() + target.len() > BLOCK_SIZE {
-                                return Err(ImageError::TooLarge(path.clone()));
+                            Some(_) => {}
+                            None if *size > 0 => {
+                                return Err(ImageError::NoContent(self.path_of(s)));
                             }
+                            None => {}
                         }
-                        Leaf::CharDevice { major, minor } | Leaf::BlockDevice { major, minor } => {
-                            slot.block = format::encode_dev(*major, *minor);
-                        }
-                        Leaf::Fifo | Leaf::Socket => {}
                     }
+                    Leaf::Symlink(target) => {
+                        slot.size = target.len() as u64;
+                        slot.layout = DataLayout::FlatInline;
+                    }
+                    Leaf::CharDevice { major, minor } | Leaf::BlockDevice { major, minor } => {
+                        slot.u = format::encode_dev(*major, *minor);
+                    }
+                    Leaf::Fifo | Leaf::Socket => {}
                 }
             }
+        }
+        let slot = &self.slots[s];
+        if slot.local.len() > u8::MAX as usize || slot.xattr_size() > 256 << 10 {
+            return Err(ImageError::XattrTooLarge(self.path_of(s)));
+        }
+        if matches!(slot.file_type, FileType::Symlink)
+            && INODE_SIZE + slot.xattr_size() + slot.size as usize > BLOCK_SIZE
+        {
+            return Err(ImageError::TooLarge(self.path_of(s)));
         }
         Ok(())
     }
 
-    /// Places every inode, then the shared xattrs, then the directory blocks; returns
-    /// where the blocks start and the image's end.
+    /// Places every inode, then the shared xattr (the metacopy marker), then the
+    /// directory blocks; returns where the shared xattr and the blocks start, and the
+    /// image's end.
     fn place(&mut self) -> Result<(usize, usize, usize), ImageError> {
         let mut at = format::SUPERBLOCK_OFFSET + format::SUPERBLOCK_SIZE;
-        for slot in &mut self.slots {
+        for s in 0..self.slots.len() {
             at = format::round_up(at, SLOT_SIZE);
-            let meta = INODE_SIZE + slot.xattr_size();
-            let tail = match slot.layout {
-                DataLayout::FlatInline if matches!(slot.file_type, FileType::Directory) => {
-                    slot.size as usize % BLOCK_SIZE
-                }
-                _ => slot.inline.len(),
-            };
+            let meta = INODE_SIZE + self.slots[s].xattr_size();
+            let tail = self.slots[s].inline_len(self.image);
+            let slot = &mut self.slots[s];
             if tail > 0 && meta + tail > BLOCK_SIZE {
                 // a directory tail that cannot share a block with its inode: a whole block
                 slot.layout = DataLayout::FlatPlain;
             } else if tail > 0 && at / BLOCK_SIZE != (at + meta + tail - 1) / BLOCK_SIZE {
                 // inline data may not cross a block boundary: start the inode on a new block
                 at = format::round_up(at, BLOCK_SIZE);
+            }
+            if slot.layout == DataLayout::FlatInline
+                && matches!(slot.file_type, FileType::Directory)
+                && tail == 0
+            {
+                slot.layout = DataLayout::FlatPlain;
             }
             slot.offset = at;
             at += meta
@@ -770,17 +779,17 @@ impl<'a> Writer<'a> {
             return Err(ImageError::ImageTooLarge);
         }
         let xattrs = format::round_up(at, 4);
-        at = xattrs + self.shared.iter().map(XAttr::size).sum::<usize>();
+        at = xattrs + entry_size(METACOPY_SUFFIX.len(), 0);
         let blocks_start = format::round_up(at, BLOCK_SIZE);
         let mut block = blocks_start / BLOCK_SIZE;
         for slot in &mut self.slots {
             if matches!(slot.file_type, FileType::Directory) {
-                let whole = slot.size as usize / BLOCK_SIZE
+                let size = slot.size as usize;
+                let whole = size / BLOCK_SIZE
                     + usize::from(
-                        slot.layout == DataLayout::FlatPlain
-                            && !(slot.size as usize).is_multiple_of(BLOCK_SIZE),
+                        slot.layout == DataLayout::FlatPlain && !size.is_multiple_of(BLOCK_SIZE),
                     );
-                slot.block = if whole > 0 { block as u32 } else { 0 };
+                slot.u = if whole > 0 { block as u32 } else { 0 };
                 block += whole;
             }
         }
@@ -792,39 +801,21 @@ impl<'a> Writer<'a> {
 
     fn write(mut self) -> Result<Vec<u8>, ImageError> {
         let (xattrs_at, blocks_at, end) = self.place()?;
-        // shared xattr ids: offsets / 4 from the image's start (xattr_blkaddr 0)
-        let mut shared_ids = Vec::with_capacity(self.shared.len());
-        let mut x_at = xattrs_at;
-        for x in &self.shared {
-            shared_ids.push((x_at / 4) as u32);
-            x_at += x.size();
-        }
+        let metacopy_id = (xattrs_at / 4) as u32;
         let nid = |s: &Slot| (s.offset / SLOT_SIZE) as u64;
+        let nids: Vec<u64> = self.slots.iter().map(nid).collect();
+        let types: Vec<FileType> = self.slots.iter().map(|s| s.file_type).collect();
         let mut out = Vec::with_capacity(end);
         out.resize(format::SUPERBLOCK_OFFSET, 0);
         out.extend_from_slice(
             &format::Superblock {
-                root_nid: nid(&self.slots[0]) as u16,
+                root_nid: nids[0] as u16,
                 inodes: self.slots.len() as u64,
                 blocks: (end / BLOCK_SIZE) as u32,
                 feature_incompat: format::FEATURE_INCOMPAT_CHUNKED_FILE,
             }
             .bytes(),
         );
-        // directory blocks, rendered now that every nid is known
-        let nids: Vec<u64> = self.slots.iter().map(nid).collect();
-        let types: Vec<FileType> = self.slots.iter().map(|s| s.file_type).collect();
-        for slot in &mut self.slots {
-            if matches!(slot.file_type, FileType::Directory) {
-                let (mut blocks, tail) = render_dir(&slot.dirents, &nids, &types);
-                if slot.layout == DataLayout::FlatInline {
-                    slot.inline = tail;
-                } else if !tail.is_empty() {
-                    blocks.push(tail);
-                }
-                slot.blocks = blocks;
-            }
-        }
         for (i, slot) in self.slots.iter().enumerate() {
             out.resize(slot.offset, 0);
             let node = &self.image.nodes[slot.node];
@@ -838,7 +829,7 @@ impl<'a> Writer<'a> {
                     xattr_icount: icount as u16,
                     mode: slot.file_type.mode_bits() | (node.attrs.mode & 0o7777) as u16,
                     size: slot.size,
-                    u: slot.block,
+                    u: slot.u,
                     ino: i as u32 + 1,
                     uid: node.attrs.uid,
                     gid: node.attrs.gid,
@@ -849,27 +840,52 @@ impl<'a> Writer<'a> {
                 .bytes(),
             );
             if icount > 0 {
-                out.extend_from_slice(&format::xattr_ibody_header(slot.shared.len() as u8));
-                for &s in &slot.shared {
-                    out.extend_from_slice(&shared_ids[s].to_le_bytes());
+                let shared = u8::from(slot.object.is_some());
+                out.extend_from_slice(&format::xattr_ibody_header(shared));
+                if let Some(d) = &slot.object {
+                    out.extend_from_slice(&metacopy_id.to_le_bytes());
+                    write_entry(
+                        &mut out,
+                        TRUSTED_INDEX,
+                        REDIRECT_SUFFIX,
+                        d.redirect().as_bytes(),
+                    );
                 }
                 for x in &slot.local {
                     x.write(&mut out);
                 }
             }
-            if slot.layout != DataLayout::FlatPlain {
-                out.extend_from_slice(&slot.inline);
+            if slot.layout == DataLayout::FlatPlain {
+                continue;
+            }
+            match &node.content {
+                Content::Leaf(Leaf::Symlink(target)) => out.extend_from_slice(target),
+                Content::Leaf(Leaf::File { size, .. }) => {
+                    for _ in 0..chunks(*size) {
+                        out.extend_from_slice(&format::NULL_ADDR.to_le_bytes());
+                    }
+                }
+                Content::Dir(_) => {
+                    let (_, tail) = render_dir(&slot.dirents, &nids, &types, true);
+                    out.extend_from_slice(&tail);
+                }
+                Content::Leaf(_) => {}
             }
         }
         out.resize(xattrs_at, 0);
-        for x in &self.shared {
-            x.write(&mut out);
-        }
+        write_entry(&mut out, TRUSTED_INDEX, METACOPY_SUFFIX, b"");
         out.resize(blocks_at, 0);
         for slot in &self.slots {
-            for b in &slot.blocks {
-                out.extend_from_slice(b);
-                pad(&mut out, BLOCK_SIZE);
+            if matches!(slot.file_type, FileType::Directory) {
+                let inline = slot.layout == DataLayout::FlatInline;
+                let (blocks, tail) = render_dir(&slot.dirents, &nids, &types, false);
+                for b in blocks {
+                    out.extend_from_slice(&b);
+                }
+                if !inline && !tail.is_empty() {
+                    out.extend_from_slice(&tail);
+                    pad(&mut out, BLOCK_SIZE);
+                }
             }
         }
         out.resize(end, 0);
@@ -878,29 +894,29 @@ impl<'a> Writer<'a> {
 }
 
 impl<'a> Slot<'a> {
-    fn empty(node: NodeId, n: &Node) -> Slot<'a> {
+    fn empty(node: NodeId, parent: u32, name: &'a [u8], n: &Node) -> Slot<'a> {
         Slot {
             node,
+            parent,
+            name,
             file_type: match &n.content {
                 Content::Dir(_) => FileType::Directory,
                 Content::Leaf(l) => l.file_type(),
             },
-            local: Vec::new(),
-            shared: Vec::new(),
-            inline: Vec::new(),
-            blocks: Vec::new(),
             layout: DataLayout::FlatPlain,
+            object: None,
+            local: Vec::new(),
             size: 0,
             nlink: 1,
             dirents: Vec::new(),
             offset: 0,
-            block: 0,
+            u: 0,
         }
     }
 }
 
 /// How a directory's sorted entries split into blocks: (whole blocks, tail bytes).
-fn dir_blocks(dirents: &[(&[u8], usize)]) -> (usize, usize) {
+fn dir_blocks(dirents: &[(&[u8], u32)]) -> (usize, usize) {
     let mut blocks = 0;
     let mut used = 0;
     for (name, _) in dirents {
@@ -914,20 +930,23 @@ fn dir_blocks(dirents: &[(&[u8], usize)]) -> (usize, usize) {
     (blocks, used)
 }
 
-/// A directory's blocks and tail: each block its dirents, then their names.
+/// A directory's whole blocks (padded) and its tail: each block its dirents, then
+/// their names. Only the tail is rendered when `tail_only`.
 fn render_dir(
-    dirents: &[(&[u8], usize)],
+    dirents: &[(&[u8], u32)],
     nids: &[u64],
     types: &[FileType],
+    tail_only: bool,
 ) -> (Vec<Vec<u8>>, Vec<u8>) {
     let mut blocks = Vec::new();
     let mut start = 0;
     let mut used = 0;
-    let render = |entries: &[(&[u8], usize)]| {
+    let render = |entries: &[(&[u8], u32)]| {
         let mut b = Vec::with_capacity(BLOCK_SIZE);
         let mut nameoff = format::DIRENT_SIZE * entries.len();
         for (name, slot) in entries {
-            b.extend_from_slice(&format::dirent(nids[*slot], nameoff as u16, types[*slot]));
+            let slot = *slot as usize;
+            b.extend_from_slice(&format::dirent(nids[slot], nameoff as u16, types[slot]));
             nameoff += name.len();
         }
         for (name, _) in entries {
@@ -938,16 +957,17 @@ fn render_dir(
     for (i, (name, _)) in dirents.iter().enumerate() {
         let n = format::DIRENT_SIZE + name.len();
         if used + n > BLOCK_SIZE {
-            let mut b = render(&dirents[start..i]);
-            b.resize(BLOCK_SIZE, 0);
-            blocks.push(b);
+            if !tail_only {
+                let mut b = render(&dirents[start..i]);
+                b.resize(BLOCK_SIZE, 0);
+                blocks.push(b);
+            }
             start = i;
             used = 0;
         }
         used += n;
     }
-    let tail = render(&dirents[start..]);
-    (blocks, tail)
+    (blocks, render(&dirents[start..]))
 }
 
 fn pad(out: &mut Vec<u8>, to: usize) {

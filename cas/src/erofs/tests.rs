@@ -20,10 +20,11 @@ fn attrs(mode: u32, uid: u32, gid: u32, mtime: i64) -> Attrs {
     }
 }
 
-fn file(size: u64, redirect: &str) -> Leaf {
+/// A metadata-only file of `size` bytes whose object is the digest of `seed`.
+fn file(size: u64, seed: &str) -> Leaf {
     Leaf::File {
         size,
-        redirect: Some(redirect.to_string()),
+        object: Some(crate::Digest::of(seed.as_bytes())),
     }
 }
 
@@ -180,7 +181,7 @@ fn the_kernel_reads_every_kind_of_entry() {
         attrs(0o600, 0, 0, 5),
         Leaf::File {
             size: 0,
-            redirect: None,
+            object: None,
         },
     )
     .unwrap();
@@ -251,7 +252,7 @@ fn the_kernel_reads_every_kind_of_entry() {
         xattr::get(mnt.join("bin/tool"), "trusted.overlay.redirect")
             .unwrap()
             .unwrap(),
-        b"/ab/cd"
+        crate::Digest::of(b"/ab/cd").redirect().into_bytes()
     );
     assert_eq!(
         xattr::get(mnt.join("bin/tool"), "trusted.overlay.metacopy")
@@ -322,7 +323,10 @@ fn images_are_overlay_layers_with_data_from_the_objects() {
             .insert(
                 Path::new(p),
                 attrs(0o644, 0, 0, 1),
-                file(size, &digest.redirect()),
+                Leaf::File {
+                    size,
+                    object: Some(digest),
+                },
             )
             .unwrap();
     }
@@ -337,7 +341,10 @@ fn images_are_overlay_layers_with_data_from_the_objects() {
         .insert(
             Path::new("etc/new"),
             attrs(0o600, 7, 7, 2),
-            file(size, &digest.redirect()),
+            Leaf::File {
+                size,
+                object: Some(digest),
+            },
         )
         .unwrap();
     upper

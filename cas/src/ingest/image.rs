@@ -33,7 +33,7 @@ use crate::digest::Digest;
 use crate::erofs::{Attrs, Image, Leaf};
 use crate::error::CasError;
 use crate::manifest::{ManifestEntry, ManifestWriter};
-use crate::objects::{ObjectStore, Publish, Redirect};
+use crate::objects::{ObjectStore, Publish};
 use crate::stub::{is_overlay_private, own_xattrs};
 use crate::unpack::XATTR_OPAQUE;
 
@@ -194,7 +194,7 @@ pub fn ingest_layer_image(
         };
         let leaf = Leaf::File {
             size: content.map_or(0, |(_, s)| s),
-            redirect: content.map(|(d, _)| Redirect::Full(d).value()),
+            object: content.map(|(d, _)| d),
         };
         img.insert(&rel, attrs(&md, xattrs), leaf)
             .map_err(refused)?;

@@ -53,11 +53,8 @@ pub(super) fn object_of(leaf: &Leaf) -> Option<(Digest, u64)> {
     match leaf {
         Leaf::File {
             size,
-            redirect: Some(r),
-        } => {
-            let hex: String = r.chars().filter(|&c| c != '/').collect();
-            hex.parse().ok().map(|d| (d, *size))
-        }
+            object: Some(d),
+        } => Some((*d, *size)),
         _ => None,
     }
 }
@@ -165,7 +162,7 @@ impl Unpacker<'_> {
     ) -> Result<(), UnpackError> {
         let leaf = Leaf::File {
             size: if content.is_some() { meta.size } else { 0 },
-            redirect: content.map(|r| Redirect::Full(r.digest()).value()),
+            object: content.map(|r| r.digest()),
         };
         let a = attrs(meta, xattrs);
         self.image().insert(rel, a, leaf).map_err(refused)?;

@@ -139,7 +139,7 @@ fn image(at: &Path, files: &[Entry]) -> Result<()> {
             attrs.clone(),
             Leaf::File {
                 size: e.size,
-                redirect: Some(e.digest.redirect()),
+                object: Some(e.digest),
             },
         )?;
     }
