@@ -34,13 +34,14 @@
 //!
 //! | files | stub tree: write + sync | image: build + write + fsync | disk, stub / image | inodes | lstat all + read 1/10 |
 //! |---:|---:|---:|---:|---:|---:|
-//! | 5,000 | 0.183 s (36.6 µs/file) | 0.033 s (6.5 µs/file) | 353 / 246 B per file | 5,100 / 1 | 0.209 / 0.206 s |
-//! | 50,000 | 1.788 s (35.8 µs/file) | 0.233 s (4.7 µs/file) | 359 / 246 B per file | 51,000 / 1 | 2.087 / 1.719 s |
+//! | 5,000 | 0.192 s (38.4 µs/file) | 0.019 s (3.8 µs/file) | 353 / 246 B per file | 5,100 / 1 | 0.218 / 0.241 s |
+//! | 50,000 | 1.915 s (38.3 µs/file) | 0.148 s (3.0 µs/file) | 359 / 246 B per file | 51,000 / 1 | 2.245 / 2.168 s |
 //!
 //! A stub costs five or six metadata transactions in the kernel (create, two xattrs,
 //! size, times, sometimes owner and mode); an image entry costs a few hundred bytes of
-//! memory and its share of one write. The image is 5-8x cheaper to make, a third
-//! smaller on disk, one inode instead of one per entry, and no slower to walk. It is
+//! memory and its share of one write. The image is 10-13x cheaper to make, a third
+//! smaller on disk, one inode instead of one per entry, and walks as fast (within the
+//! runs' noise). It is
 //! also simpler to keep crash-safe: one file made durable with fsync + rename, where a
 //! stub tree is thousands of entries a crash can leave half made.
 //!
