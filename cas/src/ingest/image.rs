@@ -28,7 +28,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::{copied_up_object, is_metacopy, IngestStats};
+use super::{copied_up_object, is_metacopy, walk_error, IngestStats};
 use crate::digest::Digest;
 use crate::erofs::{Attrs, Image, Leaf};
 use crate::error::CasError;
@@ -85,13 +85,7 @@ pub fn ingest_layer_image(
         .same_file_system(true)
         .sort_by_file_name();
     for entry in walk {
-        let entry = entry.map_err(|e| {
-            let path = e.path().unwrap_or(fs_dir).to_path_buf();
-            CasError::io("walk", path)(
-                e.into_io_error()
-                    .unwrap_or_else(|| std::io::Error::other("filesystem loop")),
-            )
-        })?;
+        let entry = entry.map_err(walk_error(fs_dir))?;
         let path = entry.path();
         let rel = path.strip_prefix(fs_dir).unwrap_or(path).to_path_buf();
         let md = fs::symlink_metadata(path).map_err(CasError::io("stat", path))?;

@@ -117,13 +117,7 @@ pub fn ingest_layer(
         .same_file_system(true)
         .sort_by_file_name();
     for entry in walk {
-        let entry = entry.map_err(|e| {
-            let path = e.path().unwrap_or(fs_dir).to_path_buf();
-            CasError::io("walk", path)(
-                e.into_io_error()
-                    .unwrap_or_else(|| std::io::Error::other("filesystem loop")),
-            )
-        })?;
+        let entry = entry.map_err(walk_error(fs_dir))?;
         let path = entry.path();
         let md = fs::symlink_metadata(path).map_err(CasError::io("stat", path))?;
         let ft = md.file_type();
@@ -292,6 +286,17 @@ fn materialise(
         return Ok(());
     }
     fs::rename(tmp, path).map_err(CasError::io("rename", path))
+}
+
+/// A walk's failure under `fs_dir` as the store reports it.
+pub(crate) fn walk_error(fs_dir: &Path) -> impl Fn(walkdir::Error) -> CasError + '_ {
+    move |e| {
+        let path = e.path().unwrap_or(fs_dir).to_path_buf();
+        CasError::io("walk", path)(
+            e.into_io_error()
+                .unwrap_or_else(|| std::io::Error::other("filesystem loop")),
+        )
+    }
 }
 
 pub(crate) fn is_metacopy(path: &Path) -> Result<bool, CasError> {

@@ -19,7 +19,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use super::tree::EntryMeta;
@@ -29,9 +29,6 @@ use crate::erofs::{Attrs, Image, Leaf};
 use crate::error::CasError;
 use crate::objects::Redirect;
 use crate::stub::FileMeta;
-
-/// Symlinks followed while resolving one parent path inside the layer.
-const MAX_SYMLINKS: usize = 255;
 
 /// An entry's attributes in the image.
 fn attrs(meta: &FileMeta, xattrs: &[(OsString, Vec<u8>)]) -> Attrs {
@@ -201,49 +198,13 @@ impl Unpacker<'_> {
     /// Resolves `rel` (a cleaned parent path) inside the layer's image, symlinks
     /// followed but never out of the layer; components not there yet are kept.
     pub(super) fn image_resolve(&mut self, rel: &Path) -> Result<PathBuf, CasError> {
-        if rel.as_os_str().is_empty() {
-            return Ok(PathBuf::new());
-        }
-        let mut todo: Vec<OsString> = rel
-            .components()
-            .rev()
-            .map(|c| c.as_os_str().to_os_string())
-            .collect();
-        let mut done = PathBuf::new();
-        let mut links = 0;
-        while let Some(comp) = todo.pop() {
-            if comp == ".." {
-                done.pop();
-                continue;
-            }
-            if comp == "." || comp.is_empty() {
-                continue;
-            }
-            let next = done.join(&comp);
-            match self.image().leaf(&next) {
-                Some(Leaf::Symlink(target)) => {
-                    links += 1;
-                    if links > MAX_SYMLINKS {
-                        return Err(hostile(
-                            rel,
-                            "too many levels of symbolic links in the path",
-                        ));
-                    }
-                    let target = PathBuf::from(OsStr::from_bytes(target));
-                    if target.is_absolute() {
-                        done = PathBuf::new();
-                    }
-                    for c in target.components().rev() {
-                        match c {
-                            Component::RootDir | Component::Prefix(_) => {}
-                            other => todo.push(other.as_os_str().to_os_string()),
-                        }
-                    }
-                }
-                _ => done = next,
-            }
-        }
-        Ok(done)
+        let image = self.image();
+        super::tree::resolve_inside(rel, |next| {
+            Ok(match image.leaf(next) {
+                Some(Leaf::Symlink(target)) => Some(PathBuf::from(OsStr::from_bytes(target))),
+                _ => None,
+            })
+        })
     }
 
     /// Makes every missing directory of `rel`, with the attributes of the same

@@ -333,47 +333,12 @@ impl Unpacker<'_> {
         if rel.as_os_str().is_empty() || self.known_dirs.contains(rel) {
             return Ok(rel.to_path_buf());
         }
-        let mut todo: Vec<OsString> = rel
-            .components()
-            .rev()
-            .map(|c| c.as_os_str().to_os_string())
-            .collect();
-        let mut done = PathBuf::new();
-        let mut links = 0;
-        while let Some(comp) = todo.pop() {
-            if comp == ".." {
-                done.pop();
-                continue;
-            }
-            if comp == "." || comp.is_empty() {
-                continue;
-            }
-            let next = done.join(&comp);
-            match fs::symlink_metadata(self.abs(&next)) {
-                Ok(md) if md.file_type().is_symlink() => {
-                    links += 1;
-                    if links > MAX_SYMLINKS {
-                        return Err(CasError::Hostile {
-                            path: rel.to_path_buf(),
-                            reason: "too many levels of symbolic links in the path",
-                        });
-                    }
-                    let target = fs::read_link(self.abs(&next))
-                        .map_err(CasError::io("readlink", self.abs(&next)))?;
-                    if target.is_absolute() {
-                        done = PathBuf::new();
-                    }
-                    for c in target.components().rev() {
-                        match c {
-                            Component::RootDir | Component::Prefix(_) => {}
-                            other => todo.push(other.as_os_str().to_os_string()),
-                        }
-                    }
-                }
-                _ => done = next,
-            }
-        }
-        Ok(done)
+        resolve_inside(rel, |next| match fs::symlink_metadata(self.abs(next)) {
+            Ok(md) if md.file_type().is_symlink() => fs::read_link(self.abs(next))
+                .map(Some)
+                .map_err(CasError::io("readlink", self.abs(next))),
+            _ => Ok(None),
+        })
     }
 
     /// Makes sure every directory of `rel` exists, creating missing ones with the
@@ -462,6 +427,54 @@ impl Unpacker<'_> {
             made => Ok(made?),
         }
     }
+}
+
+/// Resolves `rel` (a cleaned parent path) inside a layer whose entries `symlink`
+/// describes (the target of the symlink at a path, `None` for anything else): symlinks
+/// are followed, never out of the layer; components not there yet are kept.
+pub(super) fn resolve_inside(
+    rel: &Path,
+    mut symlink: impl FnMut(&Path) -> Result<Option<PathBuf>, CasError>,
+) -> Result<PathBuf, CasError> {
+    let mut todo: Vec<OsString> = rel
+        .components()
+        .rev()
+        .map(|c| c.as_os_str().to_os_string())
+        .collect();
+    let mut done = PathBuf::new();
+    let mut links = 0;
+    while let Some(comp) = todo.pop() {
+        if comp == ".." {
+            done.pop();
+            continue;
+        }
+        if comp == "." || comp.is_empty() {
+            continue;
+        }
+        let next = done.join(&comp);
+        match symlink(&next)? {
+            Some(target) => {
+                links += 1;
+                if links > MAX_SYMLINKS {
+                    return Err(CasError::Hostile {
+                        path: rel.to_path_buf(),
+                        reason: "too many levels of symbolic links in the path",
+                    });
+                }
+                if target.is_absolute() {
+                    done = PathBuf::new();
+                }
+                for c in target.components().rev() {
+                    match c {
+                        Component::RootDir | Component::Prefix(_) => {}
+                        other => todo.push(other.as_os_str().to_os_string()),
+                    }
+                }
+            }
+            None => done = next,
+        }
+    }
+    Ok(done)
 }
 
 /// A PAX time (`1700000000.123456789`, possibly negative) as a timespec.
