@@ -194,7 +194,8 @@ TOML
   ctr run --rm --snapshotter cas "$REG/fixture/base:1" demo-1 sh -c 'cat /etc/fixture-release; echo; ls -l /'
 
   say "what is on disk"
-  echo "stub layers (metadata only):"; du -sh "$ROOT/snapshots"
+  # -x: an image layer is mounted at its fs; count the image, not the tree it shows
+  echo "layers (metadata only: EROFS images or stub trees):"; du -shx "$ROOT/snapshots"
   echo "objects (file contents, each once):"; du -sh "$ROOT/cas/objects"
   say "casctl stats"
   "$BIN/casctl" --root "$ROOT" stats
