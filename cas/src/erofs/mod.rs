@@ -177,6 +177,21 @@ pub struct Attrs {
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+/// What `stat` shows of a file, without its xattrs.
+impl From<&std::fs::Metadata> for Attrs {
+    fn from(md: &std::fs::Metadata) -> Attrs {
+        use std::os::unix::fs::MetadataExt;
+        Attrs {
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            mtime: md.mtime(),
+            mtime_nsec: md.mtime_nsec() as u32,
+            xattrs: Vec::new(),
+        }
+    }
+}
+
 impl Attrs {
     /// Attributes of a directory a layer names only as the parent of deeper entries:
     /// what the unpack gives such directories (0755, root, time 0).

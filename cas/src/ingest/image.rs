@@ -42,20 +42,12 @@ type Content = Option<(Digest, u64)>;
 
 fn attrs(md: &fs::Metadata, xattrs: Vec<(std::ffi::OsString, Vec<u8>)>) -> Attrs {
     Attrs {
-        mode: md.mode() & 0o7777,
-        uid: md.uid(),
-        gid: md.gid(),
-        mtime: md.mtime(),
-        mtime_nsec: md.mtime_nsec() as u32,
         xattrs: xattrs
             .into_iter()
             .map(|(n, v)| (n.as_bytes().to_vec(), v))
             .collect(),
+        ..Attrs::from(md)
     }
-}
-
-fn refused(e: crate::erofs::ImageError) -> CasError {
-    e.into()
 }
 
 /// Ingests the layer tree at `fs_dir` into `store` as the image `image`, writing its
@@ -113,14 +105,14 @@ pub fn ingest_layer_image(
                 .iter()
                 .filter(|n| n.as_bytes() != XATTR_OPAQUE.as_bytes())
                 .count() as u64;
-            img.dir(&rel, a).map_err(refused)?;
+            img.dir(&rel, a).map_err(CasError::from)?;
             continue;
         }
         if ft.is_symlink() {
             let target = fs::read_link(path).map_err(CasError::io("readlink", path))?;
             let leaf = Leaf::Symlink(target.as_os_str().as_bytes().to_vec());
             img.insert(&rel, attrs(&md, xattrs), leaf)
-                .map_err(refused)?;
+                .map_err(CasError::from)?;
             continue;
         }
         if !ft.is_file() {
@@ -142,12 +134,12 @@ pub fn ingest_layer_image(
             };
             stats.dropped_overlay_xattrs += overlay.len() as u64;
             img.insert(&rel, attrs(&md, xattrs), leaf)
-                .map_err(refused)?;
+                .map_err(CasError::from)?;
             continue;
         }
         let key = (md.dev(), md.ino());
         if let Some((first, content)) = linked.get(&key) {
-            img.link(&rel, first).map_err(refused)?;
+            img.link(&rel, first).map_err(CasError::from)?;
             if let Some((digest, size)) = content {
                 writer.push(&ManifestEntry {
                     path: rel,
@@ -191,7 +183,7 @@ pub fn ingest_layer_image(
             object: content.map(|(d, _)| d),
         };
         img.insert(&rel, attrs(&md, xattrs), leaf)
-            .map_err(refused)?;
+            .map_err(CasError::from)?;
         if md.nlink() > 1 {
             linked.insert(key, (rel.clone(), content));
         }

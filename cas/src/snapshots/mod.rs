@@ -532,11 +532,10 @@ impl Snapshots {
         let applied = manifest.exists() && self.mode == StoreMode::Stubs;
         let parents = self.meta.parent_ids(&rec)?;
         self.mount_chain(&parents)?;
-        let empty = fs::read_dir(&fsdir)
-            .map_err(SnapshotError::io("read dir", &fsdir))?
-            .next()
-            .is_none();
-        if applied && empty && crate::erofs::mount::has_image(&self.layout, rec.id) {
+        if applied
+            && crate::erofs::mount::has_image(&self.layout, rec.id)
+            && !has_entries(&fsdir).map_err(SnapshotError::io("read dir", &fsdir))?
+        {
             // applied before a restart: its image is read through its mount
             crate::erofs::mount::ensure_mounted(self.objects.sys(), &self.layout, rec.id)?;
         }
@@ -790,11 +789,10 @@ impl Snapshots {
             return Ok(());
         }
         let trash = self.layout.tmp_dir().join(format!("ingested-{id}"));
-        let holds_entries = match fs::read_dir(&fs_dir) {
-            Ok(mut d) => d.next().is_some(),
+        let holds_entries = match has_entries(&fs_dir) {
             // moved away by a swap that stopped there
             Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-            Err(e) => return Err(SnapshotError::io("read dir", &fs_dir)(e)),
+            r => r.map_err(SnapshotError::io("read dir", &fs_dir))?,
         };
         if holds_entries {
             remove_tree(&trash)?;
@@ -825,11 +823,6 @@ impl Snapshots {
         Ok(())
     }
 
-    /// Whether new layers applied by the Diff service become EROFS images.
-    pub fn layer_images(&self) -> bool {
-        self.images
-    }
-
     /// Finishes at start the Commits that stopped before their ingested tree was
     /// swapped for the image. Images themselves are mounted when a layer's tree is first
     /// needed ([`Snapshots::mount_chain`]): a start mounts nothing else, however many
@@ -842,10 +835,8 @@ impl Snapshots {
                 continue;
             }
             let fs_dir = self.layout.fs_dir(rec.id);
-            let holds_tree = match fs::read_dir(&fs_dir) {
-                Ok(mut d) => d.next().is_some(),
-                Err(_) => true,
-            };
+            // a missing `fs` is a swap that stopped after moving the tree away
+            let holds_tree = has_entries(&fs_dir).unwrap_or(true);
             if holds_tree && !crate::erofs::mount::is_mounted(&fs_dir) {
                 self.swap_in_image(rec.id)?;
                 finished += 1;
@@ -1115,6 +1106,11 @@ impl Snapshots {
         }
         Ok(stats)
     }
+}
+
+/// Whether the directory `dir` holds anything.
+fn has_entries(dir: &Path) -> io::Result<bool> {
+    Ok(fs::read_dir(dir)?.next().is_some())
 }
 
 /// Removes everything inside `dir`, keeping `dir`.

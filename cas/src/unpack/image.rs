@@ -18,7 +18,6 @@
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -60,14 +59,7 @@ pub(super) fn object_of(leaf: &Leaf) -> Option<(Digest, u64)> {
 /// the image stands in for.
 pub(super) fn root_attrs(fs_dir: &Path) -> Result<Attrs, CasError> {
     let md = fs::metadata(fs_dir).map_err(CasError::io("stat", fs_dir))?;
-    Ok(Attrs {
-        mode: md.mode() & 0o7777,
-        uid: md.uid(),
-        gid: md.gid(),
-        mtime: md.mtime(),
-        mtime_nsec: md.mtime_nsec() as u32,
-        xattrs: Vec::new(),
-    })
+    Ok(Attrs::from(&md))
 }
 
 fn hostile(path: &Path, reason: &'static str) -> CasError {
@@ -77,10 +69,6 @@ fn hostile(path: &Path, reason: &'static str) -> CasError {
     }
 }
 
-fn refused(e: crate::erofs::ImageError) -> CasError {
-    e.into()
-}
-
 impl Unpacker<'_> {
     fn image(&mut self) -> &mut Image {
         self.image.as_mut().expect("image mode")
@@ -88,7 +76,7 @@ impl Unpacker<'_> {
 
     /// `.wh..wh..opq`: the directory `parent` hides the layers below.
     pub(super) fn image_opaque(&mut self, parent: &Path) -> Result<(), UnpackError> {
-        let a = self.image().attrs_mut(parent).map_err(refused)?;
+        let a = self.image().attrs_mut(parent).map_err(CasError::from)?;
         a.xattrs.retain(|(n, _)| n != XATTR_OPAQUE.as_bytes());
         a.xattrs
             .push((XATTR_OPAQUE.as_bytes().to_vec(), b"y".to_vec()));
@@ -104,7 +92,7 @@ impl Unpacker<'_> {
         a.mode = 0;
         self.image()
             .insert(hidden, a, Leaf::WHITEOUT)
-            .map_err(refused)?;
+            .map_err(CasError::from)?;
         Ok(())
     }
 
@@ -114,7 +102,7 @@ impl Unpacker<'_> {
         em: &EntryMeta,
     ) -> Result<(), UnpackError> {
         let a = attrs(&em.meta, &em.xattrs);
-        self.image().dir(rel, a).map_err(refused)?;
+        self.image().dir(rel, a).map_err(CasError::from)?;
         Ok(())
     }
 
@@ -134,7 +122,7 @@ impl Unpacker<'_> {
         let mut a = attrs(&em.meta, &xattrs);
         a.mode = 0o777;
         let leaf = Leaf::Symlink(target.as_bytes().to_vec());
-        self.image().insert(rel, a, leaf).map_err(refused)?;
+        self.image().insert(rel, a, leaf).map_err(CasError::from)?;
         Ok(())
     }
 
@@ -145,7 +133,7 @@ impl Unpacker<'_> {
         em: &EntryMeta,
     ) -> Result<(), UnpackError> {
         let a = attrs(&em.meta, &em.xattrs);
-        self.image().insert(rel, a, leaf).map_err(refused)?;
+        self.image().insert(rel, a, leaf).map_err(CasError::from)?;
         Ok(())
     }
 
@@ -162,7 +150,7 @@ impl Unpacker<'_> {
             object: content.map(|r| r.digest()),
         };
         let a = attrs(meta, xattrs);
-        self.image().insert(rel, a, leaf).map_err(refused)?;
+        self.image().insert(rel, a, leaf).map_err(CasError::from)?;
         Ok(())
     }
 
@@ -187,7 +175,7 @@ impl Unpacker<'_> {
         if target == rel {
             return Ok(());
         }
-        self.image().link(&rel, &target).map_err(refused)?;
+        self.image().link(&rel, &target).map_err(CasError::from)?;
         if let Some((digest, size)) = content {
             self.stats.files += 1;
             self.push_manifest(&rel, digest, size)?;
@@ -227,7 +215,7 @@ impl Unpacker<'_> {
                 .map(|l| l.join(&cur))
                 .find_map(|p| fs::symlink_metadata(p).ok().filter(|m| m.is_dir()));
             let a = match lower {
-                Some(md) => attrs(&FileMeta::from(&md), &[]),
+                Some(md) => Attrs::from(&md),
                 None => {
                     let now = SystemTime::now()
                         .duration_since(SystemTime::UNIX_EPOCH)
@@ -239,7 +227,7 @@ impl Unpacker<'_> {
                     }
                 }
             };
-            self.image().dir(&cur, a).map_err(refused)?;
+            self.image().dir(&cur, a).map_err(CasError::from)?;
         }
         Ok(())
     }
