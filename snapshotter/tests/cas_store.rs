@@ -61,6 +61,37 @@ impl Drop for Mounted {
     }
 }
 
+/// A test's directory. On drop, whatever is still mounted below it (the layers' images a
+/// test's last store left mounted, as a killed daemon would) is detached first, so that
+/// nothing outlives the test.
+struct Scratch(tempfile::TempDir);
+
+impl Scratch {
+    fn new() -> Scratch {
+        Scratch(tempfile::tempdir().unwrap())
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let prefix = format!("{}/", self.0.path().display());
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<&str> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&prefix))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let _ = umount2(p, MntFlags::MNT_DETACH);
+        }
+    }
+}
+
 fn labels() -> HashMap<String, String> {
     HashMap::new()
 }
@@ -115,7 +146,7 @@ async fn materialised_round_trip() {
 
 async fn round_trip(mode: MountMode) {
     assert!(is_root(), "needs root for overlay mounts");
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = Scratch::new();
     let root = tmp.path().join("root");
     let mnt = tmp.path().join("mnt");
     let sn = open_in(&root, mode).await;
@@ -366,7 +397,7 @@ fn meminfo_cached() -> u64 {
 #[ignore = "needs root: real overlay mounts (make unit runs it)"]
 async fn two_images_share_one_page_cache_copy() {
     assert!(is_root(), "needs root for overlay mounts");
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = Scratch::new();
     let root = tmp.path().join("root");
     let sn = open(&root).await;
     // 32 MiB of content that is not all one byte, so nothing could compress or share it
@@ -446,7 +477,7 @@ async fn two_images_share_one_page_cache_copy() {
 #[ignore = "needs root: real overlay mounts (make unit runs it)"]
 async fn gc_racing_commits_and_removes_loses_nothing() {
     assert!(is_root(), "needs root for overlay mounts");
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = Scratch::new();
     let root = tmp.path().join("root");
     let sn = std::sync::Arc::new(open(&root).await);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -525,7 +556,7 @@ async fn gc_racing_commits_and_removes_loses_nothing() {
 #[ignore = "needs root: real overlay mounts (make unit runs it)"]
 async fn a_store_of_stub_trees_takes_image_layers_above_them() {
     assert!(is_root(), "needs root for overlay mounts");
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = Scratch::new();
     let root = tmp.path().join("root");
     let mnt = tmp.path().join("mnt");
     let stubs_only = config::StoreConfig {

@@ -138,3 +138,12 @@ impl Daemon {
         &self.log
     }
 }
+
+impl Drop for Daemon {
+    /// A killed daemon leaves its layers' images mounted (the next start on the root
+    /// reuses them); a test's root goes with the test, so they are detached here.
+    fn drop(&mut self) {
+        self.proc.kill9();
+        unmount_below(&self.root);
+    }
+}
