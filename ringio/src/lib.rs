@@ -22,6 +22,7 @@
 
 pub mod durable;
 pub mod error;
+pub mod idmap;
 pub mod journal;
 pub mod pool;
 
