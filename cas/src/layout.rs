@@ -45,6 +45,9 @@ pub const FS_DIR: &str = "fs";
 pub const WORK_DIR: &str = "work";
 /// `snapshots/<id>/flat`: the merged stub tree of a snapshot and its ancestors.
 pub const FLAT_DIR: &str = "flat";
+/// `snapshots/<id>/mapped`: an ID-mapped snapshot's clones of its layers, one
+/// directory per layer ([`crate::idmap`]).
+pub const MAPPED_DIR: &str = "mapped";
 /// `snapshots/<id>/layer.erofs`: a committed layer's metadata as one EROFS image
 /// ([`crate::erofs`]), mounted read-only at its `fs` while the daemon runs.
 pub const IMAGE_FILE: &str = "layer.erofs";
@@ -218,6 +221,10 @@ impl Layout {
     /// `snapshots/<id>/flat`: the merged stub tree of `<id>` and all its ancestors.
     pub fn flat_dir(&self, id: u64) -> PathBuf {
         self.snapshot_dir(id).join(FLAT_DIR)
+    }
+    /// `snapshots/<id>/mapped`: where an ID-mapped snapshot's layer clones are attached.
+    pub fn mapped_dir(&self, id: u64) -> PathBuf {
+        self.snapshot_dir(id).join(MAPPED_DIR)
     }
     /// `snapshots/<id>/layer.erofs`: the layer's image, when it is one.
     pub fn image_file(&self, id: u64) -> PathBuf {

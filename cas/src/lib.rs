@@ -10,6 +10,7 @@
 //!                        the mount point of the layer's image
 //!   snapshots/<id>/layer.erofs  a layer's metadata as one EROFS image (where it is one)
 //!   snapshots/<id>/work  overlay workdir of active snapshots
+//!   snapshots/<id>/mapped/<layer>  an ID-mapped snapshot's clones of its layers (mounts)
 //!   snapshots/<id>/manifest  a committed layer's file list (authoritative)
 //!   index/               sled: snapshot metadata and object refcounts (rebuildable)
 //!   journal              commit intent records
@@ -33,6 +34,7 @@
 //! * [`snapshots`]: the snapshot lifecycle (create, commit, remove, recovery at open),
 //!   the one owner of the crash-ordered steps;
 //! * [`mounts`]: which mounts containerd gets for a snapshot (pure, unit-tested);
+//! * [`idmap`]: user-namespaced snapshots over ID-mapped clones of shared layers;
 //! * [`probe`]: the start-up check that the kernel serves stubs from the CAS;
 //! * [`sys`]: the calls that need root, behind a trait with a recording fake;
 //! * [`flatten`]: one stub tree standing in for a chain too deep for one mount option;
@@ -77,6 +79,7 @@ pub mod erofs;
 pub mod error;
 pub mod flatten;
 pub mod gc;
+pub mod idmap;
 pub mod index;
 pub mod ingest;
 pub mod journal;

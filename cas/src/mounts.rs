@@ -75,6 +75,9 @@ pub struct Plan {
     pub mounts: Vec<Mount>,
     /// The snapshot id whose `flat` tree must exist before the mounts are handed out.
     pub flat: Option<u64>,
+    /// The ID-mapped clones that must be attached before the mounts are handed out
+    /// (none unless the snapshot is mapped).
+    pub clones: Vec<crate::idmap::Clone>,
 }
 
 /// Plans mounts for snapshots under one store.
@@ -107,19 +110,42 @@ impl MountPlanner {
     /// The mounts of snapshot `id` of `kind` whose ancestors are `parents` (immediate
     /// parent first).
     pub fn plan(&self, kind: Kind, id: u64, parents: &[u64]) -> Plan {
+        self.plan_for(kind, id, parents, false)
+    }
+
+    /// The same, for an ID-mapped snapshot when `mapped`: each lower layer is the
+    /// snapshot's own ID-mapped clone of it (`snapshots/<id>/mapped/<layer>`, or
+    /// `…/mapped/flat` for a flattened chain), listed in [`Plan::clones`].
+    pub fn plan_for(&self, kind: Kind, id: u64, parents: &[u64], mapped: bool) -> Plan {
         let materialised = self.mode == StoreMode::Materialised;
-        let bind = |dir: PathBuf, mode: &str| Plan {
+        let mut clones = Vec::new();
+        let lower = |clones: &mut Vec<crate::idmap::Clone>, source: PathBuf, name: String| {
+            if !mapped {
+                return source;
+            }
+            let target = self.layout.mapped_dir(id).join(name);
+            clones.push(crate::idmap::Clone {
+                source,
+                target: target.clone(),
+            });
+            target
+        };
+        let bind = |dir: PathBuf, mode: &str, clones: Vec<crate::idmap::Clone>| Plan {
             mounts: vec![Mount {
                 kind: "bind".into(),
                 source: dir.display().to_string(),
                 options: vec![mode.into(), "rbind".into()],
             }],
             flat: None,
+            clones,
         };
         match (kind, parents) {
-            (Kind::View, []) => return bind(self.layout.fs_dir(id), "ro"),
-            (_, []) => return bind(self.layout.fs_dir(id), "rw"),
-            (Kind::View, [only]) if materialised => return bind(self.layout.fs_dir(*only), "ro"),
+            (Kind::View, []) => return bind(self.layout.fs_dir(id), "ro", clones),
+            (_, []) => return bind(self.layout.fs_dir(id), "rw", clones),
+            (Kind::View, [only]) if materialised => {
+                let dir = lower(&mut clones, self.layout.fs_dir(*only), only.to_string());
+                return bind(dir, "ro", clones);
+            }
             _ => {}
         }
         let mut options = Vec::new();
@@ -137,7 +163,11 @@ impl MountPlanner {
         let objects = objects.display();
         let layers: Vec<String> = parents
             .iter()
-            .map(|p| self.layout.fs_dir(*p).display().to_string())
+            .map(|p| {
+                lower(&mut clones, self.layout.fs_dir(*p), p.to_string())
+                    .display()
+                    .to_string()
+            })
             .collect();
         if materialised {
             options.push(format!("lowerdir={}", layers.join(":")));
@@ -146,11 +176,10 @@ impl MountPlanner {
         }
         let mut flat = None;
         if !materialised && options.join(",").len() >= PAGE_SIZE {
+            clones.clear();
+            let dir = lower(&mut clones, self.layout.flat_dir(parents[0]), FLAT_CLONE.to_string());
             options.pop();
-            options.push(format!(
-                "lowerdir={}::{objects}",
-                self.layout.flat_dir(parents[0]).display()
-            ));
+            options.push(format!("lowerdir={}::{objects}", dir.display()));
             flat = Some(parents[0]);
         }
         Plan {
@@ -160,9 +189,13 @@ impl MountPlanner {
                 options,
             }],
             flat,
+            clones,
         }
     }
 }
+
+/// The name of a mapped snapshot's clone of its chain's flattened tree.
+const FLAT_CLONE: &str = "flat";
 
 #[cfg(test)]
 mod tests {
@@ -243,6 +276,44 @@ mod tests {
             ["overlay overlay metacopy=on,lowerdir=/r/snapshots/4/fs:/r/snapshots/2/fs::/r/cas/objects"]
         );
         assert_eq!(plan.flat, None);
+    }
+
+    #[test]
+    fn mapped_snapshots_mount_their_own_clones_of_the_layers() {
+        let plan = planner(false).plan_for(Kind::Active, 9, &[4, 2], true);
+        assert_eq!(
+            show(&plan),
+            ["overlay overlay metacopy=on,workdir=/r/snapshots/9/work,upperdir=/r/snapshots/9/fs,lowerdir=/r/snapshots/9/mapped/4:/r/snapshots/9/mapped/2::/r/cas/objects"]
+        );
+        let pairs: Vec<(String, String)> = plan
+            .clones
+            .iter()
+            .map(|c| (c.source.display().to_string(), c.target.display().to_string()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("/r/snapshots/4/fs".into(), "/r/snapshots/9/mapped/4".into()),
+                ("/r/snapshots/2/fs".into(), "/r/snapshots/9/mapped/2".into())
+            ]
+        );
+        // a parentless one has nothing to map: its own directory is chowned
+        assert!(planner(false).plan_for(Kind::Active, 1, &[], true).clones.is_empty());
+        assert!(planner(false).plan(Kind::Active, 9, &[4]).clones.is_empty());
+        let m = MountPlanner::new(
+            Layout::at("/r"),
+            OverlayFeatures::default(),
+            StoreMode::Materialised,
+        );
+        let view = m.plan_for(Kind::View, 5, &[3], true);
+        assert_eq!(show(&view), ["bind /r/snapshots/5/mapped/3 ro,rbind"]);
+        assert_eq!(view.clones.len(), 1);
+        let deep: Vec<u64> = (1_000_000..1_000_200).rev().collect();
+        let plan = planner(true).plan_for(Kind::Active, 2_000_000, &deep, true);
+        assert_eq!(plan.flat, Some(1_000_199));
+        assert_eq!(plan.clones.len(), 1);
+        assert_eq!(plan.clones[0].source, Path::new("/r/snapshots/1000199/flat"));
+        assert!(show(&plan)[0].ends_with("lowerdir=/r/snapshots/2000000/mapped/flat::/r/cas/objects"));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 
 use std::fs;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
@@ -39,6 +39,18 @@ pub enum ProbeError {
         options: String,
         /// The kernel's answer.
         errno: nix::errno::Errno,
+    },
+    /// A layer could not be ID-mapped (no idmapped mounts for its filesystem, or no
+    /// user namespaces).
+    #[error("ID-mapping a layer failed (needs Linux >= 5.19 and idmapped mounts on the layer's filesystem): {0}")]
+    Idmap(#[source] io::Error),
+    /// An ID-mapped layer under overlayfs did not show the mapped owner.
+    #[error("overlayfs over an ID-mapped layer showed owner {got}, not {want}")]
+    Owner {
+        /// The owner seen.
+        got: u32,
+        /// The one mapped.
+        want: u32,
     },
     /// The mount worked but the stub did not read as its object.
     #[error("overlayfs mounted a data-only lower layer but a stub read back {got:?}")]
@@ -67,7 +79,78 @@ pub fn probe_layer_images(scratch: &Path) -> Result<(), ProbeError> {
     result
 }
 
+/// The kind of layer a probe mounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeLayer {
+    /// A one-file EROFS image over a data-only layer.
+    Image,
+    /// A one-stub tree over a data-only layer.
+    StubTree,
+    /// A tree holding the file itself (a materialised store's layers).
+    Plain,
+}
+
+/// Runs the ID-mapping probe in a fresh directory under `scratch` (removed afterwards):
+/// a one-file layer of the kind new layers are, ID-mapped (0 to [`PROBE_HOST_ID`]) and
+/// mounted as an overlay's lower layer (over a data-only layer, but for a plain tree),
+/// must show the mapped owner and read the file's bytes.
+pub fn probe_idmapped_layers(scratch: &Path, layer: ProbeLayer) -> Result<(), ProbeError> {
+    let dir = scratch.join(format!("probe-idmap-{}", std::process::id()));
+    let result = run_idmapped(&dir, layer);
+    for m in ["mnt", "mapped", "layer"] {
+        let _ = umount2(&dir.join(m), MntFlags::MNT_DETACH);
+    }
+    let _ = fs::remove_dir_all(&dir);
+    result
+}
+
+/// The host ID the ID-mapping probe maps root to.
+const PROBE_HOST_ID: u32 = 1_000_000;
+
+fn run_idmapped(dir: &Path, kind: ProbeLayer) -> Result<(), ProbeError> {
+    use std::os::unix::fs::MetadataExt;
+    let setup = |source| ProbeError::Setup {
+        dir: dir.display().to_string(),
+        source,
+    };
+    let (layer, data) = match kind {
+        ProbeLayer::Image => image_layer(dir)?,
+        ProbeLayer::StubTree => stub_layer(dir)?,
+        ProbeLayer::Plain => {
+            let layer = dir.join("layer");
+            fs::create_dir_all(&layer).map_err(setup)?;
+            fs::write(layer.join("file"), PROBE_DATA).map_err(setup)?;
+            (layer, None)
+        }
+    };
+    let (mapped, mnt) = (dir.join("mapped"), dir.join("mnt"));
+    fs::create_dir_all(&mapped).map_err(setup)?;
+    let range = [ringio::idmap::IdRange {
+        inside: 0,
+        outside: PROBE_HOST_ID,
+        count: 1,
+    }];
+    let ns = ringio::idmap::UserNs::new(&range, &range).map_err(ProbeError::Idmap)?;
+    ringio::idmap::clone_idmapped(&layer, &mapped, &ns).map_err(ProbeError::Idmap)?;
+    read_through_overlay(&mapped, data.as_deref(), &mnt)?;
+    let got = fs::metadata(mnt.join("file")).map_err(setup)?.uid();
+    if got != PROBE_HOST_ID {
+        return Err(ProbeError::Owner {
+            got,
+            want: PROBE_HOST_ID,
+        });
+    }
+    Ok(())
+}
+
 fn run_images(dir: &Path) -> Result<(), ProbeError> {
+    let (layer, data) = image_layer(dir)?;
+    read_through_overlay(&layer, data.as_deref(), &dir.join("mnt"))
+}
+
+/// A one-file EROFS image mounted at `dir/layer` whose file redirects to an object in
+/// `dir/data`; returns both.
+fn image_layer(dir: &Path) -> Result<(PathBuf, Option<PathBuf>), ProbeError> {
     use crate::erofs::{Attrs, Image, Leaf};
     let setup = |source| ProbeError::Setup {
         dir: dir.display().to_string(),
@@ -105,16 +188,22 @@ fn run_images(dir: &Path) -> Result<(), ProbeError> {
         options: format!("-t erofs {}", image.display()),
         errno,
     })?;
-    read_through_overlay(&layer, &data, &mnt)
+    Ok((layer, Some(data)))
 }
 
 fn run(dir: &Path) -> Result<(), ProbeError> {
+    let (layer, data) = stub_layer(dir)?;
+    read_through_overlay(&layer, data.as_deref(), &dir.join("mnt"))
+}
+
+/// A one-stub tree at `dir/layer` redirecting to an object in `dir/data`; returns both.
+fn stub_layer(dir: &Path) -> Result<(PathBuf, Option<PathBuf>), ProbeError> {
     let setup = |source| ProbeError::Setup {
         dir: dir.display().to_string(),
         source,
     };
     let digest = crate::Digest::of(PROBE_DATA);
-    let (stubs, data, mnt) = (dir.join("stubs"), dir.join("data"), dir.join("mnt"));
+    let (stubs, data, mnt) = (dir.join("layer"), dir.join("data"), dir.join("mnt"));
     let object = data.join(digest.object_relpath());
     for d in [
         &stubs,
@@ -135,20 +224,24 @@ fn run(dir: &Path) -> Result<(), ProbeError> {
         digest.redirect().as_bytes(),
     )
     .map_err(setup)?;
-    read_through_overlay(&stubs, &data, &mnt)
+    Ok((stubs, Some(data)))
 }
 
-/// Mounts `lower` over the data-only `data` at `mnt` and reads the probe's file.
-fn read_through_overlay(lower: &Path, data: &Path, mnt: &Path) -> Result<(), ProbeError> {
+/// Mounts `lower` (over the data-only `data`, if any) at `mnt` and reads the probe's
+/// file.
+fn read_through_overlay(lower: &Path, data: Option<&Path>, mnt: &Path) -> Result<(), ProbeError> {
     let setup = |source| ProbeError::Setup {
         dir: mnt.display().to_string(),
         source,
     };
-    let options = format!(
-        "metacopy=on,lowerdir={}::{}",
-        lower.display(),
-        data.display()
-    );
+    let options = match data {
+        Some(data) => format!(
+            "metacopy=on,lowerdir={}::{}",
+            lower.display(),
+            data.display()
+        ),
+        None => format!("lowerdir={}", lower.display()),
+    };
     mount(
         Some("overlay"),
         mnt,

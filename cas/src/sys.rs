@@ -43,6 +43,19 @@ pub trait Syscalls: Send + Sync + std::fmt::Debug {
     /// Mounts the EROFS image `image` (a regular file) read-only at `at`.
     fn mount_image(&self, image: &Path, at: &Path) -> io::Result<()>;
 
+    /// Whether layers can be ID-mapped under overlayfs (see [`crate::idmap`]), tried in
+    /// `scratch` on a layer of the kind new layers are.
+    fn probe_idmapped_layers(
+        &self,
+        scratch: &Path,
+        layer: crate::probe::ProbeLayer,
+    ) -> Result<(), ProbeError>;
+
+    /// Attaches an ID-mapped, read-only clone of each `source` at its `target`, through
+    /// one user namespace carrying `map`.
+    fn idmap_clones(&self, map: &crate::idmap::IdMapping, clones: &[crate::idmap::Clone])
+        -> io::Result<()>;
+
     /// Detaches the mount at `at` (lazily: users of it keep it until they let go).
     fn unmount(&self, at: &Path) -> io::Result<()>;
 
@@ -87,6 +100,26 @@ impl Syscalls for Host {
             flags,
             None::<&str>,
         )?)
+    }
+
+    fn probe_idmapped_layers(
+        &self,
+        scratch: &Path,
+        layer: crate::probe::ProbeLayer,
+    ) -> Result<(), ProbeError> {
+        crate::probe::probe_idmapped_layers(scratch, layer)
+    }
+
+    fn idmap_clones(
+        &self,
+        map: &crate::idmap::IdMapping,
+        clones: &[crate::idmap::Clone],
+    ) -> io::Result<()> {
+        let ns = ringio::idmap::UserNs::new(&map.uids, &map.gids)?;
+        for c in clones {
+            ringio::idmap::clone_idmapped(&c.source, &c.target, &ns)?;
+        }
+        Ok(())
     }
 
     fn unmount(&self, at: &Path) -> io::Result<()> {
@@ -229,6 +262,23 @@ pub mod fake {
         }
 
         fn mount_image(&self, _image: &Path, _at: &Path) -> io::Result<()> {
+            Err(io::Error::from(io::ErrorKind::Unsupported))
+        }
+
+        /// Nor does it ID-map: mapped snapshots on it need chowned layers.
+        fn probe_idmapped_layers(
+            &self,
+            _scratch: &Path,
+            _layer: crate::probe::ProbeLayer,
+        ) -> Result<(), ProbeError> {
+            Err(ProbeError::Idmap(io::Error::from(io::ErrorKind::Unsupported)))
+        }
+
+        fn idmap_clones(
+            &self,
+            _map: &crate::idmap::IdMapping,
+            _clones: &[crate::idmap::Clone],
+        ) -> io::Result<()> {
             Err(io::Error::from(io::ErrorKind::Unsupported))
         }
 

@@ -18,6 +18,7 @@
 //! mount_mode = "auto" # auto | data-only | materialised
 //! layer_metadata = "auto"  # auto (EROFS images where the kernel mounts them) | erofs | stubs
 //! journal = "auto"    # auto (RWF_ATOMIC where supported) | rename
+//! idmapped_layers = "auto"  # auto (ID-mapped clones of layers where the kernel can) | off
 //!
 //! [gc]
 //! interval = "off"    # off | a duration ("30m", "6h"): scheduled GC
@@ -206,6 +207,20 @@ pub struct StoreConfig {
     pub layer_metadata: LayerMetadata,
     /// How commit records are made durable.
     pub journal: JournalKind,
+    /// How user-namespaced (ID-mapped) snapshots are served.
+    pub idmapped_layers: IdmappedLayers,
+}
+
+/// How user-namespaced snapshots are served (`[store] idmapped_layers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdmappedLayers {
+    /// By ID-mapped clones of the shared layers where the kernel can (probed at
+    /// start); containerd then needs `capabilities = ["remap-ids"]` for the plugin.
+    #[default]
+    Auto,
+    /// Never: containerd must chown a copy of the layers (no `remap-ids` declared).
+    Off,
 }
 
 /// The `[gc]` section.
@@ -496,6 +511,9 @@ mod tests {
         let cfg = Config::from_toml("[store]\nlayer_metadata = \"stubs\"\n", "t").unwrap();
         assert_eq!(cfg.store.layer_metadata, LayerMetadata::Stubs);
         assert!(Config::from_toml("[store]\nlayer_metadata = \"composefs\"\n", "t").is_err());
+        let cfg = Config::from_toml("[store]\nidmapped_layers = \"off\"\n", "t").unwrap();
+        assert_eq!(cfg.store.idmapped_layers, IdmappedLayers::Off);
+        assert!(Config::from_toml("[store]\nidmapped_layers = true\n", "t").is_err());
         let cfg = Config::from_toml("[store]\njournal = \"rename\"\n", "t").unwrap();
         assert_eq!(cfg.store.journal, JournalKind::Rename);
     }

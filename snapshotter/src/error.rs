@@ -66,7 +66,10 @@ impl From<ServiceError> for tonic::Status {
                 SnapshotError::NotFound(_) => tonic::Status::not_found(msg),
                 SnapshotError::AlreadyExists(_) => tonic::Status::already_exists(msg),
                 SnapshotError::FailedPrecondition { .. } => tonic::Status::failed_precondition(msg),
-                SnapshotError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+                SnapshotError::InvalidArgument(_) | SnapshotError::Mapping(_) => {
+                    tonic::Status::invalid_argument(msg)
+                }
+                SnapshotError::IdmapUnavailable { .. } => tonic::Status::failed_precondition(msg),
                 SnapshotError::Store(ref e) => store_status(e, msg),
                 SnapshotError::Unpack(ref e) => match e {
                     _ if e.is_enospc() => full(&msg),
@@ -115,6 +118,16 @@ mod tests {
         };
         assert_eq!(code(busy), Code::FailedPrecondition);
         assert_eq!(code(S::InvalidArgument("x".into())), Code::InvalidArgument);
+        let incomplete = cas::idmap::MappingError::Incomplete {
+            present: cas::idmap::UID_MAPPING_LABEL,
+            missing: cas::idmap::GID_MAPPING_LABEL,
+        };
+        assert_eq!(code(S::Mapping(incomplete)), Code::InvalidArgument);
+        let unmappable = S::IdmapUnavailable {
+            key: "k".into(),
+            reason: "off".into(),
+        };
+        assert_eq!(code(unmappable), Code::FailedPrecondition);
         assert_eq!(
             code(ServiceError::InvalidArgument("x".into())),
             Code::InvalidArgument

@@ -12,10 +12,12 @@ use std::sync::Arc;
 
 use cas::gc::GcStats;
 use cas::index::{Kind, Record};
-use cas::snapshots::{OpenOptions, RequestedLayers, RequestedMode, SnapshotError, Snapshots};
+use cas::snapshots::{
+    OpenOptions, RequestedIdmap, RequestedLayers, RequestedMode, SnapshotError, Snapshots,
+};
 use cas::unpack::{Applied, Limits};
 use cas::{Digest, Layout, StoreMode};
-use config::{JournalKind, LayerMetadata, MountMode};
+use config::{IdmappedLayers, JournalKind, LayerMetadata, MountMode};
 use containerd_snapshots::{api::types::Mount, Info, Snapshotter, Usage};
 use ringio::journal::JournalMode;
 use tracing::instrument;
@@ -64,6 +66,10 @@ impl CasSnapshotter {
             journal: match store.journal {
                 JournalKind::Auto => JournalMode::Auto,
                 JournalKind::Rename => JournalMode::ForceRename,
+            },
+            idmapped_layers: match store.idmapped_layers {
+                IdmappedLayers::Auto => RequestedIdmap::Auto,
+                IdmappedLayers::Off => RequestedIdmap::Off,
             },
         };
         let store = Snapshots::open(layout, opts, Arc::new(cas::sys::Host))?;

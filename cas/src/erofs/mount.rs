@@ -48,8 +48,10 @@ pub fn ensure_mounted(sys: &dyn Syscalls, layout: &Layout, id: u64) -> Result<bo
 }
 
 /// Removes the snapshot directory `dir`, detaching first an image mounted at its `fs`
-/// (a tree is never deleted through a mount).
+/// and the ID-mapped clones of layers it holds (a tree is never deleted through a
+/// mount).
 pub fn remove_snapshot_dir(sys: &dyn Syscalls, dir: &Path) -> Result<(), CasError> {
+    crate::idmap::detach_clones(sys, &dir.join(crate::layout::MAPPED_DIR))?;
     unmount(sys, &dir.join(crate::layout::FS_DIR))?;
     crate::layout::remove_tree(dir)
 }

@@ -101,6 +101,18 @@ pub enum SnapshotError {
     /// A layer could not be applied (see [`crate::unpack`]).
     #[error("applying the layer: {0}")]
     Unpack(UnpackError),
+    /// A snapshot's ID-mapping labels are malformed or incomplete.
+    #[error("invalid ID mapping: {0}")]
+    Mapping(#[from] crate::idmap::MappingError),
+    /// An ID-mapped snapshot over layers that need mapping, where the store cannot map
+    /// them (containerd should have chowned a copy).
+    #[error("snapshot {key:?} asks for an ID mapping, but layers cannot be ID-mapped here ({reason}); leave \"remap-ids\" out of the capabilities of this snapshotter in containerd's config so that containerd chowns a copy of the layers")]
+    IdmapUnavailable {
+        /// The snapshot.
+        key: String,
+        /// Why (the start-up probe's answer, or the configuration).
+        reason: String,
+    },
     /// The kernel cannot serve stubs (found by the start-up probe).
     #[error(transparent)]
     Unsupported(#[from] ProbeError),
@@ -175,6 +187,17 @@ pub enum RequestedLayers {
     StubTrees,
 }
 
+/// Whether ID-mapped snapshots are served by ID-mapped clones of their layers
+/// (`[store] idmapped_layers`, see [`crate::idmap`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RequestedIdmap {
+    /// Where the kernel can (probed at open).
+    #[default]
+    Auto,
+    /// Never: ID-mapped snapshots need layers containerd chowned.
+    Off,
+}
+
 /// How [`Snapshots::open`] opens a store.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenOptions {
@@ -182,6 +205,8 @@ pub struct OpenOptions {
     pub mode: RequestedMode,
     /// How new layers keep their metadata; a store reads both kinds whatever it writes.
     pub layers: RequestedLayers,
+    /// Whether ID-mapped snapshots may be served by ID-mapped clones of their layers.
+    pub idmapped_layers: RequestedIdmap,
     /// The journal backend.
     pub journal: ringio::journal::JournalMode,
 }
@@ -216,6 +241,8 @@ pub struct Snapshots {
     mode: StoreMode,
     /// Whether the Diff service's applies write one EROFS image per layer.
     images: bool,
+    /// Why ID-mapped snapshots cannot be served by clones of their layers, if so.
+    idmap_unavailable: Option<String>,
     /// Serialises putting images in place (a Commit, Mounts of several children).
     mounting: Mutex<()>,
     layout: Layout,
@@ -331,6 +358,14 @@ impl Snapshots {
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
         check_key("key", key)?;
+        let mapping = crate::idmap::IdMapping::from_labels(&labels)?;
+        if let Some(m) = &mapping {
+            if m.host_root().is_none() {
+                return Err(SnapshotError::InvalidArgument(format!(
+                    "snapshot {key:?}: its ID mapping leaves the container's root (0) unmapped"
+                )));
+            }
+        }
         let (id, parent_ids) = {
             let _w = lock(&self.writer);
             if self.meta.get(key)?.is_some() {
@@ -348,9 +383,18 @@ impl Snapshots {
                 }
                 parent_ids.push(prec.id);
                 parent_ids.extend(self.meta.parent_ids(&prec)?);
+                // the parent's own root, not the mount point an unmounted image hides
+                self.mount_chain(&parent_ids[..1])?;
                 let pfs = self.layout.fs_dir(prec.id);
                 let md = fs::metadata(&pfs).map_err(SnapshotError::io("stat", &pfs))?;
                 owner = Some((md.uid(), md.gid()));
+                if let Some(m) = &mapping {
+                    self.check_mappable(key, m, &pfs)?;
+                }
+            }
+            // an ID-mapped container's root owns its upper directory
+            if let Some(root) = mapping.as_ref().and_then(|m| m.host_root()) {
+                owner = Some(root);
             }
             let id = self.meta.next_id()?;
             let dir = self.layout.snapshot_dir(id);
@@ -380,10 +424,30 @@ impl Snapshots {
                 let _ = fs::remove_dir_all(&dir);
                 return Err(e);
             }
-            debug!(%key, id, ?kind, "created");
+            debug!(%key, id, ?kind, mapped = mapping.is_some(), "created");
             (id, parent_ids)
         };
-        self.mounts_of(kind, id, &parent_ids)
+        self.mounts_of(kind, id, &parent_ids, mapping.as_ref())
+    }
+
+    /// Refuses an ID-mapped snapshot over the layer tree `top` when its layers need
+    /// mapping and cannot be mapped here.
+    fn check_mappable(&self, key: &str, map: &crate::idmap::IdMapping, top: &Path) -> Result<()> {
+        match &self.idmap_unavailable {
+            Some(reason) if crate::idmap::needs_clones(map, top)? => {
+                Err(SnapshotError::IdmapUnavailable {
+                    key: key.to_string(),
+                    reason: reason.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Why ID-mapped snapshots cannot be served by ID-mapped clones of their layers
+    /// here, or `None` when they can.
+    pub fn idmap_unavailable(&self) -> Option<&str> {
+        self.idmap_unavailable.as_deref()
     }
 
     /// Builds `snapshots/new-<id>` and renames it to `snapshots/<id>`; on failure
@@ -468,14 +532,38 @@ impl Snapshots {
             });
         }
         let parents = self.meta.parent_ids(&rec)?;
-        self.mounts_of(rec.kind, rec.id, &parents)
+        let mapping = crate::idmap::IdMapping::from_labels(&rec.labels)?;
+        self.mounts_of(rec.kind, rec.id, &parents, mapping.as_ref())
     }
 
-    fn mounts_of(&self, kind: Kind, id: u64, parents: &[u64]) -> Result<Vec<Mount>> {
+    /// The mounts of snapshot `id`, with what they name put in place first: the
+    /// parents' images mounted, a deep chain's flattened tree, and an ID-mapped
+    /// snapshot's clones of its layers (unless containerd chowned the layers itself).
+    fn mounts_of(
+        &self,
+        kind: Kind,
+        id: u64,
+        parents: &[u64],
+        mapping: Option<&crate::idmap::IdMapping>,
+    ) -> Result<Vec<Mount>> {
         self.mount_chain(parents)?;
-        let plan = self.planner.plan(kind, id, parents);
+        let mapped = match (mapping, parents.first()) {
+            (Some(m), Some(&top)) => crate::idmap::needs_clones(m, &self.layout.fs_dir(top))?,
+            _ => false,
+        };
+        let plan = self.planner.plan_for(kind, id, parents, mapped);
         if let Some(top) = plan.flat {
             self.ensure_flat(top, parents)?;
+        }
+        if let (Some(m), false) = (mapping, plan.clones.is_empty()) {
+            if let Some(reason) = &self.idmap_unavailable {
+                return Err(SnapshotError::IdmapUnavailable {
+                    key: format!("#{id}"),
+                    reason: reason.clone(),
+                });
+            }
+            let _m = lock(&self.mounting);
+            crate::idmap::ensure_clones(self.objects.sys(), m, &plan.clones)?;
         }
         Ok(plan.mounts)
     }
@@ -694,6 +782,7 @@ impl Snapshots {
             // crash leaves it in `cas/tmp`, which is swept at start and by GC.
             let trash = self.layout.tmp_dir().join(format!("removed-{}", rec.id));
             crate::erofs::mount::unmount(self.objects.sys(), &self.layout.fs_dir(rec.id))?;
+            crate::idmap::detach_clones(self.objects.sys(), &self.layout.mapped_dir(rec.id))?;
             match fs::rename(&dir, &trash) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
                     return Err(SnapshotError::io("rename", &dir)(e))
@@ -768,14 +857,16 @@ impl Snapshots {
         let _w = lock(&self.writer);
         self.log.mark_clean_stop(&self.meta)?;
         // no mount outlives the daemon; containers keep their overlays' own clones
-        let mut detached = 0;
+        let (mut detached, mut clones) = (0, 0);
         for (_, rec) in self.meta.all()? {
-            if crate::erofs::mount::unmount(self.objects.sys(), &self.layout.fs_dir(rec.id))? {
+            let sys = self.objects.sys();
+            clones += crate::idmap::detach_clones(sys, &self.layout.mapped_dir(rec.id))?;
+            if crate::erofs::mount::unmount(sys, &self.layout.fs_dir(rec.id))? {
                 detached += 1;
             }
         }
-        if detached > 0 {
-            info!(detached, "layer images unmounted");
+        if detached + clones > 0 {
+            info!(detached, clones, "layer images and ID-mapped clones unmounted");
         }
         Ok(())
     }

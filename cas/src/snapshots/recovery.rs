@@ -22,7 +22,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::{lock, OpenOptions, RequestedLayers, RequestedMode, Result, SnapshotError, Snapshots};
+use super::{
+    lock, OpenOptions, RequestedIdmap, RequestedLayers, RequestedMode, Result, SnapshotError,
+    Snapshots,
+};
 use crate::digest::Digest;
 use crate::erofs::mount::remove_snapshot_dir;
 use crate::error::CasError;
@@ -73,11 +76,13 @@ impl Snapshots {
         );
         let mode = choose_mode(&layout, opts.mode, &*sys)?;
         let images = choose_layers(&layout, mode, opts.layers, &*sys)?;
+        let idmap_unavailable = choose_idmap(&layout, mode, images, opts.idmapped_layers, &*sys);
         let features = OverlayFeatures::probe();
         info!(index_off = features.index_param, ?mode, "store mode chosen");
         let mut sn = Snapshots {
             mode,
             images,
+            idmap_unavailable,
             mounting: Default::default(),
             objects: ObjectStore::new(&layout).with_syscalls(sys),
             planner: MountPlanner::new(layout.clone(), features, mode),
@@ -186,6 +191,34 @@ pub(super) fn choose_mode(
         info!("overlayfs probed: stubs are served from the CAS as a data-only lower layer");
     }
     Ok(mode)
+}
+
+/// Why ID-mapped snapshots cannot be served by ID-mapped clones of their layers, or
+/// `None` when they can: probed on a layer of the kind new layers are.
+fn choose_idmap(
+    layout: &Layout,
+    mode: StoreMode,
+    images: bool,
+    wanted: RequestedIdmap,
+    sys: &dyn Syscalls,
+) -> Option<String> {
+    let why = if wanted == RequestedIdmap::Off {
+        Some("turned off: [store] idmapped_layers = \"off\"".to_string())
+    } else {
+        use crate::probe::ProbeLayer;
+        let layer = match (mode, images) {
+            (StoreMode::Stubs, true) => ProbeLayer::Image,
+            (StoreMode::Stubs, false) => ProbeLayer::StubTree,
+            (StoreMode::Materialised, _) => ProbeLayer::Plain,
+        };
+        let probed = sys.probe_idmapped_layers(&layout.tmp_dir(), layer);
+        probed.err().map(|e| e.to_string())
+    };
+    match &why {
+        None => info!("ID-mapped snapshots are served by ID-mapped clones of their layers (declare capabilities = [\"remap-ids\"] in containerd's [proxy_plugins] entry)"),
+        Some(why) => warn!(reason = %why, "ID-mapped snapshots need layers containerd chowned (leave \"remap-ids\" out of containerd's capabilities for this snapshotter)"),
+    }
+    why
 }
 
 /// Whether new layers become EROFS images: where the store serves layers from the CAS
