@@ -50,6 +50,10 @@ pub struct Stats {
     /// What new layers become (filled in by the running daemon).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_layers: Option<String>,
+    /// How user-namespaced (ID-mapped) snapshots are served (filled in by the running
+    /// daemon).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_mapped_snapshots: Option<String>,
     /// How commit records are made durable (filled in by the running daemon).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal: Option<String>,

@@ -95,7 +95,8 @@ fn parse_ranges(label: &'static str, value: &str) -> Result<Vec<IdRange>, Mappin
         if r.count == 0 {
             return Err(bad("a range of no IDs"));
         }
-        if r.inside.checked_add(r.count - 1).is_none() || r.outside.checked_add(r.count - 1).is_none()
+        if r.inside.checked_add(r.count - 1).is_none()
+            || r.outside.checked_add(r.count - 1).is_none()
         {
             return Err(bad("a range past the last ID"));
         }
@@ -113,7 +114,9 @@ fn to_host(ranges: &[IdRange], id: u32) -> Option<u32> {
 
 impl IdMapping {
     /// The mapping a snapshot's labels ask for: none without either label.
-    pub fn from_labels(labels: &BTreeMap<String, String>) -> Result<Option<IdMapping>, MappingError> {
+    pub fn from_labels(
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<IdMapping>, MappingError> {
         match (labels.get(UID_MAPPING_LABEL), labels.get(GID_MAPPING_LABEL)) {
             (None, None) => Ok(None),
             (Some(_), None) => Err(MappingError::Incomplete {
@@ -166,15 +169,19 @@ pub struct Clone {
 
 /// Attaches the clones of `clones` that are not attached yet, all through one user
 /// namespace carrying `map`.
-pub fn ensure_clones(sys: &dyn Syscalls, map: &IdMapping, clones: &[Clone]) -> Result<(), CasError> {
+pub fn ensure_clones(
+    sys: &dyn Syscalls,
+    map: &IdMapping,
+    clones: &[Clone],
+) -> Result<(), CasError> {
     let mut missing = Vec::new();
     for c in clones {
         match fs::create_dir_all(&c.target) {
             Ok(()) => {}
             Err(e) => return Err(CasError::io("mkdir", &c.target)(e)),
         }
-        let attached = ringio::idmap::is_mount_root(&c.target)
-            .map_err(CasError::io("statx", &c.target))?;
+        let attached =
+            ringio::idmap::is_mount_root(&c.target).map_err(CasError::io("statx", &c.target))?;
         if !attached {
             missing.push(c.clone());
         }
@@ -223,9 +230,12 @@ mod tests {
     #[test]
     fn labels_as_containerd_writes_them() {
         assert_eq!(IdMapping::from_labels(&labels(None, None)), Ok(None));
-        let m = IdMapping::from_labels(&labels(Some("0:100000:65536"), Some("0:200000:65536,65536:5:1")))
-            .unwrap()
-            .unwrap();
+        let m = IdMapping::from_labels(&labels(
+            Some("0:100000:65536"),
+            Some("0:200000:65536,65536:5:1"),
+        ))
+        .unwrap()
+        .unwrap();
         assert_eq!(m.host_root(), Some((100_000, 200_000)));
         assert_eq!(m.gids.len(), 2);
         assert_eq!(to_host(&m.gids, 65_536), Some(5));

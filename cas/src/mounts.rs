@@ -177,7 +177,11 @@ impl MountPlanner {
         let mut flat = None;
         if !materialised && options.join(",").len() >= PAGE_SIZE {
             clones.clear();
-            let dir = lower(&mut clones, self.layout.flat_dir(parents[0]), FLAT_CLONE.to_string());
+            let dir = lower(
+                &mut clones,
+                self.layout.flat_dir(parents[0]),
+                FLAT_CLONE.to_string(),
+            );
             options.pop();
             options.push(format!("lowerdir={}::{objects}", dir.display()));
             flat = Some(parents[0]);
@@ -288,7 +292,12 @@ mod tests {
         let pairs: Vec<(String, String)> = plan
             .clones
             .iter()
-            .map(|c| (c.source.display().to_string(), c.target.display().to_string()))
+            .map(|c| {
+                (
+                    c.source.display().to_string(),
+                    c.target.display().to_string(),
+                )
+            })
             .collect();
         assert_eq!(
             pairs,
@@ -298,7 +307,10 @@ mod tests {
             ]
         );
         // a parentless one has nothing to map: its own directory is chowned
-        assert!(planner(false).plan_for(Kind::Active, 1, &[], true).clones.is_empty());
+        assert!(planner(false)
+            .plan_for(Kind::Active, 1, &[], true)
+            .clones
+            .is_empty());
         assert!(planner(false).plan(Kind::Active, 9, &[4]).clones.is_empty());
         let m = MountPlanner::new(
             Layout::at("/r"),
@@ -312,8 +324,13 @@ mod tests {
         let plan = planner(true).plan_for(Kind::Active, 2_000_000, &deep, true);
         assert_eq!(plan.flat, Some(1_000_199));
         assert_eq!(plan.clones.len(), 1);
-        assert_eq!(plan.clones[0].source, Path::new("/r/snapshots/1000199/flat"));
-        assert!(show(&plan)[0].ends_with("lowerdir=/r/snapshots/2000000/mapped/flat::/r/cas/objects"));
+        assert_eq!(
+            plan.clones[0].source,
+            Path::new("/r/snapshots/1000199/flat")
+        );
+        assert!(
+            show(&plan)[0].ends_with("lowerdir=/r/snapshots/2000000/mapped/flat::/r/cas/objects")
+        );
     }
 
     #[test]

@@ -53,8 +53,11 @@ pub trait Syscalls: Send + Sync + std::fmt::Debug {
 
     /// Attaches an ID-mapped, read-only clone of each `source` at its `target`, through
     /// one user namespace carrying `map`.
-    fn idmap_clones(&self, map: &crate::idmap::IdMapping, clones: &[crate::idmap::Clone])
-        -> io::Result<()>;
+    fn idmap_clones(
+        &self,
+        map: &crate::idmap::IdMapping,
+        clones: &[crate::idmap::Clone],
+    ) -> io::Result<()>;
 
     /// Detaches the mount at `at` (lazily: users of it keep it until they let go).
     fn unmount(&self, at: &Path) -> io::Result<()>;
@@ -271,7 +274,9 @@ pub mod fake {
             _scratch: &Path,
             _layer: crate::probe::ProbeLayer,
         ) -> Result<(), ProbeError> {
-            Err(ProbeError::Idmap(io::Error::from(io::ErrorKind::Unsupported)))
+            Err(ProbeError::Idmap(io::Error::from(
+                io::ErrorKind::Unsupported,
+            )))
         }
 
         fn idmap_clones(

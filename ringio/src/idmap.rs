@@ -90,7 +90,9 @@ impl UserNs {
             let mut ok = [0u8; 1];
             let n = File::from(ready_r).read(&mut ok)?;
             if n != 1 || ok[0] != 1 {
-                return Err(io::Error::other("unshare(CLONE_NEWUSER) failed in the child"));
+                return Err(io::Error::other(
+                    "unshare(CLONE_NEWUSER) failed in the child",
+                ));
             }
             let proc = format!("/proc/{}", child.as_raw());
             for (file, ranges) in [("uid_map", uids), ("gid_map", gids)] {
@@ -99,7 +101,9 @@ impl UserNs {
                     .open(format!("{proc}/{file}"))?
                     .write_all(map_text(ranges).as_bytes())?;
             }
-            Ok(UserNs(OwnedFd::from(File::open(format!("{proc}/ns/user"))?)))
+            Ok(UserNs(OwnedFd::from(File::open(format!(
+                "{proc}/ns/user"
+            ))?)))
         })();
         drop(hold_w);
         let _ = nix::sys::wait::waitpid(child, None);

@@ -670,3 +670,236 @@ fn image_id(root: &Path) -> String {
         .into_string()
         .unwrap()
 }
+
+fn mapping(host: u32) -> HashMap<String, String> {
+    let m = format!("0:{host}:65536");
+    HashMap::from([
+        (cas::idmap::UID_MAPPING_LABEL.to_string(), m.clone()),
+        (cas::idmap::GID_MAPPING_LABEL.to_string(), m),
+    ])
+}
+
+/// What is mounted below `dir`, from this process's mount table.
+fn mounts_below(dir: &Path) -> Vec<String> {
+    let prefix = format!("{}/", dir.display());
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+fn owner(p: &Path) -> (u32, u32) {
+    let md = fs::symlink_metadata(p).unwrap();
+    (md.uid(), md.gid())
+}
+
+/// Two user-namespaced containers on one image at once, each with its own mapping:
+/// every file shows its mapped owner and the image's bytes, and the store holds no copy
+/// of the layers per container. A chain containerd chowned itself is not mapped twice;
+/// with ID-mapped layers off, a mapped snapshot over unmapped layers is refused with
+/// what to change. Removing the snapshots (or a crash, then Remove) leaves no clone
+/// mounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: user namespaces and real overlay mounts (make unit runs it)"]
+async fn id_mapped_snapshots_share_the_layers() {
+    assert!(is_root(), "needs root for ID-mapped mounts");
+    let tmp = Scratch::new();
+    let root = tmp.path().join("root");
+    let (m1, m2) = (tmp.path().join("c1"), tmp.path().join("c2"));
+    let sn = open(&root).await;
+    let st = sn.stats().await.unwrap();
+    let how = st.id_mapped_snapshots.clone().unwrap();
+    if !how.contains("remap-ids") {
+        eprintln!("layers cannot be ID-mapped here ({how}): nothing more to check");
+        return;
+    }
+    let m = sn
+        .prepare("l1-a".into(), String::new(), labels())
+        .await
+        .unwrap();
+    let up = fs_of(&root, &m);
+    fs::create_dir(up.join("etc")).unwrap();
+    fs::write(up.join("etc/shadow"), b"root:secret\n").unwrap();
+    fs::set_permissions(up.join("etc/shadow"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::create_dir(up.join("home")).unwrap();
+    fs::write(up.join("home/user-file"), b"owned by 1000\n").unwrap();
+    nix::unistd::chown(
+        &up.join("home/user-file"),
+        Some(1000.into()),
+        Some(1001.into()),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("shadow", up.join("etc/link")).unwrap();
+    sn.commit("l1".into(), "l1-a".into(), labels())
+        .await
+        .unwrap();
+    let m = sn
+        .prepare("l2-a".into(), "l1".into(), labels())
+        .await
+        .unwrap();
+    fs::create_dir(fs_of(&root, &m).join("bin")).unwrap();
+    fs::write(fs_of(&root, &m).join("bin/app"), b"#!/bin/sh\n").unwrap();
+    sn.commit("l2".into(), "l2-a".into(), labels())
+        .await
+        .unwrap();
+    let before = sn.stats().await.unwrap();
+
+    let c1 = sn
+        .prepare("c1".into(), "l2".into(), mapping(100_000))
+        .await
+        .unwrap();
+    let c2 = sn
+        .prepare("c2".into(), "l2".into(), mapping(200_000))
+        .await
+        .unwrap();
+    {
+        let (_a, _b) = (Mounted::new(&c1, &m1), Mounted::new(&c2, &m2));
+        for (mnt, host) in [(&m1, 100_000), (&m2, 200_000)] {
+            assert_eq!(owner(mnt), (host, host), "the container's root owns /");
+            assert_eq!(owner(&mnt.join("etc/shadow")), (host, host));
+            assert_eq!(owner(&mnt.join("etc/link")), (host, host));
+            assert_eq!(
+                owner(&mnt.join("home/user-file")),
+                (host + 1000, host + 1001)
+            );
+            assert_eq!(owner(&mnt.join("bin/app")), (host, host));
+            assert_eq!(fs::read(mnt.join("etc/shadow")).unwrap(), b"root:secret\n");
+            assert_eq!(
+                fs::read(mnt.join("home/user-file")).unwrap(),
+                b"owned by 1000\n"
+            );
+            let mode = fs::metadata(mnt.join("etc/shadow"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o7777, 0o600);
+            // a write lands in the container's own upper directory
+            fs::write(mnt.join("etc/written"), format!("{host}\n")).unwrap();
+        }
+        assert_eq!(fs::read(m1.join("etc/written")).unwrap(), b"100000\n");
+        assert_eq!(fs::read(m2.join("etc/written")).unwrap(), b"200000\n");
+        // the Mounts of a running container name the same clones
+        let again = sn.mounts("c1".into()).await.unwrap();
+        assert_eq!(again[0].options, c1[0].options);
+    }
+    let after = sn.stats().await.unwrap();
+    assert_eq!(
+        (after.objects, after.physical_bytes, after.committed),
+        (before.objects, before.physical_bytes, before.committed),
+        "no copy of the layers per container"
+    );
+    let c1_fs = fs_of(&root, &c1);
+    let upper: Vec<_> = walkdir::WalkDir::new(&c1_fs)
+        .min_depth(1)
+        .into_iter()
+        .map(|e| {
+            e.unwrap()
+                .path()
+                .strip_prefix(&c1_fs)
+                .unwrap()
+                .display()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        upper,
+        ["etc", "etc/written"],
+        "the upper holds the write only"
+    );
+    let clones = mounts_below(&c1_fs.parent().unwrap().join(cas::layout::MAPPED_DIR));
+    assert_eq!(clones.len(), 2, "one clone per layer: {clones:?}");
+    for key in ["c1", "c2"] {
+        sn.remove(key.into()).await.unwrap();
+    }
+    assert!(
+        mounts_below(&root).iter().all(|m| !m.contains("/mapped/")),
+        "Remove detaches the clones: {:?}",
+        mounts_below(&root)
+    );
+
+    // A crash leaves the clones mounted; the next Mounts and Remove find them.
+    let c3 = sn
+        .prepare("c3".into(), "l2".into(), mapping(300_000))
+        .await
+        .unwrap();
+    drop(sn);
+    let sn = open(&root).await;
+    assert_eq!(
+        sn.mounts("c3".into()).await.unwrap()[0].options,
+        c3[0].options
+    );
+    {
+        let _m = Mounted::new(&c3, &m1);
+        assert_eq!(owner(&m1.join("etc/shadow")), (300_000, 300_000));
+    }
+    sn.remove("c3".into()).await.unwrap();
+    assert!(mounts_below(&root).iter().all(|m| !m.contains("/mapped/")));
+
+    // containerd's chown path: a layer already owned by the mapped IDs is not mapped
+    // again.
+    let m = sn
+        .prepare("chown-a".into(), "l2".into(), labels())
+        .await
+        .unwrap();
+    {
+        let _m = Mounted::new(&m, &m1);
+        for e in walkdir::WalkDir::new(&m1) {
+            let e = e.unwrap();
+            let (u, g) = owner(e.path());
+            std::os::unix::fs::lchown(e.path(), Some(u + 100_000), Some(g + 100_000)).unwrap();
+        }
+    }
+    sn.commit("chowned".into(), "chown-a".into(), labels())
+        .await
+        .unwrap();
+    let c4 = sn
+        .prepare("c4".into(), "chowned".into(), mapping(100_000))
+        .await
+        .unwrap();
+    {
+        let _m = Mounted::new(&c4, &m1);
+        assert_eq!(owner(&m1.join("etc/shadow")), (100_000, 100_000));
+        assert_eq!(owner(&m1.join("home/user-file")), (101_000, 101_001));
+    }
+    assert!(
+        !c4[0].options.iter().any(|o| o.contains("/mapped/")),
+        "{c4:?}"
+    );
+    sn.shutdown().await.unwrap();
+    drop(sn);
+
+    // Off: refused over unmapped layers, served over chowned ones.
+    let off = config::StoreConfig {
+        idmapped_layers: config::IdmappedLayers::Off,
+        ..config::StoreConfig::default()
+    };
+    let sn = CasSnapshotter::open_with(cas::Layout::ensure(&root).unwrap(), &off).unwrap();
+    let e = sn
+        .prepare("c5".into(), "l2".into(), mapping(100_000))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("remap-ids"), "{e}");
+    assert!(
+        sn.stat("c5".into()).await.is_err(),
+        "nothing is left of a refused Prepare"
+    );
+    let c6 = sn
+        .prepare("c6".into(), "chowned".into(), mapping(100_000))
+        .await
+        .unwrap();
+    {
+        let _m = Mounted::new(&c6, &m1);
+        assert_eq!(owner(&m1), (100_000, 100_000));
+        assert_eq!(owner(&m1.join("etc/shadow")), (100_000, 100_000));
+    }
+    let bad = HashMap::from([(
+        cas::idmap::UID_MAPPING_LABEL.to_string(),
+        "0:1:2".to_string(),
+    )]);
+    let e = sn.prepare("c7".into(), "l2".into(), bad).await.unwrap_err();
+    assert!(e.to_string().contains("gidmapping"), "{e}");
+    sn.shutdown().await.unwrap();
+}

@@ -101,6 +101,9 @@ fn print_stats(s: &Stats) {
             None => String::new(),
         }
     );
+    if let Some(m) = &s.id_mapped_snapshots {
+        println!("ID-mapped snapshots:  {m}");
+    }
     if let Some(j) = &s.journal {
         println!("journal:              {j}");
     }

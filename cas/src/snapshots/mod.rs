@@ -866,7 +866,10 @@ impl Snapshots {
             }
         }
         if detached + clones > 0 {
-            info!(detached, clones, "layer images and ID-mapped clones unmounted");
+            info!(
+                detached,
+                clones, "layer images and ID-mapped clones unmounted"
+            );
         }
         Ok(())
     }
@@ -1009,6 +1012,10 @@ impl Snapshots {
             }
             .to_string(),
         );
+        s.id_mapped_snapshots = Some(match &self.idmap_unavailable {
+            None => "ID-mapped clones of the shared layers (remap-ids)".to_string(),
+            Some(why) => format!("on layers containerd chowned only ({why})"),
+        });
         Ok(s)
     }
 
