@@ -21,6 +21,7 @@ fn serial() -> fail::FailScenario<'static> {
 
 fn opts() -> OpenOptions {
     OpenOptions {
+        idmapped_layers: Default::default(),
         mode: RequestedMode::Auto,
         layers: Default::default(),
         journal: ringio::journal::JournalMode::ForceRename,

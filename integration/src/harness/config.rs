@@ -153,7 +153,13 @@ disabled_plugins = [{disabled}]
   [proxy_plugins.cas]
     type = "snapshot"
     address = "{snap}"
-{exports}"#,
+{capabilities}{exports}"#,
+        // 2.x: user-namespaced snapshots ride on ID-mapped clones of our layers
+        capabilities = if v3 {
+            "    capabilities = [\"remap-ids\"]\n"
+        } else {
+            ""
+        },
         exports = match (&opts.snapshotter_root, v3) {
             (Some(root), true) => format!(
                 "    [proxy_plugins.cas.exports]\n      root = \"{}\"\n",
@@ -380,8 +386,13 @@ mod tests {
             c["proxy_plugins"]["cas"]["exports"]["root"].as_str(),
             Some("/t/store")
         );
+        let caps = c["proxy_plugins"]["cas"]["capabilities"]
+            .as_array()
+            .unwrap();
+        assert_eq!(caps[0].as_str(), Some("remap-ids"));
         let c = render(v(1, 7, 24), &opts);
         assert!(c["proxy_plugins"]["cas"].get("exports").is_none());
+        assert!(c["proxy_plugins"]["cas"].get("capabilities").is_none());
     }
 
     #[test]

@@ -243,6 +243,11 @@ impl Rig {
 
     /// `ctr run --rm --snapshotter cas <image> <id>-<rig> <args…>`; returns stdout.
     pub fn run(&self, image: &str, id: &str, args: &[&str]) -> Result<String> {
+        self.run_with(image, id, &[], args)
+    }
+
+    /// [`Rig::run`] with more `ctr run` flags (`--uidmap`, `--remap-labels`, …).
+    pub fn run_with(&self, image: &str, id: &str, flags: &[&str], args: &[&str]) -> Result<String> {
         // runc keeps `ctr run`'s containers in one directory per namespace for every
         // containerd on the machine: the id gets this rig's own suffix, so tests running
         // at once (and other test runs) never share one.
@@ -253,7 +258,9 @@ impl Rig {
             .unwrap_or_default()
             .to_string_lossy();
         let id = format!("{id}-{}", rig.trim_start_matches('.'));
-        let mut a = vec!["run", "--rm", "--snapshotter", "cas", image, &id];
+        let mut a = vec!["run", "--rm", "--snapshotter", "cas"];
+        a.extend_from_slice(flags);
+        a.extend_from_slice(&[image, &id]);
         a.extend_from_slice(args);
         self.containerd.ctr(&a)
     }

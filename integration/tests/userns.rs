@@ -1,0 +1,107 @@
+//! User-namespaced containers on containerd 2.x (`ctr run --uidmap/--gidmap`), our
+//! snapshotter declared with `capabilities = ["remap-ids"]`. With `--remap-labels`
+//! containerd hands the mapping to Prepare and the daemon mounts ID-mapped clones of
+//! the shared layers: nothing is copied. Without it, containerd takes its chown path
+//! (a chowned copy, committed as a layer of metadata only). Either way the container
+//! sees the image's owners and bytes. Needs root.
+
+use anyhow::{Context, Result};
+use std::time::Duration;
+
+use cas_integration::harness::{require_root, wait_until, ContainerdOptions, Rig, RigOptions};
+
+/// What a container reports of its user namespace and of the image's owners.
+const PROBE: &str = "cat /proc/self/uid_map | tr -s ' ' | sed 's/^ //'; \
+    stat -c '%u:%g' / /etc/fixture-release /home/user/notes; \
+    cat /data/small; echo written > /etc/written && cat /etc/written; id -u";
+
+fn stats(rig: &Rig) -> Result<serde_json::Value> {
+    let (code, out) = rig.casctl(&["stats", "--json"])?;
+    anyhow::ensure!(code == 0, "casctl stats: {out}");
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// Mounts below the store's snapshot directories that are ID-mapped clones.
+fn clones_mounted(rig: &Rig) -> Result<Vec<String>> {
+    let prefix = format!("{}/snapshots/", rig.daemon.root.display());
+    Ok(std::fs::read_to_string("/proc/self/mountinfo")?
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&prefix) && m.contains("/mapped/"))
+        .map(str::to_string)
+        .collect())
+}
+
+#[test]
+#[ignore = "needs root, containerd 2.x, runc and a registry (make e2e runs it)"]
+fn ctr_runs_user_namespaced_containers_on_shared_layers() -> Result<()> {
+    let containerd = ContainerdOptions::cached("2").differ(true);
+    if !require_root() || !containerd.bin.available() {
+        return Ok(());
+    }
+    let rig = Rig::start_with(RigOptions {
+        containerd,
+        ..RigOptions::default()
+    })?;
+    rig.pull("cas", &rig.base_ref)
+        .map_err(|e| e.context(rig.logs()))?;
+    let s = stats(&rig)?;
+    let how = s["id_mapped_snapshots"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    anyhow::ensure!(
+        how.contains("remap-ids"),
+        "ID-mapped layers are not available: {how}"
+    );
+    let (layers, objects) = (s["committed"].clone(), s["objects"].clone());
+    let expect =
+        |host: u32| format!("0 {host} 65536\n0:0\n0:0\n1000:1000\nsmall file\nwritten\n0\n");
+    for (n, host) in [(1, 100_000u32), (2, 200_000)] {
+        let map = format!("0:{host}:65536");
+        let out = rig
+            .run_with(
+                &rig.base_ref,
+                &format!("userns-labels-{n}"),
+                &["--uidmap", &map, "--gidmap", &map, "--remap-labels"],
+                &["sh", "-c", PROBE],
+            )
+            .map_err(|e| e.context(rig.logs()))?;
+        assert_eq!(out, expect(host), "{}", rig.logs());
+        let s = stats(&rig)?;
+        assert_eq!(
+            (&s["committed"], &s["objects"]),
+            (&layers, &objects),
+            "an ID-mapped container adds no layer and no object: {s}"
+        );
+    }
+    // containerd removes a deleted container's snapshot in its next GC pass
+    wait_until(
+        "the containers' snapshots and their clones to go",
+        Duration::from_secs(30),
+        || clones_mounted(&rig).is_ok_and(|c| c.is_empty()),
+    )
+    .map_err(|e| e.context(format!("{:?}", clones_mounted(&rig))))?;
+
+    // The chown path: containerd copies the layers' metadata, chowned, once per mapping.
+    let map = "0:300000:65536";
+    let out = rig
+        .run_with(
+            &rig.base_ref,
+            "userns-chown",
+            &["--uidmap", map, "--gidmap", map],
+            &["sh", "-c", PROBE],
+        )
+        .map_err(|e| e.context(rig.logs()))?;
+    assert_eq!(out, expect(300_000), "{}", rig.logs());
+    let s = stats(&rig)?;
+    let added = s["committed"].as_u64().context("committed")? - layers.as_u64().unwrap_or(0);
+    assert_eq!(added, 1, "the chowned copy is one layer: {s}");
+    assert_eq!(
+        s["objects"], objects,
+        "the chowned copy is metadata only: {s}"
+    );
+    let (code, out) = rig.casctl(&["fsck", "--verify-objects"])?;
+    assert_eq!(code, 0, "{out}\n{}", rig.logs());
+    Ok(())
+}
