@@ -6,6 +6,16 @@
 #   <cache>/<series> -> <version>        the link the tests look for (1.7, 2)
 #
 # <cache> is $CAS_CONTAINERD_CACHE, default /var/cache/cas-snapshotter/containerd.
+#
+# And a runc that ID-maps mounts (1.2+; Debian 12 has 1.1.5), which containerd 2.x's CRI
+# needs for user-namespaced pods: unstable's runc with unstable's libc6 and libseccomp2
+# beside it, the binary pointed at them with patchelf (its interpreter and RUNPATH), so
+# nothing of the system's changes:
+#
+#   <runc cache>/<version>/{runc,usr/lib/...}
+#   <runc cache>/current -> <version>
+#
+# <runc cache> is $CAS_RUNC_CACHE, default /var/cache/cas-snapshotter/runc.
 # Idempotent: a series already unpacked is kept without asking the mirror (pass --refresh
 # to look for a newer release of each series). Every download is checked: the suite's
 # InRelease against Debian's archive keyring (gpgv), Packages.xz against InRelease, the
@@ -88,3 +98,36 @@ for line in "${SERIES[@]}"; do
   ln -sfn "$ver" "$CACHE/$series"
   echo "containerd-versions: $series -> $("$dest/usr/bin/containerd" --version)"
 done
+
+RUNC_CACHE=${CAS_RUNC_CACHE:-/var/cache/cas-snapshotter/runc}
+mkdir -p "$RUNC_CACHE"
+if [ "${1:-}" != --refresh ] && "$RUNC_CACHE/current/runc" features 2>/dev/null | grep -q '"idmap"'; then
+  echo "containerd-versions: runc present ($(readlink "$RUNC_CACHE/current"))"
+  exit 0
+fi
+read -r v f h a < <(lookup runc debian:unstable) || true
+[ -n "${v:-}" ] || fail "no runc in unstable"
+ver=$(upstream "$v")
+dest="$RUNC_CACHE/$ver"
+if [ ! -x "$dest/runc" ]; then
+  rm -rf "$dest.tmp"
+  mkdir -p "$dest.tmp"
+  for pkg in runc libc6 libseccomp2; do
+    read -r pv pf ph pa < <(lookup "$pkg" debian:unstable) || true
+    [ -n "${pv:-}" ] || fail "no $pkg in unstable"
+    deb="$work/$(basename "$pf")"
+    echo "containerd-versions: fetching $pkg $pv ($pa/$pf)"
+    curl -fsSL --retry 3 -o "$deb" "$MIRROR/$pa/$pf" || fail "cannot fetch $pf"
+    echo "$ph  $deb" | sha256sum -c --quiet - || fail "$pf: sha256 does not match the Packages index"
+    dpkg-deb -x "$deb" "$dest.tmp/root"
+  done
+  libdir="$dest/root/usr/lib/$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo x86_64-linux-gnu)"
+  interp=$(basename "$(patchelf --print-interpreter "$dest.tmp/root/usr/sbin/runc")")
+  mv "$dest.tmp/root/usr/sbin/runc" "$dest.tmp/runc"
+  patchelf --set-interpreter "$libdir/$interp" --set-rpath "$libdir" "$dest.tmp/runc"
+  echo "$v" >"$dest.tmp/DEBIAN-VERSION"
+  mv -T "$dest.tmp" "$dest"
+fi
+"$dest/runc" features | grep -q '"idmap"' || fail "$dest/runc does not run here or does not ID-map mounts"
+ln -sfn "$ver" "$RUNC_CACHE/current"
+echo "containerd-versions: runc -> $("$dest/runc" --version | head -1)"

@@ -10,7 +10,9 @@ use anyhow::{bail, Context, Result};
 use cas_integration::cri::api;
 use cas_integration::cri::CriClient;
 use cas_integration::fixture::BASE_RELEASE;
-use cas_integration::harness::{require_root, ContainerdOptions, Rig, RigOptions};
+use cas_integration::harness::{
+    idmap_runc, require_root, skip, ContainerdOptions, Rig, RigOptions,
+};
 
 const K8S_NAMESPACE: &str = "k8s.io";
 
@@ -25,10 +27,19 @@ fn node_namespaces() -> api::NamespaceOption {
 }
 
 fn sandbox_config(log_dir: &str) -> api::PodSandboxConfig {
+    pod_config("cas-e2e", log_dir, node_namespaces())
+}
+
+/// A pod `name` logging to `log_dir`, in these namespaces.
+fn pod_config(
+    name: &str,
+    log_dir: &str,
+    namespaces: api::NamespaceOption,
+) -> api::PodSandboxConfig {
     api::PodSandboxConfig {
         metadata: Some(api::PodSandboxMetadata {
-            name: "cas-e2e".into(),
-            uid: "cas-e2e-uid".into(),
+            name: name.into(),
+            uid: format!("{name}-uid"),
             namespace: "default".into(),
             attempt: 0,
         }),
@@ -36,7 +47,7 @@ fn sandbox_config(log_dir: &str) -> api::PodSandboxConfig {
         log_directory: log_dir.into(),
         linux: Some(api::LinuxPodSandboxConfig {
             security_context: Some(api::LinuxSandboxSecurityContext {
-                namespace_options: Some(node_namespaces()),
+                namespace_options: Some(namespaces),
                 ..Default::default()
             }),
             ..Default::default()
@@ -357,4 +368,209 @@ fn cri_with_our_differ() -> Result<()> {
         rig.logs()
     );
     Ok(())
+}
+
+/// A user namespace for a pod, container root at `host`.
+/// A user-namespaced pod cannot share the node's network namespace: it gets one of
+/// its own with a loopback interface only (the rig's CNI configuration).
+fn pod_userns(host: u32) -> api::NamespaceOption {
+    let m = vec![api::IdMapping {
+        host_id: host,
+        container_id: 0,
+        length: 65_536,
+    }];
+    api::NamespaceOption {
+        network: api::NamespaceMode::Pod as i32,
+        userns_options: Some(api::UserNamespace {
+            mode: api::NamespaceMode::Pod as i32,
+            uids: m.clone(),
+            gids: m,
+        }),
+        ..node_namespaces()
+    }
+}
+
+/// What a container reports of its user namespace and of the image's owners.
+const USERNS_PROBE: &str = "tr -s ' ' < /proc/self/uid_map | sed 's/^ //'; \
+    stat -c '%u:%g' / /etc/fixture-release /home/user/notes; \
+    cat /data/small; echo written > /etc/written && cat /etc/written";
+
+/// The ID-mapped clones mounted below the store.
+fn clones_mounted(rig: &Rig) -> Vec<String> {
+    let prefix = format!("{}/snapshots/", rig.daemon.root.display());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&prefix) && m.contains("/mapped/"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn committed_and_objects(rig: &Rig) -> Result<(u64, u64)> {
+    let (code, stats) = rig.casctl(&["stats", "--json"])?;
+    anyhow::ensure!(code == 0, "{stats}");
+    let stats: serde_json::Value = serde_json::from_str(&stats)?;
+    Ok((
+        stats["committed"].as_u64().context("committed")?,
+        stats["objects"].as_u64().context("objects")?,
+    ))
+}
+
+async fn userns_flow(rig: &Rig) -> Result<()> {
+    let mut cri = CriClient::connect(&rig.containerd.sock).await?;
+    let image = api::ImageSpec {
+        image: rig.base_ref.clone(),
+        ..Default::default()
+    };
+    for i in [
+        rig.base_ref.clone(),
+        rig.pause_ref.clone().context("pause")?,
+    ] {
+        cri.images
+            .pull_image(api::PullImageRequest {
+                image: Some(api::ImageSpec {
+                    image: i,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .context("PullImage")?;
+    }
+    let before = committed_and_objects(rig)?;
+    let log_dir = rig.dir.path().join("userns-logs");
+    std::fs::create_dir_all(&log_dir)?;
+    let log_dir = log_dir.to_str().context("log dir")?;
+
+    // Two pods with different mappings at once, as kubelet gives every pod its own.
+    let mut running = Vec::new();
+    for (name, host) in [("userns-a", 100_000u32), ("userns-b", 200_000)] {
+        let sandbox = pod_config(name, log_dir, pod_userns(host));
+        let pod = cri
+            .runtime
+            .run_pod_sandbox(api::RunPodSandboxRequest {
+                config: Some(sandbox.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+            .context("RunPodSandbox with a user namespace")?
+            .into_inner()
+            .pod_sandbox_id;
+        let container = cri
+            .runtime
+            .create_container(api::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(api::ContainerConfig {
+                    metadata: Some(api::ContainerMetadata {
+                        name: "probe".into(),
+                        attempt: 0,
+                    }),
+                    image: Some(image.clone()),
+                    command: vec!["/bin/sh".into(), "-c".into(), USERNS_PROBE.into()],
+                    log_path: format!("{name}.log"),
+                    linux: Some(api::LinuxContainerConfig {
+                        security_context: Some(api::LinuxContainerSecurityContext {
+                            namespace_options: Some(pod_userns(host)),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                sandbox_config: Some(sandbox),
+            })
+            .await
+            .context("CreateContainer in a user namespace")?
+            .into_inner()
+            .container_id;
+        running.push((name, host, pod, container));
+    }
+    for (_, _, _, c) in &running {
+        cri.runtime
+            .start_container(api::StartContainerRequest {
+                container_id: c.clone(),
+            })
+            .await
+            .context("StartContainer")?;
+    }
+    for (name, host, _, c) in &running {
+        let status = wait_exited(&mut cri, c).await?;
+        let log =
+            std::fs::read_to_string(std::path::Path::new(log_dir).join(format!("{name}.log")))?;
+        let lines: Vec<&str> = log
+            .lines()
+            .filter_map(|l| l.split_once(" stdout F ").map(|(_, text)| text))
+            .collect();
+        let uid_map = format!("0 {host} 65536");
+        assert_eq!(
+            lines,
+            [
+                uid_map.as_str(),
+                "0:0",
+                "0:0",
+                "1000:1000",
+                "small file",
+                "written"
+            ],
+            "{status:?}\nlog:\n{log}"
+        );
+        assert_eq!(status.exit_code, 0, "{status:?}");
+    }
+    assert!(
+        !clones_mounted(rig).is_empty(),
+        "the pods' snapshots are served by ID-mapped clones"
+    );
+    assert_eq!(
+        committed_and_objects(rig)?,
+        before,
+        "no copy of the image per pod"
+    );
+
+    for (_, _, pod, c) in running {
+        cri.runtime
+            .remove_container(api::RemoveContainerRequest { container_id: c })
+            .await
+            .context("RemoveContainer")?;
+        cri.runtime
+            .stop_pod_sandbox(api::StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .context("StopPodSandbox")?;
+        cri.runtime
+            .remove_pod_sandbox(api::RemovePodSandboxRequest {
+                pod_sandbox_id: pod,
+            })
+            .await
+            .context("RemovePodSandbox")?;
+    }
+    let start = Instant::now();
+    while !clones_mounted(rig).is_empty() {
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "clones still mounted after the pods went: {:?}",
+                clones_mounted(rig)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(committed_and_objects(rig)?, before);
+    Ok(())
+}
+
+/// Pods with user namespaces (`hostUsers: false`), two mappings at once: CRI hands each
+/// container's mapping to Prepare (we declare `remap-ids`), the containers see the
+/// image's owners, and the store holds no copy of the image per pod.
+#[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
+fn cri_user_namespaced_pods_share_the_layers() -> Result<()> {
+    if require_root() && idmap_runc().is_none() {
+        skip("user-namespaced pods need a runc that ID-maps mounts (make deps fetches one)");
+        return Ok(());
+    }
+    let Some(rig) = cri_rig(ContainerdOptions::cached("2").differ(true))? else {
+        return Ok(());
+    };
+    block_on(userns_flow(&rig))?.map_err(|e| e.context(rig.logs()))
 }

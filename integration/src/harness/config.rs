@@ -14,6 +14,8 @@ use super::*;
 pub struct CriOptions {
     /// The pinned sandbox ("pause") image, pulled through our snapshotter like any other.
     pub sandbox_image: String,
+    /// The runc binary CRI's containers run with (`BinaryName`), if not the system's.
+    pub runc: Option<PathBuf>,
 }
 
 /// How a test's containerd is set up.
@@ -235,11 +237,16 @@ disabled_plugins = [{disabled}]
     conf_dir = "{d}/cni/net.d"
   [{runtime}.containerd.runtimes.runc.options]
     Root = "{d}/runc"
+{binary}
 [{grpc}]
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
 "#,
             sandbox = cri.sandbox_image,
+            binary = match &cri.runc {
+                Some(r) => format!("    BinaryName = \"{}\"\n", r.display()),
+                None => String::new(),
+            },
         );
     }
     Ok(c)
@@ -399,10 +406,13 @@ mod tests {
     fn cri_uses_our_snapshotter_and_sandbox_image() {
         let opts = ContainerdOptions::default().cri(CriOptions {
             sandbox_image: "127.0.0.1:5000/fixture/pause:1".into(),
+            runc: Some("/c/runc".into()),
         });
         let c = render(v(2, 1, 9), &opts);
         let images = &c["plugins"]["io.containerd.cri.v1.images"];
         assert_eq!(images["snapshotter"].as_str(), Some("cas"));
+        let runc = &c["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["runc"];
+        assert_eq!(runc["options"]["BinaryName"].as_str(), Some("/c/runc"));
         assert_eq!(
             images["pinned_images"]["sandbox"].as_str(),
             Some("127.0.0.1:5000/fixture/pause:1")

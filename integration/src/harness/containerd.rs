@@ -21,6 +21,16 @@ pub fn containerd_cache() -> PathBuf {
     )
 }
 
+/// The runc that ID-maps mounts, where `scripts/containerd-versions.sh` unpacked one
+/// (`$CAS_RUNC_CACHE/current/runc`, default under `/var/cache/cas-snapshotter/runc`):
+/// containerd 2.x's CRI needs it for user-namespaced pods (Debian 12's runc 1.1 does not).
+pub fn idmap_runc() -> Option<PathBuf> {
+    let cache = std::env::var("CAS_RUNC_CACHE")
+        .unwrap_or_else(|_| "/var/cache/cas-snapshotter/runc".into());
+    let runc = Path::new(&cache).join("current/runc");
+    runc.is_file().then_some(runc)
+}
+
 /// Which containerd binaries a test runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ContainerdBin {
@@ -199,6 +209,18 @@ impl Containerd {
         if opts.cri.is_some() {
             fs::create_dir_all(dir.join("cni/net.d"))?;
             fs::create_dir_all(dir.join("cni/bin"))?;
+            // Pods in a network namespace of their own (user-namespaced pods need one)
+            // get interfaces that never leave it (see the plugin).
+            use std::os::unix::fs::PermissionsExt;
+            for name in ["loopback", "netns-only"] {
+                let bin = dir.join("cni/bin").join(name);
+                fs::write(&bin, CNI_NETNS_ONLY)?;
+                fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))?;
+            }
+            fs::write(
+                dir.join("cni/net.d/10-netns-only.conflist"),
+                r#"{"cniVersion": "1.0.0", "name": "cas-e2e", "plugins": [{"type": "netns-only"}]}"#,
+            )?;
         }
         let mut cmd = Command::new(opts.bin.program("containerd"));
         cmd.arg("--config").arg(&cfg);
@@ -289,6 +311,9 @@ pub(super) fn kill_shims(sock: &Path) {
         }
     }
 }
+
+/// The CNI plugin of the rig's pods: interfaces inside the pod's namespace only.
+const CNI_NETNS_ONLY: &str = include_str!("cni-netns-only.sh");
 
 impl Drop for Containerd {
     fn drop(&mut self) {

@@ -84,6 +84,7 @@ impl Rig {
             let r = format!("{}/fixture/pause:1", registry.addr);
             copts.cri = Some(CriOptions {
                 sandbox_image: r.clone(),
+                runc: idmap_runc(),
             });
             Some(r)
         } else {
