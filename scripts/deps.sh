@@ -9,7 +9,8 @@ PACKAGES=(
   protobuf-compiler          # protoc, for the gRPC code generated at build time
   golang-go golang-github-containerd-containerd-dev   # containerd's snapshotter conformance suite
   busybox-static             # a static shell for the fixture images' containers
-  xfsprogs attr util-linux   # mkfs.xfs, getfattr/setfattr, fincore
+  xfsprogs attr util-linux   # mkfs.xfs, getfattr/setfattr, fincore, nsenter
+  iproute2                   # ip, for the interfaces of the CRI tests' pods
   debootstrap                # Debian base images for make bench-dedup
   fio pigz zstd              # physical limits of make bench (disk, decompression)
   ca-certificates curl build-essential pkg-config git
