@@ -32,6 +32,62 @@ fn clones_mounted(rig: &Rig) -> Result<Vec<String>> {
         .collect())
 }
 
+/// With ID-mapped layers off (a kernel that cannot, forced here by the config): declared
+/// `remap-ids` makes a mapped run fail, naming what to change, and leaves nothing
+/// behind; without the capability containerd chowns a copy, and the container is right.
+#[test]
+#[ignore = "needs root, containerd 2.x, runc and a registry (make e2e runs it)"]
+fn without_id_mapped_layers_containerd_chowns_a_copy() -> Result<()> {
+    for declared in [true, false] {
+        let containerd = ContainerdOptions {
+            remap_ids: declared,
+            ..ContainerdOptions::cached("2").differ(true)
+        };
+        if !require_root() || !containerd.bin.available() {
+            return Ok(());
+        }
+        let rig = Rig::start_with(RigOptions {
+            containerd,
+            daemon_config: Some("[store]\nidmapped_layers = \"off\"\n".into()),
+            ..RigOptions::default()
+        })?;
+        rig.pull("cas", &rig.base_ref)
+            .map_err(|e| e.context(rig.logs()))?;
+        let s = stats(&rig)?;
+        let how = s["id_mapped_snapshots"].as_str().unwrap_or_default();
+        assert!(how.contains("chowned only"), "{how}");
+        let (layers, objects) = (s["committed"].as_u64().unwrap_or(0), s["objects"].clone());
+        let map = "0:100000:65536";
+        let run = rig.run_with(
+            &rig.base_ref,
+            "userns-off",
+            &["--uidmap", map, "--gidmap", map, "--remap-labels"],
+            &["sh", "-c", PROBE],
+        );
+        let s = stats(&rig)?;
+        if declared {
+            let e = run.expect_err("a mapped run over unmapped layers with ID-mapping off");
+            assert!(format!("{e:#}").contains("remap-ids"), "{e:#}");
+            assert_eq!(s["committed"].as_u64(), Some(layers), "{s}");
+        } else {
+            let out = run.map_err(|e| e.context(rig.logs()))?;
+            assert_eq!(out, expect(100_000), "{}", rig.logs());
+            assert_eq!(
+                s["committed"].as_u64(),
+                Some(layers + 1),
+                "one chowned copy: {s}"
+            );
+        }
+        assert_eq!(s["objects"], objects, "{s}");
+        assert!(clones_mounted(&rig)?.is_empty());
+    }
+    Ok(())
+}
+
+fn expect(host: u32) -> String {
+    format!("0 {host} 65536\n0:0\n0:0\n1000:1000\nsmall file\nwritten\n0\n")
+}
+
 #[test]
 #[ignore = "needs root, containerd 2.x, runc and a registry (make e2e runs it)"]
 fn ctr_runs_user_namespaced_containers_on_shared_layers() -> Result<()> {
@@ -55,8 +111,6 @@ fn ctr_runs_user_namespaced_containers_on_shared_layers() -> Result<()> {
         "ID-mapped layers are not available: {how}"
     );
     let (layers, objects) = (s["committed"].clone(), s["objects"].clone());
-    let expect =
-        |host: u32| format!("0 {host} 65536\n0:0\n0:0\n1000:1000\nsmall file\nwritten\n0\n");
     for (n, host) in [(1, 100_000u32), (2, 200_000)] {
         let map = format!("0:{host}:65536");
         let out = rig

@@ -36,6 +36,10 @@ pub struct ContainerdOptions {
     /// root`): CRI reports it as the image filesystem's mountpoint, where kubelet reads
     /// its capacity. Written for 2.x, where CRI reads it.
     pub snapshotter_root: Option<PathBuf>,
+    /// Whether to declare the `remap-ids` capability for our snapshotter (2.x; on by
+    /// default): containerd then hands user namespaces' mappings to Prepare instead of
+    /// chowning a copy.
+    pub remap_ids: bool,
 }
 
 impl Default for ContainerdOptions {
@@ -46,6 +50,7 @@ impl Default for ContainerdOptions {
             cri: None,
             plain_http_registries: Vec::new(),
             snapshotter_root: None,
+            remap_ids: true,
         }
     }
 }
@@ -157,7 +162,7 @@ disabled_plugins = [{disabled}]
     address = "{snap}"
 {capabilities}{exports}"#,
         // 2.x: user-namespaced snapshots ride on ID-mapped clones of our layers
-        capabilities = if v3 {
+        capabilities = if v3 && opts.remap_ids {
             "    capabilities = [\"remap-ids\"]\n"
         } else {
             ""
