@@ -8,7 +8,7 @@
 //! config). The snapshot's own directory (the upper layer) is owned by the host IDs of
 //! the container's root, as containerd's overlayfs snapshotter does. Its lower layers
 //! are ID-mapped read-only clones of the layers' trees, one per layer, under the
-//! snapshot's own directory (`snapshots/<id>/mapped/<layer>`, [`Layout::mapped_dir`]),
+//! snapshot's own directory (`snapshots/<id>/mapped/<layer>`, [`crate::Layout::mapped_dir`]),
 //! so the overlay containerd mounts shows every file owned by its mapped owner while
 //! the layers and their objects stay shared by every container on the node. The
 //! data-only object layer needs no mapping: overlayfs takes a file's owner from its

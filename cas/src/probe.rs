@@ -91,7 +91,7 @@ pub enum ProbeLayer {
 }
 
 /// Runs the ID-mapping probe in a fresh directory under `scratch` (removed afterwards):
-/// a one-file layer of the kind new layers are, ID-mapped (0 to [`PROBE_HOST_ID`]) and
+/// a one-file layer of the kind new layers are, ID-mapped (root to an unused host ID) and
 /// mounted as an overlay's lower layer (over a data-only layer, but for a plain tree),
 /// must show the mapped owner and read the file's bytes.
 pub fn probe_idmapped_layers(scratch: &Path, layer: ProbeLayer) -> Result<(), ProbeError> {
