@@ -31,13 +31,15 @@
 //!
 //! Where each part lives: `cases` (what runs), `rig` (containerd, registry, daemon and
 //! the timed step), `measure` (readings of the machine), `limits` (the physical limits
-//! and containerd's Snapshots API benchmark), `report` (the report and the CSV).
+//! and containerd's Snapshots API benchmark), `userns` (user-namespaced container
+//! starts, containerd 2.x), `report` (the report and the CSV).
 
 mod cases;
 mod limits;
 mod measure;
 mod report;
 mod rig;
+mod userns;
 
 pub use cases::*;
 pub use limits::*;
@@ -104,11 +106,15 @@ pub struct PerfArgs {
     /// Size of the (sparse) loop filesystem, GiB.
     #[arg(long, default_value_t = 40)]
     pub fs_gib: u64,
-    /// Only these cases (by id: `unpack`, `near-dup`, `scale-100000`, …; repeat the flag);
-    /// the report then holds only them. Default: every case.
+    /// Only these cases (by id: `unpack`, `near-dup`, `scale-100000`, `userns` for the
+    /// user-namespaced starts, …; repeat the flag); the report then holds only them.
+    /// Default: every case.
     #[arg(long = "case")]
     pub only: Vec<String>,
 }
+
+/// The id that selects the user-namespaced starts alone (`--case userns`).
+const USERNS_CASE: &str = "userns";
 
 /// The two snapshotters, as containerd names them.
 pub const SNAPSHOTTERS: [&str; 2] = ["overlayfs", "cas"];
@@ -216,7 +222,7 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
         let unknown: Vec<&String> = a
             .only
             .iter()
-            .filter(|id| !cases.iter().any(|c| &c.id == *id))
+            .filter(|id| *id != USERNS_CASE && !cases.iter().any(|c| &c.id == *id))
             .collect();
         if !unknown.is_empty() {
             let ids: Vec<&str> = cases.iter().map(|c| c.id.as_str()).collect();
@@ -253,6 +259,19 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
     }
     rig.remove_all_images()?;
     let cas_layers = cas_layer_paths(&rig.daemon.root);
+
+    // User-namespaced starts: `--remap-labels` and proxy capabilities are 2.x's.
+    let userns_image = ["debian-base-1", "base-1"]
+        .into_iter()
+        .find(|n| rig.images.contains_key(*n))
+        .context("no base image")?;
+    let want_userns = a.only.is_empty() || a.only.iter().any(|c| c == USERNS_CASE);
+    let userns = if rig.containerd.version.major >= 2 && want_userns {
+        println!("bench: user-namespaced container starts on {userns_image}");
+        userns::measure(&rig, userns_image, a.runs.max(3))?
+    } else {
+        Vec::new()
+    };
     println!("bench: cas layers since the daemon started: {cas_layers}");
 
     // Physical limits, on the same blobs and filesystem.
@@ -415,6 +434,7 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
     fs::create_dir_all(&results)?;
     let mut table = csv(&samples, &limits, &api);
     durability::csv(&durability, &mut table);
+    userns::csv(&userns, &mut table);
     fs::write(results.join("bench.csv"), table)?;
     plot::times(&results.join("bench-times.svg"), &cases, &samples)?;
     plot::scaling(&results.join("bench-scaling.svg"), &cases, &samples)?;
@@ -428,6 +448,11 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
             api: &api,
             durability: durability::render(&durability),
             engine: engine::table(&engine),
+            userns: if userns.is_empty() {
+                String::new()
+            } else {
+                userns::render(userns_image, &userns)
+            },
         },
         &sizes_rows,
     );

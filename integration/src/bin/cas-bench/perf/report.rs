@@ -15,6 +15,8 @@ pub(super) struct ApiSections<'a> {
     pub(super) durability: String,
     /// The fast path alone, rendered.
     pub(super) engine: String,
+    /// User-namespaced container starts, rendered (empty before containerd 2.x).
+    pub(super) userns: String,
 }
 
 pub(super) struct Header {
@@ -94,6 +96,7 @@ pub(super) fn render(
         api,
         durability,
         engine,
+        userns,
     } = api;
     let mut s = String::new();
     let cpu = fs::read_to_string("/proc/cpuinfo")
@@ -270,6 +273,7 @@ pub(super) fn render(
          rest of the cache dropped before each step; medians of the runs.\n"
     );
     s.push_str(engine);
+    s.push_str(userns);
 
     if !api.is_empty() {
         let _ = writeln!(

@@ -31,7 +31,7 @@ pub(super) struct Rig {
 }
 
 impl Rig {
-    fn reference(&self, image: &str) -> String {
+    pub(super) fn reference(&self, image: &str) -> String {
         format!("{}/bench/{image}:1", self.registry.addr)
     }
 
@@ -88,7 +88,7 @@ impl Rig {
             .map(drop)
     }
 
-    fn pull(&self, sn: &str, image: &str) -> Result<()> {
+    pub(super) fn pull(&self, sn: &str, image: &str) -> Result<()> {
         let reference = self.reference(image);
         let mut args = vec!["images", "pull", "--plain-http"];
         if self.local {
