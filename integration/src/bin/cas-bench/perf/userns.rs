@@ -1,4 +1,4 @@
-//! User-namespaced container starts: `ctr run --rm --uidmap/--gidmap` with a mapping
+//! User-namespaced container starts: `ctr run -d --uidmap/--gidmap` with a mapping
 //! never used before, as kubelet gives every `hostUsers: false` pod one, on an image
 //! already pulled into both snapshotters.
 //!
@@ -10,9 +10,11 @@
 //! * *cas, chown* and *overlayfs, chown*: without `--remap-labels`, containerd's client
 //!   chowns a copy of the image (a new snapshot, every file chowned, committed) first.
 //!
-//! Each start is timed from `ctr run` to its return (the container runs `true`); what a
-//! start leaves on the loop filesystem (bytes and inodes, `statfs` after `sync`, once the
-//! container's own snapshot is gone) is what every further pod with a new mapping costs.
+//! Each start is timed from `ctr run -d` to its return (the container's task started,
+//! running `sleep`); what the filesystem holds more while it runs (bytes and inodes,
+//! `statfs` after `sync`) is what every further pod with a mapping of its own costs. The
+//! container is then deleted, and containerd's GC run to the end (collecting a chowned
+//! copy) before the next start.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -64,7 +66,7 @@ const WAYS: [Way; 4] = [
 pub(super) struct Starts {
     pub(super) way: Way,
     pub(super) secs: Vec<f64>,
-    /// Bytes and inodes each start left on the filesystem.
+    /// Bytes and inodes each started container added to the filesystem.
     pub(super) bytes: Vec<i64>,
     pub(super) inodes: Vec<i64>,
 }
@@ -88,6 +90,25 @@ fn snapshots(rig: &Rig, sn: &str) -> Result<usize> {
         .count())
 }
 
+/// Runs containerd's GC to the end (a lease deleted with `--sync`), then waits until
+/// each snapshotter holds `want` snapshots again: what an earlier start left (a chowned
+/// copy) is gone before the next is measured.
+fn settle(rig: &Rig, want: &[(&str, usize)]) -> Result<()> {
+    let c = &rig.containerd;
+    c.ctr(&["leases", "create", "--id", "cas-bench-gc"])?;
+    c.ctr(&["leases", "delete", "--sync", "cas-bench-gc"])?;
+    let start = Instant::now();
+    for (sn, n) in want {
+        while snapshots(rig, sn)? > *n {
+            if start.elapsed() > Duration::from_secs(30) {
+                anyhow::bail!("{sn} still holds more than {n} snapshots after GC");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
 /// Times `runs` starts of each way on `image`.
 pub(super) fn measure(rig: &Rig, image: &str, runs: usize) -> Result<Vec<Starts>> {
     rig.remove_all_images()?;
@@ -95,6 +116,10 @@ pub(super) fn measure(rig: &Rig, image: &str, runs: usize) -> Result<Vec<Starts>
         rig.pull(sn, image)?;
     }
     let reference = rig.reference(image);
+    let baseline: Vec<(&str, usize)> = SNAPSHOTTERS
+        .iter()
+        .map(|sn| Ok((*sn, snapshots(rig, sn)?)))
+        .collect::<Result<_>>()?;
     let mut out: Vec<Starts> = WAYS
         .iter()
         .map(|w| Starts {
@@ -115,7 +140,7 @@ pub(super) fn measure(rig: &Rig, image: &str, runs: usize) -> Result<Vec<Starts>
             let id = format!("userns-{run}-{i}");
             let mut args = vec![
                 "run",
-                "--rm",
+                "-d",
                 "--snapshotter",
                 way.sn,
                 "--uidmap",
@@ -126,8 +151,8 @@ pub(super) fn measure(rig: &Rig, image: &str, runs: usize) -> Result<Vec<Starts>
             if way.labels {
                 args.push("--remap-labels");
             }
-            args.extend([reference.as_str(), id.as_str(), "true"]);
-            let before_snaps = snapshots(rig, way.sn)?;
+            args.extend([reference.as_str(), id.as_str(), "sleep", "600"]);
+            settle(rig, &baseline)?;
             let before = used(&rig.fs.mnt)?;
             drop_caches()?;
             let t = Instant::now();
@@ -135,21 +160,17 @@ pub(super) fn measure(rig: &Rig, image: &str, runs: usize) -> Result<Vec<Starts>
                 .ctr(&args)
                 .with_context(|| format!("ctr run as {}", way.name()))?;
             let secs = t.elapsed().as_secs_f64();
-            // the container's own snapshot goes with it; a chowned copy stays
-            let settle = Instant::now();
-            while snapshots(rig, way.sn)? > before_snaps + usize::from(!way.labels)
-                && settle.elapsed() < Duration::from_secs(10)
-            {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let after = used(&rig.fs.mnt)?;
+            let running = used(&rig.fs.mnt)?;
+            rig.containerd.ctr(&["task", "delete", "--force", &id])?;
+            rig.containerd.ctr(&["containers", "delete", &id])?;
             println!(
-                "userns       {:<22} run {}: {secs:>6.3}s, left {:>8.1} KiB and {:>5} inodes",
+                "userns       {:<22} run {}: {secs:>6.3}s, while running {:>8.1} KiB and {:>5} inodes more",
                 way.name(),
                 run + 1,
-                (after.0 - before.0) as f64 / 1024.0,
-                after.1 - before.1
+                (running.0 - before.0) as f64 / 1024.0,
+                running.1 - before.1,
             );
+            let after = running;
             let s = &mut out[i];
             s.secs.push(secs);
             s.bytes.push(after.0 - before.0);
@@ -170,17 +191,17 @@ pub(super) fn render(image: &str, starts: &[Starts]) -> String {
     let _ = writeln!(
         s,
         "\n## User-namespaced container starts (a new mapping each)\n\n\
-         `ctr run --rm --uidmap/--gidmap 0:<new>:65536` of `{image}` (pulled into both snapshotters \
-         first), the container running `true`, caches dropped before each start; *ID-mapped* passes \
+         `ctr run -d --uidmap/--gidmap 0:<new>:65536` of `{image}` (pulled into both snapshotters \
+         first) until its task runs, caches dropped before each start; *ID-mapped* passes \
          `--remap-labels` (the snapshotter maps: containerd's ID-mapped lower directories for \
          overlayfs, our ID-mapped layer clones for cas), *chown* lets containerd chown a copy of \
-         the image first. *left* is what one start adds to the filesystem for good (`statfs` after \
-         `sync`, the container's snapshot gone): every further pod with its own mapping costs as \
-         much. Medians of the runs; ratio to overlayfs ID-mapped.\n"
+         the image first. *added* is what the filesystem holds more while the container runs \
+         (`statfs` after `sync`): every further pod with a mapping of its own costs as much. \
+         Medians of the runs; ratio to overlayfs ID-mapped.\n"
     );
     let _ = writeln!(
         s,
-        "| way | start, median (min-max) | ratio | left per start: bytes | inodes |\n|---|---:|---:|---:|---:|"
+        "| way | start, median (min-max) | ratio | added per container: bytes | inodes |\n|---|---:|---:|---:|---:|"
     );
     let base = starts
         .iter()
