@@ -480,6 +480,8 @@ pub enum AdminRequest {
     },
     /// Garbage collection.
     Gc,
+    /// What each image holds alone and shares ([`crate::sharing`]).
+    Images,
 }
 
 /// The answer to an [`AdminRequest`] (one JSON line).
@@ -492,6 +494,8 @@ pub enum AdminResponse {
     Fsck(FsckReport),
     /// What a collection did.
     Gc(crate::gc::GcStats),
+    /// Each image's unique and shared bytes.
+    Images(Vec<crate::sharing::ChainUsage>),
     /// The request failed.
     Error(String),
 }

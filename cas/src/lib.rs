@@ -39,7 +39,8 @@
 //! * [`sys`]: the calls that need root, behind a trait with a recording fake;
 //! * [`flatten`]: one stub tree standing in for a chain too deep for one mount option;
 //! * [`gc`]: deleting objects no committed snapshot references;
-//! * [`admin`]: statistics, fsck and index rebuild behind `casctl`.
+//! * [`admin`]: statistics, fsck and index rebuild behind `casctl`;
+//! * [`sharing`]: what each image holds alone and shares (what removing it frees).
 //!
 //! ## Crash points
 //! Every step of ingest, commit, remove and GC after which a crash leaves a different
@@ -88,6 +89,7 @@ pub mod manifest;
 pub mod mounts;
 pub mod objects;
 pub mod probe;
+pub mod sharing;
 pub mod snapshots;
 pub mod stub;
 pub mod sys;

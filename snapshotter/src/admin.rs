@@ -71,6 +71,11 @@ async fn handle(sn: Arc<CasSnapshotter>, conn: UnixStream) -> std::io::Result<()
             .await
             .map(AdminResponse::Fsck)
             .unwrap_or_else(|e| AdminResponse::Error(e.to_string())),
+        Ok(AdminRequest::Images) => sn
+            .chain_usage()
+            .await
+            .map(AdminResponse::Images)
+            .unwrap_or_else(|e| AdminResponse::Error(e.to_string())),
         Ok(AdminRequest::Gc) => sn
             .gc()
             .await

@@ -128,7 +128,13 @@ impl CasSnapshotter {
         Ok(stats)
     }
 
+    /// What each image holds alone and shares.
+    pub async fn chain_usage(&self) -> Result<Vec<cas::sharing::ChainUsage>, ServiceError> {
+        self.run(|s| s.chain_usage()).await
+    }
+
     /// Store statistics (`casctl stats`), with how layers came in since start.
+
     pub async fn stats(&self) -> Result<cas::admin::Stats, ServiceError> {
         let mut s = self.run(|s| s.stats()).await?;
         let c = self.metrics.apply_counts();

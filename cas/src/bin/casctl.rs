@@ -46,6 +46,8 @@ enum Cmd {
     },
     /// Delete objects that no committed snapshot references.
     Gc,
+    /// Per image (leaf chain of layers): the bytes removing it frees and those it shares.
+    Images,
     /// Rebuild the index from the snapshots' info files and manifests (daemon stopped).
     RebuildIndex,
 }
@@ -142,6 +144,28 @@ fn print_fsck(r: &FsckReport) {
     }
 }
 
+fn print_images(images: &[cas::sharing::ChainUsage]) {
+    println!(
+        "{:<73} {:>6} {:>11} {:>11} {:>11}",
+        "image (top layer)", "layers", "objects", "unique", "shared"
+    );
+    for i in images {
+        println!(
+            "{:<73} {:>3}/{:<2} {:>11} {:>11} {:>11}",
+            i.top,
+            i.exclusive_layers,
+            i.layers,
+            human_bytes(i.object_bytes),
+            human_bytes(i.unique_bytes),
+            human_bytes(i.shared_bytes)
+        );
+    }
+    println!(
+        "unique: freed when the image goes (its own layers' images and the objects no other \
+         image has); layers: its own / all"
+    );
+}
+
 fn print_gc(g: &GcStats) {
     println!(
         "scanned {} objects, removed {} ({}), removed {} temporary files",
@@ -178,6 +202,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             verify_objects: *verify_objects,
         }),
         Cmd::Gc => Some(AdminRequest::Gc),
+        Cmd::Images => Some(AdminRequest::Images),
         Cmd::RebuildIndex => None,
     };
     let online = match &req {
@@ -213,6 +238,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             })?;
             match cmd {
                 Cmd::Stats => AdminResponse::Stats(admin::stats(&layout, &meta)?),
+                Cmd::Images => AdminResponse::Images(cas::sharing::chain_usage(&layout, &meta)?),
                 Cmd::Fsck { verify_objects } => {
                     AdminResponse::Fsck(admin::fsck(&layout, &meta, *verify_objects)?)
                 }
@@ -229,6 +255,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             AdminResponse::Stats(s) => serde_json::to_string_pretty(s)?,
             AdminResponse::Fsck(r) => serde_json::to_string_pretty(r)?,
             AdminResponse::Gc(g) => serde_json::to_string_pretty(g)?,
+            AdminResponse::Images(i) => serde_json::to_string_pretty(i)?,
             AdminResponse::Error(e) => anyhow::bail!("daemon: {e}"),
         };
         println!("{v}");
@@ -250,6 +277,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         AdminResponse::Gc(g) => {
             if !args.json {
                 print_gc(&g);
+            }
+        }
+        AdminResponse::Images(i) => {
+            if !args.json {
+                print_images(&i);
             }
         }
         AdminResponse::Error(e) => anyhow::bail!("daemon: {e}"),

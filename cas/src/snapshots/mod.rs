@@ -1000,6 +1000,11 @@ impl Snapshots {
         Ok(stats)
     }
 
+    /// What each image holds alone and shares (`casctl images`, the per-image metrics).
+    pub fn chain_usage(&self) -> Result<Vec<crate::sharing::ChainUsage>> {
+        Ok(crate::sharing::chain_usage(&self.layout, &self.meta)?)
+    }
+
     /// Store statistics (`casctl stats`), with the journal's backend.
     pub fn stats(&self) -> Result<Stats> {
         let mut s = crate::admin::stats(&self.layout, &self.meta)?;

@@ -542,3 +542,61 @@ fn a_clean_shutdown_is_seen_at_the_next_open() {
         "immediate parent first"
     );
 }
+
+/// Two images on one base and a third on its own: each image's unique bytes are what
+/// removing it frees, a base under two images is freed by neither, and content that
+/// another image holds in a layer of its own is shared.
+#[test]
+fn an_images_unique_bytes_are_what_its_removal_frees() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let sn = open(dir.path());
+    layer(&sn, "base", None, &[("a", b"in all"), ("b", b"base only")]);
+    layer(
+        &sn,
+        "app1",
+        Some("base"),
+        &[("x", b"app1 and app2"), ("y", b"in all")],
+    );
+    layer(
+        &sn,
+        "app2",
+        Some("base"),
+        &[("z", b"app2 alone"), ("w", b"app1 and app2")],
+    );
+    layer(
+        &sn,
+        "other",
+        None,
+        &[("q", b"base only"), ("r", b"other alone!")],
+    );
+    let by_top =
+        |usage: Vec<crate::sharing::ChainUsage>| -> BTreeMap<String, (u64, u64, u64, u64)> {
+            usage
+                .into_iter()
+                .map(|u| {
+                    (
+                        u.top,
+                        (u.layers, u.exclusive_layers, u.unique_bytes, u.shared_bytes),
+                    )
+                })
+                .collect()
+        };
+    let usage = by_top(sn.chain_usage().unwrap());
+    assert_eq!(
+        usage,
+        BTreeMap::from([
+            ("app1".to_string(), (2, 1, 0, 6 + 9 + 13)),
+            ("app2".to_string(), (2, 1, 10, 6 + 9 + 13)),
+            ("other".to_string(), (1, 1, 12, 9)),
+        ]),
+        "the base is no image of its own while images stand on it"
+    );
+    for (image, freed) in [("app2", 10), ("other", 12)] {
+        sn.remove(image).unwrap();
+        assert_eq!(sn.gc().unwrap().freed_bytes, freed, "removing {image}");
+    }
+    // app1 alone on the base now: everything it references is its own
+    let usage = by_top(sn.chain_usage().unwrap());
+    assert_eq!(usage["app1"], (2, 2, 6 + 9 + 13, 0));
+}
