@@ -383,5 +383,33 @@ fn metrics_show_requests_ingest_store_and_gc() -> Result<()> {
     at_least("cas_savings_ratio", 0.01); // the shared layer and repeated content
     at_least("cas_gc_runs_total", 1.0);
     at_least("cas_recovery_seconds", 0.0);
+
+    // Per image: the base (3 layers) and the app (the base's first layer and its own)
+    // share that first layer; each has layers of its own to free.
+    let (code, out) = rig.casctl(&["images", "--json"])?;
+    assert_eq!(code, 0, "{out}");
+    let images: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+    let mut layers: Vec<(u64, u64)> = images
+        .iter()
+        .map(|i| {
+            (
+                i["layers"].as_u64().unwrap_or(0),
+                i["exclusive_layers"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    layers.sort();
+    assert_eq!(layers, [(2, 1), (3, 2)], "{out}");
+    for i in &images {
+        assert!(i["shared_bytes"].as_u64() > Some(0), "{out}");
+        assert!(i["unique_bytes"].as_u64() > Some(0), "{out}");
+        let top = i["top"].as_str().unwrap_or_default();
+        let series = format!("cas_image_unique_bytes{{image=\"{top}\"}}");
+        assert_eq!(
+            sample(&text, &series),
+            i["unique_bytes"].as_f64(),
+            "{series} in:\n{text}"
+        );
+    }
     Ok(())
 }

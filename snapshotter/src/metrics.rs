@@ -11,7 +11,11 @@
 //!   by a tower layer around the gRPC server;
 //! * GC: `gc_runs_total`, `gc_freed_objects_total`, `gc_freed_bytes_total`;
 //! * `recovery_seconds`: how long the last start's recovery (journal replay, index
-//!   reconcile, sweeps) took.
+//!   reconcile, sweeps) took;
+//! * per image, labelled `image` with its top layer's name (the chain ID containerd
+//!   commits it as), refreshed with the store figures: `image_unique_bytes` (what
+//!   removing it frees) and `image_shared_bytes` (what other images keep), see
+//!   `cas::sharing`.
 //!
 //! * Diff service: `diff_applies_total{result}` (`fast`: applied in one pass; `fallback`:
 //!   handed back to containerd's applier with `Unimplemented`; `failed`), and
@@ -69,6 +73,8 @@ pub struct Metrics {
     applied_bytes: Counter,
     blob_reads: Family<Labels, Counter>,
     ring_backend: Family<Labels, Gauge>,
+    image_unique_bytes: Family<Labels, Gauge>,
+    image_shared_bytes: Family<Labels, Gauge>,
     ring_queue_depth: Gauge,
     ring_waits: Gauge,
     ring_read: Gauge,
@@ -147,6 +153,8 @@ impl Metrics {
             applied_bytes: Counter::default(),
             blob_reads: Family::default(),
             ring_backend: Family::default(),
+            image_unique_bytes: Family::default(),
+            image_shared_bytes: Family::default(),
             ring_queue_depth: Gauge::default(),
             ring_waits: Gauge::default(),
             ring_read: Gauge::default(),
@@ -169,6 +177,16 @@ impl Metrics {
             "Layer blobs the Diff service opened, by source (content_dir: containerd's content \
              store read directly; content_api: streamed through containerd's Content API)",
             m.blob_reads.clone(),
+        );
+        registry.register(
+            "image_unique_bytes",
+            "Bytes removing the image frees: objects no other image has, its own layers' images (per top layer)",
+            m.image_unique_bytes.clone(),
+        );
+        registry.register(
+            "image_shared_bytes",
+            "Bytes of the image's objects that other images reference too (per top layer)",
+            m.image_shared_bytes.clone(),
         );
         registry.register(
             "ring_backend",
@@ -352,6 +370,20 @@ impl Metrics {
         due
     }
 
+    fn set_images(&self, images: &[cas::sharing::ChainUsage]) {
+        self.image_unique_bytes.clear();
+        self.image_shared_bytes.clear();
+        for i in images {
+            let l = vec![("image".to_string(), i.top.clone())];
+            self.image_unique_bytes
+                .get_or_create(&l)
+                .set(i.unique_bytes as i64);
+            self.image_shared_bytes
+                .get_or_create(&l)
+                .set(i.shared_bytes as i64);
+        }
+    }
+
     fn set_stats(&self, s: &cas::admin::Stats) {
         self.objects.set(s.objects as i64);
         self.logical_bytes.set(s.logical_bytes as i64);
@@ -437,6 +469,10 @@ async fn answer(
         match sn.stats().await {
             Ok(s) => m.set_stats(&s),
             Err(e) => warn!(error = %e, "store statistics for metrics failed"),
+        }
+        match sn.chain_usage().await {
+            Ok(i) => m.set_images(&i),
+            Err(e) => warn!(error = %e, "per-image figures for metrics failed"),
         }
     }
     let mut resp = hyper::Response::new(hyper::Body::from(m.encode()));
