@@ -574,3 +574,127 @@ fn cri_user_namespaced_pods_share_the_layers() -> Result<()> {
     };
     block_on(userns_flow(&rig))?.map_err(|e| e.context(rig.logs()))
 }
+
+/// Store bytes on disk: objects and layer images (`casctl stats`).
+fn store_bytes(rig: &Rig) -> Result<u64> {
+    let (code, stats) = rig.casctl(&["stats", "--json"])?;
+    anyhow::ensure!(code == 0, "{stats}");
+    let stats: serde_json::Value = serde_json::from_str(&stats)?;
+    Ok(stats["physical_bytes"].as_u64().context("physical_bytes")?
+        + stats["image_bytes"].as_u64().context("image_bytes")?)
+}
+
+/// ImageFsInfo's used bytes once CRI's periodic sum of our Usage has caught up with the
+/// snapshots there are now.
+async fn image_fs_used(cri: &mut CriClient, rig: &Rig) -> Result<u64> {
+    let want = cas_usage(rig)?.0;
+    let start = Instant::now();
+    loop {
+        let info = cri
+            .images
+            .image_fs_info(api::ImageFsInfoRequest {})
+            .await?
+            .into_inner();
+        let used = info
+            .image_filesystems
+            .first()
+            .and_then(|f| f.used_bytes.as_ref())
+            .map_or(0, |u| u.value);
+        if used == want {
+            return Ok(used);
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("ImageFsInfo says {used}, our snapshots' Usage adds up to {want}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// What kubelet's image GC sees when it removes an image, against what the store frees.
+/// kubelet counts the CRI `size` of each image it removes as freed (containerd reports
+/// the image's compressed blobs, shared layers included); the store frees the image's
+/// unique bytes (`casctl images`, `cas_image_unique_bytes`); kubelet's next pass reads
+/// the filesystem again, so it removes more images when fewer bytes came back than it
+/// counted.
+async fn image_gc_flow(rig: &Rig) -> Result<()> {
+    let mut cri = CriClient::connect(&rig.containerd.sock).await?;
+    for i in [&rig.base_ref, &rig.app_ref] {
+        cri.images
+            .pull_image(api::PullImageRequest {
+                image: Some(api::ImageSpec {
+                    image: i.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .context("PullImage")?;
+    }
+    let listed = cri
+        .images
+        .list_images(api::ListImagesRequest::default())
+        .await?
+        .into_inner()
+        .images;
+    let app = listed
+        .iter()
+        .find(|i| i.repo_tags.contains(&rig.app_ref))
+        .context("app image listed")?;
+    let (code, out) = rig.casctl(&["images", "--json"])?;
+    anyhow::ensure!(code == 0, "{out}");
+    let images: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+    // the app image is the chain of two layers
+    let app_usage = images
+        .iter()
+        .find(|i| i["layers"].as_u64() == Some(2))
+        .context("the app's chain")?;
+    let unique = app_usage["unique_bytes"].as_u64().context("unique_bytes")?;
+    let before = (store_bytes(rig)?, image_fs_used(&mut cri, rig).await?);
+    cri.images
+        .remove_image(api::RemoveImageRequest {
+            image: Some(api::ImageSpec {
+                image: app.id.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .context("RemoveImage")?;
+    // containerd's GC removes the app's own layer and asks us to clean up; the objects
+    // only it had go with it
+    let start = Instant::now();
+    let after = loop {
+        let after = store_bytes(rig)?;
+        if before.0 - after >= unique {
+            break after;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "removing the app image freed {} of its {unique} unique bytes",
+                before.0 - after
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let freed = before.0 - after;
+    let after = (after, image_fs_used(&mut cri, rig).await?);
+    eprintln!(
+        "image GC: kubelet counts {} bytes (CRI size of the app image); the store freed {freed} \
+         (casctl images: {unique} unique); ImageFsInfo fell by {}",
+        app.size,
+        before.1 as i64 - after.1 as i64
+    );
+    assert_eq!(
+        freed, unique,
+        "the store frees exactly the image's unique bytes"
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root, containerd, runc and a registry (make e2e runs it)"]
+fn cri_image_removal_frees_the_images_unique_bytes() -> Result<()> {
+    let Some(rig) = cri_rig(ContainerdOptions::cached("2").differ(true))? else {
+        return Ok(());
+    };
+    block_on(image_gc_flow(&rig))?.map_err(|e| e.context(rig.logs()))
+}
