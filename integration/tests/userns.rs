@@ -129,6 +129,45 @@ fn ctr_runs_user_namespaced_containers_on_shared_layers() -> Result<()> {
             "an ID-mapped container adds no layer and no object: {s}"
         );
     }
+    // The same tree, owners and bytes as overlayfs's ID-mapped mounts show.
+    rig.pull("overlayfs", &rig.base_ref)?;
+    let tree = "find / -xdev \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -print \
+        | sort | while read -r f; do stat -c '%n %u:%g %a %F' \"$f\"; \
+        [ -f \"$f\" ] && [ ! -L \"$f\" ] && md5sum \"$f\"; done; true";
+    let map = "0:400000:65536";
+    let mut seen = Vec::new();
+    // runc's state directory is the machine's: ids unique to this rig
+    let suffix = rig
+        .dir
+        .path()
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy();
+    for sn in ["cas", "overlayfs"] {
+        let out = rig
+            .containerd
+            .ctr(&[
+                "run",
+                "--rm",
+                "--snapshotter",
+                sn,
+                "--uidmap",
+                map,
+                "--gidmap",
+                map,
+                "--remap-labels",
+                &rig.base_ref,
+                &format!("userns-tree-{sn}-{suffix}"),
+                "sh",
+                "-c",
+                tree,
+            ])
+            .map_err(|e| e.context(rig.logs()))?;
+        seen.push(out);
+    }
+    assert!(seen[0].lines().count() > 20, "{}", seen[0]);
+    assert_eq!(seen[0], seen[1], "cas and overlayfs show different trees");
+
     // containerd removes a deleted container's snapshot in its next GC pass
     wait_until(
         "the containers' snapshots and their clones to go",

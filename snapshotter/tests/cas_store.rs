@@ -785,6 +785,17 @@ async fn id_mapped_snapshots_share_the_layers() {
         let again = sn.mounts("c1".into()).await.unwrap();
         assert_eq!(again[0].options, c1[0].options);
     }
+    // a View takes the mapping too (read-only, no upper)
+    let v = sn
+        .view("v1".into(), "l2".into(), mapping(500_000))
+        .await
+        .unwrap();
+    {
+        let _m = Mounted::new(&v, &m1);
+        assert_eq!(owner(&m1.join("etc/shadow")), (500_000, 500_000));
+        assert_eq!(owner(&m1.join("home/user-file")), (501_000, 501_001));
+    }
+    sn.remove("v1".into()).await.unwrap();
     let after = sn.stats().await.unwrap();
     assert_eq!(
         (after.objects, after.physical_bytes, after.committed),
