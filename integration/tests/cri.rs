@@ -26,10 +26,6 @@ fn node_namespaces() -> api::NamespaceOption {
     }
 }
 
-fn sandbox_config(log_dir: &str) -> api::PodSandboxConfig {
-    pod_config("cas-e2e", log_dir, node_namespaces())
-}
-
 /// A pod `name` logging to `log_dir`, in these namespaces.
 fn pod_config(
     name: &str,
@@ -113,6 +109,96 @@ async fn wait_exited(cri: &mut CriClient, id: &str) -> Result<api::ContainerStat
     }
 }
 
+/// Runs pod `name` in `namespaces` with one container `name` running `sh -c script`
+/// (not started yet), logging to `<log_dir>/<name>.log`; returns (pod, container).
+async fn pod_with_container(
+    cri: &mut CriClient,
+    name: &str,
+    log_dir: &str,
+    image: &api::ImageSpec,
+    script: &str,
+    namespaces: api::NamespaceOption,
+) -> Result<(String, String)> {
+    let sandbox = pod_config(name, log_dir, namespaces.clone());
+    let pod = cri
+        .runtime
+        .run_pod_sandbox(api::RunPodSandboxRequest {
+            config: Some(sandbox.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .with_context(|| format!("RunPodSandbox {name}"))?
+        .into_inner()
+        .pod_sandbox_id;
+    let container = cri
+        .runtime
+        .create_container(api::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(api::ContainerConfig {
+                metadata: Some(api::ContainerMetadata {
+                    name: name.into(),
+                    attempt: 0,
+                }),
+                image: Some(image.clone()),
+                command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                log_path: format!("{name}.log"),
+                linux: Some(api::LinuxContainerConfig {
+                    security_context: Some(api::LinuxContainerSecurityContext {
+                        namespace_options: Some(namespaces),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            sandbox_config: Some(sandbox),
+        })
+        .await
+        .with_context(|| format!("CreateContainer in {name}"))?
+        .into_inner()
+        .container_id;
+    Ok((pod, container))
+}
+
+/// What container `name` wrote to stdout (CRI's log format: `<time> stdout F <line>`).
+fn log_lines(log_dir: &str, name: &str) -> Result<Vec<String>> {
+    let log = std::fs::read_to_string(std::path::Path::new(log_dir).join(format!("{name}.log")))?;
+    Ok(log
+        .lines()
+        .filter_map(|l| l.split_once(" stdout F ").map(|(_, text)| text.to_string()))
+        .collect())
+}
+
+/// Stops and removes a container and its pod, as kubelet does.
+async fn remove_pod(cri: &mut CriClient, pod: String, container: String) -> Result<()> {
+    cri.runtime
+        .stop_container(api::StopContainerRequest {
+            container_id: container.clone(),
+            timeout: 5,
+        })
+        .await
+        .context("StopContainer")?;
+    cri.runtime
+        .remove_container(api::RemoveContainerRequest {
+            container_id: container,
+        })
+        .await
+        .context("RemoveContainer")?;
+    cri.runtime
+        .stop_pod_sandbox(api::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .context("StopPodSandbox")?;
+    cri.runtime
+        .remove_pod_sandbox(api::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .context("RemovePodSandbox")?;
+    Ok(())
+}
+
 async fn cri_flow(rig: &Rig) -> Result<()> {
     let mut cri = CriClient::connect(&rig.containerd.sock).await?;
     let version = cri
@@ -152,53 +238,21 @@ async fn cri_flow(rig: &Rig) -> Result<()> {
         "{listed:?}"
     );
 
-    // A pod on the node's network; its sandbox image is pulled through cas too.
+    // A pod on the node's network; its sandbox image is pulled through cas too. Its
+    // container prints and exits.
     let log_dir = rig.dir.path().join("pod-logs");
     std::fs::create_dir_all(&log_dir)?;
-    let sandbox = sandbox_config(log_dir.to_str().context("log dir")?);
-    let pod = cri
-        .runtime
-        .run_pod_sandbox(api::RunPodSandboxRequest {
-            config: Some(sandbox.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .context("RunPodSandbox")?
-        .into_inner()
-        .pod_sandbox_id;
-
-    // A container that prints and exits.
-    let container = cri
-        .runtime
-        .create_container(api::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(api::ContainerConfig {
-                metadata: Some(api::ContainerMetadata {
-                    name: "hello".into(),
-                    attempt: 0,
-                }),
-                image: Some(image),
-                command: vec![
-                    "/bin/sh".into(),
-                    "-c".into(),
-                    "cat /etc/fixture-release; echo hello from cas".into(),
-                ],
-                log_path: "hello.log".into(),
-                linux: Some(api::LinuxContainerConfig {
-                    security_context: Some(api::LinuxContainerSecurityContext {
-                        namespace_options: Some(node_namespaces()),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            sandbox_config: Some(sandbox),
-        })
-        .await
-        .context("CreateContainer")?
-        .into_inner()
-        .container_id;
+    let log_dir = log_dir.to_str().context("log dir")?;
+    let script = "cat /etc/fixture-release; echo hello from cas";
+    let (pod, container) = pod_with_container(
+        &mut cri,
+        "hello",
+        log_dir,
+        &image,
+        script,
+        node_namespaces(),
+    )
+    .await?;
     cri.runtime
         .start_container(api::StartContainerRequest {
             container_id: container.clone(),
@@ -207,17 +261,9 @@ async fn cri_flow(rig: &Rig) -> Result<()> {
         .context("StartContainer")?;
     let status = wait_exited(&mut cri, &container).await?;
     assert_eq!(status.exit_code, 0, "{status:?}");
-
-    // CRI's log format: `<time> stdout F <line>`.
-    let log = std::fs::read_to_string(log_dir.join("hello.log"))?;
-    let lines: Vec<&str> = log
-        .lines()
-        .filter_map(|l| l.split_once(" stdout F ").map(|(_, text)| text))
-        .collect();
     assert_eq!(
-        lines,
-        [BASE_RELEASE.trim_end(), "hello from cas"],
-        "log:\n{log}"
+        log_lines(log_dir, "hello")?,
+        [BASE_RELEASE.trim_end(), "hello from cas"]
     );
 
     // Everything the pod runs on is ours: the images' layers are committed cas snapshots.
@@ -233,31 +279,7 @@ async fn cri_flow(rig: &Rig) -> Result<()> {
     assert!(snaps.lines().count() > 4 + 2, "{snaps}");
 
     // Stop and remove, as kubelet does.
-    cri.runtime
-        .stop_container(api::StopContainerRequest {
-            container_id: container.clone(),
-            timeout: 5,
-        })
-        .await
-        .context("StopContainer")?;
-    cri.runtime
-        .remove_container(api::RemoveContainerRequest {
-            container_id: container,
-        })
-        .await
-        .context("RemoveContainer")?;
-    cri.runtime
-        .stop_pod_sandbox(api::StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-        .context("StopPodSandbox")?;
-    cri.runtime
-        .remove_pod_sandbox(api::RemovePodSandboxRequest {
-            pod_sandbox_id: pod,
-        })
-        .await
-        .context("RemovePodSandbox")?;
+    remove_pod(&mut cri, pod, container).await?;
     let pods = cri
         .runtime
         .list_pod_sandbox(api::ListPodSandboxRequest::default())
@@ -446,44 +468,15 @@ async fn userns_flow(rig: &Rig) -> Result<()> {
     // Two pods with different mappings at once, as kubelet gives every pod its own.
     let mut running = Vec::new();
     for (name, host) in [("userns-a", 100_000u32), ("userns-b", 200_000)] {
-        let sandbox = pod_config(name, log_dir, pod_userns(host));
-        let pod = cri
-            .runtime
-            .run_pod_sandbox(api::RunPodSandboxRequest {
-                config: Some(sandbox.clone()),
-                runtime_handler: String::new(),
-            })
-            .await
-            .context("RunPodSandbox with a user namespace")?
-            .into_inner()
-            .pod_sandbox_id;
-        let container = cri
-            .runtime
-            .create_container(api::CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(api::ContainerConfig {
-                    metadata: Some(api::ContainerMetadata {
-                        name: "probe".into(),
-                        attempt: 0,
-                    }),
-                    image: Some(image.clone()),
-                    command: vec!["/bin/sh".into(), "-c".into(), USERNS_PROBE.into()],
-                    log_path: format!("{name}.log"),
-                    linux: Some(api::LinuxContainerConfig {
-                        security_context: Some(api::LinuxContainerSecurityContext {
-                            namespace_options: Some(pod_userns(host)),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                sandbox_config: Some(sandbox),
-            })
-            .await
-            .context("CreateContainer in a user namespace")?
-            .into_inner()
-            .container_id;
+        let (pod, container) = pod_with_container(
+            &mut cri,
+            name,
+            log_dir,
+            &image,
+            USERNS_PROBE,
+            pod_userns(host),
+        )
+        .await?;
         running.push((name, host, pod, container));
     }
     for (_, _, _, c) in &running {
@@ -496,15 +489,10 @@ async fn userns_flow(rig: &Rig) -> Result<()> {
     }
     for (name, host, _, c) in &running {
         let status = wait_exited(&mut cri, c).await?;
-        let log =
-            std::fs::read_to_string(std::path::Path::new(log_dir).join(format!("{name}.log")))?;
-        let lines: Vec<&str> = log
-            .lines()
-            .filter_map(|l| l.split_once(" stdout F ").map(|(_, text)| text))
-            .collect();
+        assert_eq!(status.exit_code, 0, "{status:?}");
         let uid_map = format!("0 {host} 65536");
         assert_eq!(
-            lines,
+            log_lines(log_dir, name)?,
             [
                 uid_map.as_str(),
                 "0:0",
@@ -513,9 +501,8 @@ async fn userns_flow(rig: &Rig) -> Result<()> {
                 "small file",
                 "written"
             ],
-            "{status:?}\nlog:\n{log}"
+            "{status:?}"
         );
-        assert_eq!(status.exit_code, 0, "{status:?}");
     }
     assert!(
         !clones_mounted(rig).is_empty(),
@@ -528,22 +515,7 @@ async fn userns_flow(rig: &Rig) -> Result<()> {
     );
 
     for (_, _, pod, c) in running {
-        cri.runtime
-            .remove_container(api::RemoveContainerRequest { container_id: c })
-            .await
-            .context("RemoveContainer")?;
-        cri.runtime
-            .stop_pod_sandbox(api::StopPodSandboxRequest {
-                pod_sandbox_id: pod.clone(),
-            })
-            .await
-            .context("StopPodSandbox")?;
-        cri.runtime
-            .remove_pod_sandbox(api::RemovePodSandboxRequest {
-                pod_sandbox_id: pod,
-            })
-            .await
-            .context("RemovePodSandbox")?;
+        remove_pod(&mut cri, pod, c).await?;
     }
     let start = Instant::now();
     while !clones_mounted(rig).is_empty() {

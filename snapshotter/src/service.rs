@@ -134,7 +134,6 @@ impl CasSnapshotter {
     }
 
     /// Store statistics (`casctl stats`), with how layers came in since start.
-
     pub async fn stats(&self) -> Result<cas::admin::Stats, ServiceError> {
         let mut s = self.run(|s| s.stats()).await?;
         let c = self.metrics.apply_counts();
