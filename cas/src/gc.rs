@@ -1,5 +1,11 @@
 //! Garbage collection: delete objects no committed snapshot references.
 //!
+//! Two ways: [`collect_batch`] takes the index's GC candidates (the objects whose last
+//! reference went) a batch at a time, so its cost is the garbage's and a concurrent
+//! Commit waits at most one batch; [`collect`] scans every object, for `casctl gc`
+//! offline and for the first collection after an unclean stop, when objects an ingest
+//! published before its references landed may be nobody's candidates.
+//!
 //! An object is garbage when the index holds no reference count for it and no active
 //! snapshot's manifest names it. (An active snapshot has a manifest once the Diff
 //! service applied a layer into it: its objects are published at Apply and referenced
@@ -159,7 +165,49 @@ pub fn collect_objects(
     Ok(stats)
 }
 
-/// Deletes unreferenced objects. See the module docs for the locking contract.
+/// Deletes the garbage among `batch` (GC candidates, see [`crate::index`]) and forgets
+/// them all as candidates: one step of a collection proportional to the garbage. An
+/// object referenced again, or named by an applied layer's manifest, is kept (the
+/// latter is collected with its layer if that is removed uncommitted). Same locking
+/// contract as [`collect`], for the duration of the batch.
+pub fn collect_batch(
+    layout: &Layout,
+    meta: &MetaStore,
+    batch: &[Digest],
+) -> Result<GcStats, CasError> {
+    let objects = ObjectStore::new(layout);
+    let pending = pending_objects(layout, meta)?;
+    let mut stats = GcStats::default();
+    let mut fans = std::collections::BTreeSet::new();
+    for d in batch {
+        stats.scanned += 1;
+        if !is_garbage(meta, &pending, d)? {
+            continue;
+        }
+        let path = objects.path(d);
+        if let Some(size) = remove_object(&objects, d, &path)? {
+            stats.removed += 1;
+            stats.freed_bytes += size;
+            if let Some(fan) = path.parent() {
+                fans.insert(fan.to_path_buf());
+            }
+        }
+    }
+    // A crash before this leaves candidates whose objects are gone: the next batch
+    // finds nothing to delete and forgets them.
+    crate::crash_point!("gc.before-forget");
+    meta.drop_candidates(batch)
+        .map_err(|e| CasError::io("write index", layout.index_dir())(io::Error::other(e)))?;
+    for fan in fans {
+        // ENOTEMPTY is the common case and fine
+        let _ = fs::remove_dir(&fan);
+    }
+    Ok(stats)
+}
+
+/// Deletes unreferenced objects, scanning every object. See the module docs for the
+/// locking contract. A daemon uses it once after an unclean stop (or on a store that
+/// predates GC candidates), then [`collect_batch`] over the candidates.
 pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
     let objects = ObjectStore::new(layout);
     // alias -> the object that keeps it (objects that stay)

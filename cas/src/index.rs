@@ -8,7 +8,16 @@
 //! 'R' <32-byte sha256>                      -> u64 BE       (committed snapshots using the object)
 //! 'N'                                       -> u64 BE       (last snapshot id handed out)
 //! 'P' <u64 BE id> <direction>               -> u64 BE       (reference chunks applied)
+//! 'G' <32-byte sha256>                      -> ''           (a GC candidate: its last reference went)
+//! 'T'                                       -> ''           (the candidates are complete)
 //! ```
+//!
+//! GC candidates make a collection proportional to the garbage, not to the store
+//! ([`crate::gc::collect_candidates`]): the batch that drops an object's last reference
+//! also adds its `G` entry, and the one that references it again removes it. They are
+//! *complete* (`T`) when every unreferenced object is a candidate, which a crash can break
+//! (an ingest's objects published before its references) and a full scan restores
+//! ([`crate::gc::collect`]); the daemon clears `T` at every start after an unclean stop.
 //!
 //! Every record is mirrored in `snapshots/<id>/info` ([`write_info`]), written durably
 //! *before* the index changes; with the manifests, those files are what
@@ -47,6 +56,8 @@ const CHILD: u8 = b'C';
 const REF: u8 = b'R';
 const NEXT_ID: &[u8] = b"N";
 const PROGRESS: u8 = b'P';
+const CANDIDATE: u8 = b'G';
+const CANDIDATES_COMPLETE: &[u8] = b"T";
 /// Objects whose references one batch changes; see the module docs.
 pub const REF_CHUNK: usize = 4096;
 /// sled's page cache. Its default (1 GiB) lets the daemon's memory grow with every
@@ -161,6 +172,13 @@ fn progress_key(id: u64, delta: i64) -> Vec<u8> {
     k.push(PROGRESS);
     k.extend_from_slice(&id.to_be_bytes());
     k.push(if delta > 0 { b'+' } else { b'-' });
+    k
+}
+
+fn candidate_key(d: &Digest) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(CANDIDATE);
+    k.extend_from_slice(d.as_bytes());
     k
 }
 
@@ -351,9 +369,51 @@ impl MetaStore {
             let n = self.ref_count(d)? as i64 + delta;
             if n > 0 {
                 batch.insert(ref_key(d), &(n as u64).to_be_bytes());
+                if n == 1 && delta > 0 {
+                    // referenced again before a collection took it
+                    batch.remove(candidate_key(d));
+                }
             } else {
                 batch.remove(ref_key(d));
+                batch.insert(candidate_key(d), &[]);
             }
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` GC candidates, in digest order.
+    pub fn candidates(&self, limit: usize) -> Result<Vec<Digest>, IndexError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix([CANDIDATE]).take(limit) {
+            let (k, _) = item?;
+            if let Ok(d) = <[u8; 32]>::try_from(&k[1..]) {
+                out.push(Digest::from_bytes(d));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets these candidates (collected, or kept by something).
+    pub fn drop_candidates(&self, done: &[Digest]) -> Result<(), IndexError> {
+        let mut batch = sled::Batch::default();
+        for d in done {
+            batch.remove(candidate_key(d));
+        }
+        Ok(self.tree.apply_batch(batch)?)
+    }
+
+    /// Whether every unreferenced object is a candidate (see the module docs).
+    pub fn candidates_complete(&self) -> Result<bool, IndexError> {
+        Ok(self.tree.contains_key(CANDIDATES_COMPLETE)?)
+    }
+
+    /// Marks the candidates complete (after a full scan) or not (after a crash, or a
+    /// failure that may leave unreferenced objects behind).
+    pub fn set_candidates_complete(&self, complete: bool) -> Result<(), IndexError> {
+        if complete {
+            self.tree.insert(CANDIDATES_COMPLETE, &[])?;
+        } else {
+            self.tree.remove(CANDIDATES_COMPLETE)?;
         }
         Ok(())
     }

@@ -28,6 +28,7 @@ const POINTS: &[&str] = &[
     "remove.after-rename",
     "gc.before-delete",
     "gc.after-delete",
+    "gc.before-forget",
     "journal.before-checkpoint",
 ];
 

@@ -244,6 +244,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
                 _ => {
                     let g = cas::gc::collect(&layout, &meta)?;
+                    meta.set_candidates_complete(true)?;
                     meta.flush_blocking()?;
                     AdminResponse::Gc(g)
                 }

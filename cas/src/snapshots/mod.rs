@@ -72,6 +72,9 @@ use crate::Digest;
 
 pub use recovery::{reconcile, ReconcileStats};
 
+/// GC candidates one batch of a collection takes, holding off commits and applies.
+const GC_BATCH: usize = 1024;
+
 /// Prefix of directories being built by Prepare/View, before their rename.
 const NEW_PREFIX: &str = "new-";
 
@@ -261,6 +264,30 @@ pub struct Snapshots {
     applied: Mutex<HashMap<u64, UnpackStats>>,
     /// How long opening the store took (journal replay, reconcile, sweep).
     recovered_in: Duration,
+}
+
+/// Marks the index's GC candidates incomplete when dropped armed (see
+/// [`MetaStore::set_candidates_complete`]): a Commit that fails after its ingest published
+/// objects, before their references land.
+struct ScanOnFailure<'a> {
+    meta: &'a MetaStore,
+    armed: bool,
+}
+
+impl ScanOnFailure<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ScanOnFailure<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = self.meta.set_candidates_complete(false) {
+                warn!(error = %e, "could not mark the GC candidates incomplete");
+            }
+        }
+    }
 }
 
 /// Marks an active snapshot as being committed or applied into; unmarks it when dropped.
@@ -627,6 +654,12 @@ impl Snapshots {
             // applied before a restart: its image is read through its mount
             crate::erofs::mount::ensure_mounted(self.objects.sys(), &self.layout, rec.id)?;
         }
+        // From here until the references land, a failure leaves the objects the ingest
+        // published unreferenced and nobody's GC candidates: the next GC scans.
+        let unreferenced = ScanOnFailure {
+            meta: &self.meta,
+            armed: true,
+        };
         let stats = if applied {
             let s = self.applied_stats(rec.id, &fsdir, &manifest)?;
             IngestStats {
@@ -683,6 +716,7 @@ impl Snapshots {
         // follow without flushes; a checkpoint or the replay at start makes them durable.
         let flush = self.record_put(Step::Commit, rec.id, name, &rec)?;
         self.meta.rename(key, name, &rec, &objects)?;
+        unreferenced.disarm();
         if flush {
             self.meta.flush_blocking()?;
         }
@@ -983,17 +1017,54 @@ impl Snapshots {
         Ok(flush)
     }
 
-    /// Collects objects no committed snapshot references. Waits for running ingests and
-    /// holds new ones off while it runs.
+    /// Collects objects no committed snapshot references: the index's GC candidates, a
+    /// batch at a time (each batch waits for running ingests and holds new ones off), or
+    /// every object once after an unclean stop (see [`crate::gc`]).
     pub fn gc(&self) -> Result<GcStats> {
-        let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
-        let _w = lock(&self.writer);
         let started = std::time::Instant::now();
-        let stats = crate::gc::collect(&self.layout, &self.meta)?;
+        if !self.meta.candidates_complete()? {
+            let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+            let _w = lock(&self.writer);
+            let stats = crate::gc::collect(&self.layout, &self.meta)?;
+            // nothing unreferenced is left that is not a candidate
+            self.meta.set_candidates_complete(true)?;
+            info!(
+                removed = stats.removed,
+                freed_bytes = stats.freed_bytes,
+                scanned = stats.scanned,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "garbage collected (every object scanned: the first collection after an unclean stop)"
+            );
+            return Ok(stats);
+        }
+        let mut stats = GcStats::default();
+        {
+            let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+            stats.tmp_removed = crate::gc::sweep_tmp(&self.layout)?;
+        }
+        let (mut batches, mut longest) = (0u64, std::time::Duration::ZERO);
+        loop {
+            // Commits and applies wait for one batch at most.
+            let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+            let _w = lock(&self.writer);
+            let held = std::time::Instant::now();
+            let batch = self.meta.candidates(GC_BATCH)?;
+            if batch.is_empty() {
+                break;
+            }
+            let s = crate::gc::collect_batch(&self.layout, &self.meta, &batch)?;
+            stats.scanned += s.scanned;
+            stats.removed += s.removed;
+            stats.freed_bytes += s.freed_bytes;
+            batches += 1;
+            longest = longest.max(held.elapsed());
+        }
         info!(
             removed = stats.removed,
             freed_bytes = stats.freed_bytes,
-            scanned = stats.scanned,
+            candidates = stats.scanned,
+            batches,
+            longest_batch_ms = longest.as_millis() as u64,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "garbage collected"
         );

@@ -61,6 +61,10 @@ impl Snapshots {
             "recovery: journal replayed"
         );
         let meta = open_index(&layout)?;
+        if !matches!(stop, Stop::Clean) {
+            // an ingest may have published objects without their references
+            meta.set_candidates_complete(false)?;
+        }
         let reconciled = std::time::Instant::now();
         let fixed = reconcile(&layout, &meta, &stop, &*sys)?;
         // index and mirrors agree now: retire the replayed records with both durable

@@ -153,6 +153,9 @@ impl Rig {
             bail!("casctl gc before arming {point}: {out}");
         }
         let armed = format!("{point}=return");
+        // a clean stop, so the armed daemon trusts its GC candidates (after an unclean
+        // one its first GC scans every object, and the candidates' points are not met)
+        self.daemon.stop()?;
         self.daemon.restart_with_env(&[("FAILPOINTS", &armed)])?;
         self.wait_reconnected()?;
         // After a restart containerd redials with a backoff, so a step that finds the
