@@ -7,7 +7,7 @@ PROFILE ?= debug
 BIN     := $(CURDIR)/target/$(PROFILE)
 CARGO_PROFILE := $(if $(filter release,$(PROFILE)),--release,)
 
-.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench bench-dedup bench-durability bench-journal bench-recovery bench-engine bench-layout install uninstall dist-check clean
+.PHONY: all deps build check unit conformance e2e crash-test test demo demo-down bench bench-dedup bench-durability bench-journal bench-recovery bench-engine bench-layout bench-gc install uninstall dist-check clean
 
 all: build
 
@@ -100,6 +100,14 @@ bench-dedup:
 # Durability costs alone (make bench includes them): commit record latency p50/p99 of
 # both journal backends and recovery time with 1,000 committed snapshots, on an XFS loop
 # filesystem made for the run (RWF_ATOMIC) and on the filesystem of /var/tmp (rename).
+# GC of part of a large store while a Commit loop runs, over the GC candidates and by a
+# full scan: make bench-gc [OBJECTS=1000000] [GARBAGE=1]
+OBJECTS ?= 200000
+GARBAGE ?= 1
+bench-gc:
+	$(CARGO) build --release -p cas-integration --bin cas-bench
+	$(CURDIR)/target/release/cas-bench gc --objects $(OBJECTS) --garbage-percent $(GARBAGE)
+
 bench-durability:
 	$(CARGO) build --release -p cas-integration --bin cas-bench
 	$(CURDIR)/target/release/cas-bench durability --runs $(RUNS)

@@ -72,8 +72,9 @@ use crate::Digest;
 
 pub use recovery::{reconcile, ReconcileStats};
 
-/// GC candidates one batch of a collection takes, holding off commits and applies.
-const GC_BATCH: usize = 1024;
+/// GC candidates one batch of a collection takes, holding off commits and applies
+/// (about 20 ms of deletions on XFS).
+const GC_BATCH: usize = 256;
 
 /// Prefix of directories being built by Prepare/View, before their rename.
 const NEW_PREFIX: &str = "new-";
@@ -1058,6 +1059,9 @@ impl Snapshots {
             stats.freed_bytes += s.freed_bytes;
             batches += 1;
             longest = longest.max(held.elapsed());
+            drop((_w, _g));
+            // let a waiting Commit or apply in before the next batch
+            std::thread::yield_now();
         }
         info!(
             removed = stats.removed,

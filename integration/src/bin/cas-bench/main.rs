@@ -43,6 +43,7 @@ use sha2::{Digest as _, Sha256};
 
 mod durability;
 mod engine;
+mod gc;
 mod images;
 mod layout;
 mod perf;
@@ -90,6 +91,9 @@ enum Cmd {
     Engine(engine::EngineArgs),
     /// A layer's metadata as a stub tree and as one EROFS image: write, disk, walk.
     Layout(layout::LayoutArgs),
+    /// GC of part of a large store while a Commit loop runs: GC time and commit stalls,
+    /// over the GC candidates and by a full scan.
+    Gc(gc::GcArgs),
 }
 
 fn main() -> ExitCode {
@@ -111,6 +115,7 @@ fn main() -> ExitCode {
         Cmd::Durability(a) => durability::run(&a),
         Cmd::Engine(a) => engine::run(&a),
         Cmd::Layout(a) => layout::run(&a),
+        Cmd::Gc(a) => gc::run(&a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
