@@ -13,7 +13,7 @@
 //! ```
 //!
 //! GC candidates make a collection proportional to the garbage, not to the store
-//! ([`crate::gc::collect_candidates`]): the batch that drops an object's last reference
+//! ([`crate::gc::collect_batch`]): the batch that drops an object's last reference
 //! also adds its `G` entry, and the one that references it again removes it. They are
 //! *complete* (`T`) when every unreferenced object is a candidate, which a crash can break
 //! (an ingest's objects published before its references) and a full scan restores

@@ -91,15 +91,14 @@ fn collect_while_committing(sn: &Arc<Snapshots>, round: &str) -> Result<(f64, u6
     let g = sn.gc()?;
     let secs = t.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
-    let lat = committer.join().map_err(|_| anyhow::anyhow!("commit loop panicked"))??;
+    let lat = committer
+        .join()
+        .map_err(|_| anyhow::anyhow!("commit loop panicked"))??;
     Ok((secs, g.removed, lat))
 }
 
 pub fn run(a: &GcArgs) -> Result<()> {
-    anyhow::ensure!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (loop mount)"
-    );
+    anyhow::ensure!(nix::unistd::geteuid().is_root(), "needs root (loop mount)");
     let (work, _tmp) = work_dir(a.workdir.as_deref(), "cas-gc-")?;
     let fs_gib = (a.objects as u64 * 16 / (1 << 20)).max(4);
     let loopfs = LoopFs::new(&work, fs_gib << 10, FsKind::Xfs)?;
