@@ -142,44 +142,18 @@ fn remove_object(objects: &ObjectStore, d: &Digest, path: &Path) -> Result<Optio
     }
 }
 
-/// Deletes those of `candidates` that nothing keeps (after a failed or abandoned apply:
-/// the objects it published). Same locking contract as [`collect`].
-pub fn collect_objects(
+/// Deletes those of `digests` that nothing keeps; returns what it did and the fan-out
+/// directories it deleted from.
+fn delete_garbage(
     layout: &Layout,
     meta: &MetaStore,
-    candidates: &[Digest],
-) -> Result<GcStats, CasError> {
-    let objects = ObjectStore::new(layout);
-    let pending = pending_objects(layout, meta)?;
-    let mut stats = GcStats::default();
-    for d in candidates {
-        stats.scanned += 1;
-        if !is_garbage(meta, &pending, d)? {
-            continue;
-        }
-        if let Some(size) = remove_object(&objects, d, &objects.path(d))? {
-            stats.removed += 1;
-            stats.freed_bytes += size;
-        }
-    }
-    Ok(stats)
-}
-
-/// Deletes the garbage among `batch` (GC candidates, see [`crate::index`]) and forgets
-/// them all as candidates: one step of a collection proportional to the garbage. An
-/// object referenced again, or named by an applied layer's manifest, is kept (the
-/// latter is collected with its layer if that is removed uncommitted). Same locking
-/// contract as [`collect`], for the duration of the batch.
-pub fn collect_batch(
-    layout: &Layout,
-    meta: &MetaStore,
-    batch: &[Digest],
-) -> Result<GcStats, CasError> {
+    digests: &[Digest],
+) -> Result<(GcStats, std::collections::BTreeSet<std::path::PathBuf>), CasError> {
     let objects = ObjectStore::new(layout);
     let pending = pending_objects(layout, meta)?;
     let mut stats = GcStats::default();
     let mut fans = std::collections::BTreeSet::new();
-    for d in batch {
+    for d in digests {
         stats.scanned += 1;
         if !is_garbage(meta, &pending, d)? {
             continue;
@@ -193,6 +167,30 @@ pub fn collect_batch(
             }
         }
     }
+    Ok((stats, fans))
+}
+
+/// Deletes those of `candidates` that nothing keeps (after a failed or abandoned apply:
+/// the objects it published). Same locking contract as [`collect`].
+pub fn collect_objects(
+    layout: &Layout,
+    meta: &MetaStore,
+    candidates: &[Digest],
+) -> Result<GcStats, CasError> {
+    Ok(delete_garbage(layout, meta, candidates)?.0)
+}
+
+/// Deletes the garbage among `batch` (GC candidates, see [`crate::index`]) and forgets
+/// them all as candidates: one step of a collection proportional to the garbage. An
+/// object referenced again, or named by an applied layer's manifest, is kept (the
+/// latter is collected with its layer if that is removed uncommitted). Same locking
+/// contract as [`collect`], for the duration of the batch.
+pub fn collect_batch(
+    layout: &Layout,
+    meta: &MetaStore,
+    batch: &[Digest],
+) -> Result<GcStats, CasError> {
+    let (stats, fans) = delete_garbage(layout, meta, batch)?;
     // A crash before this leaves candidates whose objects are gone: the next batch
     // finds nothing to delete and forgets them.
     crate::crash_point!("gc.before-forget");
