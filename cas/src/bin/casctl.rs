@@ -134,6 +134,13 @@ fn print_fsck(r: &FsckReport) {
         "checked {} objects ({} hashed), {} snapshots, {} files; {} unreferenced objects",
         r.objects, r.objects_verified, r.snapshots, r.files, r.unreferenced_objects
     );
+    if r.untracked_garbage > 0 {
+        println!(
+            "{} unreferenced objects are no GC candidate (left by a crash): the daemon's first GC \
+             after its restart, or casctl gc with it stopped, scans for them",
+            r.untracked_garbage
+        );
+    }
     for p in &r.problems {
         println!("problem: {}", serde_json::to_string(p).unwrap_or_default());
     }
