@@ -455,7 +455,7 @@ impl Snapshots {
             debug!(%key, id, ?kind, mapped = mapping.is_some(), "created");
             (id, parent_ids)
         };
-        self.mounts_of(kind, id, &parent_ids, mapping.as_ref())
+        self.mounts_of(key, kind, id, &parent_ids, mapping.as_ref())
     }
 
     /// Refuses an ID-mapped snapshot over the layer tree `top` when its layers need
@@ -561,7 +561,7 @@ impl Snapshots {
         }
         let parents = self.meta.parent_ids(&rec)?;
         let mapping = crate::idmap::IdMapping::from_labels(&rec.labels)?;
-        self.mounts_of(rec.kind, rec.id, &parents, mapping.as_ref())
+        self.mounts_of(key, rec.kind, rec.id, &parents, mapping.as_ref())
     }
 
     /// The mounts of snapshot `id`, with what they name put in place first: the
@@ -569,6 +569,7 @@ impl Snapshots {
     /// snapshot's clones of its layers (unless containerd chowned the layers itself).
     fn mounts_of(
         &self,
+        key: &str,
         kind: Kind,
         id: u64,
         parents: &[u64],
@@ -586,7 +587,7 @@ impl Snapshots {
         if let (Some(m), false) = (mapping, plan.clones.is_empty()) {
             if let Some(reason) = &self.idmap_unavailable {
                 return Err(SnapshotError::IdmapUnavailable {
-                    key: format!("#{id}"),
+                    key: key.to_string(),
                     reason: reason.clone(),
                 });
             }
