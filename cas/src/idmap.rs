@@ -176,10 +176,7 @@ pub fn ensure_clones(
 ) -> Result<(), CasError> {
     let mut missing = Vec::new();
     for c in clones {
-        match fs::create_dir_all(&c.target) {
-            Ok(()) => {}
-            Err(e) => return Err(CasError::io("mkdir", &c.target)(e)),
-        }
+        fs::create_dir_all(&c.target).map_err(CasError::io("mkdir", &c.target))?;
         let attached =
             ringio::idmap::is_mount_root(&c.target).map_err(CasError::io("statx", &c.target))?;
         if !attached {

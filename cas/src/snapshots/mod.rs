@@ -416,9 +416,8 @@ impl Snapshots {
                 let pfs = self.layout.fs_dir(prec.id);
                 let md = fs::metadata(&pfs).map_err(SnapshotError::io("stat", &pfs))?;
                 owner = Some((md.uid(), md.gid()));
-                if let Some(m) = &mapping {
-                    self.check_mappable(key, m, &pfs)?;
-                }
+                // refused before anything is made
+                self.needs_clones(key, mapping.as_ref(), Some(&pfs))?;
             }
             // an ID-mapped container's root owns its upper directory
             if let Some(root) = mapping.as_ref().and_then(|m| m.host_root()) {
@@ -458,24 +457,28 @@ impl Snapshots {
         self.mounts_of(key, kind, id, &parent_ids, mapping.as_ref())
     }
 
-    /// Refuses an ID-mapped snapshot over the layer tree `top` when its layers need
-    /// mapping and cannot be mapped here.
-    fn check_mappable(&self, key: &str, map: &crate::idmap::IdMapping, top: &Path) -> Result<()> {
-        match &self.idmap_unavailable {
-            Some(reason) if crate::idmap::needs_clones(map, top)? => {
-                Err(SnapshotError::IdmapUnavailable {
-                    key: key.to_string(),
-                    reason: reason.clone(),
-                })
-            }
-            _ => Ok(()),
+    /// Whether a snapshot `key` with `mapping` over the layer tree `top` (its immediate
+    /// parent's) needs ID-mapped clones of its layers; refused when it does and they
+    /// cannot be made here.
+    fn needs_clones(
+        &self,
+        key: &str,
+        mapping: Option<&crate::idmap::IdMapping>,
+        top: Option<&Path>,
+    ) -> Result<bool> {
+        let (Some(m), Some(top)) = (mapping, top) else {
+            return Ok(false);
+        };
+        if !crate::idmap::needs_clones(m, top)? {
+            return Ok(false);
         }
-    }
-
-    /// Why ID-mapped snapshots cannot be served by ID-mapped clones of their layers
-    /// here, or `None` when they can.
-    pub fn idmap_unavailable(&self) -> Option<&str> {
-        self.idmap_unavailable.as_deref()
+        match &self.idmap_unavailable {
+            Some(reason) => Err(SnapshotError::IdmapUnavailable {
+                key: key.to_string(),
+                reason: reason.clone(),
+            }),
+            None => Ok(true),
+        }
     }
 
     /// Builds `snapshots/new-<id>` and renames it to `snapshots/<id>`; on failure
@@ -576,21 +579,13 @@ impl Snapshots {
         mapping: Option<&crate::idmap::IdMapping>,
     ) -> Result<Vec<Mount>> {
         self.mount_chain(parents)?;
-        let mapped = match (mapping, parents.first()) {
-            (Some(m), Some(&top)) => crate::idmap::needs_clones(m, &self.layout.fs_dir(top))?,
-            _ => false,
-        };
+        let top = parents.first().map(|p| self.layout.fs_dir(*p));
+        let mapped = self.needs_clones(key, mapping, top.as_deref())?;
         let plan = self.planner.plan_for(kind, id, parents, mapped);
         if let Some(top) = plan.flat {
             self.ensure_flat(top, parents)?;
         }
-        if let (Some(m), false) = (mapping, plan.clones.is_empty()) {
-            if let Some(reason) = &self.idmap_unavailable {
-                return Err(SnapshotError::IdmapUnavailable {
-                    key: key.to_string(),
-                    reason: reason.clone(),
-                });
-            }
+        if let (Some(m), true) = (mapping, mapped) {
             let _m = lock(&self.mounting);
             crate::idmap::ensure_clones(self.objects.sys(), m, &plan.clones)?;
         }
