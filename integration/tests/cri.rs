@@ -417,22 +417,8 @@ const USERNS_PROBE: &str = "tr -s ' ' < /proc/self/uid_map | sed 's/^ //'; \
     stat -c '%u:%g' / /etc/fixture-release /home/user/notes; \
     cat /data/small; echo written > /etc/written && cat /etc/written";
 
-/// The ID-mapped clones mounted below the store.
-fn clones_mounted(rig: &Rig) -> Vec<String> {
-    let prefix = format!("{}/snapshots/", rig.daemon.root.display());
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| m.starts_with(&prefix) && m.contains("/mapped/"))
-        .map(str::to_string)
-        .collect()
-}
-
 fn committed_and_objects(rig: &Rig) -> Result<(u64, u64)> {
-    let (code, stats) = rig.casctl(&["stats", "--json"])?;
-    anyhow::ensure!(code == 0, "{stats}");
-    let stats: serde_json::Value = serde_json::from_str(&stats)?;
+    let stats = rig.stats()?;
     Ok((
         stats["committed"].as_u64().context("committed")?,
         stats["objects"].as_u64().context("objects")?,
@@ -505,7 +491,7 @@ async fn userns_flow(rig: &Rig) -> Result<()> {
         );
     }
     assert!(
-        !clones_mounted(rig).is_empty(),
+        !rig.id_mapped_clones().is_empty(),
         "the pods' snapshots are served by ID-mapped clones"
     );
     assert_eq!(
@@ -518,11 +504,11 @@ async fn userns_flow(rig: &Rig) -> Result<()> {
         remove_pod(&mut cri, pod, c).await?;
     }
     let start = Instant::now();
-    while !clones_mounted(rig).is_empty() {
+    while !rig.id_mapped_clones().is_empty() {
         if start.elapsed() > Duration::from_secs(30) {
             bail!(
                 "clones still mounted after the pods went: {:?}",
-                clones_mounted(rig)
+                rig.id_mapped_clones()
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -549,9 +535,7 @@ fn cri_user_namespaced_pods_share_the_layers() -> Result<()> {
 
 /// Store bytes on disk: objects and layer images (`casctl stats`).
 fn store_bytes(rig: &Rig) -> Result<u64> {
-    let (code, stats) = rig.casctl(&["stats", "--json"])?;
-    anyhow::ensure!(code == 0, "{stats}");
-    let stats: serde_json::Value = serde_json::from_str(&stats)?;
+    let stats = rig.stats()?;
     Ok(stats["physical_bytes"].as_u64().context("physical_bytes")?
         + stats["image_bytes"].as_u64().context("image_bytes")?)
 }

@@ -51,12 +51,6 @@ fn rig_on(containerd: ContainerdOptions, daemon_config: Option<&str>) -> Result<
     Ok(Some(rig))
 }
 
-fn stats(rig: &Rig) -> Result<Value> {
-    let (code, out) = rig.casctl(&["stats", "--json"])?;
-    ensure!(code == 0, "casctl stats: {out}");
-    Ok(serde_json::from_str(&out)?)
-}
-
 fn num(v: &Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
@@ -113,7 +107,7 @@ fn encodings_flow(rig: &Rig, encodings: &[Compression]) -> Result<()> {
                 push(rig, &app.reencode(enc)?, &format!("app-{}", enc.as_str()))?,
             ),
         };
-        let before = stats(rig)?;
+        let before = rig.stats()?;
         ensure!(
             num(&before["committed"]) == 0,
             "the store is not empty before the {} round: {before}",
@@ -138,7 +132,7 @@ fn encodings_flow(rig: &Rig, encodings: &[Compression]) -> Result<()> {
             "{}: app says {out:?}",
             enc.as_str()
         );
-        let after = stats(rig)?;
+        let after = rig.stats()?;
         let (p0, p1) = (&before["ingest_paths"], &after["ingest_paths"]);
         let fast = num(&p1["fast_path_applies"]) - num(&p0["fast_path_applies"]);
         let committed = num(&after["committed"]);
@@ -183,7 +177,7 @@ fn blobs_stream_through_the_content_api_without_the_content_dir() -> Result<()> 
         rig.containerd.version
     );
     encodings_flow(&rig, &[Compression::Gzip, Compression::Zstd])?;
-    let p = &stats(&rig)?["ingest_paths"];
+    let p = &rig.stats()?["ingest_paths"];
     let fast = num(&p["fast_path_applies"]);
     ensure!(
         fast > 0
@@ -214,7 +208,7 @@ fn gzip_zstd_and_plain_layers_match_overlayfs() -> Result<()> {
         &rig,
         &[Compression::Gzip, Compression::Zstd, Compression::None],
     )?;
-    let s = stats(&rig)?;
+    let s = rig.stats()?;
     let p = &s["ingest_paths"];
     ensure!(
         num(&p["blobs_from_content_dir"]) == num(&p["fast_path_applies"])
@@ -243,7 +237,7 @@ fn the_threads_backend_applies_the_same_layers() -> Result<()> {
     let Some(rig) = rig_on(ContainerdOptions::cached("2").differ(true), Some(cfg))? else {
         return Ok(());
     };
-    let s = stats(&rig)?;
+    let s = rig.stats()?;
     ensure!(
         s["ingest_paths"]["io_backend"] == "threads",
         "backend = \"threads\" not in effect: {s}"
@@ -277,7 +271,7 @@ fn containerd_gc(rig: &Rig, image: &str) -> Result<()> {
 
 fn store_state(rig: &Rig) -> Result<Before> {
     containerd_gc(rig, &rig.base_ref)?;
-    let s = stats(rig)?;
+    let s = rig.stats()?;
     Ok(Before {
         objects: num(&s["objects"]),
         store_snapshots: num(&s["snapshots"]),
@@ -319,7 +313,7 @@ fn pull_must_fail(
     by: RefusedBy,
 ) -> Result<()> {
     let before = store_state(rig)?;
-    let p0 = stats(rig)?["ingest_paths"].clone();
+    let p0 = rig.stats()?["ingest_paths"].clone();
     let log_path = rig.dir.path().join("cas-snapshotter.log");
     let log_start = fs::metadata(&log_path)?.len() as usize;
     let err = match rig.pull("cas", image) {
@@ -358,7 +352,7 @@ fn pull_must_fail(
     let tmp = tmp_entries(&rig.daemon.root)?;
     ensure!(tmp.is_empty(), "{what}: left in cas/tmp: {tmp:?}");
     fsck(rig, false, &format!("after {what}"))?;
-    let s = stats(rig)?;
+    let s = rig.stats()?;
     let p1 = &s["ingest_paths"];
     let failed = num(&p1["failed_applies"]) - num(&p0["failed_applies"]);
     let applied = num(&p1["fast_path_applies"]) - num(&p0["fast_path_applies"]);
@@ -571,7 +565,7 @@ fn fast_path_crash_points_recover() -> Result<()> {
         // the store (an active snapshot, applied or not, or a commit containerd never
         // heard of): objects the image holds too must stay.
         containerd_gc(&rig, &image)?;
-        let s = stats(&rig)?;
+        let s = rig.stats()?;
         let snaps = snapshot_list(&rig)?;
         ensure!(
             num(&s["snapshots"]) == num(&s["committed"]) && !snaps.contains("Active"),
@@ -582,7 +576,7 @@ fn fast_path_crash_points_recover() -> Result<()> {
             out == APP_RELEASE,
             "after a crash at {point} and a GC: {out:?}"
         );
-        let s = stats(&rig)?;
+        let s = rig.stats()?;
         let p = &s["ingest_paths"];
         ensure!(
             num(&p["fast_path_applies"]) > 0
@@ -600,7 +594,7 @@ fn fast_path_crash_points_recover() -> Result<()> {
     rig.containerd.ctr(&["images", "rm", "--sync", &image])?;
     let (code, out) = rig.casctl(&["gc"])?;
     ensure!(code == 0, "{out}");
-    let s = stats(&rig)?;
+    let s = rig.stats()?;
     ensure!(
         num(&s["objects"]) == 0 && num(&s["snapshots"]) == 0,
         "left after the crashes: {s}"

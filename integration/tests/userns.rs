@@ -15,23 +15,6 @@ const PROBE: &str = "cat /proc/self/uid_map | tr -s ' ' | sed 's/^ //'; \
     stat -c '%u:%g' / /etc/fixture-release /home/user/notes; \
     cat /data/small; echo written > /etc/written && cat /etc/written; id -u";
 
-fn stats(rig: &Rig) -> Result<serde_json::Value> {
-    let (code, out) = rig.casctl(&["stats", "--json"])?;
-    anyhow::ensure!(code == 0, "casctl stats: {out}");
-    Ok(serde_json::from_str(&out)?)
-}
-
-/// Mounts below the store's snapshot directories that are ID-mapped clones.
-fn clones_mounted(rig: &Rig) -> Result<Vec<String>> {
-    let prefix = format!("{}/snapshots/", rig.daemon.root.display());
-    Ok(std::fs::read_to_string("/proc/self/mountinfo")?
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| m.starts_with(&prefix) && m.contains("/mapped/"))
-        .map(str::to_string)
-        .collect())
-}
-
 /// With ID-mapped layers off (a kernel that cannot, forced here by the config): declared
 /// `remap-ids` makes a mapped run fail, naming what to change, and leaves nothing
 /// behind; without the capability containerd chowns a copy, and the container is right.
@@ -53,7 +36,7 @@ fn without_id_mapped_layers_containerd_chowns_a_copy() -> Result<()> {
         })?;
         rig.pull("cas", &rig.base_ref)
             .map_err(|e| e.context(rig.logs()))?;
-        let s = stats(&rig)?;
+        let s = rig.stats()?;
         let how = s["id_mapped_snapshots"].as_str().unwrap_or_default();
         assert!(how.contains("chowned only"), "{how}");
         let (layers, objects) = (s["committed"].as_u64().unwrap_or(0), s["objects"].clone());
@@ -64,7 +47,7 @@ fn without_id_mapped_layers_containerd_chowns_a_copy() -> Result<()> {
             &["--uidmap", map, "--gidmap", map, "--remap-labels"],
             &["sh", "-c", PROBE],
         );
-        let s = stats(&rig)?;
+        let s = rig.stats()?;
         if declared {
             let e = run.expect_err("a mapped run over unmapped layers with ID-mapping off");
             assert!(format!("{e:#}").contains("remap-ids"), "{e:#}");
@@ -79,7 +62,7 @@ fn without_id_mapped_layers_containerd_chowns_a_copy() -> Result<()> {
             );
         }
         assert_eq!(s["objects"], objects, "{s}");
-        assert!(clones_mounted(&rig)?.is_empty());
+        assert!(rig.id_mapped_clones().is_empty());
     }
     Ok(())
 }
@@ -101,7 +84,7 @@ fn ctr_runs_user_namespaced_containers_on_shared_layers() -> Result<()> {
     })?;
     rig.pull("cas", &rig.base_ref)
         .map_err(|e| e.context(rig.logs()))?;
-    let s = stats(&rig)?;
+    let s = rig.stats()?;
     let how = s["id_mapped_snapshots"]
         .as_str()
         .unwrap_or_default()
@@ -122,7 +105,7 @@ fn ctr_runs_user_namespaced_containers_on_shared_layers() -> Result<()> {
             )
             .map_err(|e| e.context(rig.logs()))?;
         assert_eq!(out, expect(host), "{}", rig.logs());
-        let s = stats(&rig)?;
+        let s = rig.stats()?;
         assert_eq!(
             (&s["committed"], &s["objects"]),
             (&layers, &objects),
@@ -172,9 +155,9 @@ fn ctr_runs_user_namespaced_containers_on_shared_layers() -> Result<()> {
     wait_until(
         "the containers' snapshots and their clones to go",
         Duration::from_secs(30),
-        || clones_mounted(&rig).is_ok_and(|c| c.is_empty()),
+        || rig.id_mapped_clones().is_empty(),
     )
-    .map_err(|e| e.context(format!("{:?}", clones_mounted(&rig))))?;
+    .map_err(|e| e.context(format!("{:?}", rig.id_mapped_clones())))?;
 
     // The chown path: containerd copies the layers' metadata, chowned, once per mapping.
     let map = "0:300000:65536";
@@ -187,7 +170,7 @@ fn ctr_runs_user_namespaced_containers_on_shared_layers() -> Result<()> {
         )
         .map_err(|e| e.context(rig.logs()))?;
     assert_eq!(out, expect(300_000), "{}", rig.logs());
-    let s = stats(&rig)?;
+    let s = rig.stats()?;
     let added = s["committed"].as_u64().context("committed")? - layers.as_u64().unwrap_or(0);
     assert_eq!(added, 1, "the chowned copy is one layer: {s}");
     assert_eq!(

@@ -78,16 +78,10 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let prefix = format!("{}/", self.0.path().display());
-        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut points: Vec<&str> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| m.starts_with(&prefix))
-            .collect();
+        let mut points = mounts_below(self.0.path());
         points.sort_by_key(|p| std::cmp::Reverse(p.len()));
         for p in points {
-            let _ = umount2(p, MntFlags::MNT_DETACH);
+            let _ = umount2(p.as_str(), MntFlags::MNT_DETACH);
         }
     }
 }
@@ -683,7 +677,7 @@ fn mapping(host: u32) -> HashMap<String, String> {
 fn mounts_below(dir: &Path) -> Vec<String> {
     let prefix = format!("{}/", dir.display());
     fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
+        .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
         .filter(|m| m.starts_with(&prefix))

@@ -98,20 +98,24 @@ impl Drop for Proc {
     }
 }
 
-/// Detaches every mount below `dir`, deepest first.
-pub fn unmount_below(dir: &Path) {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
+/// The mount points below `dir`, from this process's mount table.
+pub fn mounts_below(dir: &Path) -> Vec<String> {
     let prefix = format!("{}/", dir.display());
-    let mut points: Vec<&str> = info
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
         .filter(|m| m.starts_with(&prefix))
-        .collect();
+        .map(str::to_string)
+        .collect()
+}
+
+/// Detaches every mount below `dir`, deepest first.
+pub fn unmount_below(dir: &Path) {
+    let mut points = mounts_below(dir);
     points.sort_by_key(|p| std::cmp::Reverse(p.len()));
     for p in points {
-        let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+        let _ = nix::mount::umount2(p.as_str(), nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

@@ -269,6 +269,21 @@ impl Rig {
         self.containerd.ctr(&a)
     }
 
+    /// `casctl stats --json`, parsed.
+    pub fn stats(&self) -> Result<serde_json::Value> {
+        let (code, out) = self.casctl(&["stats", "--json"])?;
+        anyhow::ensure!(code == 0, "casctl stats: {out}");
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// The ID-mapped clones of layers mounted in the store (`snapshots/<id>/mapped/…`).
+    pub fn id_mapped_clones(&self) -> Vec<String> {
+        mounts_below(&self.daemon.root.join("snapshots"))
+            .into_iter()
+            .filter(|m| m.contains("/mapped/"))
+            .collect()
+    }
+
     /// Runs `casctl --root <store> args…`; returns (exit code, stdout).
     pub fn casctl(&self, args: &[&str]) -> Result<(i32, String)> {
         let bin = workspace_bin("casctl", "CASCTL_BIN")?;
