@@ -28,7 +28,7 @@
 //! Objects are made durable with one `syncfs` per layer, before the manifest is
 //! published; never one fsync per file.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
@@ -111,6 +111,9 @@ pub fn ingest_layer(
     let mut dir_times: Vec<(PathBuf, FileMeta)> = Vec::new();
     // digest -> the redirect its stubs get (short alias, or the full path)
     let mut redirects: HashMap<Digest, Redirect> = HashMap::new();
+    // materialised mode: (dev, ino) of the objects that already are one of this layer's
+    // files, which no other file of the layer may become a link of
+    let mut in_layer: HashSet<(u64, u64)> = HashSet::new();
 
     let walk = walkdir::WalkDir::new(fs_dir)
         .follow_links(false)
@@ -206,7 +209,15 @@ pub fn ingest_layer(
             stub()
         } else {
             materialise(
-                store, &tmp, path, &md, &xattrs, &digest, reflink, &mut stats,
+                store,
+                &tmp,
+                path,
+                &md,
+                &xattrs,
+                &digest,
+                reflink,
+                &mut in_layer,
+                &mut stats,
             )
         };
         if let Err(e) = built {
@@ -238,8 +249,10 @@ pub fn ingest_layer(
 
 /// Materialised mode: the layer keeps a real file. New content: the file's inode also
 /// becomes the object. Known content: the file becomes a hardlink of the object when
-/// every bit of metadata matches, a reflink copy of it on filesystems that share extents,
-/// and otherwise stays as it is.
+/// every bit of metadata matches and the object is not already another file of this
+/// layer (`in_layer`: two files the layer holds apart must not become one inode, which
+/// its diff would then show as a hardlink), a reflink copy of it on filesystems that
+/// share extents, and otherwise stays as it is.
 #[allow(clippy::too_many_arguments)]
 fn materialise(
     store: &ObjectStore,
@@ -249,28 +262,34 @@ fn materialise(
     xattrs: &[(std::ffi::OsString, Vec<u8>)],
     digest: &Digest,
     reflink: bool,
+    in_layer: &mut HashSet<(u64, u64)>,
     stats: &mut IngestStats,
 ) -> Result<(), CasError> {
     if store.ensure_from_inode(path, digest, false)? == Publish::New {
         stats.new_objects += 1;
         stats.new_bytes += md.size();
+        in_layer.insert((md.dev(), md.ino()));
         return Ok(());
     }
     let object = store.path(digest);
     let omd = fs::symlink_metadata(&object).map_err(CasError::io("stat", &object))?;
-    if (omd.dev(), omd.ino()) == (md.dev(), md.ino()) {
+    let object_key = (omd.dev(), omd.ino());
+    if object_key == (md.dev(), md.ino()) {
+        in_layer.insert(object_key);
         return Ok(());
     }
-    let same = (
-        omd.mode(),
-        omd.uid(),
-        omd.gid(),
-        omd.mtime(),
-        omd.mtime_nsec(),
-    ) == (md.mode(), md.uid(), md.gid(), md.mtime(), md.mtime_nsec())
+    let same = !in_layer.contains(&object_key)
+        && (
+            omd.mode(),
+            omd.uid(),
+            omd.gid(),
+            omd.mtime(),
+            omd.mtime_nsec(),
+        ) == (md.mode(), md.uid(), md.gid(), md.mtime(), md.mtime_nsec())
         && own_xattrs(&object)? == xattrs;
     if same {
         fs::hard_link(&object, tmp).map_err(CasError::io("link", tmp))?;
+        in_layer.insert(object_key);
     } else if reflink {
         fs::copy(&object, tmp).map_err(CasError::io("copy", tmp))?;
         let f = fs::OpenOptions::new()
@@ -424,5 +443,63 @@ mod tests {
             };
             assert_eq!(r, expect.value().into_bytes());
         }
+    }
+
+    /// Materialised mode: two files of one layer with the same bytes and the same
+    /// metadata (created within one clock tick) stay two inodes, or the layer's diff
+    /// would show a hardlink the layer never had. A later layer's copy of them may still
+    /// become a link of the object, once.
+    #[test]
+    fn materialised_files_of_one_layer_never_become_one_inode() {
+        use nix::sys::stat::{utimensat, UtimensatFlags};
+        use nix::sys::time::TimeSpec;
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::ensure(&dir.path().join("store")).unwrap();
+        let sys = std::sync::Arc::new(crate::sys::fake::Recorder::new(true));
+        let store = ObjectStore::new(&layout).with_syscalls(sys);
+        let data: &[u8] = b"bar\n";
+        let when = TimeSpec::new(1_700_000_000, 0);
+        let mut objects = Vec::new();
+        for name in ["one", "two"] {
+            let fs_dir = layer(dir.path(), name, &[("bar", data), ("foo", data)], &[]);
+            for f in ["bar", "foo"] {
+                utimensat(
+                    None,
+                    &fs_dir.join(f),
+                    &when,
+                    &when,
+                    UtimensatFlags::NoFollowSymlink,
+                )
+                .unwrap();
+            }
+            let manifest = dir.path().join(format!("{name}.manifest"));
+            let stats = ingest_layer(
+                &store,
+                &layout.tmp_dir(),
+                &fs_dir,
+                &[],
+                &manifest,
+                StoreMode::Materialised,
+            )
+            .unwrap();
+            assert_eq!(stats.files, 2, "layer {name}");
+            let bar = fs::symlink_metadata(fs_dir.join("bar")).unwrap();
+            let foo = fs::symlink_metadata(fs_dir.join("foo")).unwrap();
+            assert_ne!(bar.ino(), foo.ino(), "layer {name}: two files, two inodes");
+            assert_eq!(fs::read(fs_dir.join("foo")).unwrap(), data);
+            objects.push(fs::symlink_metadata(store.path(&Digest::of(data))).unwrap());
+        }
+        let object = &objects[1];
+        let two = dir.path().join("two");
+        let linked = ["bar", "foo"]
+            .iter()
+            .filter(|f| fs::symlink_metadata(two.join(f)).unwrap().ino() == object.ino())
+            .count();
+        assert_eq!(
+            linked, 1,
+            "layer two: one of its files links layer one's object"
+        );
+        let one = fs::symlink_metadata(dir.path().join("one/bar")).unwrap();
+        assert_eq!(one.ino(), object.ino(), "the first file became the object");
     }
 }
