@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::digest::Digest;
 use crate::error::CasError;
 use crate::gc::{list_aliases, list_objects};
-use crate::index::{read_info, Kind, MetaStore};
+use crate::index::{read_info, Counters, Kind, MetaStore};
 use crate::layout::{remove_tree, Layout};
 use crate::layout::{FS_DIR, INFO_FILE, MANIFEST_FILE};
 use crate::manifest::read_manifest;
@@ -47,6 +47,15 @@ pub struct Stats {
     pub unreferenced_objects: u64,
     /// Their bytes.
     pub unreferenced_bytes: u64,
+    /// Whether the object figures come from the index's counters (constant time) rather
+    /// than a scan of every object. Counted objects are those committed layers reference
+    /// and the GC candidates: a layer being applied counts from its Commit.
+    #[serde(default)]
+    pub counted: bool,
+    /// Whether unreferenced objects may exist that the counters do not hold (left by an
+    /// unclean stop or a failed ingest): the next GC scans every object and takes them.
+    #[serde(default)]
+    pub uncounted_garbage: bool,
     /// What new layers become (filled in by the running daemon).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_layers: Option<String>,
@@ -88,7 +97,8 @@ pub struct IngestPaths {
     pub blob_source: Option<String>,
 }
 
-/// Computes [`Stats`].
+/// Computes [`Stats`]: from the records and the index's counters, in time proportional
+/// to the snapshots; with a scan of every object where the index has no counters yet.
 pub fn stats(layout: &Layout, meta: &MetaStore) -> Result<Stats, CasError> {
     let mut s = Stats::default();
     for (_, rec) in meta.all()? {
@@ -102,17 +112,29 @@ pub fn stats(layout: &Layout, meta: &MetaStore) -> Result<Stats, CasError> {
             }
         }
     }
-    for (digest, path) in list_objects(layout)? {
-        let size = fs::symlink_metadata(&path).map(|m| m.len()).unwrap_or(0);
-        s.objects += 1;
-        s.physical_bytes += size;
-        let referenced = match digest {
-            Some(d) => meta.ref_count(&d)? > 0,
-            None => false,
-        };
-        if !referenced {
-            s.unreferenced_objects += 1;
-            s.unreferenced_bytes += size;
+    match meta.counters()? {
+        Some(c) => {
+            s.counted = true;
+            s.uncounted_garbage = !meta.candidates_complete()?;
+            s.objects = c.referenced_objects + c.candidate_objects;
+            s.physical_bytes = c.referenced_bytes + c.candidate_bytes;
+            s.unreferenced_objects = c.candidate_objects;
+            s.unreferenced_bytes = c.candidate_bytes;
+        }
+        None => {
+            for (digest, path) in list_objects(layout)? {
+                let size = fs::symlink_metadata(&path).map(|m| m.len()).unwrap_or(0);
+                s.objects += 1;
+                s.physical_bytes += size;
+                let referenced = match digest {
+                    Some(d) => meta.ref_count(&d)? > 0,
+                    None => false,
+                };
+                if !referenced {
+                    s.unreferenced_objects += 1;
+                    s.unreferenced_bytes += size;
+                }
+            }
         }
     }
     s.saved_bytes = s.logical_bytes as i64 - s.physical_bytes as i64;
@@ -120,6 +142,50 @@ pub fn stats(layout: &Layout, meta: &MetaStore) -> Result<Stats, CasError> {
         s.savings_percent = s.saved_bytes as f64 * 100.0 / s.logical_bytes as f64;
     }
     Ok(s)
+}
+
+/// The index's counters as a scan finds them: every referenced object's size from its
+/// file, every GC candidate's from its object (0 where the object is gone). Returns the
+/// candidates with those sizes too.
+pub fn count_objects(
+    layout: &Layout,
+    meta: &MetaStore,
+) -> Result<(Counters, Vec<(Digest, u64)>), CasError> {
+    let objects = crate::objects::ObjectStore::new(layout);
+    let size = |d: &Digest| fs::symlink_metadata(objects.path(d)).map_or(0, |m| m.len());
+    let mut c = Counters::default();
+    for (d, _) in meta.refs()? {
+        c.referenced_objects += 1;
+        c.referenced_bytes += size(&d);
+    }
+    let candidates: Vec<(Digest, u64)> = meta
+        .candidates(usize::MAX)?
+        .into_iter()
+        .map(|d| (d, size(&d)))
+        .collect();
+    for (_, n) in &candidates {
+        c.candidate_objects += 1;
+        c.candidate_bytes += n;
+    }
+    Ok((c, candidates))
+}
+
+/// Sets the index's counters to what [`count_objects`] finds (after a full collection,
+/// or where the index has none). The caller holds every index change off.
+pub fn recount(layout: &Layout, meta: &MetaStore) -> Result<Counters, CasError> {
+    let (c, candidates) = count_objects(layout, meta)?;
+    meta.set_counters(&c, &candidates)?;
+    meta.flush_blocking()?;
+    Ok(c)
+}
+
+/// Counts the index's counters once where the index predates them (a store made by an
+/// older version). Returns what it counted, or `None` when the counters were there.
+pub fn ensure_counters(layout: &Layout, meta: &MetaStore) -> Result<Option<Counters>, CasError> {
+    if meta.counters()?.is_some() {
+        return Ok(None);
+    }
+    recount(layout, meta).map(Some)
 }
 
 /// One inconsistency found by [`fsck`].
@@ -185,6 +251,17 @@ pub enum Problem {
     OrphanSnapshotDir {
         /// The directory.
         dir: PathBuf,
+    },
+    /// One of the index's counters differs from what a scan counts (recounted by every
+    /// full collection: `casctl gc` with the daemon stopped, or the daemon's first GC
+    /// after an unclean stop).
+    CounterMismatch {
+        /// The counter.
+        counter: String,
+        /// What the index says.
+        index: u64,
+        /// What the scan counts.
+        scan: u64,
     },
     /// The index's reference count for an object differs from the manifests.
     RefcountMismatch {
@@ -272,6 +349,8 @@ pub fn fsck(
 
     let stubs = layout.mode()? != Some(crate::layout::StoreMode::Materialised);
     let mut counted: HashMap<Digest, u64> = HashMap::new();
+    // each committed manifest's object sizes, which the counters add up
+    let mut sizes: HashMap<Digest, u64> = HashMap::new();
     let mut live_dirs = std::collections::HashSet::new();
     for (key, rec) in meta.all()? {
         r.snapshots += 1;
@@ -343,6 +422,7 @@ pub fn fsck(
             };
             r.files += 1;
             mine.insert(entry.digest);
+            sizes.insert(entry.digest, entry.size);
             if !present.contains(&entry.digest) {
                 r.problems.push(Problem::ObjectMissing {
                     digest: entry.digest.to_string(),
@@ -398,6 +478,45 @@ pub fn fsck(
             index: i,
             manifests: 0,
         });
+    }
+    if let Some(have) = meta.counters()? {
+        // the index's references at the sizes the manifests give (a missing object is
+        // its own problem), and its candidates at the sizes their entries record (a
+        // crash between deleting an object and forgetting it leaves one until the next
+        // batch)
+        let refs = meta.refs()?;
+        let referenced_bytes: u64 =
+            refs.iter()
+                .map(|(d, _)| {
+                    sizes.get(d).copied().unwrap_or_else(|| {
+                        fs::symlink_metadata(objects.path(d)).map_or(0, |m| m.len())
+                    })
+                })
+                .sum();
+        let candidates = meta.candidate_sizes()?;
+        let candidate_bytes: u64 = candidates.iter().map(|(_, n)| n).sum();
+        for (counter, index, scan) in [
+            (
+                "referenced_objects",
+                have.referenced_objects,
+                refs.len() as u64,
+            ),
+            ("referenced_bytes", have.referenced_bytes, referenced_bytes),
+            (
+                "candidate_objects",
+                have.candidate_objects,
+                candidates.len() as u64,
+            ),
+            ("candidate_bytes", have.candidate_bytes, candidate_bytes),
+        ] {
+            if index != scan {
+                r.problems.push(Problem::CounterMismatch {
+                    counter: counter.to_string(),
+                    index,
+                    scan,
+                });
+            }
+        }
     }
     r.unreferenced_objects = present.iter().filter(|d| !counted.contains_key(d)).count() as u64;
     if meta.candidates_complete()? {
@@ -458,7 +577,7 @@ pub fn rebuild_index(layout: &Layout) -> Result<RebuildStats, CasError> {
             let info = read_info(&dir)?;
             max_id = max_id.max(info.record.id);
             if info.record.kind == Kind::Committed {
-                for d in crate::manifest::distinct_objects(&dir.join(MANIFEST_FILE))? {
+                for (d, _) in crate::manifest::distinct_objects(&dir.join(MANIFEST_FILE))? {
                     *counts.entry(d).or_default() += 1;
                 }
             }
@@ -469,6 +588,8 @@ pub fn rebuild_index(layout: &Layout) -> Result<RebuildStats, CasError> {
             stats.snapshots += 1;
         }
         meta.set_refs(&counts)?;
+        let (counters, _) = count_objects(layout, &meta)?;
+        meta.set_counters(&counters, &[])?;
         stats.referenced_objects = counts.len() as u64;
         meta.reserve_ids_through(max_id)?;
         meta.flush_blocking()?;

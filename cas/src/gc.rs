@@ -271,6 +271,10 @@ pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
             Err(e) => return Err(CasError::io("remove", &path)(e)),
         }
     }
+    // Every unreferenced object is gone (or kept by an applied layer, as a batch keeps
+    // it): no candidate is left to collect.
+    meta.clear_candidates()
+        .map_err(|e| CasError::io("write index", layout.index_dir())(io::Error::other(e)))?;
     // Fan-out directories left empty go too, so an emptied store is the bare layout.
     let dir = layout.objects_dir();
     for fan in fs::read_dir(&dir).map_err(CasError::io("read dir", &dir))? {

@@ -8,9 +8,17 @@
 //! 'R' <32-byte sha256>                      -> u64 BE       (committed snapshots using the object)
 //! 'N'                                       -> u64 BE       (last snapshot id handed out)
 //! 'P' <u64 BE id> <direction>               -> u64 BE       (reference chunks applied)
-//! 'G' <32-byte sha256>                      -> ''           (a GC candidate: its last reference went)
+//! 'G' <32-byte sha256>                      -> u64 BE       (a GC candidate: its last reference went; its size)
 //! 'T'                                       -> ''           (the candidates are complete)
+//! 'K'                                       -> 4 x u64 BE   (the object counters)
 //! ```
+//!
+//! The counters ([`Counters`]) are what makes the store's figures constant-time: the
+//! objects and bytes committed layers reference, and the GC candidates and their bytes,
+//! changed in the same batch as the `R` and `G` entries they count (sizes come from the
+//! manifests, and a candidate keeps its size in its `G` entry). A store whose index
+//! predates them has no `K` entry until [`crate::admin::ensure_counters`] counts them once;
+//! until then no change touches them. `casctl fsck` checks them against a scan.
 //!
 //! GC candidates make a collection proportional to the garbage, not to the store
 //! ([`crate::gc::collect_batch`]): the batch that drops an object's last reference
@@ -58,6 +66,7 @@ const NEXT_ID: &[u8] = b"N";
 const PROGRESS: u8 = b'P';
 const CANDIDATE: u8 = b'G';
 const CANDIDATES_COMPLETE: &[u8] = b"T";
+const COUNTERS: &[u8] = b"K";
 /// Objects whose references one batch changes; see the module docs.
 pub const REF_CHUNK: usize = 4096;
 /// sled's page cache. Its default (1 GiB) lets the daemon's memory grow with every
@@ -138,6 +147,64 @@ pub struct Record {
     pub logical_bytes: u64,
 }
 
+/// The objects the index accounts for (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Objects at least one committed snapshot references.
+    pub referenced_objects: u64,
+    /// Their bytes.
+    pub referenced_bytes: u64,
+    /// GC candidates: objects whose last reference went, until a collection takes them.
+    pub candidate_objects: u64,
+    /// Their bytes.
+    pub candidate_bytes: u64,
+}
+
+impl Counters {
+    fn encode(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        let fields = [
+            self.referenced_objects,
+            self.referenced_bytes,
+            self.candidate_objects,
+            self.candidate_bytes,
+        ];
+        for (chunk, v) in out.chunks_exact_mut(8).zip(fields) {
+            chunk.copy_from_slice(&v.to_be_bytes());
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Counters> {
+        let bytes = <&[u8; 32]>::try_from(bytes).ok()?;
+        let f = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            u64::from_be_bytes(b)
+        };
+        Some(Counters {
+            referenced_objects: f(0),
+            referenced_bytes: f(1),
+            candidate_objects: f(2),
+            candidate_bytes: f(3),
+        })
+    }
+
+    fn add_candidate(&mut self, size: u64) {
+        self.candidate_objects += 1;
+        self.candidate_bytes += size;
+    }
+
+    fn drop_candidate(&mut self, size: u64) {
+        self.candidate_objects = self.candidate_objects.saturating_sub(1);
+        self.candidate_bytes = self.candidate_bytes.saturating_sub(size);
+    }
+}
+
+fn be_u64(v: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(v).map_or(0, u64::from_be_bytes)
+}
+
 /// The metadata index (a cheap handle; clones share the database).
 #[derive(Clone)]
 pub struct MetaStore {
@@ -209,7 +276,54 @@ impl MetaStore {
             .cache_capacity(CACHE_BYTES)
             .open()?;
         let tree = db.open_tree("snapshots")?;
+        if tree.is_empty() {
+            // a new index counts from zero; an old one waits for its first count
+            tree.insert(COUNTERS, &Counters::default().encode())?;
+        }
         Ok(MetaStore { db, tree })
+    }
+
+    /// The object counters, or `None` for an index that predates them (see the module
+    /// docs).
+    pub fn counters(&self) -> Result<Option<Counters>, IndexError> {
+        Ok(self.tree.get(COUNTERS)?.and_then(|v| Counters::decode(&v)))
+    }
+
+    /// Sets the counters (after counting them from a scan) and the sizes the GC
+    /// candidates carry.
+    pub fn set_counters(
+        &self,
+        counters: &Counters,
+        candidate_sizes: &[(Digest, u64)],
+    ) -> Result<(), IndexError> {
+        for c in candidate_sizes.chunks(REF_CHUNK) {
+            let mut batch = sled::Batch::default();
+            for (d, size) in c {
+                batch.insert(candidate_key(d), &size.to_be_bytes());
+            }
+            self.tree.apply_batch(batch)?;
+        }
+        self.tree.insert(COUNTERS, &counters.encode())?;
+        Ok(())
+    }
+
+    /// Drops the counters, as an index from before them has none (tests).
+    #[cfg(test)]
+    pub(crate) fn forget_counters(&self) -> Result<(), IndexError> {
+        self.tree.remove(COUNTERS)?;
+        Ok(())
+    }
+
+    /// Every GC candidate and the size its entry records.
+    pub fn candidate_sizes(&self) -> Result<Vec<(Digest, u64)>, IndexError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix([CANDIDATE]) {
+            let (k, v) = item?;
+            if let Ok(d) = <[u8; 32]>::try_from(&k[1..]) {
+                out.push((Digest::from_bytes(d), be_u64(&v)));
+            }
+        }
+        Ok(out)
     }
 
     /// A fresh snapshot id (never 0).
@@ -291,13 +405,13 @@ impl MetaStore {
     }
 
     /// Moves the snapshot at `old` to `new` with record `rec` (Commit: key → name) and
-    /// takes one reference on each of `objects` (distinct digests).
+    /// takes one reference on each of `objects` (distinct digests, with their sizes).
     pub fn rename(
         &self,
         old: &str,
         new: &str,
         rec: &Record,
-        objects: &[Digest],
+        objects: &[(Digest, u64)],
     ) -> Result<(), IndexError> {
         let mut batch = sled::Batch::default();
         batch.remove(record_key(old));
@@ -310,7 +424,12 @@ impl MetaStore {
     }
 
     /// Deletes `key`'s record and parent edge and drops its references on `objects`.
-    pub fn delete(&self, key: &str, rec: &Record, objects: &[Digest]) -> Result<(), IndexError> {
+    pub fn delete(
+        &self,
+        key: &str,
+        rec: &Record,
+        objects: &[(Digest, u64)],
+    ) -> Result<(), IndexError> {
         let mut batch = sled::Batch::default();
         batch.remove(record_key(key));
         if let Some(parent) = &rec.parent {
@@ -329,13 +448,13 @@ impl MetaStore {
         &self,
         id: u64,
         mut last: sled::Batch,
-        objects: &[Digest],
+        objects: &[(Digest, u64)],
         delta: i64,
         chunk: usize,
         stop_after: Option<usize>,
     ) -> Result<(), IndexError> {
         let progress = progress_key(id, delta);
-        let chunks: Vec<&[Digest]> = objects.chunks(chunk.max(1)).collect();
+        let chunks: Vec<&[(Digest, u64)]> = objects.chunks(chunk.max(1)).collect();
         let done = self
             .tree
             .get(&progress)?
@@ -359,24 +478,50 @@ impl MetaStore {
         Ok(self.tree.apply_batch(last)?)
     }
 
+    /// Adds `delta` to the references of `objects` in `batch`, with the candidates and
+    /// counters that follow.
     fn adjust_refs(
         &self,
         batch: &mut sled::Batch,
-        objects: &[Digest],
+        objects: &[(Digest, u64)],
         delta: i64,
     ) -> Result<(), IndexError> {
-        for d in objects {
-            let n = self.ref_count(d)? as i64 + delta;
+        let mut counters = self.counters()?;
+        for (d, size) in objects {
+            let old = self.ref_count(d)? as i64;
+            let n = old + delta;
             if n > 0 {
                 batch.insert(ref_key(d), &(n as u64).to_be_bytes());
                 if n == 1 && delta > 0 {
                     // referenced again before a collection took it
+                    let was = self.tree.get(candidate_key(d))?;
                     batch.remove(candidate_key(d));
+                    if let Some(c) = counters.as_mut() {
+                        if let Some(v) = was {
+                            c.drop_candidate(be_u64(&v));
+                        }
+                        c.referenced_objects += 1;
+                        c.referenced_bytes += size;
+                    }
                 }
             } else {
                 batch.remove(ref_key(d));
-                batch.insert(candidate_key(d), &[]);
+                let was = self.tree.get(candidate_key(d))?;
+                batch.insert(candidate_key(d), &size.to_be_bytes());
+                if let Some(c) = counters.as_mut() {
+                    if old > 0 {
+                        c.referenced_objects = c.referenced_objects.saturating_sub(1);
+                        c.referenced_bytes = c.referenced_bytes.saturating_sub(*size);
+                    }
+                    if let Some(v) = was {
+                        c.drop_candidate(be_u64(&v));
+                    }
+                    c.add_candidate(*size);
+                }
             }
+        }
+        if let Some(c) = counters {
+            batch.insert(COUNTERS, &c.encode());
         }
         Ok(())
     }
@@ -395,11 +540,31 @@ impl MetaStore {
 
     /// Forgets these candidates (collected, or kept by something).
     pub fn drop_candidates(&self, done: &[Digest]) -> Result<(), IndexError> {
+        let mut counters = self.counters()?;
         let mut batch = sled::Batch::default();
         for d in done {
-            batch.remove(candidate_key(d));
+            if let Some(v) = self.tree.get(candidate_key(d))? {
+                batch.remove(candidate_key(d));
+                if let Some(c) = counters.as_mut() {
+                    c.drop_candidate(be_u64(&v));
+                }
+            }
+        }
+        if let Some(c) = counters {
+            batch.insert(COUNTERS, &c.encode());
         }
         Ok(self.tree.apply_batch(batch)?)
+    }
+
+    /// Forgets every candidate (after a full scan collected every unreferenced object).
+    pub fn clear_candidates(&self) -> Result<(), IndexError> {
+        loop {
+            let batch = self.candidates(REF_CHUNK)?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            self.drop_candidates(&batch)?;
+        }
     }
 
     /// Whether every unreferenced object is a candidate (see the module docs).
@@ -550,13 +715,13 @@ mod tests {
         let mut c = m.require("act").unwrap();
         c.kind = Kind::Committed;
         let (x, y) = (Digest::of(b"x"), Digest::of(b"y"));
-        m.rename("act", "layer", &c, &[x, y]).unwrap();
+        m.rename("act", "layer", &c, &[(x, 1), (y, 1)]).unwrap();
         assert_eq!(m.ref_count(&x).unwrap(), 1);
         assert!(m.get("act").unwrap().is_none());
         assert_eq!(m.parent_ids(&m.require("layer").unwrap()).unwrap(), vec![1]);
         assert!(m.has_children("base").unwrap());
 
-        m.delete("layer", &c, &[x]).unwrap();
+        m.delete("layer", &c, &[(x, 1)]).unwrap();
         assert_eq!(m.ref_count(&x).unwrap(), 0);
         assert_eq!(m.refs().unwrap(), vec![(y, 1)]);
         assert!(!m.has_children("base").unwrap());
@@ -568,7 +733,9 @@ mod tests {
     fn references_in_chunks_resume_after_a_crash_between_them() {
         let dir = tempfile::tempdir().unwrap();
         let m = MetaStore::open(dir.path()).unwrap();
-        let objects: Vec<Digest> = (0u32..10).map(|i| Digest::of(&i.to_be_bytes())).collect();
+        let objects: Vec<(Digest, u64)> = (0u32..10)
+            .map(|i| (Digest::of(&i.to_be_bytes()), 4))
+            .collect();
         let shared = objects[7];
         m.insert("other", &rec(1, Kind::Committed, None)).unwrap();
         m.change_refs(1, sled::Batch::default(), &[shared], 1, 3, None)
@@ -589,8 +756,8 @@ mod tests {
         // the call again (the reconcile at start) resumes: every object once
         commit(None).unwrap();
         assert!(m.get("act").unwrap().is_none() && m.get("layer").unwrap().is_some());
-        for d in &objects {
-            let want = if *d == shared { 2 } else { 1 };
+        for (d, _) in &objects {
+            let want = if (*d, 4) == shared { 2 } else { 1 };
             assert_eq!(m.ref_count(d).unwrap(), want, "{d}");
         }
         assert!(m.tree.scan_prefix([PROGRESS]).next().is_none());
@@ -604,8 +771,81 @@ mod tests {
         assert!(m.get("layer").unwrap().is_some());
         remove(None).unwrap();
         assert!(m.get("layer").unwrap().is_none());
-        assert_eq!(m.refs().unwrap(), vec![(shared, 1)]);
+        assert_eq!(m.refs().unwrap(), vec![(shared.0, 1)]);
         assert!(m.tree.scan_prefix([PROGRESS]).next().is_none());
+        // resumed chunks count every object once
+        let c = m.counters().unwrap().unwrap();
+        assert_eq!((c.referenced_objects, c.referenced_bytes), (1, 4));
+        assert_eq!((c.candidate_objects, c.candidate_bytes), (9, 36));
+    }
+
+    /// The counters follow references and candidates through every change: a commit,
+    /// a remove, a reference taken again before a collection, a collection.
+    #[test]
+    fn counters_follow_references_and_candidates() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = MetaStore::open(dir.path()).unwrap();
+        let counters = || m.counters().unwrap().unwrap();
+        assert_eq!(counters(), Counters::default());
+        let (x, y, z) = (Digest::of(b"x"), Digest::of(b"y"), Digest::of(b"z"));
+        let layer = |key: &str, id: u64, objects: &[(Digest, u64)]| {
+            m.insert(&format!("{key}-act"), &rec(id, Kind::Active, None))
+                .unwrap();
+            let c = rec(id, Kind::Committed, None);
+            m.rename(&format!("{key}-act"), key, &c, objects).unwrap();
+            c
+        };
+        let a = layer("a", 1, &[(x, 10), (y, 20)]);
+        let b = layer("b", 2, &[(y, 20), (z, 30)]);
+        let want = |r, rb, c, cb| Counters {
+            referenced_objects: r,
+            referenced_bytes: rb,
+            candidate_objects: c,
+            candidate_bytes: cb,
+        };
+        assert_eq!(counters(), want(3, 60, 0, 0));
+        m.delete("a", &a, &[(x, 10), (y, 20)]).unwrap();
+        assert_eq!(
+            counters(),
+            want(2, 50, 1, 10),
+            "x is a candidate, y still held"
+        );
+        layer("c", 3, &[(x, 10)]);
+        assert_eq!(counters(), want(3, 60, 0, 0), "x referenced again");
+        m.delete("b", &b, &[(y, 20), (z, 30)]).unwrap();
+        assert_eq!(counters(), want(1, 10, 2, 50));
+        assert_eq!(m.candidate_sizes().unwrap().len(), 2);
+        m.drop_candidates(&[y, Digest::of(b"never a candidate")])
+            .unwrap();
+        assert_eq!(counters(), want(1, 10, 1, 30));
+        m.clear_candidates().unwrap();
+        assert_eq!(counters(), want(1, 10, 0, 0));
+    }
+
+    /// An index that predates the counters has none, and no change invents them.
+    #[test]
+    fn an_index_without_counters_stays_without_until_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let m = MetaStore::open(dir.path()).unwrap();
+            m.insert("old", &rec(7, Kind::View, None)).unwrap();
+            m.tree.remove(COUNTERS).unwrap();
+            m.flush_blocking().unwrap();
+        }
+        let m = MetaStore::open(dir.path()).unwrap();
+        assert_eq!(m.counters().unwrap(), None);
+        m.insert("a-act", &rec(1, Kind::Active, None)).unwrap();
+        let x = Digest::of(b"x");
+        m.rename("a-act", "a", &rec(1, Kind::Committed, None), &[(x, 1)])
+            .unwrap();
+        assert_eq!(m.counters().unwrap(), None);
+        let c = Counters {
+            referenced_objects: 1,
+            referenced_bytes: 1,
+            ..Counters::default()
+        };
+        m.set_counters(&c, &[]).unwrap();
+        assert_eq!(m.counters().unwrap(), Some(c));
     }
 
     #[test]

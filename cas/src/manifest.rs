@@ -118,12 +118,13 @@ impl ManifestWriter {
     }
 }
 
-/// The distinct objects the manifest at `path` names, sorted (the order the index takes
-/// and drops references in).
-pub fn distinct_objects(path: &Path) -> Result<Vec<crate::Digest>, CasError> {
-    let mut set = std::collections::BTreeSet::new();
+/// The distinct objects the manifest at `path` names, with their sizes, sorted by digest
+/// (the order the index takes and drops references in).
+pub fn distinct_objects(path: &Path) -> Result<Vec<(crate::Digest, u64)>, CasError> {
+    let mut set = std::collections::BTreeMap::new();
     for entry in read_manifest(path)? {
-        set.insert(entry?.digest);
+        let entry = entry?;
+        set.insert(entry.digest, entry.size);
     }
     Ok(set.into_iter().collect())
 }

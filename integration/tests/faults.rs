@@ -99,6 +99,13 @@ fn crash_everywhere(mut rig: Rig, points: &[&str]) -> Result<()> {
         stats["snapshots"], 0,
         "snapshots left after every crash point: {out}"
     );
+    // the counters say what the index holds; the files say what the disk holds
+    let (_, out) = rig.casctl(&["fsck", "--json"])?;
+    let report: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(
+        report["objects"], 0,
+        "object files left after every crash point: {out}"
+    );
     let tmp = rig.daemon.root.join("cas/tmp");
     assert_eq!(
         std::fs::read_dir(&tmp)?.count(),

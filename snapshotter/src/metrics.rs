@@ -2,9 +2,8 @@
 //!
 //! Series (all prefixed `cas_`):
 //!
-//! * store: `objects`, `logical_bytes`, `physical_bytes`, `savings_ratio` (from the same
-//!   figures as `casctl stats`, recomputed at most every [`STATS_MAX_AGE`] on scrape,
-//!   since they walk the object directory);
+//! * store: `objects`, `logical_bytes`, `physical_bytes`, `savings_ratio` (the figures
+//!   of `casctl stats`, from the index's counters on every scrape);
 //! * ingest: `ingested_layers_total`, `ingest_logical_bytes_total` (what the layers
 //!   hold), `ingest_new_bytes_total` (what they added to the store);
 //! * `grpc_request_duration_seconds{method}`: a histogram per Snapshots method, measured
@@ -13,7 +12,8 @@
 //! * `recovery_seconds`: how long the last start's recovery (journal replay, index
 //!   reconcile, sweeps) took;
 //! * per image, labelled `image` with its top layer's name (the chain ID containerd
-//!   commits it as), refreshed with the store figures: `image_unique_bytes` (what
+//!   commits it as), recomputed at most every [`STATS_MAX_AGE`] on scrape since they
+//!   read every committed manifest: `image_unique_bytes` (what
 //!   removing it frees) and `image_shared_bytes` (what other images keep), see
 //!   `cas::sharing`.
 //!
@@ -43,7 +43,7 @@ use tracing::{info, warn};
 
 use crate::service::CasSnapshotter;
 
-/// Store figures older than this are recomputed on scrape.
+/// Per-image figures older than this are recomputed on scrape.
 pub const STATS_MAX_AGE: Duration = Duration::from_secs(10);
 
 type Labels = Vec<(String, String)>;
@@ -360,7 +360,7 @@ impl Metrics {
         self.recovery_seconds.set(took.as_secs_f64());
     }
 
-    /// Whether the store figures are due for a refresh (and marks them refreshed).
+    /// Whether the per-image figures are due for a refresh (and marks them refreshed).
     fn stats_due(&self) -> bool {
         let mut at = self.stats_at.lock().unwrap_or_else(|p| p.into_inner());
         let due = at.is_none_or(|t| t.elapsed() >= STATS_MAX_AGE);
@@ -465,11 +465,12 @@ async fn answer(
         return Ok(not_found);
     }
     let m = sn.metrics();
+    // the index's counters: cheap on every scrape
+    match sn.stats().await {
+        Ok(s) => m.set_stats(&s),
+        Err(e) => warn!(error = %e, "store statistics for metrics failed"),
+    }
     if m.stats_due() {
-        match sn.stats().await {
-            Ok(s) => m.set_stats(&s),
-            Err(e) => warn!(error = %e, "store statistics for metrics failed"),
-        }
         match sn.chain_usage().await {
             Ok(i) => m.set_images(&i),
             Err(e) => warn!(error = %e, "per-image figures for metrics failed"),

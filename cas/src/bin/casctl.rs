@@ -89,9 +89,14 @@ fn print_stats(s: &Stats) {
         s.savings_percent
     );
     println!(
-        "unreferenced objects: {} ({})",
+        "unreferenced objects: {} ({}){}",
         s.unreferenced_objects,
-        human_bytes(s.unreferenced_bytes)
+        human_bytes(s.unreferenced_bytes),
+        if s.uncounted_garbage {
+            ", and what an unclean stop left (the next GC scans for it)"
+        } else {
+            ""
+        }
     );
     println!(
         "layer metadata:       {} EROFS images ({}), {} stub trees{}",
@@ -244,7 +249,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 )
             })?;
             match cmd {
-                Cmd::Stats => AdminResponse::Stats(admin::stats(&layout, &meta)?),
+                Cmd::Stats => {
+                    admin::ensure_counters(&layout, &meta)?;
+                    AdminResponse::Stats(admin::stats(&layout, &meta)?)
+                }
                 Cmd::Images => AdminResponse::Images(cas::sharing::chain_usage(&layout, &meta)?),
                 Cmd::Fsck { verify_objects } => {
                     AdminResponse::Fsck(admin::fsck(&layout, &meta, *verify_objects)?)
@@ -252,6 +260,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 _ => {
                     let g = cas::gc::collect(&layout, &meta)?;
                     meta.set_candidates_complete(true)?;
+                    admin::recount(&layout, &meta)?;
                     meta.flush_blocking()?;
                     AdminResponse::Gc(g)
                 }

@@ -786,7 +786,10 @@ impl Snapshots {
                 if rec.kind == Kind::Active && manifest.exists() {
                     // applied but never committed (a failed pull): its objects are
                     // garbage unless something else keeps them; collected below
-                    orphaned = crate::manifest::distinct_objects(&manifest)?;
+                    orphaned = crate::manifest::distinct_objects(&manifest)?
+                        .into_iter()
+                        .map(|(d, _)| d)
+                        .collect();
                 }
                 Vec::new()
             };
@@ -1025,6 +1028,7 @@ impl Snapshots {
             let stats = crate::gc::collect(&self.layout, &self.meta)?;
             // nothing unreferenced is left that is not a candidate
             self.meta.set_candidates_complete(true)?;
+            crate::admin::recount(&self.layout, &self.meta)?;
             info!(
                 removed = stats.removed,
                 freed_bytes = stats.freed_bytes,

@@ -78,6 +78,15 @@ impl Snapshots {
             elapsed_ms = reconciled.elapsed().as_millis() as u64,
             "recovery: index reconciled with the snapshots' info files"
         );
+        let counting = std::time::Instant::now();
+        if let Some(c) = crate::admin::ensure_counters(&layout, &meta)? {
+            info!(
+                referenced_objects = c.referenced_objects,
+                candidates = c.candidate_objects,
+                elapsed_ms = counting.elapsed().as_millis() as u64,
+                "recovery: object counters counted (the index predates them)"
+            );
+        }
         let mode = choose_mode(&layout, opts.mode, &*sys)?;
         let images = choose_layers(&layout, mode, opts.layers, &*sys)?;
         let idmap_unavailable = choose_idmap(&layout, mode, images, opts.idmapped_layers, &*sys);
@@ -341,12 +350,13 @@ pub fn reconcile(
         }
         Stop::Unknown => {}
     }
-    let objects_of = |dir: &Path, rec: &crate::index::Record| -> Result<Vec<Digest>, CasError> {
-        if rec.kind != Kind::Committed {
-            return Ok(Vec::new());
-        }
-        crate::manifest::distinct_objects(&dir.join(MANIFEST_FILE))
-    };
+    let objects_of =
+        |dir: &Path, rec: &crate::index::Record| -> Result<Vec<(Digest, u64)>, CasError> {
+            if rec.kind != Kind::Committed {
+                return Ok(Vec::new());
+            }
+            crate::manifest::distinct_objects(&dir.join(MANIFEST_FILE))
+        };
     for ((id, dir), info) in dirs.iter().zip(read_infos(&dirs)) {
         let (id, dir) = (*id, dir.as_path());
         match (by_id.remove(&id), info?) {

@@ -690,3 +690,65 @@ fn gc_takes_the_candidates_and_never_an_object_referenced_again() {
     );
     assert_eq!(sn.gc().unwrap().removed, 1);
 }
+
+/// Stats come from the index's counters. A store whose index predates them counts them
+/// once when it opens. fsck finds counters that disagree with the scan, and the next
+/// full collection recounts them.
+#[test]
+fn object_counters_are_counted_once_checked_by_fsck_and_recounted_by_a_full_gc() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let figures = |s: &Stats| {
+        (
+            s.objects,
+            s.physical_bytes,
+            s.unreferenced_objects,
+            s.unreferenced_bytes,
+        )
+    };
+    let want = {
+        let sn = open(dir.path());
+        layer(&sn, "l1", None, &[("a", b"hello"), ("b", b"world!")]);
+        layer(
+            &sn,
+            "l2",
+            Some("l1"),
+            &[("c", b"hello"), ("d", b"only here")],
+        );
+        layer(&sn, "l3", Some("l2"), &[("e", b"goes")]);
+        sn.remove("l3").unwrap();
+        let s = sn.stats().unwrap();
+        assert!(s.counted, "{s:?}");
+        // hello, world!, only here referenced; goes a candidate
+        assert_eq!(figures(&s), (4, 5 + 6 + 9 + 4, 1, 4), "{s:?}");
+        assert!(sn.fsck(false).unwrap().problems.is_empty());
+        sn.meta.forget_counters().unwrap();
+        sn.meta.flush_blocking().unwrap();
+        s
+    };
+    let sn = open(dir.path());
+    let s = sn.stats().unwrap();
+    assert_eq!(figures(&s), figures(&want), "counted at open: {s:?}");
+
+    // counters that disagree with the scan: fsck says which
+    let wrong = crate::index::Counters {
+        referenced_objects: 7,
+        ..sn.meta.counters().unwrap().unwrap()
+    };
+    sn.meta.set_counters(&wrong, &[]).unwrap();
+    let problems = sn.fsck(false).unwrap().problems;
+    assert_eq!(
+        problems,
+        [crate::admin::Problem::CounterMismatch {
+            counter: "referenced_objects".into(),
+            index: 7,
+            scan: 3,
+        }]
+    );
+    // a full collection (the first after an unclean stop) recounts
+    sn.meta.set_candidates_complete(false).unwrap();
+    sn.gc().unwrap();
+    let s = sn.stats().unwrap();
+    assert_eq!(figures(&s), (3, 5 + 6 + 9, 0, 0), "{s:?}");
+    assert!(sn.fsck(false).unwrap().problems.is_empty());
+}
