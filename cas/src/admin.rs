@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::error::CasError;
-use crate::gc::{list_aliases, list_objects};
+use crate::gc::{for_each_object, list_aliases};
 use crate::index::{read_info, Counters, Kind, MetaStore};
 use crate::layout::{remove_tree, Layout};
 use crate::layout::{FS_DIR, INFO_FILE, MANIFEST_FILE};
@@ -122,7 +122,7 @@ pub fn stats(layout: &Layout, meta: &MetaStore) -> Result<Stats, CasError> {
             s.unreferenced_bytes = c.candidate_bytes;
         }
         None => {
-            for (digest, path) in list_objects(layout)? {
+            for_each_object(layout, |digest, path| {
                 let size = fs::symlink_metadata(&path).map(|m| m.len()).unwrap_or(0);
                 s.objects += 1;
                 s.physical_bytes += size;
@@ -134,7 +134,8 @@ pub fn stats(layout: &Layout, meta: &MetaStore) -> Result<Stats, CasError> {
                     s.unreferenced_objects += 1;
                     s.unreferenced_bytes += size;
                 }
-            }
+                Ok(())
+            })?;
         }
     }
     s.saved_bytes = s.logical_bytes as i64 - s.physical_bytes as i64;
@@ -309,11 +310,11 @@ pub fn fsck(
 ) -> Result<FsckReport, CasError> {
     let mut r = FsckReport::default();
     let mut present = std::collections::HashSet::new();
-    for (digest, path) in list_objects(layout)? {
+    for_each_object(layout, |digest, path| {
         r.objects += 1;
         let Some(d) = digest else {
             r.problems.push(Problem::StrayObjectFile { path });
-            continue;
+            return Ok(());
         };
         present.insert(d);
         if verify_objects {
@@ -327,7 +328,8 @@ pub fn fsck(
                 });
             }
         }
-    }
+        Ok(())
+    })?;
 
     // Aliases: each must be a second name of the object whose alias it is.
     let objects = crate::objects::ObjectStore::new(layout);

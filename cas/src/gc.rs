@@ -45,29 +45,55 @@ pub struct GcStats {
     pub tmp_removed: u64,
 }
 
-/// Every object file: its digest (or `None` for a name that is not one) and path.
-pub fn list_objects(
+/// Calls `f` with every object file: its digest (or `None` for a name that is not one)
+/// and path, one directory entry at a time (memory does not grow with the store). `f`
+/// may delete the file it is given.
+pub fn for_each_object(
     layout: &Layout,
-) -> Result<Vec<(Option<Digest>, std::path::PathBuf)>, CasError> {
+    mut f: impl FnMut(Option<Digest>, std::path::PathBuf) -> Result<(), CasError>,
+) -> Result<(), CasError> {
     let dir = layout.objects_dir();
-    let mut out = Vec::new();
     for fan in fs::read_dir(&dir).map_err(CasError::io("read dir", &dir))? {
         let fan = fan.map_err(CasError::io("read dir", &dir))?;
         let fan_name = fan.file_name().to_string_lossy().into_owned();
         let fan_path = fan.path();
         if !fan_path.is_dir() {
             if !crate::digest::is_alias_name(&fan_name) {
-                out.push((None, fan_path));
+                f(None, fan_path)?;
             }
             continue;
         }
         for obj in fs::read_dir(&fan_path).map_err(CasError::io("read dir", &fan_path))? {
             let obj = obj.map_err(CasError::io("read dir", &fan_path))?;
             let name = format!("{fan_name}{}", obj.file_name().to_string_lossy());
-            out.push((name.parse().ok(), obj.path()));
+            f(name.parse().ok(), obj.path())?;
         }
     }
+    Ok(())
+}
+
+/// Every object file, as [`for_each_object`] visits them, in one list.
+pub fn list_objects(
+    layout: &Layout,
+) -> Result<Vec<(Option<Digest>, std::path::PathBuf)>, CasError> {
+    let mut out = Vec::new();
+    for_each_object(layout, |d, p| {
+        out.push((d, p));
+        Ok(())
+    })?;
     Ok(out)
+}
+
+/// Whether the objects directory holds any alias.
+fn has_aliases(layout: &Layout) -> Result<bool, CasError> {
+    let dir = layout.objects_dir();
+    for e in fs::read_dir(&dir).map_err(CasError::io("read dir", &dir))? {
+        let e = e.map_err(CasError::io("read dir", &dir))?;
+        if crate::digest::is_alias_name(&e.file_name().to_string_lossy()) && !e.path().is_dir() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Every alias at the top of the objects directory: its name and path.
@@ -217,17 +243,20 @@ pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
         ..GcStats::default()
     };
     let pending = pending_objects(layout, meta)?;
-    for (digest, path) in list_objects(layout)? {
+    // the aliases' owners are needed only where there are aliases (stub trees on a
+    // filesystem whose inodes do not hold a long redirect)
+    let aliases = has_aliases(layout)?;
+    for_each_object(layout, |digest, path| {
         stats.scanned += 1;
         let garbage = match &digest {
             Some(d) => is_garbage(meta, &pending, d)?,
             None => true,
         };
         if !garbage {
-            if let Some(d) = digest {
+            if let (Some(d), true) = (digest, aliases) {
                 kept.entry(d.alias()).or_default().push(d);
             }
-            continue;
+            return Ok(());
         }
         let freed = match &digest {
             Some(d) => remove_object(&objects, d, &path)?,
@@ -241,7 +270,8 @@ pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
             stats.removed += 1;
             stats.freed_bytes += size;
         }
-    }
+        Ok(())
+    })?;
     // Aliases whose object is gone (one link left: the alias itself) or that name
     // another object; both only after a crash or by hand.
     for (alias, path) in list_aliases(layout)? {
