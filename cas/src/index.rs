@@ -69,9 +69,10 @@ const CANDIDATES_COMPLETE: &[u8] = b"T";
 const COUNTERS: &[u8] = b"K";
 /// Objects whose references one batch changes; see the module docs.
 pub const REF_CHUNK: usize = 4096;
-/// sled's page cache. Its default (1 GiB) lets the daemon's memory grow with every
-/// object ever referenced; the index is small and read mostly by key.
-const CACHE_BYTES: u64 = 32 << 20;
+/// sled's page cache unless configured (`[store] index_cache_mib`). sled's own default
+/// (1 GiB) lets the daemon's memory grow with every object ever referenced; the index is
+/// read mostly by key.
+pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
 
 /// Errors of the index.
 #[derive(Debug, thiserror::Error)]
@@ -271,9 +272,14 @@ fn encode(rec: &Record) -> Vec<u8> {
 impl MetaStore {
     /// Opens (or creates) the index in `dir`.
     pub fn open(dir: &Path) -> Result<MetaStore, IndexError> {
+        MetaStore::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the index in `dir` with a page cache of `cache_bytes`.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<MetaStore, IndexError> {
         let db = sled::Config::new()
             .path(dir)
-            .cache_capacity(CACHE_BYTES)
+            .cache_capacity(cache_bytes)
             .open()?;
         let tree = db.open_tree("snapshots")?;
         if tree.is_empty() {

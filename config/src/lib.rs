@@ -19,6 +19,7 @@
 //! layer_metadata = "auto"  # auto (EROFS images where the kernel mounts them) | erofs | stubs
 //! journal = "auto"    # auto (RWF_ATOMIC where supported) | rename
 //! idmapped_layers = "auto"  # auto (ID-mapped clones of layers where the kernel can) | off
+//! index_cache_mib = 32       # the index's (sled's) page cache: the daemon's memory for it
 //!
 //! [gc]
 //! interval = "off"    # off | a duration ("30m", "6h"): scheduled GC
@@ -209,6 +210,22 @@ pub struct StoreConfig {
     pub journal: JournalKind,
     /// How user-namespaced (ID-mapped) snapshots are served.
     pub idmapped_layers: IdmappedLayers,
+    /// The index's page cache in MiB (default 32): a bound on the memory the index takes,
+    /// whatever the store's size. At least 1.
+    #[serde(deserialize_with = "cache_mib")]
+    pub index_cache_mib: Option<u64>,
+}
+
+fn cache_mib<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match u64::deserialize(d)? {
+        0 => Err(serde::de::Error::custom(
+            "the index cache must be at least 1 MiB",
+        )),
+        n if n > 1 << 20 => Err(serde::de::Error::custom(
+            "the index cache must be at most 1048576 MiB",
+        )),
+        n => Ok(Some(n)),
+    }
 }
 
 /// How user-namespaced snapshots are served (`[store] idmapped_layers`).
@@ -514,6 +531,10 @@ mod tests {
         let cfg = Config::from_toml("[store]\nidmapped_layers = \"off\"\n", "t").unwrap();
         assert_eq!(cfg.store.idmapped_layers, IdmappedLayers::Off);
         assert!(Config::from_toml("[store]\nidmapped_layers = true\n", "t").is_err());
+        let cfg = Config::from_toml("[store]\nindex_cache_mib = 8\n", "t").unwrap();
+        assert_eq!(cfg.store.index_cache_mib, Some(8));
+        let e = Config::from_toml("[store]\nindex_cache_mib = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("store.index_cache_mib"), "{e}");
         let cfg = Config::from_toml("[store]\njournal = \"rename\"\n", "t").unwrap();
         assert_eq!(cfg.store.journal, JournalKind::Rename);
     }

@@ -71,6 +71,7 @@ impl CasSnapshotter {
                 IdmappedLayers::Auto => RequestedIdmap::Auto,
                 IdmappedLayers::Off => RequestedIdmap::Off,
             },
+            index_cache_bytes: store.index_cache_mib.map(|m| m << 20),
         };
         let store = Snapshots::open(layout, opts, Arc::new(cas::sys::Host))?;
         let metrics = Arc::new(Metrics::new());

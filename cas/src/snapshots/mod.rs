@@ -213,6 +213,8 @@ pub struct OpenOptions {
     pub idmapped_layers: RequestedIdmap,
     /// The journal backend.
     pub journal: ringio::journal::JournalMode,
+    /// The index's page cache in bytes (`None`: [`crate::index::DEFAULT_CACHE_BYTES`]).
+    pub index_cache_bytes: Option<u64>,
 }
 
 /// A change of a snapshot's labels (Update with or without field paths).

@@ -60,7 +60,10 @@ impl Snapshots {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "recovery: journal replayed"
         );
-        let meta = open_index(&layout)?;
+        let cache = opts
+            .index_cache_bytes
+            .unwrap_or(crate::index::DEFAULT_CACHE_BYTES);
+        let meta = open_index(&layout, cache)?;
         if !matches!(stop, Stop::Clean) {
             // an ingest may have published objects without their references
             meta.set_candidates_complete(false)?;
@@ -130,7 +133,7 @@ impl Snapshots {
 
 /// Opens the index, rebuilding it from the snapshots' `info` files and manifests when
 /// it cannot be opened, or when it is missing while snapshots exist.
-fn open_index(layout: &Layout) -> Result<MetaStore> {
+fn open_index(layout: &Layout, cache: u64) -> Result<MetaStore> {
     let index = layout.index_dir();
     let sdir = layout.snapshots_dir();
     let has_snapshots = fs::read_dir(&sdir)
@@ -141,12 +144,12 @@ fn open_index(layout: &Layout) -> Result<MetaStore> {
         warn!(index = %index.display(), "index missing; rebuilding it from the snapshots' info files and manifests");
         rebuild(layout)?;
     }
-    match MetaStore::open(&index) {
+    match MetaStore::open_with_cache(&index, cache) {
         Ok(m) => Ok(m),
         Err(e) => {
             warn!(error = %e, "index cannot be opened; rebuilding it from the snapshots' info files and manifests");
             rebuild(layout)?;
-            Ok(MetaStore::open(&index)?)
+            Ok(MetaStore::open_with_cache(&index, cache)?)
         }
     }
 }

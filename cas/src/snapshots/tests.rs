@@ -25,6 +25,7 @@ fn opts() -> OpenOptions {
         mode: RequestedMode::Auto,
         layers: Default::default(),
         journal: ringio::journal::JournalMode::ForceRename,
+        index_cache_bytes: None,
     }
 }
 
