@@ -43,7 +43,7 @@ pub struct GcArgs {
 
 const FILES_PER_LAYER: usize = 1_000;
 
-fn open(root: &std::path::Path) -> Result<Snapshots> {
+pub(crate) fn open(root: &std::path::Path) -> Result<Snapshots> {
     Ok(Snapshots::open(
         Layout::ensure(root)?,
         OpenOptions::default(),
@@ -53,7 +53,7 @@ fn open(root: &std::path::Path) -> Result<Snapshots> {
 
 /// Prepares `name`, writes `files` files of distinct content (`tag` makes it so) and
 /// commits it; returns how long the Commit took.
-fn layer(sn: &Snapshots, name: &str, tag: &str, files: usize) -> Result<Duration> {
+pub(crate) fn layer(sn: &Snapshots, name: &str, tag: &str, files: usize) -> Result<Duration> {
     let key = format!("{name}-active");
     sn.create(Kind::Active, &key, None, Default::default())?;
     let dir = sn.layout().fs_dir(sn.stat(&key)?.id);
@@ -71,7 +71,10 @@ fn layer(sn: &Snapshots, name: &str, tag: &str, files: usize) -> Result<Duration
 
 /// One collection with the Commit loop running: (GC seconds, objects removed, Commit
 /// latencies in ms).
-fn collect_while_committing(sn: &Arc<Snapshots>, round: &str) -> Result<(f64, u64, Vec<f64>)> {
+pub(crate) fn collect_while_committing(
+    sn: &Arc<Snapshots>,
+    round: &str,
+) -> Result<(f64, u64, Vec<f64>)> {
     let done = Arc::new(AtomicBool::new(false));
     let committer = {
         let (sn, done, round) = (sn.clone(), done.clone(), round.to_string());

@@ -48,6 +48,7 @@ mod images;
 mod layout;
 mod perf;
 mod plot;
+mod scale;
 
 /// Benchmark images, the dedup benchmark and the performance benchmark.
 #[derive(Debug, Parser)]
@@ -94,6 +95,9 @@ enum Cmd {
     /// GC of part of a large store while a Commit loop runs: GC time and commit stalls,
     /// over the GC candidates and by a full scan.
     Gc(gc::GcArgs),
+    /// Stores of growing size: request latencies, stats, GC of 1%, memory, disk per
+    /// object and recovery against the number of objects.
+    Scale(scale::ScaleArgs),
 }
 
 fn main() -> ExitCode {
@@ -116,6 +120,7 @@ fn main() -> ExitCode {
         Cmd::Engine(a) => engine::run(&a),
         Cmd::Layout(a) => layout::run(&a),
         Cmd::Gc(a) => gc::run(&a),
+        Cmd::Scale(a) => scale::run(&a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

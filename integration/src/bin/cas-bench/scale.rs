@@ -1,0 +1,370 @@
+//! A store of many objects (`cas-bench scale`, `make bench-scale`): how the costs a node
+//! notices grow with the number of objects the store holds.
+//!
+//! For each `--objects` N, a store on a fresh XFS loop filesystem is filled through the
+//! real Snapshots code with N distinct small objects, in at most a few hundred layers
+//! (1,000 files each, or N/300 when that is more). Then, in this order:
+//!
+//! * `--ops` rounds of Prepare (over a filled layer), Mounts, writing 10 new files,
+//!   Commit, Stat and Remove of the layer, each call's latency kept (p50, p99);
+//! * `casctl stats`'s figures (`Snapshots::stats`), 50 times;
+//! * GC of 1% of the layers, with a Commit loop running meanwhile (the longest Commit);
+//! * peak RSS over those steps (`VmHWM`, reset after the fill: the store's code runs in
+//!   this process as it does in the daemon, without the gRPC layer);
+//! * the disk used per object (the filesystem's used blocks over N);
+//! * recovery: the store reopened after an unclean stop (dropped without shutdown),
+//!   as the daemon starts after `kill -9`.
+//!
+//! Results go to `bench/results/scale.csv` and `bench/results/scale.svg` (each figure
+//! against N, log scales) and a table on stdout.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use cas::index::Kind;
+use cas_integration::harness::{FsKind, LoopFs};
+use plotters::prelude::*;
+
+use crate::gc::{collect_while_committing, layer, open};
+use crate::perf::work_dir;
+
+/// `cas-bench scale` arguments.
+#[derive(Debug, clap::Args)]
+pub struct ScaleArgs {
+    /// Store sizes, in objects (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [10_000, 100_000, 1_000_000])]
+    pub objects: Vec<usize>,
+    /// Rounds of Prepare/Mounts/Commit/Stat/Remove per store.
+    #[arg(long, default_value_t = 200)]
+    pub ops: usize,
+    /// Where the loop files go (default: a new directory in /var/tmp).
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
+    /// Where the CSV and the plot go.
+    #[arg(long, default_value = "bench/results")]
+    pub out: PathBuf,
+}
+
+/// What one store size measured.
+#[derive(Debug, Clone, Default)]
+struct Row {
+    objects: usize,
+    layers: usize,
+    fill_s: f64,
+    /// (p50, p99) in ms, per call.
+    prepare: (f64, f64),
+    mounts: (f64, f64),
+    commit: (f64, f64),
+    stat: (f64, f64),
+    remove: (f64, f64),
+    stats_ms: f64,
+    gc_s: f64,
+    gc_removed: u64,
+    gc_commit_max_ms: f64,
+    rss_mib: f64,
+    disk_per_object: f64,
+    recovery_ms: f64,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// (p50, p99) of `v`.
+fn p50_p99(mut v: Vec<f64>) -> (f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99))
+}
+
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    let t = Instant::now();
+    let v = f()?;
+    Ok((v, ms(t.elapsed())))
+}
+
+/// This process's peak RSS since the last reset, in MiB.
+fn peak_rss_mib() -> Result<f64> {
+    let status = fs::read_to_string("/proc/self/status")?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/self/status")?;
+    Ok(kib / 1024.0)
+}
+
+fn reset_peak_rss() -> Result<()> {
+    // "5" resets the peak RSS to the current RSS (proc(5))
+    fs::write("/proc/self/clear_refs", "5").context("resetting the peak RSS")
+}
+
+fn used_bytes(mnt: &Path) -> Result<u64> {
+    let s = nix::sys::statvfs::statvfs(mnt)?;
+    Ok((s.blocks() - s.blocks_free()) * s.fragment_size())
+}
+
+fn measure(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
+    let per_layer = (n / 300).max(1_000);
+    let layers = n.div_ceil(per_layer);
+    // a block and an inode per small object, and room to spare
+    let fs_mib = (n as u64 * 12 / 1024).max(4 << 10);
+    let loopfs = LoopFs::new(work, fs_mib, FsKind::Xfs)?;
+    let root = loopfs.mnt.join("store");
+    let empty = used_bytes(&loopfs.mnt)?;
+    let mut row = Row {
+        objects: layers * per_layer,
+        layers,
+        ..Row::default()
+    };
+    println!(
+        "scale: {} objects in {layers} layers of {per_layer} (XFS loop at {})",
+        row.objects,
+        loopfs.mnt.display()
+    );
+    let sn = open(&root)?;
+    let filled = Instant::now();
+    for l in 0..layers {
+        layer(&sn, &format!("l{l}"), &format!("l{l}"), per_layer)?;
+    }
+    // the first GC of a new store scans once; the store is then the steady state
+    sn.gc()?;
+    row.fill_s = filled.elapsed().as_secs_f64();
+    row.disk_per_object = (used_bytes(&loopfs.mnt)? - empty) as f64 / row.objects as f64;
+    println!("scale: filled in {:.1} s", row.fill_s);
+
+    reset_peak_rss()?;
+    let (mut prepare, mut mounts, mut commit, mut stat, mut remove) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let parent = format!("l{}", layers - 1);
+    for i in 0..a.ops {
+        let (key, name) = (format!("op-{i}-active"), format!("op-{i}"));
+        let (_, t) =
+            timed(|| Ok(sn.create(Kind::Active, &key, Some(&parent), Default::default())?))?;
+        prepare.push(t);
+        let (_, t) = timed(|| Ok(sn.mounts(&key)?))?;
+        mounts.push(t);
+        let dir = sn.layout().fs_dir(sn.stat(&key)?.id);
+        for f in 0..10 {
+            fs::write(
+                dir.join(format!("new-{f}")),
+                format!("round {i} file {f}\n"),
+            )?;
+        }
+        let (_, t) = timed(|| Ok(sn.commit(&name, &key, Default::default())?))?;
+        commit.push(t);
+        let (_, t) = timed(|| Ok(sn.stat(&name)?))?;
+        stat.push(t);
+        let (_, t) = timed(|| Ok(sn.remove(&name)?))?;
+        remove.push(t);
+    }
+    row.prepare = p50_p99(prepare);
+    row.mounts = p50_p99(mounts);
+    row.commit = p50_p99(commit);
+    row.stat = p50_p99(stat);
+    row.remove = p50_p99(remove);
+
+    let mut stats = Vec::new();
+    for _ in 0..50 {
+        stats.push(timed(|| Ok(sn.stats()?))?.1);
+    }
+    row.stats_ms = p50_p99(stats).0;
+
+    let garbage = layers.div_ceil(100);
+    for l in 0..garbage {
+        sn.remove(&format!("l{l}"))?;
+    }
+    let sn = Arc::new(sn);
+    let (gc_s, removed, lat) = collect_while_committing(&sn, "scale")?;
+    row.gc_s = gc_s;
+    row.gc_removed = removed;
+    row.gc_commit_max_ms = lat.iter().copied().fold(0.0, f64::max);
+    row.rss_mib = peak_rss_mib()?;
+
+    // an unclean stop: dropped without shutdown, as after kill -9
+    let sn = Arc::try_unwrap(sn).map_err(|_| anyhow::anyhow!("store still shared"))?;
+    drop(sn);
+    let (sn, t) = timed(|| open(&root))?;
+    row.recovery_ms = t;
+    sn.shutdown()?;
+    drop(loopfs);
+    println!("scale: {row:?}");
+    Ok(row)
+}
+
+const HEADER: &str = "objects,layers,fill_s,prepare_p50_ms,prepare_p99_ms,mounts_p50_ms,mounts_p99_ms,commit_p50_ms,commit_p99_ms,stat_p50_ms,stat_p99_ms,remove_p50_ms,remove_p99_ms,stats_ms,gc_s,gc_removed,gc_commit_max_ms,peak_rss_mib,disk_bytes_per_object,recovery_ms";
+
+fn csv(r: &Row) -> String {
+    format!(
+        "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.1},{:.1},{:.0},{:.1}",
+        r.objects,
+        r.layers,
+        r.fill_s,
+        r.prepare.0,
+        r.prepare.1,
+        r.mounts.0,
+        r.mounts.1,
+        r.commit.0,
+        r.commit.1,
+        r.stat.0,
+        r.stat.1,
+        r.remove.0,
+        r.remove.1,
+        r.stats_ms,
+        r.gc_s,
+        r.gc_removed,
+        r.gc_commit_max_ms,
+        r.rss_mib,
+        r.disk_per_object,
+        r.recovery_ms
+    )
+}
+
+fn err(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("plotting: {e}")
+}
+
+/// Two log-log panels against the objects in the store: latencies (ms) and the rest.
+fn plot(path: &Path, rows: &[Row]) -> Result<()> {
+    if rows.len() < 2 {
+        return Ok(());
+    }
+    type Series = (&'static str, fn(&Row) -> f64);
+    let panels: [(&str, &str, Vec<Series>); 2] = [
+        (
+            "p99 latency of each call (ms)",
+            "ms",
+            vec![
+                ("Prepare", |r| r.prepare.1),
+                ("Mounts", |r| r.mounts.1),
+                ("Commit", |r| r.commit.1),
+                ("Stat", |r| r.stat.1),
+                ("Remove", |r| r.remove.1),
+                ("stats", |r| r.stats_ms),
+                ("longest Commit during GC", |r| r.gc_commit_max_ms),
+            ],
+        ),
+        (
+            "GC of 1%, recovery, memory",
+            "s / MiB",
+            vec![
+                ("GC of 1% of the layers (s)", |r| r.gc_s),
+                ("recovery after an unclean stop (s)", |r| {
+                    r.recovery_ms / 1000.0
+                }),
+                ("peak RSS (MiB)", |r| r.rss_mib),
+            ],
+        ),
+    ];
+    let colors = [
+        RGBColor(0x4c, 0x72, 0xb0),
+        RGBColor(0xdd, 0x84, 0x52),
+        RGBColor(0x55, 0xa8, 0x68),
+        RGBColor(0xc4, 0x4e, 0x52),
+        RGBColor(0x81, 0x72, 0xb3),
+        RGBColor(0x93, 0x78, 0x60),
+        RGBColor(0xda, 0x8b, 0xc3),
+    ];
+    let root = SVGBackend::new(path, (1200, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let areas = root.split_evenly((1, 2));
+    let xs: Vec<f64> = rows.iter().map(|r| r.objects as f64).collect();
+    let xr = xs[0] / 2.0..xs[xs.len() - 1] * 2.0;
+    for (area, (title, unit, series)) in areas.iter().zip(panels) {
+        let ys = rows
+            .iter()
+            .flat_map(|r| series.iter().map(move |(_, f)| f(r)))
+            .filter(|y| y.is_finite() && *y > 0.0);
+        let lo = ys.clone().fold(f64::INFINITY, f64::min) / 2.0;
+        let hi = ys.fold(0.0, f64::max) * 2.0;
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(xr.clone().log_scale(), (lo..hi).log_scale())
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("objects in the store")
+            .y_desc(unit)
+            .draw()
+            .map_err(err)?;
+        for (j, (label, f)) in series.into_iter().enumerate() {
+            let color = colors[j % colors.len()];
+            let line: Vec<(f64, f64)> = rows
+                .iter()
+                .map(|r| (r.objects as f64, f(r).max(lo)))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))
+                .map_err(err)?
+                .label(label)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(line.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(err)?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()
+            .map_err(err)?;
+    }
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+pub fn run(a: &ScaleArgs) -> Result<()> {
+    anyhow::ensure!(nix::unistd::geteuid().is_root(), "needs root (loop mount)");
+    let (work, _tmp) = work_dir(a.workdir.as_deref(), "cas-scale-")?;
+    let mut rows = Vec::new();
+    for &n in &a.objects {
+        rows.push(measure(a, &work, n)?);
+    }
+    fs::create_dir_all(&a.out)?;
+    let mut out = String::from(HEADER);
+    out.push('\n');
+    for r in &rows {
+        out.push_str(&csv(r));
+        out.push('\n');
+    }
+    let csv_path = a.out.join("scale.csv");
+    fs::write(&csv_path, out)?;
+    plot(&a.out.join("scale.svg"), &rows)?;
+    println!(
+        "\n| objects | layers | Prepare p50/p99 | Mounts p50/p99 | Commit p50/p99 | Stat p50/p99 | Remove p50/p99 | stats | GC of 1% | longest Commit during GC | peak RSS | disk per object | recovery |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let pair = |p: (f64, f64)| format!("{:.2} / {:.2} ms", p.0, p.1);
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.2} ms | {:.2} s ({} objects) | {:.1} ms | {:.0} MiB | {:.0} B | {:.0} ms |",
+            r.objects,
+            r.layers,
+            pair(r.prepare),
+            pair(r.mounts),
+            pair(r.commit),
+            pair(r.stat),
+            pair(r.remove),
+            r.stats_ms,
+            r.gc_s,
+            r.gc_removed,
+            r.gc_commit_max_ms,
+            r.rss_mib,
+            r.disk_per_object,
+            r.recovery_ms
+        );
+    }
+    println!("\nscale: {} and the plot next to it", csv_path.display());
+    Ok(())
+}
