@@ -75,6 +75,8 @@ pub use recovery::{reconcile, ReconcileStats};
 /// GC candidates one batch of a collection takes, holding off commits and applies
 /// (about 20 ms of deletions on XFS).
 const GC_BATCH: usize = 256;
+/// How long a GC waits between two batches for waiting requests to take the locks.
+const GC_YIELD_MAX: Duration = Duration::from_millis(50);
 
 /// Prefix of directories being built by Prepare/View, before their rename.
 const NEW_PREFIX: &str = "new-";
@@ -261,6 +263,8 @@ pub struct Snapshots {
     writer: Mutex<()>,
     /// Shared by ingests and applies, exclusive for GC and fsck.
     gc_lock: RwLock<()>,
+    /// Requests waiting for `writer` or a shared `gc_lock` (see [`Snapshots::gc`]).
+    waiting: std::sync::atomic::AtomicUsize,
     /// Ids of active snapshots being ingested by a Commit or applied into right now.
     busy: Mutex<HashSet<u64>>,
     /// What the Diff service's applies did, by snapshot id, until their Commit.
@@ -311,6 +315,50 @@ enum Step {
     Create,
     Update,
     Commit,
+}
+
+impl Snapshots {
+    /// The writer lock, for a request: counted in `waiting` while it waits, so a GC
+    /// lets it in between two batches.
+    fn write_lock(&self) -> MutexGuard<'_, ()> {
+        match self.writer.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                let _w = Waiting::on(&self.waiting);
+                lock(&self.writer)
+            }
+        }
+    }
+
+    /// The GC lock shared, for an ingest or apply: counted in `waiting` like
+    /// [`Snapshots::write_lock`].
+    fn ingest_lock(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        match self.gc_lock.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                let _w = Waiting::on(&self.waiting);
+                self.gc_lock.read().unwrap_or_else(|p| p.into_inner())
+            }
+        }
+    }
+}
+
+/// One request counted as waiting while it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn on(n: &'a std::sync::atomic::AtomicUsize) -> Waiting<'a> {
+        n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// A poisoned lock only means another request panicked; the data it guards (a set,
@@ -397,7 +445,7 @@ impl Snapshots {
             }
         }
         let (id, parent_ids) = {
-            let _w = lock(&self.writer);
+            let _w = self.write_lock();
             if self.meta.get(key)?.is_some() {
                 return Err(SnapshotError::AlreadyExists(key.to_string()));
             }
@@ -519,7 +567,7 @@ impl Snapshots {
 
     /// Changes the labels of `key`; returns the new record.
     pub fn update_labels(&self, key: &str, changes: &[LabelChange]) -> Result<Record> {
-        let _w = lock(&self.writer);
+        let _w = self.write_lock();
         let mut rec = self.meta.require(key)?;
         for change in changes {
             match change {
@@ -600,7 +648,7 @@ impl Snapshots {
         if out.is_dir() {
             return Ok(());
         }
-        let _w = lock(&self.writer);
+        let _w = self.write_lock();
         if out.is_dir() {
             return Ok(());
         }
@@ -638,7 +686,7 @@ impl Snapshots {
         // the first one is rewriting.
         let _busy = self.busy(key, rec.id)?;
         // Shared GC lock from before the first object lookup until the references land.
-        let _g = self.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+        let _g = self.ingest_lock();
         let started = std::time::Instant::now();
         let fsdir = self.layout.fs_dir(rec.id);
         let manifest = self.layout.manifest(rec.id);
@@ -701,7 +749,7 @@ impl Snapshots {
         let objects = crate::manifest::distinct_objects(&manifest)?;
         crate::crash_point!("commit.after-ingest");
 
-        let _w = lock(&self.writer);
+        let _w = self.write_lock();
         let mut rec = self.meta.require(key)?;
         self.check_committable(name, key, &rec)?;
         let now = SystemTime::now();
@@ -772,7 +820,7 @@ impl Snapshots {
     pub fn remove(&self, key: &str) -> Result<()> {
         let mut orphaned = Vec::new();
         let trash = {
-            let _w = lock(&self.writer);
+            let _w = self.write_lock();
             let rec = self.meta.require(key)?;
             if self.meta.has_children(key)? {
                 return Err(SnapshotError::FailedPrecondition {
@@ -843,7 +891,7 @@ impl Snapshots {
     /// references, and (a quiet moment) retire the journal's records.
     pub fn cleanup(&self) -> Result<GcStats> {
         {
-            let _w = lock(&self.writer);
+            let _w = self.write_lock();
             let swept = self.sweep_orphans()?;
             if swept > 0 {
                 info!(
@@ -881,7 +929,7 @@ impl Snapshots {
     /// Makes every journaled change durable in the index and mirrors and retires the
     /// records (also done every [`crate::journal::CHECKPOINT_EVERY`] records).
     pub fn checkpoint(&self) -> Result<()> {
-        let _w = lock(&self.writer);
+        let _w = self.write_lock();
         self.log.checkpoint(&self.meta)?;
         Ok(())
     }
@@ -890,7 +938,7 @@ impl Snapshots {
     /// next start need not read every snapshot's `info` mirror. Call last, once nothing
     /// calls in any more: a change after it would not be seen at the next start.
     pub fn shutdown(&self) -> Result<()> {
-        let _w = lock(&self.writer);
+        let _w = self.write_lock();
         self.log.mark_clean_stop(&self.meta)?;
         // no mount outlives the daemon; containers keep their overlays' own clones
         let (mut detached, mut clones) = (0, 0);
@@ -1062,8 +1110,15 @@ impl Snapshots {
             batches += 1;
             longest = longest.max(held.elapsed());
             drop((_w, _g));
-            // let a waiting Commit or apply in before the next batch
-            std::thread::yield_now();
+            // Let the requests waiting meanwhile in before the next batch: a lock
+            // released and taken again at once mostly stays with its thread (measured:
+            // Commits waited 7 batches), so wait until they hold it (or a bound passes).
+            let yielded = std::time::Instant::now();
+            while self.waiting.load(std::sync::atomic::Ordering::SeqCst) > 0
+                && yielded.elapsed() < GC_YIELD_MAX
+            {
+                std::thread::sleep(Duration::from_micros(200));
+            }
         }
         info!(
             removed = stats.removed,
@@ -1189,7 +1244,7 @@ impl Snapshots {
         let started = std::time::Instant::now();
         let result = {
             // Shared GC lock from the first object lookup until the manifest keeps them.
-            let _g = self.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+            let _g = self.ingest_lock();
             let target = crate::unpack::Target {
                 store: &self.objects,
                 tmp_dir: &tmp,

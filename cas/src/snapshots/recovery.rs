@@ -107,6 +107,7 @@ impl Snapshots {
             log,
             writer: Default::default(),
             gc_lock: Default::default(),
+            waiting: Default::default(),
             busy: Default::default(),
             applied: Default::default(),
             recovered_in: Default::default(),
