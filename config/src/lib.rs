@@ -19,7 +19,7 @@
 //! layer_metadata = "auto"  # auto (EROFS images where the kernel mounts them) | erofs | stubs
 //! journal = "auto"    # auto (RWF_ATOMIC where supported) | rename
 //! idmapped_layers = "auto"  # auto (ID-mapped clones of layers where the kernel can) | off
-//! index_cache_mib = 32       # the index's (sled's) page cache: the daemon's memory for it
+//! index_cache_mib = 8        # the index's (sled's) page cache: the daemon's memory for it
 //!
 //! [gc]
 //! interval = "off"    # off | a duration ("30m", "6h"): scheduled GC
@@ -210,8 +210,8 @@ pub struct StoreConfig {
     pub journal: JournalKind,
     /// How user-namespaced (ID-mapped) snapshots are served.
     pub idmapped_layers: IdmappedLayers,
-    /// The index's page cache in MiB (default 32): a bound on the memory the index takes,
-    /// whatever the store's size. At least 1.
+    /// The index's page cache in MiB (default 8): what bounds the memory the index takes
+    /// as the store grows. At least 1.
     #[serde(deserialize_with = "cache_mib")]
     pub index_cache_mib: Option<u64>,
 }

@@ -44,9 +44,17 @@ pub struct GcArgs {
 const FILES_PER_LAYER: usize = 1_000;
 
 pub(crate) fn open(root: &std::path::Path) -> Result<Snapshots> {
+    open_with_cache(root, None)
+}
+
+/// [`open`] with an index cache of `cache_mib` (`None`: the default).
+pub(crate) fn open_with_cache(root: &std::path::Path, cache_mib: Option<u64>) -> Result<Snapshots> {
     Ok(Snapshots::open(
         Layout::ensure(root)?,
-        OpenOptions::default(),
+        OpenOptions {
+            index_cache_bytes: cache_mib.map(|m| m << 20),
+            ..OpenOptions::default()
+        },
         Arc::new(cas::sys::Host),
     )?)
 }

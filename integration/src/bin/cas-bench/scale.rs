@@ -28,7 +28,7 @@ use cas::index::Kind;
 use cas_integration::harness::{FsKind, LoopFs};
 use plotters::prelude::*;
 
-use crate::gc::{collect_while_committing, layer, open};
+use crate::gc::{collect_while_committing, layer, open_with_cache};
 use crate::perf::work_dir;
 
 /// `cas-bench scale` arguments.
@@ -43,6 +43,9 @@ pub struct ScaleArgs {
     /// Where the loop files go (default: a new directory in /var/tmp).
     #[arg(long)]
     pub workdir: Option<PathBuf>,
+    /// The index's page cache in MiB (`[store] index_cache_mib`; default: the store's).
+    #[arg(long)]
+    pub index_cache_mib: Option<u64>,
     /// Where the CSV and the plot go.
     #[arg(long, default_value = "bench/results")]
     pub out: PathBuf,
@@ -65,6 +68,8 @@ struct Row {
     gc_removed: u64,
     gc_commit_max_ms: f64,
     rss_mib: f64,
+    /// RSS when the measured steps began (after the fill).
+    rss_base_mib: f64,
     disk_per_object: f64,
     recovery_ms: f64,
 }
@@ -89,14 +94,22 @@ fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
     Ok((v, ms(t.elapsed())))
 }
 
-/// This process's peak RSS since the last reset, in MiB.
-fn peak_rss_mib() -> Result<f64> {
+/// A figure of this process's `/proc/self/status` in MiB (`VmHWM`: the peak RSS since
+/// the last reset; `VmRSS`: now).
+fn rss_mib(field: &str) -> Result<f64> {
     let status = fs::read_to_string("/proc/self/status")?;
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM in /proc/self/status")?;
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| {
+            v.trim_start_matches(':')
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()
+        })
+        .with_context(|| format!("no {field} in /proc/self/status"))?;
     Ok(kib / 1024.0)
 }
 
@@ -128,18 +141,32 @@ fn measure(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
         row.objects,
         loopfs.mnt.display()
     );
+    let open = |root: &Path| open_with_cache(root, a.index_cache_mib);
     let sn = open(&root)?;
     let filled = Instant::now();
     for l in 0..layers {
         layer(&sn, &format!("l{l}"), &format!("l{l}"), per_layer)?;
+        if l % (layers / 4).max(1) == 0 {
+            println!(
+                "scale: RSS {:.0} MiB after {} layers",
+                rss_mib("VmRSS")?,
+                l + 1
+            );
+        }
     }
+    let rss_filled = rss_mib("VmRSS")?;
     // the first GC of a new store scans once; the store is then the steady state
     sn.gc()?;
+    println!(
+        "scale: RSS {rss_filled:.0} MiB after the fill, {:.0} MiB after its GC",
+        rss_mib("VmRSS")?
+    );
     row.fill_s = filled.elapsed().as_secs_f64();
     row.disk_per_object = (used_bytes(&loopfs.mnt)? - empty) as f64 / row.objects as f64;
     println!("scale: filled in {:.1} s", row.fill_s);
 
     reset_peak_rss()?;
+    row.rss_base_mib = rss_mib("VmRSS")?;
     let (mut prepare, mut mounts, mut commit, mut stat, mut remove) =
         (vec![], vec![], vec![], vec![], vec![]);
     let parent = format!("l{}", layers - 1);
@@ -185,7 +212,7 @@ fn measure(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
     row.gc_s = gc_s;
     row.gc_removed = removed;
     row.gc_commit_max_ms = lat.iter().copied().fold(0.0, f64::max);
-    row.rss_mib = peak_rss_mib()?;
+    row.rss_mib = rss_mib("VmHWM")?;
 
     // an unclean stop: dropped without shutdown, as after kill -9
     let sn = Arc::try_unwrap(sn).map_err(|_| anyhow::anyhow!("store still shared"))?;
@@ -198,11 +225,11 @@ fn measure(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
     Ok(row)
 }
 
-const HEADER: &str = "objects,layers,fill_s,prepare_p50_ms,prepare_p99_ms,mounts_p50_ms,mounts_p99_ms,commit_p50_ms,commit_p99_ms,stat_p50_ms,stat_p99_ms,remove_p50_ms,remove_p99_ms,stats_ms,gc_s,gc_removed,gc_commit_max_ms,peak_rss_mib,disk_bytes_per_object,recovery_ms";
+const HEADER: &str = "objects,layers,fill_s,prepare_p50_ms,prepare_p99_ms,mounts_p50_ms,mounts_p99_ms,commit_p50_ms,commit_p99_ms,stat_p50_ms,stat_p99_ms,remove_p50_ms,remove_p99_ms,stats_ms,gc_s,gc_removed,gc_commit_max_ms,peak_rss_mib,rss_after_fill_mib,disk_bytes_per_object,recovery_ms";
 
 fn csv(r: &Row) -> String {
     format!(
-        "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.1},{:.1},{:.0},{:.1}",
+        "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.1},{:.1},{:.1},{:.0},{:.1}",
         r.objects,
         r.layers,
         r.fill_s,
@@ -221,6 +248,7 @@ fn csv(r: &Row) -> String {
         r.gc_removed,
         r.gc_commit_max_ms,
         r.rss_mib,
+        r.rss_base_mib,
         r.disk_per_object,
         r.recovery_ms
     )
@@ -343,14 +371,15 @@ pub fn run(a: &ScaleArgs) -> Result<()> {
     fs::write(&csv_path, out)?;
     plot(&a.out.join("scale.svg"), &rows)?;
     println!(
-        "\n| objects | layers | Prepare p50/p99 | Mounts p50/p99 | Commit p50/p99 | Stat p50/p99 | Remove p50/p99 | stats | GC of 1% | longest Commit during GC | peak RSS | disk per object | recovery |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "\n| objects | layers | fill | Prepare p50/p99 | Mounts p50/p99 | Commit p50/p99 | Stat p50/p99 | Remove p50/p99 | stats | GC of 1% | longest Commit during GC | peak RSS (after the fill) | disk per object | recovery |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let pair = |p: (f64, f64)| format!("{:.2} / {:.2} ms", p.0, p.1);
     for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.2} ms | {:.2} s ({} objects) | {:.1} ms | {:.0} MiB | {:.0} B | {:.0} ms |",
+            "| {} | {} | {:.0} s | {} | {} | {} | {} | {} | {:.2} ms | {:.2} s ({} objects) | {:.1} ms | {:.0} MiB ({:.0}) | {:.0} B | {:.0} ms |",
             r.objects,
             r.layers,
+            r.fill_s,
             pair(r.prepare),
             pair(r.mounts),
             pair(r.commit),
@@ -361,6 +390,7 @@ pub fn run(a: &ScaleArgs) -> Result<()> {
             r.gc_removed,
             r.gc_commit_max_ms,
             r.rss_mib,
+            r.rss_base_mib,
             r.disk_per_object,
             r.recovery_ms
         );
