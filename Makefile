@@ -112,7 +112,7 @@ bench-gc:
 # Snapshots code: request latencies p50/p99, stats, GC of 1% with commits running, peak
 # RSS, disk per object and recovery after an unclean stop, against the number of objects:
 # bench/results/scale.csv and scale.svg. make bench-scale [SCALES=10000,100000,1000000,5000000]
-# (5 million objects take about 25 GB of disk and an hour).
+# (5 million objects take about 30 GB of disk and 20 minutes).
 SCALES ?= 10000,100000,1000000
 bench-scale:
 	$(CARGO) build --release -p cas-integration --bin cas-bench

@@ -301,6 +301,53 @@ pub struct FsckReport {
     pub problems: Vec<Problem>,
 }
 
+/// How far a store-wide operation has come (`casctl` draws it as a progress bar).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Progress {
+    /// What it goes through: `objects` or `snapshots`.
+    pub phase: String,
+    /// How many of them it has been through.
+    pub done: u64,
+    /// How many there are, where known (the index's counters, for objects).
+    pub total: Option<u64>,
+}
+
+/// Hands [`Progress`] to a callback ten times a second at most, and at each phase's end.
+struct Reporter<'a> {
+    f: &'a mut dyn FnMut(&Progress),
+    last: Option<std::time::Instant>,
+}
+
+impl<'a> Reporter<'a> {
+    fn new(f: &'a mut dyn FnMut(&Progress)) -> Reporter<'a> {
+        Reporter { f, last: None }
+    }
+
+    fn tick(&mut self, phase: &str, done: u64, total: Option<u64>) {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_millis(100))
+        {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        self.report(phase, done, total);
+    }
+
+    fn done(&mut self, phase: &str, done: u64) {
+        self.report(phase, done, Some(done));
+        self.last = None;
+    }
+
+    fn report(&mut self, phase: &str, done: u64, total: Option<u64>) {
+        (self.f)(&Progress {
+            phase: phase.to_string(),
+            done,
+            total: total.map(|t| t.max(done)),
+        });
+    }
+}
+
 /// Checks objects, stubs, manifests, mirrors and the index against each other.
 /// With `verify_objects`, every object's bytes are hashed too.
 pub fn fsck(
@@ -308,10 +355,25 @@ pub fn fsck(
     meta: &MetaStore,
     verify_objects: bool,
 ) -> Result<FsckReport, CasError> {
+    fsck_with_progress(layout, meta, verify_objects, &mut |_| {})
+}
+
+/// [`fsck`], telling `progress` how far it has come.
+pub fn fsck_with_progress(
+    layout: &Layout,
+    meta: &MetaStore,
+    verify_objects: bool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<FsckReport, CasError> {
+    let mut progress = Reporter::new(progress);
+    let objects_total = meta
+        .counters()?
+        .map(|c| c.referenced_objects + c.candidate_objects);
     let mut r = FsckReport::default();
     let mut present = std::collections::HashSet::new();
     for_each_object(layout, |digest, path| {
         r.objects += 1;
+        progress.tick("objects", r.objects, objects_total);
         let Some(d) = digest else {
             r.problems.push(Problem::StrayObjectFile { path });
             return Ok(());
@@ -330,6 +392,7 @@ pub fn fsck(
         }
         Ok(())
     })?;
+    progress.done("objects", r.objects);
 
     // Aliases: each must be a second name of the object whose alias it is.
     let objects = crate::objects::ObjectStore::new(layout);
@@ -354,7 +417,10 @@ pub fn fsck(
     // each committed manifest's object sizes, which the counters add up
     let mut sizes: HashMap<Digest, u64> = HashMap::new();
     let mut live_dirs = std::collections::HashSet::new();
-    for (key, rec) in meta.all()? {
+    let records = meta.all()?;
+    let snapshots_total = Some(records.len() as u64);
+    for (key, rec) in records {
+        progress.tick("snapshots", r.snapshots, snapshots_total);
         r.snapshots += 1;
         let dir = layout.snapshot_dir(rec.id);
         live_dirs.insert(rec.id.to_string());
@@ -463,6 +529,7 @@ pub fn fsck(
         }
     }
 
+    progress.done("snapshots", r.snapshots);
     let mut indexed: BTreeMap<Digest, u64> = meta.refs()?.into_iter().collect();
     for (d, n) in &counted {
         let i = indexed.remove(d).unwrap_or(0);
@@ -557,6 +624,15 @@ pub struct RebuildStats {
 /// Rebuilds `index/` from the `info` mirrors and manifests. Nothing may hold the index
 /// open. The old index is kept as `index.old` until the new one is complete.
 pub fn rebuild_index(layout: &Layout) -> Result<RebuildStats, CasError> {
+    rebuild_index_with_progress(layout, &mut |_| {})
+}
+
+/// [`rebuild_index`], telling `progress` how far it has come.
+pub fn rebuild_index_with_progress(
+    layout: &Layout,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<RebuildStats, CasError> {
+    let mut progress = Reporter::new(progress);
     let index = layout.index_dir();
     let fresh = layout.root().join("index.new");
     let old = layout.root().join("index.old");
@@ -570,8 +646,14 @@ pub fn rebuild_index(layout: &Layout) -> Result<RebuildStats, CasError> {
         let mut max_id = 0;
         let sdir = layout.snapshots_dir();
         let mut infos = Vec::new();
-        for e in fs::read_dir(&sdir).map_err(CasError::io("read dir", &sdir))? {
-            let dir = e.map_err(CasError::io("read dir", &sdir))?.path();
+        let dirs = fs::read_dir(&sdir)
+            .map_err(CasError::io("read dir", &sdir))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(CasError::io("read dir", &sdir))?;
+        let total = Some(dirs.len() as u64);
+        for (n, e) in dirs.into_iter().enumerate() {
+            progress.tick("snapshots", n as u64, total);
+            let dir = e.path();
             if !dir.join(INFO_FILE).is_file() {
                 stats.skipped_dirs += 1;
                 continue;
@@ -585,6 +667,7 @@ pub fn rebuild_index(layout: &Layout) -> Result<RebuildStats, CasError> {
             }
             infos.push(info);
         }
+        progress.done("snapshots", infos.len() as u64 + stats.skipped_dirs);
         for info in &infos {
             meta.insert(&info.key, &info.record)?;
             stats.snapshots += 1;
@@ -634,6 +717,8 @@ pub enum AdminResponse {
     Gc(crate::gc::GcStats),
     /// Each image's unique and shared bytes.
     Images(Vec<crate::sharing::ChainUsage>),
+    /// How far the request has come (lines before the answer; none, or several).
+    Progress(Progress),
     /// The request failed.
     Error(String),
 }

@@ -1,7 +1,7 @@
 //! The admin socket (`<root>/admin.sock`): how `casctl` reaches a running daemon.
 //!
 //! One JSON request line, one JSON answer line (`cas::admin::AdminRequest` /
-//! `AdminResponse`). Requests run inside the daemon under its locks: GC and fsck wait for
+//! `AdminResponse`), after `AdminResponse::Progress` lines for a long request (fsck). Requests run inside the daemon under its locks: GC and fsck wait for
 //! running ingests and hold new ones off, so they are safe against concurrent pulls and
 //! removes. The socket is root-only (mode 0600).
 
@@ -66,11 +66,25 @@ async fn handle(sn: Arc<CasSnapshotter>, conn: UnixStream) -> std::io::Result<()
             .await
             .map(AdminResponse::Stats)
             .unwrap_or_else(|e| AdminResponse::Error(e.to_string())),
-        Ok(AdminRequest::Fsck { verify_objects }) => sn
-            .fsck(verify_objects)
-            .await
-            .map(AdminResponse::Fsck)
-            .unwrap_or_else(|e| AdminResponse::Error(e.to_string())),
+        Ok(AdminRequest::Fsck { verify_objects }) => {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let check = {
+                let sn = sn.clone();
+                tokio::spawn(async move { sn.fsck_with_progress(verify_objects, tx).await })
+            };
+            // the channel closes when the check ends
+            while let Some(p) = rx.recv().await {
+                let mut out = serde_json::to_vec(&AdminResponse::Progress(p)).unwrap_or_default();
+                out.push(b'\n');
+                write.write_all(&out).await?;
+            }
+            match check.await {
+                Ok(r) => r
+                    .map(AdminResponse::Fsck)
+                    .unwrap_or_else(|e| AdminResponse::Error(e.to_string())),
+                Err(e) => AdminResponse::Error(format!("fsck task failed: {e}")),
+            }
+        }
         Ok(AdminRequest::Images) => sn
             .chain_usage()
             .await

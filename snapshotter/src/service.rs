@@ -160,6 +160,21 @@ impl CasSnapshotter {
         self.run(move |s| s.fsck(verify_objects)).await
     }
 
+    /// [`CasSnapshotter::fsck`], sending how far it has come to `progress`.
+    pub async fn fsck_with_progress(
+        &self,
+        verify_objects: bool,
+        progress: tokio::sync::mpsc::UnboundedSender<cas::admin::Progress>,
+    ) -> Result<cas::admin::FsckReport, ServiceError> {
+        self.run(move |s| {
+            s.fsck_with_progress(verify_objects, &mut |p| {
+                // a client that went away stops reading, not the check
+                let _ = progress.send(p.clone());
+            })
+        })
+        .await
+    }
+
     /// The active snapshot whose layer directory is `fs_dir`, if it is one of ours.
     pub fn active_by_fs_dir(
         &self,

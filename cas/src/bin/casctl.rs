@@ -6,15 +6,18 @@
 //! `rebuild-index` needs the daemon stopped (the daemon also rebuilds by itself at start
 //! when its index is unreadable).
 //!
+//! `fsck` shows how far it has come on standard error: a progress bar on a terminal,
+//! a line every few seconds otherwise.
+//!
 //! Exit status: 0 on success, 1 when `fsck` found problems, 2 on errors.
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use cas::admin::{self, AdminRequest, AdminResponse, FsckReport, Stats};
+use cas::admin::{self, AdminRequest, AdminResponse, FsckReport, Progress, Stats};
 use cas::gc::GcStats;
 use cas::index::MetaStore;
 use cas::Layout;
@@ -188,17 +191,97 @@ fn print_gc(g: &GcStats) {
     );
 }
 
-/// Sends `req` to a running daemon; `None` when no daemon answers.
-fn ask_daemon(layout: &Layout, req: &AdminRequest) -> anyhow::Result<Option<AdminResponse>> {
+/// Shows [`Progress`] on standard error: an `indicatif` bar on a terminal, a plain line
+/// at each phase's start and end and every 5 s otherwise.
+struct ProgressView {
+    what: &'static str,
+    tty: bool,
+    bar: Option<(String, indicatif::ProgressBar)>,
+    line_at: Option<std::time::Instant>,
+}
+
+impl ProgressView {
+    fn new(what: &'static str) -> ProgressView {
+        ProgressView {
+            what,
+            tty: std::io::stderr().is_terminal(),
+            bar: None,
+            line_at: None,
+        }
+    }
+
+    fn show(&mut self, p: &Progress) {
+        if !self.tty {
+            let end = p.total == Some(p.done);
+            if end || self.line_at.is_none_or(|t| t.elapsed().as_secs() >= 5) {
+                match p.total {
+                    Some(t) => eprintln!("{}: {} {}/{t}", self.what, p.phase, p.done),
+                    None => eprintln!("{}: {} {}", self.what, p.phase, p.done),
+                }
+                self.line_at = if end {
+                    None
+                } else {
+                    Some(std::time::Instant::now())
+                };
+            }
+            return;
+        }
+        if self.bar.as_ref().is_none_or(|(phase, _)| *phase != p.phase) {
+            self.finish();
+            let bar = match p.total {
+                Some(t) => indicatif::ProgressBar::new(t).with_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{prefix} {wide_bar} {pos}/{len} ({per_sec}, {eta} left)",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                ),
+                None => indicatif::ProgressBar::new_spinner(),
+            };
+            bar.set_prefix(format!("{} {}", self.what, p.phase));
+            self.bar = Some((p.phase.clone(), bar));
+        }
+        if let Some((_, bar)) = &self.bar {
+            if let Some(t) = p.total {
+                bar.set_length(t);
+            }
+            bar.set_position(p.done);
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some((_, bar)) = self.bar.take() {
+            bar.finish();
+        }
+    }
+}
+
+/// Sends `req` to a running daemon; `None` when no daemon answers. Progress lines
+/// before the answer go to `view`.
+fn ask_daemon(
+    layout: &Layout,
+    req: &AdminRequest,
+    view: &mut ProgressView,
+) -> anyhow::Result<Option<AdminResponse>> {
     let Ok(mut sock) = UnixStream::connect(layout.admin_socket()) else {
         return Ok(None);
     };
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     sock.write_all(&line)?;
-    let mut answer = String::new();
-    BufReader::new(sock).read_line(&mut answer)?;
-    Ok(Some(serde_json::from_str(&answer)?))
+    let mut answers = BufReader::new(sock);
+    loop {
+        let mut answer = String::new();
+        if answers.read_line(&mut answer)? == 0 {
+            anyhow::bail!("the daemon closed the admin connection without an answer");
+        }
+        match serde_json::from_str(&answer)? {
+            AdminResponse::Progress(p) => view.show(&p),
+            resp => {
+                view.finish();
+                return Ok(Some(resp));
+            }
+        }
+    }
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -217,8 +300,13 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Cmd::Images => Some(AdminRequest::Images),
         Cmd::RebuildIndex => None,
     };
+    let mut view = ProgressView::new(match &args.cmd {
+        Cmd::Fsck { .. } => "fsck",
+        Cmd::RebuildIndex => "rebuild",
+        _ => "casctl",
+    });
     let online = match &req {
-        Some(r) => ask_daemon(&layout, r)?,
+        Some(r) => ask_daemon(&layout, r, &mut view)?,
         None => {
             anyhow::ensure!(
                 UnixStream::connect(layout.admin_socket()).is_err(),
@@ -230,7 +318,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let resp = match (online, &args.cmd) {
         (Some(resp), _) => resp,
         (None, Cmd::RebuildIndex) => {
-            let s = admin::rebuild_index(&layout)?;
+            let s = admin::rebuild_index_with_progress(&layout, &mut |p| view.show(p))?;
+            view.finish();
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
@@ -255,7 +344,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
                 Cmd::Images => AdminResponse::Images(cas::sharing::chain_usage(&layout, &meta)?),
                 Cmd::Fsck { verify_objects } => {
-                    AdminResponse::Fsck(admin::fsck(&layout, &meta, *verify_objects)?)
+                    let r = admin::fsck_with_progress(&layout, &meta, *verify_objects, &mut |p| {
+                        view.show(p)
+                    })?;
+                    view.finish();
+                    AdminResponse::Fsck(r)
                 }
                 _ => {
                     let g = cas::gc::collect(&layout, &meta)?;
@@ -273,6 +366,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             AdminResponse::Fsck(r) => serde_json::to_string_pretty(r)?,
             AdminResponse::Gc(g) => serde_json::to_string_pretty(g)?,
             AdminResponse::Images(i) => serde_json::to_string_pretty(i)?,
+            AdminResponse::Progress(_) => anyhow::bail!("the daemon answered with progress only"),
             AdminResponse::Error(e) => anyhow::bail!("daemon: {e}"),
         };
         println!("{v}");
@@ -301,6 +395,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 print_images(&i);
             }
         }
+        AdminResponse::Progress(_) => anyhow::bail!("the daemon answered with progress only"),
         AdminResponse::Error(e) => anyhow::bail!("daemon: {e}"),
     }
     Ok(ExitCode::SUCCESS)

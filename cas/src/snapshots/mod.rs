@@ -1159,12 +1159,22 @@ impl Snapshots {
     /// Consistency check (`casctl fsck`), with ingests and index changes held off so
     /// it sees one consistent state.
     pub fn fsck(&self, verify_objects: bool) -> Result<FsckReport> {
+        self.fsck_with_progress(verify_objects, &mut |_| {})
+    }
+
+    /// [`Snapshots::fsck`], telling `progress` how far it has come.
+    pub fn fsck_with_progress(
+        &self,
+        verify_objects: bool,
+        progress: &mut dyn FnMut(&crate::admin::Progress),
+    ) -> Result<FsckReport> {
         let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
         let _w = lock(&self.writer);
-        Ok(crate::admin::fsck(
+        Ok(crate::admin::fsck_with_progress(
             &self.layout,
             &self.meta,
             verify_objects,
+            progress,
         )?)
     }
 

@@ -751,5 +751,15 @@ fn object_counters_are_counted_once_checked_by_fsck_and_recounted_by_a_full_gc()
     sn.gc().unwrap();
     let s = sn.stats().unwrap();
     assert_eq!(figures(&s), (3, 5 + 6 + 9, 0, 0), "{s:?}");
-    assert!(sn.fsck(false).unwrap().problems.is_empty());
+    // fsck says how far it has come, each phase ending at its total
+    let mut seen = Vec::new();
+    let r = sn
+        .fsck_with_progress(false, &mut |p| seen.push(p.clone()))
+        .unwrap();
+    assert!(r.problems.is_empty(), "{r:?}");
+    let last = |phase: &str| seen.iter().rev().find(|p| p.phase == phase).cloned();
+    let objects = last("objects").expect("objects phase");
+    assert_eq!((objects.done, objects.total), (3, Some(3)));
+    let snapshots = last("snapshots").expect("snapshots phase");
+    assert_eq!((snapshots.done, snapshots.total), (2, Some(2)));
 }
