@@ -62,6 +62,17 @@ pub(crate) fn open_with_cache(root: &std::path::Path, cache_mib: Option<u64>) ->
 /// Prepares `name`, writes `files` files of distinct content (`tag` makes it so) and
 /// commits it; returns how long the Commit took.
 pub(crate) fn layer(sn: &Snapshots, name: &str, tag: &str, files: usize) -> Result<Duration> {
+    Ok(layer_timed(sn, name, tag, files)?.0)
+}
+
+/// [`layer`], and of the Commit's time what went before the store started on it (the
+/// wait for a shared GC lock).
+pub(crate) fn layer_timed(
+    sn: &Snapshots,
+    name: &str,
+    tag: &str,
+    files: usize,
+) -> Result<(Duration, Duration)> {
     let key = format!("{name}-active");
     sn.create(Kind::Active, &key, None, Default::default())?;
     let dir = sn.layout().fs_dir(sn.stat(&key)?.id);
@@ -73,28 +84,31 @@ pub(crate) fn layer(sn: &Snapshots, name: &str, tag: &str, files: usize) -> Resu
         fs::write(sub.join(format!("f{i}")), format!("{tag} object {i}\n"))?;
     }
     let t = Instant::now();
-    sn.commit(name, &key, Default::default())?;
-    Ok(t.elapsed())
+    let done = sn.commit(name, &key, Default::default())?;
+    let wall = t.elapsed();
+    Ok((wall, wall.saturating_sub(done.elapsed)))
 }
 
 /// One collection with the Commit loop running: (GC seconds, objects removed, Commit
-/// latencies in ms).
+/// latencies in ms, and of each the wait for a shared GC lock).
 pub(crate) fn collect_while_committing(
     sn: &Arc<Snapshots>,
     round: &str,
-) -> Result<(f64, u64, Vec<f64>)> {
+) -> Result<(f64, u64, Vec<f64>, Vec<f64>)> {
     let done = Arc::new(AtomicBool::new(false));
     let committer = {
         let (sn, done, round) = (sn.clone(), done.clone(), round.to_string());
-        std::thread::spawn(move || -> Result<Vec<f64>> {
-            let mut lat = Vec::new();
+        std::thread::spawn(move || -> Result<(Vec<f64>, Vec<f64>)> {
+            let (mut lat, mut waits) = (Vec::new(), Vec::new());
             let mut n = 0;
             while !done.load(Ordering::Relaxed) || lat.len() < 3 {
                 let name = format!("{round}-loop-{n}");
-                lat.push(layer(&sn, &name, &name, 10)?.as_secs_f64() * 1000.0);
+                let (wall, wait) = layer_timed(&sn, &name, &name, 10)?;
+                lat.push(wall.as_secs_f64() * 1000.0);
+                waits.push(wait.as_secs_f64() * 1000.0);
                 n += 1;
             }
-            Ok(lat)
+            Ok((lat, waits))
         })
     };
     std::thread::sleep(Duration::from_millis(200));
@@ -102,10 +116,10 @@ pub(crate) fn collect_while_committing(
     let g = sn.gc()?;
     let secs = t.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
-    let lat = committer
+    let (lat, waits) = committer
         .join()
         .map_err(|_| anyhow::anyhow!("commit loop panicked"))??;
-    Ok((secs, g.removed, lat))
+    Ok((secs, g.removed, lat, waits))
 }
 
 pub fn run(a: &GcArgs) -> Result<()> {
@@ -147,7 +161,7 @@ pub fn run(a: &GcArgs) -> Result<()> {
             sn
         };
         let sn = Arc::new(sn);
-        let (secs, removed, lat) = collect_while_committing(&sn, &way.replace(' ', "-"))?;
+        let (secs, removed, lat, _) = collect_while_committing(&sn, &way.replace(' ', "-"))?;
         let (p50, _, max) = summary(lat.clone());
         println!(
             "gc: {way}: {removed} objects removed in {secs:.3} s; {} commits meanwhile, p50 {p50:.1} ms, max {max:.1} ms",

@@ -13,7 +13,9 @@
 //!   this process as it does in the daemon, without the gRPC layer);
 //! * the disk used per object (the filesystem's used blocks over N);
 //! * recovery: the store reopened after an unclean stop (dropped without shutdown),
-//!   as the daemon starts after `kill -9`.
+//!   as the daemon starts after `kill -9`; and the clean reopen right after the fill.
+//!   sled replays its log from where it last opened, so the first is what a daemon
+//!   restarted since the fill pays, the second what one never restarted since pays.
 //!
 //! Results go to `bench/results/scale.csv` and `bench/results/scale.svg` (each figure
 //! against N, log scales) and a table on stdout.
@@ -67,11 +69,15 @@ struct Row {
     gc_s: f64,
     gc_removed: u64,
     gc_commit_max_ms: f64,
+    /// Of that Commit, the wait for a shared GC lock.
+    gc_commit_max_wait_ms: f64,
     rss_mib: f64,
     /// RSS when the measured steps began (after the fill).
     rss_base_mib: f64,
     disk_per_object: f64,
     recovery_ms: f64,
+    /// The clean reopen right after the fill.
+    reopen_after_fill_ms: f64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -164,6 +170,12 @@ fn measure(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
     row.fill_s = filled.elapsed().as_secs_f64();
     row.disk_per_object = (used_bytes(&loopfs.mnt)? - empty) as f64 / row.objects as f64;
     println!("scale: filled in {:.1} s", row.fill_s);
+    // sled replays its log from where it last opened (it writes the snapshot of its page
+    // table at open): right after the fill, that is every object's reference
+    sn.shutdown()?;
+    drop(sn);
+    let (sn, t) = timed(|| open(&root))?;
+    row.reopen_after_fill_ms = t;
 
     reset_peak_rss()?;
     row.rss_base_mib = rss_mib("VmRSS")?;
@@ -208,10 +220,14 @@ fn measure(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
         sn.remove(&format!("l{l}"))?;
     }
     let sn = Arc::new(sn);
-    let (gc_s, removed, lat) = collect_while_committing(&sn, "scale")?;
+    let (gc_s, removed, lat, waits) = collect_while_committing(&sn, "scale")?;
     row.gc_s = gc_s;
     row.gc_removed = removed;
-    row.gc_commit_max_ms = lat.iter().copied().fold(0.0, f64::max);
+    let longest = (0..lat.len()).max_by(|&a, &b| lat[a].total_cmp(&lat[b]));
+    if let Some(i) = longest {
+        row.gc_commit_max_ms = lat[i];
+        row.gc_commit_max_wait_ms = waits[i];
+    }
     row.rss_mib = rss_mib("VmHWM")?;
 
     // an unclean stop: dropped without shutdown, as after kill -9
@@ -225,11 +241,11 @@ fn measure(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
     Ok(row)
 }
 
-const HEADER: &str = "objects,layers,fill_s,prepare_p50_ms,prepare_p99_ms,mounts_p50_ms,mounts_p99_ms,commit_p50_ms,commit_p99_ms,stat_p50_ms,stat_p99_ms,remove_p50_ms,remove_p99_ms,stats_ms,gc_s,gc_removed,gc_commit_max_ms,peak_rss_mib,rss_after_fill_mib,disk_bytes_per_object,recovery_ms";
+const HEADER: &str = "objects,layers,fill_s,prepare_p50_ms,prepare_p99_ms,mounts_p50_ms,mounts_p99_ms,commit_p50_ms,commit_p99_ms,stat_p50_ms,stat_p99_ms,remove_p50_ms,remove_p99_ms,stats_ms,gc_s,gc_removed,gc_commit_max_ms,gc_commit_max_wait_ms,peak_rss_mib,rss_after_fill_mib,disk_bytes_per_object,recovery_ms,reopen_after_fill_ms";
 
 fn csv(r: &Row) -> String {
     format!(
-        "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.1},{:.1},{:.1},{:.0},{:.1}",
+        "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.1},{:.1},{:.1},{:.1},{:.0},{:.1},{:.1}",
         r.objects,
         r.layers,
         r.fill_s,
@@ -247,10 +263,12 @@ fn csv(r: &Row) -> String {
         r.gc_s,
         r.gc_removed,
         r.gc_commit_max_ms,
+        r.gc_commit_max_wait_ms,
         r.rss_mib,
         r.rss_base_mib,
         r.disk_per_object,
-        r.recovery_ms
+        r.recovery_ms,
+        r.reopen_after_fill_ms
     )
 }
 
@@ -285,6 +303,9 @@ fn plot(path: &Path, rows: &[Row]) -> Result<()> {
                 ("GC of 1% of the layers (s)", |r| r.gc_s),
                 ("recovery after an unclean stop (s)", |r| {
                     r.recovery_ms / 1000.0
+                }),
+                ("reopen after the fill (s)", |r| {
+                    r.reopen_after_fill_ms / 1000.0
                 }),
                 ("peak RSS (MiB)", |r| r.rss_mib),
             ],
@@ -371,12 +392,12 @@ pub fn run(a: &ScaleArgs) -> Result<()> {
     fs::write(&csv_path, out)?;
     plot(&a.out.join("scale.svg"), &rows)?;
     println!(
-        "\n| objects | layers | fill | Prepare p50/p99 | Mounts p50/p99 | Commit p50/p99 | Stat p50/p99 | Remove p50/p99 | stats | GC of 1% | longest Commit during GC | peak RSS (after the fill) | disk per object | recovery |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "\n| objects | layers | fill | Prepare p50/p99 | Mounts p50/p99 | Commit p50/p99 | Stat p50/p99 | Remove p50/p99 | stats | GC of 1% | longest Commit during GC (of it, waiting for GC) | peak RSS (after the fill) | disk per object | recovery | reopen after the fill |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let pair = |p: (f64, f64)| format!("{:.2} / {:.2} ms", p.0, p.1);
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} s | {} | {} | {} | {} | {} | {:.2} ms | {:.2} s ({} objects) | {:.1} ms | {:.0} MiB ({:.0}) | {:.0} B | {:.0} ms |",
+            "| {} | {} | {:.0} s | {} | {} | {} | {} | {} | {:.2} ms | {:.2} s ({} objects) | {:.1} ms ({:.1}) | {:.0} MiB ({:.0}) | {:.0} B | {:.0} ms | {:.0} ms |",
             r.objects,
             r.layers,
             r.fill_s,
@@ -389,10 +410,12 @@ pub fn run(a: &ScaleArgs) -> Result<()> {
             r.gc_s,
             r.gc_removed,
             r.gc_commit_max_ms,
+            r.gc_commit_max_wait_ms,
             r.rss_mib,
             r.rss_base_mib,
             r.disk_per_object,
-            r.recovery_ms
+            r.recovery_ms,
+            r.reopen_after_fill_ms
         );
     }
     println!("\nscale: {} and the plot next to it", csv_path.display());
