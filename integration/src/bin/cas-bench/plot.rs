@@ -1,5 +1,6 @@
 //! SVG plots of `cas-bench perf`, drawn with `plotters`: the time of every case for
-//! both snapshotters, and the scaling curves (time and peak RSS against files).
+//! both snapshotters, and the scaling curves (time and peak RSS against files); and the
+//! log-log panels those curves and `cas-bench scale` draw with.
 
 use std::fmt::Display;
 use std::path::Path;
@@ -9,7 +10,15 @@ use plotters::prelude::*;
 
 use crate::perf::{summary, Case, Sample, SNAPSHOTTERS};
 
-const COLORS: [RGBColor; 2] = [RGBColor(0x4c, 0x72, 0xb0), RGBColor(0xdd, 0x84, 0x52)];
+const COLORS: [RGBColor; 7] = [
+    RGBColor(0x4c, 0x72, 0xb0),
+    RGBColor(0xdd, 0x84, 0x52),
+    RGBColor(0x55, 0xa8, 0x68),
+    RGBColor(0xc4, 0x4e, 0x52),
+    RGBColor(0x81, 0x72, 0xb3),
+    RGBColor(0x93, 0x78, 0x60),
+    RGBColor(0xda, 0x8b, 0xc3),
+];
 
 fn err(e: impl Display) -> anyhow::Error {
     anyhow::anyhow!("plotting: {e}")
@@ -117,11 +126,6 @@ pub fn scaling(path: &Path, cases: &[Case], samples: &[Sample]) -> Result<()> {
     if sc.is_empty() {
         return Ok(());
     }
-    let root = SVGBackend::new(path, (1100, 480)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let panels = root.split_evenly((1, 2));
-    let xr = sc[0].0 / 2.0..sc[sc.len() - 1].0 * 2.0;
-
     type Metric<'a> = (
         &'a str,
         &'a str,
@@ -151,40 +155,75 @@ pub fn scaling(path: &Path, cases: &[Case], samples: &[Sample]) -> Result<()> {
             },
         ),
     ];
-    for (panel, (title, unit, series, f)) in panels.iter().zip(metrics) {
-        let pts: Vec<Vec<(f64, f64)>> = series
-            .iter()
-            .map(|(sn, _)| {
-                sc.iter()
-                    .map(|(n, c)| (*n, stats(samples, &c.id, sn, f).0))
-                    .collect()
-            })
-            .collect();
-        let ys = pts.iter().flatten().map(|p| p.1);
+    let panels: Vec<Panel> = metrics
+        .into_iter()
+        .map(|(title, unit, series, f)| Panel {
+            title: format!("{title} against files in the layer"),
+            x_desc: "files",
+            y_desc: unit,
+            lines: series
+                .iter()
+                .map(|(sn, label)| {
+                    let pts = sc
+                        .iter()
+                        .map(|(n, c)| (*n, stats(samples, &c.id, sn, f).0))
+                        .collect();
+                    (label.to_string(), pts)
+                })
+                .collect(),
+        })
+        .collect();
+    log_log_panels(path, (1100, 480), &panels)
+}
+
+/// One panel of [`log_log_panels`]: its title, axis names and named lines.
+pub struct Panel {
+    pub title: String,
+    pub x_desc: &'static str,
+    pub y_desc: &'static str,
+    pub lines: Vec<(String, Vec<(f64, f64)>)>,
+}
+
+/// Log-log panels side by side, each line with its points marked. Points that are not
+/// positive are drawn at the panel's floor.
+pub fn log_log_panels(path: &Path, size: (u32, u32), panels: &[Panel]) -> Result<()> {
+    let root = SVGBackend::new(path, size).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let areas = root.split_evenly((1, panels.len().max(1)));
+    for (area, panel) in areas.iter().zip(panels) {
+        let pts = || panel.lines.iter().flat_map(|(_, l)| l.iter());
+        let xs = pts().map(|p| p.0).filter(|x| *x > 0.0);
+        let x_lo = xs.clone().fold(f64::INFINITY, f64::min) / 2.0;
+        let x_hi = xs.fold(0.0, f64::max) * 2.0;
+        let ys = pts().map(|p| p.1).filter(|y| y.is_finite() && *y > 0.0);
         let lo = ys.clone().fold(f64::INFINITY, f64::min).max(1e-3) / 2.0;
-        let hi = ys.fold(0.0, f64::max) * 2.0;
-        let mut chart = ChartBuilder::on(panel)
-            .caption(
-                format!("{title} against files in the layer"),
-                ("sans-serif", 18),
-            )
+        let hi = ys.fold(0.0, f64::max).max(lo * 4.0) * 2.0;
+        if !x_lo.is_finite() || x_hi <= x_lo {
+            continue;
+        }
+        let mut chart = ChartBuilder::on(area)
+            .caption(&panel.title, ("sans-serif", 18))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(xr.clone().log_scale(), (lo..hi).log_scale())
+            .build_cartesian_2d((x_lo..x_hi).log_scale(), (lo..hi).log_scale())
             .map_err(err)?;
         chart
             .configure_mesh()
-            .x_desc("files")
-            .y_desc(unit)
+            .x_desc(panel.x_desc)
+            .y_desc(panel.y_desc)
             .draw()
             .map_err(err)?;
-        for (j, ((_, label), line)) in series.iter().zip(pts).enumerate() {
-            let color = COLORS[j];
+        for (j, (label, line)) in panel.lines.iter().enumerate() {
+            let color = COLORS[j % COLORS.len()];
+            let line: Vec<(f64, f64)> = line
+                .iter()
+                .map(|&(x, y)| (x, if y.is_finite() { y.max(lo) } else { lo }))
+                .collect();
             chart
                 .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))
                 .map_err(err)?
-                .label(*label)
+                .label(label.as_str())
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2))
                 });

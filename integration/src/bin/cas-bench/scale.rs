@@ -28,10 +28,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use cas::index::Kind;
 use cas_integration::harness::{FsKind, LoopFs};
-use plotters::prelude::*;
 
 use crate::gc::{collect_while_committing, layer, open_with_cache};
 use crate::perf::work_dir;
+use crate::plot::{log_log_panels, Panel};
 
 /// `cas-bench scale` arguments.
 #[derive(Debug, clap::Args)]
@@ -272,17 +272,13 @@ fn csv(r: &Row) -> String {
     )
 }
 
-fn err(e: impl std::fmt::Display) -> anyhow::Error {
-    anyhow::anyhow!("plotting: {e}")
-}
-
 /// Two log-log panels against the objects in the store: latencies (ms) and the rest.
 fn plot(path: &Path, rows: &[Row]) -> Result<()> {
     if rows.len() < 2 {
         return Ok(());
     }
     type Series = (&'static str, fn(&Row) -> f64);
-    let panels: [(&str, &str, Vec<Series>); 2] = [
+    let panels: [(&str, &'static str, Vec<Series>); 2] = [
         (
             "p99 latency of each call (ms)",
             "ms",
@@ -311,67 +307,22 @@ fn plot(path: &Path, rows: &[Row]) -> Result<()> {
             ],
         ),
     ];
-    let colors = [
-        RGBColor(0x4c, 0x72, 0xb0),
-        RGBColor(0xdd, 0x84, 0x52),
-        RGBColor(0x55, 0xa8, 0x68),
-        RGBColor(0xc4, 0x4e, 0x52),
-        RGBColor(0x81, 0x72, 0xb3),
-        RGBColor(0x93, 0x78, 0x60),
-        RGBColor(0xda, 0x8b, 0xc3),
-    ];
-    let root = SVGBackend::new(path, (1200, 520)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let areas = root.split_evenly((1, 2));
-    let xs: Vec<f64> = rows.iter().map(|r| r.objects as f64).collect();
-    let xr = xs[0] / 2.0..xs[xs.len() - 1] * 2.0;
-    for (area, (title, unit, series)) in areas.iter().zip(panels) {
-        let ys = rows
-            .iter()
-            .flat_map(|r| series.iter().map(move |(_, f)| f(r)))
-            .filter(|y| y.is_finite() && *y > 0.0);
-        let lo = ys.clone().fold(f64::INFINITY, f64::min) / 2.0;
-        let hi = ys.fold(0.0, f64::max) * 2.0;
-        let mut chart = ChartBuilder::on(area)
-            .caption(title, ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(xr.clone().log_scale(), (lo..hi).log_scale())
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc("objects in the store")
-            .y_desc(unit)
-            .draw()
-            .map_err(err)?;
-        for (j, (label, f)) in series.into_iter().enumerate() {
-            let color = colors[j % colors.len()];
-            let line: Vec<(f64, f64)> = rows
-                .iter()
-                .map(|r| (r.objects as f64, f(r).max(lo)))
-                .collect();
-            chart
-                .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))
-                .map_err(err)?
-                .label(label)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2))
-                });
-            chart
-                .draw_series(line.iter().map(|&p| Circle::new(p, 4, color.filled())))
-                .map_err(err)?;
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()
-            .map_err(err)?;
-    }
-    root.present().map_err(err)?;
-    Ok(())
+    let panels: Vec<Panel> = panels
+        .into_iter()
+        .map(|(title, unit, series)| Panel {
+            title: title.to_string(),
+            x_desc: "objects in the store",
+            y_desc: unit,
+            lines: series
+                .into_iter()
+                .map(|(label, f)| {
+                    let pts = rows.iter().map(|r| (r.objects as f64, f(r))).collect();
+                    (label.to_string(), pts)
+                })
+                .collect(),
+        })
+        .collect();
+    log_log_panels(path, (1200, 520), &panels)
 }
 
 pub fn run(a: &ScaleArgs) -> Result<()> {
