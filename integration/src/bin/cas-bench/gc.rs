@@ -66,13 +66,13 @@ pub(crate) fn layer(sn: &Snapshots, name: &str, tag: &str, files: usize) -> Resu
 }
 
 /// [`layer`], and of the Commit's time what went before the store started on it (the
-/// wait for a shared GC lock).
+/// wait for a shared GC lock) and its `syncfs` and manifest.
 pub(crate) fn layer_timed(
     sn: &Snapshots,
     name: &str,
     tag: &str,
     files: usize,
-) -> Result<(Duration, Duration)> {
+) -> Result<(Duration, Duration, Duration)> {
     let key = format!("{name}-active");
     sn.create(Kind::Active, &key, None, Default::default())?;
     let dir = sn.layout().fs_dir(sn.stat(&key)?.id);
@@ -86,29 +86,48 @@ pub(crate) fn layer_timed(
     let t = Instant::now();
     let done = sn.commit(name, &key, Default::default())?;
     let wall = t.elapsed();
-    Ok((wall, wall.saturating_sub(done.elapsed)))
+    Ok((
+        wall,
+        wall.saturating_sub(done.elapsed),
+        done.stats.times.sync,
+    ))
 }
 
-/// One collection with the Commit loop running: (GC seconds, objects removed, Commit
-/// latencies in ms, and of each the wait for a shared GC lock).
+/// One Commit of the loop that runs during a collection, in ms.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CommitTimes {
+    /// The whole call.
+    pub wall: f64,
+    /// Of it, the wait for a shared GC lock.
+    pub wait: f64,
+    /// Of it, the `syncfs` and the manifest.
+    pub sync: f64,
+}
+
+/// One collection with the Commit loop running: (GC seconds, objects removed, the loop's
+/// Commits).
 pub(crate) fn collect_while_committing(
     sn: &Arc<Snapshots>,
     round: &str,
-) -> Result<(f64, u64, Vec<f64>, Vec<f64>)> {
+) -> Result<(f64, u64, Vec<CommitTimes>)> {
     let done = Arc::new(AtomicBool::new(false));
     let committer = {
         let (sn, done, round) = (sn.clone(), done.clone(), round.to_string());
-        std::thread::spawn(move || -> Result<(Vec<f64>, Vec<f64>)> {
-            let (mut lat, mut waits) = (Vec::new(), Vec::new());
+        std::thread::spawn(move || -> Result<Vec<CommitTimes>> {
+            let mut lat = Vec::new();
             let mut n = 0;
             while !done.load(Ordering::Relaxed) || lat.len() < 3 {
                 let name = format!("{round}-loop-{n}");
-                let (wall, wait) = layer_timed(&sn, &name, &name, 10)?;
-                lat.push(wall.as_secs_f64() * 1000.0);
-                waits.push(wait.as_secs_f64() * 1000.0);
+                let (wall, wait, sync) = layer_timed(&sn, &name, &name, 10)?;
+                let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+                lat.push(CommitTimes {
+                    wall: ms(wall),
+                    wait: ms(wait),
+                    sync: ms(sync),
+                });
                 n += 1;
             }
-            Ok((lat, waits))
+            Ok(lat)
         })
     };
     std::thread::sleep(Duration::from_millis(200));
@@ -116,10 +135,10 @@ pub(crate) fn collect_while_committing(
     let g = sn.gc()?;
     let secs = t.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
-    let (lat, waits) = committer
+    let lat = committer
         .join()
         .map_err(|_| anyhow::anyhow!("commit loop panicked"))??;
-    Ok((secs, g.removed, lat, waits))
+    Ok((secs, g.removed, lat))
 }
 
 pub fn run(a: &GcArgs) -> Result<()> {
@@ -161,7 +180,8 @@ pub fn run(a: &GcArgs) -> Result<()> {
             sn
         };
         let sn = Arc::new(sn);
-        let (secs, removed, lat, _) = collect_while_committing(&sn, &way.replace(' ', "-"))?;
+        let (secs, removed, commits) = collect_while_committing(&sn, &way.replace(' ', "-"))?;
+        let lat: Vec<f64> = commits.iter().map(|c| c.wall).collect();
         let (p50, _, max) = summary(lat.clone());
         println!(
             "gc: {way}: {removed} objects removed in {secs:.3} s; {} commits meanwhile, p50 {p50:.1} ms, max {max:.1} ms",

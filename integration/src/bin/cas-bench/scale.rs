@@ -71,6 +71,8 @@ struct Row {
     gc_commit_max_ms: f64,
     /// Of that Commit, the wait for a shared GC lock.
     gc_commit_max_wait_ms: f64,
+    /// Of that Commit, its `syncfs` and manifest.
+    gc_commit_max_sync_ms: f64,
     rss_mib: f64,
     /// RSS when the measured steps began (after the fill).
     rss_base_mib: f64,
@@ -220,13 +222,13 @@ fn measure(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
         sn.remove(&format!("l{l}"))?;
     }
     let sn = Arc::new(sn);
-    let (gc_s, removed, lat, waits) = collect_while_committing(&sn, "scale")?;
+    let (gc_s, removed, commits) = collect_while_committing(&sn, "scale")?;
     row.gc_s = gc_s;
     row.gc_removed = removed;
-    let longest = (0..lat.len()).max_by(|&a, &b| lat[a].total_cmp(&lat[b]));
-    if let Some(i) = longest {
-        row.gc_commit_max_ms = lat[i];
-        row.gc_commit_max_wait_ms = waits[i];
+    if let Some(c) = commits.iter().max_by(|a, b| a.wall.total_cmp(&b.wall)) {
+        row.gc_commit_max_ms = c.wall;
+        row.gc_commit_max_wait_ms = c.wait;
+        row.gc_commit_max_sync_ms = c.sync;
     }
     row.rss_mib = rss_mib("VmHWM")?;
 
@@ -241,11 +243,11 @@ fn measure(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
     Ok(row)
 }
 
-const HEADER: &str = "objects,layers,fill_s,prepare_p50_ms,prepare_p99_ms,mounts_p50_ms,mounts_p99_ms,commit_p50_ms,commit_p99_ms,stat_p50_ms,stat_p99_ms,remove_p50_ms,remove_p99_ms,stats_ms,gc_s,gc_removed,gc_commit_max_ms,gc_commit_max_wait_ms,peak_rss_mib,rss_after_fill_mib,disk_bytes_per_object,recovery_ms,reopen_after_fill_ms";
+const HEADER: &str = "objects,layers,fill_s,prepare_p50_ms,prepare_p99_ms,mounts_p50_ms,mounts_p99_ms,commit_p50_ms,commit_p99_ms,stat_p50_ms,stat_p99_ms,remove_p50_ms,remove_p99_ms,stats_ms,gc_s,gc_removed,gc_commit_max_ms,gc_commit_max_wait_ms,gc_commit_max_sync_ms,peak_rss_mib,rss_after_fill_mib,disk_bytes_per_object,recovery_ms,reopen_after_fill_ms";
 
 fn csv(r: &Row) -> String {
     format!(
-        "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.1},{:.1},{:.1},{:.1},{:.0},{:.1},{:.1}",
+        "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.0},{:.1},{:.1}",
         r.objects,
         r.layers,
         r.fill_s,
@@ -264,6 +266,7 @@ fn csv(r: &Row) -> String {
         r.gc_removed,
         r.gc_commit_max_ms,
         r.gc_commit_max_wait_ms,
+        r.gc_commit_max_sync_ms,
         r.rss_mib,
         r.rss_base_mib,
         r.disk_per_object,
@@ -343,12 +346,12 @@ pub fn run(a: &ScaleArgs) -> Result<()> {
     fs::write(&csv_path, out)?;
     plot(&a.out.join("scale.svg"), &rows)?;
     println!(
-        "\n| objects | layers | fill | Prepare p50/p99 | Mounts p50/p99 | Commit p50/p99 | Stat p50/p99 | Remove p50/p99 | stats | GC of 1% | longest Commit during GC (of it, waiting for GC) | peak RSS (after the fill) | disk per object | recovery | reopen after the fill |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "\n| objects | layers | fill | Prepare p50/p99 | Mounts p50/p99 | Commit p50/p99 | Stat p50/p99 | Remove p50/p99 | stats | GC of 1% | longest Commit during GC (of it: waiting for GC, syncfs) | peak RSS (after the fill) | disk per object | recovery | reopen after the fill |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let pair = |p: (f64, f64)| format!("{:.2} / {:.2} ms", p.0, p.1);
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} s | {} | {} | {} | {} | {} | {:.2} ms | {:.2} s ({} objects) | {:.1} ms ({:.1}) | {:.0} MiB ({:.0}) | {:.0} B | {:.0} ms | {:.0} ms |",
+            "| {} | {} | {:.0} s | {} | {} | {} | {} | {} | {:.2} ms | {:.2} s ({} objects) | {:.1} ms ({:.1}, {:.1}) | {:.0} MiB ({:.0}) | {:.0} B | {:.0} ms | {:.0} ms |",
             r.objects,
             r.layers,
             r.fill_s,
@@ -362,6 +365,7 @@ pub fn run(a: &ScaleArgs) -> Result<()> {
             r.gc_removed,
             r.gc_commit_max_ms,
             r.gc_commit_max_wait_ms,
+            r.gc_commit_max_sync_ms,
             r.rss_mib,
             r.rss_base_mib,
             r.disk_per_object,
