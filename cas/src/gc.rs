@@ -231,7 +231,9 @@ pub fn collect_batch(
 
 /// Deletes unreferenced objects, scanning every object. See the module docs for the
 /// locking contract. A daemon uses it once after an unclean stop (or on a store that
-/// predates GC candidates), then [`collect_batch`] over the candidates.
+/// predates GC candidates), then [`collect_batch`] over the candidates. It leaves the
+/// candidates complete and the index's counters recounted ([`crate::admin::recount`]),
+/// durably.
 pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
     let objects = ObjectStore::new(layout);
     // alias -> the object that keeps it (objects that stay)
@@ -302,9 +304,12 @@ pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
         }
     }
     // Every unreferenced object is gone (or kept by an applied layer, as a batch keeps
-    // it): no candidate is left to collect.
+    // it): no candidate is left to collect, and nothing unreferenced is left that is not
+    // a candidate.
     meta.clear_candidates()
+        .and_then(|()| meta.set_candidates_complete(true))
         .map_err(|e| CasError::io("write index", layout.index_dir())(io::Error::other(e)))?;
+    crate::admin::recount(layout, meta)?;
     // Fan-out directories left empty go too, so an emptied store is the bare layout.
     let dir = layout.objects_dir();
     for fan in fs::read_dir(&dir).map_err(CasError::io("read dir", &dir))? {

@@ -350,13 +350,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                     view.finish();
                     AdminResponse::Fsck(r)
                 }
-                _ => {
-                    let g = cas::gc::collect(&layout, &meta)?;
-                    meta.set_candidates_complete(true)?;
-                    admin::recount(&layout, &meta)?;
-                    meta.flush_blocking()?;
-                    AdminResponse::Gc(g)
-                }
+                _ => AdminResponse::Gc(cas::gc::collect(&layout, &meta)?),
             }
         }
     };

@@ -1076,9 +1076,6 @@ impl Snapshots {
             let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
             let _w = lock(&self.writer);
             let stats = crate::gc::collect(&self.layout, &self.meta)?;
-            // nothing unreferenced is left that is not a candidate
-            self.meta.set_candidates_complete(true)?;
-            crate::admin::recount(&self.layout, &self.meta)?;
             info!(
                 removed = stats.removed,
                 freed_bytes = stats.freed_bytes,
