@@ -366,9 +366,8 @@ pub fn fsck_with_progress(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<FsckReport, CasError> {
     let mut progress = Reporter::new(progress);
-    let objects_total = meta
-        .counters()?
-        .map(|c| c.referenced_objects + c.candidate_objects);
+    let counters = meta.counters()?;
+    let objects_total = counters.map(|c| c.referenced_objects + c.candidate_objects);
     let mut r = FsckReport::default();
     let mut present = std::collections::HashSet::new();
     for_each_object(layout, |digest, path| {
@@ -530,7 +529,8 @@ pub fn fsck_with_progress(
     }
 
     progress.done("snapshots", r.snapshots);
-    let mut indexed: BTreeMap<Digest, u64> = meta.refs()?.into_iter().collect();
+    let refs = meta.refs()?;
+    let mut indexed: BTreeMap<Digest, u64> = refs.iter().copied().collect();
     for (d, n) in &counted {
         let i = indexed.remove(d).unwrap_or(0);
         if i != *n {
@@ -548,12 +548,12 @@ pub fn fsck_with_progress(
             manifests: 0,
         });
     }
-    if let Some(have) = meta.counters()? {
+    let candidates = meta.candidate_sizes()?;
+    if let Some(have) = counters {
         // the index's references at the sizes the manifests give (a missing object is
         // its own problem), and its candidates at the sizes their entries record (a
         // crash between deleting an object and forgetting it leaves one until the next
         // batch)
-        let refs = meta.refs()?;
         let referenced_bytes: u64 =
             refs.iter()
                 .map(|(d, _)| {
@@ -562,7 +562,6 @@ pub fn fsck_with_progress(
                     })
                 })
                 .sum();
-        let candidates = meta.candidate_sizes()?;
         let candidate_bytes: u64 = candidates.iter().map(|(_, n)| n).sum();
         for (counter, index, scan) in [
             (
@@ -590,7 +589,7 @@ pub fn fsck_with_progress(
     r.unreferenced_objects = present.iter().filter(|d| !counted.contains_key(d)).count() as u64;
     if meta.candidates_complete()? {
         let candidates: std::collections::HashSet<Digest> =
-            meta.candidates(usize::MAX)?.into_iter().collect();
+            candidates.iter().map(|(d, _)| *d).collect();
         let pending = crate::gc::pending_objects(layout, meta)?;
         r.untracked_garbage = present
             .iter()
@@ -643,6 +642,9 @@ pub fn rebuild_index_with_progress(
     {
         let meta = MetaStore::open(&fresh)?;
         let mut counts: HashMap<Digest, u64> = HashMap::new();
+        // the counters of the references taken, at the manifests' sizes as every Commit
+        // takes them (a fresh index has no candidates)
+        let mut counters = Counters::default();
         let mut max_id = 0;
         let sdir = layout.snapshots_dir();
         let mut infos = Vec::new();
@@ -661,8 +663,13 @@ pub fn rebuild_index_with_progress(
             let info = read_info(&dir)?;
             max_id = max_id.max(info.record.id);
             if info.record.kind == Kind::Committed {
-                for (d, _) in crate::manifest::distinct_objects(&dir.join(MANIFEST_FILE))? {
-                    *counts.entry(d).or_default() += 1;
+                for (d, size) in crate::manifest::distinct_objects(&dir.join(MANIFEST_FILE))? {
+                    let n = counts.entry(d).or_insert_with(|| {
+                        counters.referenced_objects += 1;
+                        counters.referenced_bytes += size;
+                        0
+                    });
+                    *n += 1;
                 }
             }
             infos.push(info);
@@ -673,7 +680,6 @@ pub fn rebuild_index_with_progress(
             stats.snapshots += 1;
         }
         meta.set_refs(&counts)?;
-        let (counters, _) = count_objects(layout, &meta)?;
         meta.set_counters(&counters, &[])?;
         stats.referenced_objects = counts.len() as u64;
         meta.reserve_ids_through(max_id)?;

@@ -324,14 +324,19 @@ impl MetaStore {
 
     /// Every GC candidate and the size its entry records.
     pub fn candidate_sizes(&self) -> Result<Vec<(Digest, u64)>, IndexError> {
-        let mut out = Vec::new();
-        for item in self.tree.scan_prefix([CANDIDATE]) {
-            let (k, v) = item?;
-            if let Ok(d) = <[u8; 32]>::try_from(&k[1..]) {
-                out.push((Digest::from_bytes(d), be_u64(&v)));
-            }
-        }
-        Ok(out)
+        self.candidate_entries().collect()
+    }
+
+    /// The GC candidates' entries in digest order: each digest and its recorded size.
+    fn candidate_entries(&self) -> impl Iterator<Item = Result<(Digest, u64), IndexError>> + '_ {
+        self.tree
+            .scan_prefix([CANDIDATE])
+            .filter_map(|item| match item {
+                Err(e) => Some(Err(e.into())),
+                Ok((k, v)) => <[u8; 32]>::try_from(&k[1..])
+                    .ok()
+                    .map(|d| Ok((Digest::from_bytes(d), be_u64(&v)))),
+            })
     }
 
     /// A fresh snapshot id (never 0).
@@ -536,14 +541,10 @@ impl MetaStore {
 
     /// Up to `limit` GC candidates, in digest order.
     pub fn candidates(&self, limit: usize) -> Result<Vec<Digest>, IndexError> {
-        let mut out = Vec::new();
-        for item in self.tree.scan_prefix([CANDIDATE]).take(limit) {
-            let (k, _) = item?;
-            if let Ok(d) = <[u8; 32]>::try_from(&k[1..]) {
-                out.push(Digest::from_bytes(d));
-            }
-        }
-        Ok(out)
+        self.candidate_entries()
+            .take(limit)
+            .map(|e| e.map(|(d, _)| d))
+            .collect()
     }
 
     /// Forgets these candidates (collected, or kept by something).
