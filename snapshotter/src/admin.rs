@@ -1,9 +1,10 @@
 //! The admin socket (`<root>/admin.sock`): how `casctl` reaches a running daemon.
 //!
 //! One JSON request line, one JSON answer line (`cas::admin::AdminRequest` /
-//! `AdminResponse`), after `AdminResponse::Progress` lines for a long request (fsck). Requests run inside the daemon under its locks: GC and fsck wait for
-//! running ingests and hold new ones off, so they are safe against concurrent pulls and
-//! removes. The socket is root-only (mode 0600).
+//! `AdminResponse`), after `AdminResponse::Progress` lines for a long request (fsck).
+//! Requests run inside the daemon under its locks: GC and fsck wait for running ingests
+//! and hold new ones off, so they are safe against concurrent pulls and removes. The
+//! socket is root-only (mode 0600).
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -74,9 +75,9 @@ async fn handle(sn: Arc<CasSnapshotter>, conn: UnixStream) -> std::io::Result<()
             };
             // the channel closes when the check ends
             while let Some(p) = rx.recv().await {
-                let mut out = serde_json::to_vec(&AdminResponse::Progress(p)).unwrap_or_default();
-                out.push(b'\n');
-                write.write_all(&out).await?;
+                write
+                    .write_all(&line_of(&AdminResponse::Progress(p)))
+                    .await?;
             }
             match check.await {
                 Ok(r) => r
@@ -96,7 +97,12 @@ async fn handle(sn: Arc<CasSnapshotter>, conn: UnixStream) -> std::io::Result<()
             .map(AdminResponse::Gc)
             .unwrap_or_else(|e| AdminResponse::Error(e.to_string())),
     };
-    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+    write.write_all(&line_of(&resp)).await
+}
+
+/// One answer line.
+fn line_of(resp: &AdminResponse) -> Vec<u8> {
+    let mut out = serde_json::to_vec(resp).unwrap_or_default();
     out.push(b'\n');
-    write.write_all(&out).await
+    out
 }

@@ -466,7 +466,7 @@ async fn answer(
     }
     let m = sn.metrics();
     // the index's counters: cheap on every scrape
-    match sn.stats().await {
+    match sn.store_stats().await {
         Ok(s) => m.set_stats(&s),
         Err(e) => warn!(error = %e, "store statistics for metrics failed"),
     }

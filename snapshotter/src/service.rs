@@ -134,9 +134,15 @@ impl CasSnapshotter {
         self.run(|s| s.chain_usage()).await
     }
 
+    /// The store's own statistics, from the index's counters (the metrics' store
+    /// figures), without [`CasSnapshotter::stats`]'s look at how blobs are reached.
+    pub async fn store_stats(&self) -> Result<cas::admin::Stats, ServiceError> {
+        self.run(|s| s.stats()).await
+    }
+
     /// Store statistics (`casctl stats`), with how layers came in since start.
     pub async fn stats(&self) -> Result<cas::admin::Stats, ServiceError> {
-        let mut s = self.run(|s| s.stats()).await?;
+        let mut s = self.store_stats().await?;
         let c = self.metrics.apply_counts();
         s.ingest_paths = Some(cas::admin::IngestPaths {
             fast_path_applies: c.fast,
