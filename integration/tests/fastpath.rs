@@ -600,11 +600,10 @@ fn fast_path_crash_points_recover() -> Result<()> {
         "left after the crashes: {s}"
     );
     // the counters say what the index holds; the files say what the disk holds
-    let (_, out) = rig.casctl(&["fsck", "--json"])?;
-    let report: serde_json::Value = serde_json::from_str(&out)?;
+    let report = rig.fsck_report()?;
     ensure!(
         num(&report["objects"]) == 0,
-        "object files left after the crashes: {out}"
+        "object files left after the crashes: {report}"
     );
     let tmp = tmp_entries(&rig.daemon.root)?;
     ensure!(tmp.is_empty(), "left in cas/tmp: {tmp:?}");

@@ -100,11 +100,10 @@ fn crash_everywhere(mut rig: Rig, points: &[&str]) -> Result<()> {
         "snapshots left after every crash point: {out}"
     );
     // the counters say what the index holds; the files say what the disk holds
-    let (_, out) = rig.casctl(&["fsck", "--json"])?;
-    let report: serde_json::Value = serde_json::from_str(&out)?;
+    let report = rig.fsck_report()?;
     assert_eq!(
         report["objects"], 0,
-        "object files left after every crash point: {out}"
+        "object files left after every crash point: {report}"
     );
     let tmp = rig.daemon.root.join("cas/tmp");
     assert_eq!(

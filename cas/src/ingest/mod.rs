@@ -400,6 +400,12 @@ mod tests {
         fs_dir
     }
 
+    /// Ingests the parentless layer at `fs_dir` in `mode`, its manifest beside it.
+    fn ingest(store: &ObjectStore, layout: &Layout, fs_dir: &Path, mode: StoreMode) -> IngestStats {
+        let manifest = fs_dir.with_extension("manifest");
+        ingest_layer(store, &layout.tmp_dir(), fs_dir, &[], &manifest, mode).unwrap()
+    }
+
     /// A hardlinked file whose content is already stored: the original inode is not
     /// linked into the store, so after its first name became a stub the other name is
     /// its last link. It must still become a hardlink of the same stub, counted once.
@@ -413,16 +419,7 @@ mod tests {
         let data: &[u8] = b"#!/usr/bin/perl shared between two images";
         for (n, name) in ["one", "two"].iter().enumerate() {
             let fs_dir = layer(dir.path(), name, &[("perl", data)], &[("perl", "perl5")]);
-            let manifest = dir.path().join(format!("{name}.manifest"));
-            let stats = ingest_layer(
-                &store,
-                &layout.tmp_dir(),
-                &fs_dir,
-                &[],
-                &manifest,
-                StoreMode::Stubs,
-            )
-            .unwrap();
+            let stats = ingest(&store, &layout, &fs_dir, StoreMode::Stubs);
             assert_eq!(stats.files, 2, "layer {name}");
             assert_eq!(stats.logical_bytes, data.len() as u64, "layer {name}");
             assert_eq!(stats.new_objects, u64::from(n == 0), "layer {name}");
@@ -472,16 +469,7 @@ mod tests {
                 )
                 .unwrap();
             }
-            let manifest = dir.path().join(format!("{name}.manifest"));
-            let stats = ingest_layer(
-                &store,
-                &layout.tmp_dir(),
-                &fs_dir,
-                &[],
-                &manifest,
-                StoreMode::Materialised,
-            )
-            .unwrap();
+            let stats = ingest(&store, &layout, &fs_dir, StoreMode::Materialised);
             assert_eq!(stats.files, 2, "layer {name}");
             let bar = fs::symlink_metadata(fs_dir.join("bar")).unwrap();
             let foo = fs::symlink_metadata(fs_dir.join("foo")).unwrap();

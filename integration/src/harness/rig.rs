@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::fixture::{self, BuiltImage};
 use crate::registry::push_layout;
@@ -274,6 +274,13 @@ impl Rig {
         let (code, out) = self.casctl(&["stats", "--json"])?;
         anyhow::ensure!(code == 0, "casctl stats: {out}");
         Ok(serde_json::from_str(&out)?)
+    }
+
+    /// `casctl fsck --json`, parsed, whatever it found (its exit status says whether it
+    /// found problems; the report says which).
+    pub fn fsck_report(&self) -> Result<serde_json::Value> {
+        let (_, out) = self.casctl(&["fsck", "--json"])?;
+        serde_json::from_str(&out).with_context(|| format!("casctl fsck --json: {out}"))
     }
 
     /// The ID-mapped clones of layers mounted in the store (`snapshots/<id>/mapped/…`).
