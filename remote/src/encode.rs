@@ -1,0 +1,229 @@
+//! A zstd:chunked writer, for the tests and benchmarks of partial pulls.
+//!
+//! It writes the layout containers/storage writes (see [`crate::toc`]): every regular
+//! file's content in zstd frames of its own, the tar's other bytes in frames between
+//! them, then the TOC, the tar-split and the 64-byte footer as skippable frames. The
+//! annotations it returns are the ones a producer puts on the layer descriptor.
+//! Large files are one run of frames, not content-defined chunks.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+
+use base64::Engine as _;
+use cas::Digest;
+use serde_json::json;
+
+/// The magic of a zstd skippable frame (little-endian).
+const SKIPPABLE_MAGIC: u32 = 0x184D_2A50;
+/// The footer's magic.
+const FOOTER_MAGIC: &[u8; 8] = b"GNUlInUx";
+
+/// A written layer.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// The blob.
+    pub blob: Vec<u8>,
+    /// The layer descriptor's annotations.
+    pub annotations: BTreeMap<String, String>,
+    /// The digest of the uncompressed tar (the diffID).
+    pub diff_id: Digest,
+}
+
+/// What to write besides the contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Write the tar-split (and its digest in the TOC).
+    pub tar_split: bool,
+    /// Use the annotation names of producers before containers/storage 1.44.
+    pub old_annotations: bool,
+    /// zstd level.
+    pub level: i32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            tar_split: true,
+            old_annotations: false,
+            level: 3,
+        }
+    }
+}
+
+fn skippable(out: &mut Vec<u8>, data: &[u8]) -> u64 {
+    out.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    let at = out.len() as u64;
+    out.extend_from_slice(data);
+    at
+}
+
+fn frame(out: &mut Vec<u8>, data: &[u8], level: i32) -> io::Result<()> {
+    if !data.is_empty() {
+        out.extend_from_slice(&zstd::bulk::compress(data, level)?);
+    }
+    Ok(())
+}
+
+fn rfc3339(secs: i64, nanos: u32) -> String {
+    chrono::DateTime::from_timestamp(secs, nanos)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+/// Writes the uncompressed layer `tar` as zstd:chunked.
+pub fn encode(tar: &[u8], opts: Options) -> io::Result<Encoded> {
+    let mut blob = Vec::new();
+    let mut entries = Vec::new();
+    let mut split = Vec::new();
+    let mut cursor = 0usize;
+    let mut position = 0u64;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let segment = |split: &mut Vec<u8>, bytes: &[u8], position: &mut u64| {
+        let line = json!({"type": 2, "payload": b64(bytes), "position": *position});
+        split.extend_from_slice(line.to_string().as_bytes());
+        split.push(b'\n');
+        *position += 1;
+    };
+    let mut archive = tar::Archive::new(tar);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let h = entry.header().clone();
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let link = entry
+            .link_name_bytes()
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .unwrap_or_default();
+        let mut mtime = (h.mtime()? as i64, 0u32);
+        let mut xattrs = serde_json::Map::new();
+        if let Some(pax) = entry.pax_extensions()? {
+            for ext in pax {
+                let ext = ext?;
+                let key = ext.key().unwrap_or_default();
+                if key == "mtime" {
+                    let v = String::from_utf8_lossy(ext.value_bytes()).into_owned();
+                    let (s, f) = v.split_once('.').unwrap_or((&v, ""));
+                    let nanos = format!("{f:0<9}");
+                    mtime = (s.parse().unwrap_or(0), nanos[..9].parse().unwrap_or(0));
+                } else if let Some(x) = key.strip_prefix("SCHILY.xattr.") {
+                    xattrs.insert(x.to_string(), json!(b64(ext.value_bytes())));
+                }
+            }
+        }
+        let kind = match h.entry_type() {
+            tar::EntryType::Regular | tar::EntryType::Continuous => "reg",
+            tar::EntryType::Directory => "dir",
+            tar::EntryType::Symlink => "symlink",
+            tar::EntryType::Link => "hardlink",
+            tar::EntryType::Char => "char",
+            tar::EntryType::Block => "block",
+            tar::EntryType::Fifo => "fifo",
+            _ => continue,
+        };
+        let size = if kind == "reg" { h.size()? } else { 0 };
+        let mut e = json!({
+            "type": kind, "name": name, "mode": h.mode()?,
+            "uid": h.uid()?, "gid": h.gid()?, "modtime": rfc3339(mtime.0, mtime.1),
+        });
+        if !link.is_empty() {
+            e["linkName"] = json!(link);
+        }
+        if !xattrs.is_empty() {
+            e["xattrs"] = serde_json::Value::Object(xattrs);
+        }
+        if kind == "char" || kind == "block" {
+            e["devMajor"] = json!(h.device_major().ok().flatten().unwrap_or(0));
+            e["devMinor"] = json!(h.device_minor().ok().flatten().unwrap_or(0));
+        }
+        if size > 0 {
+            let start = entry.raw_file_position() as usize;
+            let mut content = Vec::with_capacity(size as usize);
+            entry.read_to_end(&mut content)?;
+            frame(&mut blob, &tar[cursor..start], opts.level)?;
+            segment(&mut split, &tar[cursor..start], &mut position);
+            let offset = blob.len() as u64;
+            frame(&mut blob, &content, opts.level)?;
+            e["size"] = json!(size);
+            e["digest"] = json!(format!("sha256:{}", Digest::of(&content).hex()));
+            e["offset"] = json!(offset);
+            e["endOffset"] = json!(blob.len() as u64);
+            let line = json!({"type": 1, "name": name, "size": size,
+                "payload": b64(&[0u8; 8]), "position": position});
+            split.extend_from_slice(line.to_string().as_bytes());
+            split.push(b'\n');
+            position += 1;
+            cursor = start + size as usize;
+        } else {
+            let line = json!({"type": 1, "name": name, "size": 0, "payload": null,
+                "position": position});
+            split.extend_from_slice(line.to_string().as_bytes());
+            split.push(b'\n');
+            position += 1;
+        }
+        entries.push(e);
+    }
+    frame(&mut blob, &tar[cursor..], opts.level)?;
+    segment(&mut split, &tar[cursor..], &mut position);
+
+    let split_z = zstd::bulk::compress(&split, opts.level)?;
+    let mut toc = json!({"version": 1, "entries": entries});
+    if opts.tar_split {
+        toc["tarSplitDigest"] = json!(format!("sha256:{}", Digest::of(&split_z).hex()));
+    }
+    let toc_json = toc.to_string();
+    let toc_z = zstd::bulk::compress(toc_json.as_bytes(), opts.level)?;
+    let toc_at = skippable(&mut blob, &toc_z);
+    let split_at = if opts.tar_split {
+        skippable(&mut blob, &split_z)
+    } else {
+        0
+    };
+    let mut footer = Vec::with_capacity(64);
+    for v in [
+        toc_at,
+        toc_z.len() as u64,
+        toc_json.len() as u64,
+        1,
+        split_at,
+        if opts.tar_split {
+            split_z.len() as u64
+        } else {
+            0
+        },
+        if opts.tar_split {
+            split.len() as u64
+        } else {
+            0
+        },
+    ] {
+        footer.extend_from_slice(&v.to_le_bytes());
+    }
+    footer.extend_from_slice(FOOTER_MAGIC);
+    skippable(&mut blob, &footer);
+
+    let prefix = if opts.old_annotations {
+        crate::toc::ANNOTATION_PREFIXES[1]
+    } else {
+        crate::toc::ANNOTATION_PREFIXES[0]
+    };
+    let mut annotations = BTreeMap::new();
+    annotations.insert(
+        format!("{prefix}manifest-position"),
+        format!("{toc_at}:{}:{}:1", toc_z.len(), toc_json.len()),
+    );
+    annotations.insert(
+        format!("{prefix}manifest-checksum"),
+        format!("sha256:{}", Digest::of(&toc_z).hex()),
+    );
+    if opts.tar_split {
+        annotations.insert(
+            format!("{prefix}tarsplit-position"),
+            format!("{split_at}:{}:{}", split_z.len(), split.len()),
+        );
+    }
+    Ok(Encoded {
+        blob,
+        annotations,
+        diff_id: Digest::of_reader(tar)?.0,
+    })
+}
