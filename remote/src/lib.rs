@@ -11,9 +11,11 @@
 //! * [`toc`]: annotations, the TOC and its checks;
 //! * [`tarsplit`]: the archive's bytes other than contents;
 //! * [`stream`]: which files are fetched ([`stream::plan`]) and the assembled stream;
+//! * [`registry`]: manifests and blob ranges from registries configured as containerd's;
 //! * [`encode`]: a zstd:chunked writer for tests and benchmarks.
 
 pub mod encode;
+pub mod registry;
 pub mod stream;
 pub mod tarsplit;
 pub mod toc;

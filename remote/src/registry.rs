@@ -1,0 +1,438 @@
+//! Registry access for partial pulls, configured as containerd's is.
+//!
+//! The HTTP side is `oci-client` (the OCI Distribution client of the ORAS project):
+//! manifests by digest, blob ranges, the token flow of `WWW-Authenticate` challenges
+//! (bearer and basic), HTTPS with the system's roots through rustls. What containerd
+//! users already configure is read the way containerd reads it:
+//!
+//! * `hosts.toml` under `config_path` (`<config_path>/<host>/hosts.toml`, then
+//!   `<config_path>/_default/hosts.toml`): a `server` or `[host."…"]` address with
+//!   `http://` makes the registry plain HTTP, `ca` adds CA files, `skip_verify` turns
+//!   certificate checks off. The first `[host]` entry that can `pull` is where blobs
+//!   are read (a mirror), the registry itself otherwise;
+//! * credentials from a docker `config.json` (`auths`, `credHelpers`, `credsStore`),
+//!   through the `docker_credential` crate.
+//!
+//! A range request must be answered `206 Partial Content` with exactly the bytes asked
+//! for: a registry that sends the whole blob (`200`) or fewer bytes fails the fetch,
+//! and the caller pulls the layer in full instead.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use oci_client::client::{
+    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
+};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference, RegistryOperation};
+use tracing::debug;
+
+/// How the registries are reached.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistryOptions {
+    /// containerd's `config_path` (directories of `hosts.toml`), if any.
+    pub config_path: Option<PathBuf>,
+    /// A docker `config.json` with credentials, if any.
+    pub docker_config: Option<PathBuf>,
+    /// Connect and read timeout of each request.
+    pub timeout: Option<Duration>,
+}
+
+/// Why a registry request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The image reference does not parse.
+    #[error("image reference {reference:?}: {reason}")]
+    Reference {
+        /// The reference.
+        reference: String,
+        /// Why.
+        reason: String,
+    },
+    /// A `hosts.toml` is malformed.
+    #[error("{path}: {reason}")]
+    Hosts {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The registry refused or failed the request.
+    #[error("{what} from {registry}: {reason}")]
+    Request {
+        /// What was asked.
+        what: String,
+        /// The registry.
+        registry: String,
+        /// Its answer.
+        reason: String,
+    },
+    /// A range request was not answered with exactly that range.
+    #[error("{registry} did not answer the range request for {digest} bytes {start}..{end} with those bytes: {reason}")]
+    Range {
+        /// The registry.
+        registry: String,
+        /// The blob.
+        digest: String,
+        /// First byte asked for.
+        start: u64,
+        /// One past the last.
+        end: u64,
+        /// What came instead.
+        reason: String,
+    },
+}
+
+/// What `hosts.toml` says of one registry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct HostConfig {
+    /// Where requests go (`host[:port]`), when not the registry itself.
+    mirror: Option<String>,
+    plain_http: bool,
+    ca_files: Vec<PathBuf>,
+    skip_verify: bool,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct HostsToml {
+    server: Option<String>,
+    ca: Option<StringOrList>,
+    skip_verify: Option<bool>,
+    host: toml::Table,
+}
+
+#[derive(serde::Deserialize, Clone)]
+#[serde(untagged)]
+enum StringOrList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StringOrList {
+    fn paths(&self, base: &Path) -> Vec<PathBuf> {
+        let v = match self {
+            StringOrList::One(s) => vec![s.clone()],
+            StringOrList::Many(v) => v.clone(),
+        };
+        v.into_iter().map(|p| base.join(p)).collect()
+    }
+}
+
+/// `scheme://host[:port][/path]` → (`host[:port]`, plain HTTP).
+fn split_url(url: &str) -> (String, bool) {
+    let (plain, rest) = match url.split_once("://") {
+        Some(("http", r)) => (true, r),
+        Some((_, r)) => (false, r),
+        None => (false, url),
+    };
+    (rest.split('/').next().unwrap_or(rest).to_string(), plain)
+}
+
+/// Reads `hosts.toml` for `registry` under `config_path`.
+fn host_config(config_path: &Path, registry: &str) -> Result<HostConfig, RegistryError> {
+    let mut file = config_path.join(registry).join("hosts.toml");
+    if !file.exists() {
+        file = config_path.join("_default").join("hosts.toml");
+        if !file.exists() {
+            return Ok(HostConfig::default());
+        }
+    }
+    let text = std::fs::read_to_string(&file).map_err(|e| RegistryError::Hosts {
+        path: file.clone(),
+        reason: e.to_string(),
+    })?;
+    let parsed: HostsToml = toml::from_str(&text).map_err(|e| RegistryError::Hosts {
+        path: file.clone(),
+        reason: e.to_string(),
+    })?;
+    let base = file.parent().unwrap_or(config_path).to_path_buf();
+    let mut out = HostConfig::default();
+    if let Some(server) = &parsed.server {
+        let (host, plain) = split_url(server);
+        out.plain_http = plain;
+        if host != registry {
+            out.mirror = Some(host);
+        }
+    }
+    if let Some(ca) = &parsed.ca {
+        out.ca_files = ca.paths(&base);
+    }
+    out.skip_verify = parsed.skip_verify.unwrap_or(false);
+    for (url, table) in &parsed.host {
+        let caps: Vec<String> = table
+            .get("capabilities")
+            .and_then(|c| c.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_else(|| vec!["pull".into(), "resolve".into()]);
+        if !caps.iter().any(|c| c == "pull") {
+            continue;
+        }
+        let (host, plain) = split_url(url);
+        out.mirror = (host != registry).then_some(host);
+        out.plain_http = plain;
+        if let Some(ca) = table.get("ca") {
+            let ca: StringOrList =
+                ca.clone()
+                    .try_into()
+                    .map_err(|e: toml::de::Error| RegistryError::Hosts {
+                        path: file.clone(),
+                        reason: e.to_string(),
+                    })?;
+            out.ca_files = ca.paths(&base);
+        }
+        if let Some(v) = table.get("skip_verify").and_then(|v| v.as_bool()) {
+            out.skip_verify = v;
+        }
+        break;
+    }
+    Ok(out)
+}
+
+/// Clients of the registries, one per host (TLS settings are per client).
+pub struct Registries {
+    opts: RegistryOptions,
+    clients: Mutex<HashMap<String, Arc<Client>>>,
+}
+
+/// One image's repository on its registry, ready for requests.
+pub struct Repository {
+    client: Arc<Client>,
+    reference: Reference,
+    registry: String,
+}
+
+impl Registries {
+    /// Registries reached as `opts` says.
+    pub fn new(opts: RegistryOptions) -> Registries {
+        // rustls's process-wide crypto provider (ring); a second install is a no-op
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Registries {
+            opts,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn credentials(&self, registry: &str) -> RegistryAuth {
+        let Some(path) = &self.opts.docker_config else {
+            return RegistryAuth::Anonymous;
+        };
+        let Ok(file) = std::fs::File::open(path) else {
+            return RegistryAuth::Anonymous;
+        };
+        match docker_credential::get_credential_from_reader(file, registry) {
+            Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => {
+                RegistryAuth::Basic(u, p)
+            }
+            Ok(docker_credential::DockerCredential::IdentityToken(t)) => RegistryAuth::Bearer(t),
+            Err(e) => {
+                debug!(registry, error = %e, "no credentials for the registry; anonymous");
+                RegistryAuth::Anonymous
+            }
+        }
+    }
+
+    /// The repository of `image_ref` (a reference such as containerd's
+    /// `cri.image-ref` label), authenticated for pulls.
+    pub async fn repository(&self, image_ref: &str) -> Result<Repository, RegistryError> {
+        let mut reference: Reference =
+            image_ref
+                .parse()
+                .map_err(|e: oci_client::ParseError| RegistryError::Reference {
+                    reference: image_ref.to_string(),
+                    reason: e.to_string(),
+                })?;
+        let registry = reference.resolve_registry().to_string();
+        let hosts = match &self.opts.config_path {
+            Some(p) => host_config(p, reference.registry())?,
+            None => HostConfig::default(),
+        };
+        let target = hosts.mirror.clone().unwrap_or_else(|| registry.clone());
+        if let Some(m) = &hosts.mirror {
+            reference.set_mirror_registry(m.clone());
+        }
+        let client = {
+            let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+            match clients.get(&target) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = Arc::new(self.client(&target, &hosts)?);
+                    clients.insert(target.clone(), c.clone());
+                    c
+                }
+            }
+        };
+        let auth = self.credentials(reference.registry());
+        client
+            .auth(&reference, &auth, RegistryOperation::Pull)
+            .await
+            .map_err(|e| RegistryError::Request {
+                what: "authentication".into(),
+                registry: target.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Repository {
+            client,
+            reference,
+            registry: target,
+        })
+    }
+
+    fn client(&self, host: &str, cfg: &HostConfig) -> Result<Client, RegistryError> {
+        let mut certs = Vec::new();
+        for f in &cfg.ca_files {
+            let data = std::fs::read(f).map_err(|e| RegistryError::Hosts {
+                path: f.clone(),
+                reason: e.to_string(),
+            })?;
+            certs.push(Certificate {
+                encoding: CertificateEncoding::Pem,
+                data,
+            });
+        }
+        let config = ClientConfig {
+            protocol: if cfg.plain_http {
+                ClientProtocol::HttpsExcept(vec![host.to_string()])
+            } else {
+                ClientProtocol::Https
+            },
+            accept_invalid_certificates: cfg.skip_verify,
+            extra_root_certificates: certs,
+            connect_timeout: self.opts.timeout,
+            read_timeout: self.opts.timeout,
+            ..ClientConfig::default()
+        };
+        Ok(Client::new(config))
+    }
+}
+
+impl Repository {
+    /// Where requests go (the registry, or its mirror).
+    pub fn registry(&self) -> &str {
+        &self.registry
+    }
+
+    fn request_error(&self, what: String, e: impl std::fmt::Display) -> RegistryError {
+        RegistryError::Request {
+            what,
+            registry: self.registry.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// The manifest `digest` of this repository, its bytes checked against the digest.
+    pub async fn manifest(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
+        let r = self.reference.clone_with_digest(digest.to_string());
+        let (bytes, _) = self
+            .client
+            .pull_manifest_raw(
+                &r,
+                &RegistryAuth::Anonymous,
+                &[
+                    oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
+                    oci_client::manifest::IMAGE_MANIFEST_MEDIA_TYPE,
+                ],
+            )
+            .await
+            .map_err(|e| self.request_error(format!("manifest {digest}"), e))?;
+        Ok(bytes.to_vec())
+    }
+
+    /// The whole blob `digest` (small ones: image configs), checked against the digest.
+    pub async fn blob(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
+        let mut out = Vec::new();
+        self.client
+            .pull_blob(&self.reference, digest, &mut out)
+            .await
+            .map_err(|e| self.request_error(format!("blob {digest}"), e))?;
+        Ok(out)
+    }
+
+    /// Bytes `start..end` of the blob `digest`.
+    pub async fn range(
+        &self,
+        digest: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let fail = |reason: String| RegistryError::Range {
+            registry: self.registry.clone(),
+            digest: digest.to_string(),
+            start,
+            end,
+            reason,
+        };
+        let response = self
+            .client
+            .pull_blob_stream_partial(&self.reference, digest, start, Some(end - start))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let mut stream = match response {
+            BlobResponse::Partial(s) => s,
+            BlobResponse::Full(_) => {
+                return Err(fail("200 OK with the whole blob (no range support)".into()))
+            }
+        };
+        let want = (end - start) as usize;
+        let mut out = Vec::with_capacity(want);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| fail(format!("connection lost: {e}")))?;
+            if out.len() + chunk.len() > want {
+                return Err(fail("more bytes than asked for".into()));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        if out.len() != want {
+            return Err(fail(format!("{} bytes of {want}", out.len())));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_toml_gives_plain_http_mirrors_and_ca_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |host: &str, text: &str| {
+            std::fs::create_dir_all(dir.path().join(host)).unwrap();
+            std::fs::write(dir.path().join(host).join("hosts.toml"), text).unwrap();
+        };
+        write("127.0.0.1:5000", "server = \"http://127.0.0.1:5000\"\n");
+        write(
+            "docker.io",
+            r#"server = "https://registry-1.docker.io"
+[host."http://10.0.0.1:5000"]
+  capabilities = ["pull", "resolve"]
+  ca = "mirror.pem"
+"#,
+        );
+        write("_default", "skip_verify = true\n");
+        let c = host_config(dir.path(), "127.0.0.1:5000").unwrap();
+        assert_eq!(
+            c,
+            HostConfig {
+                plain_http: true,
+                ..HostConfig::default()
+            }
+        );
+        let c = host_config(dir.path(), "docker.io").unwrap();
+        assert_eq!(c.mirror.as_deref(), Some("10.0.0.1:5000"));
+        assert!(c.plain_http);
+        assert_eq!(c.ca_files, vec![dir.path().join("docker.io/mirror.pem")]);
+        let c = host_config(dir.path(), "quay.io").unwrap();
+        assert!(c.skip_verify && !c.plain_http && c.mirror.is_none());
+        write("bad.example", "server = [\n");
+        let e = host_config(dir.path(), "bad.example").unwrap_err();
+        assert!(e.to_string().contains("hosts.toml"), "{e}");
+    }
+}
