@@ -16,6 +16,7 @@ PACKAGES=(
   ca-certificates curl build-essential pkg-config git
   gpgv xz-utils debian-archive-keyring   # checking the newer containerd .debs (below)
   patchelf                   # pointing the newer runc at the libc unpacked beside it
+  skopeo                     # zstd:chunked images of an independent producer (partial pulls)
 )
 
 # containerd 1.7 and 2.x for the version and CRI tests, unpacked beside the system's 1.6

@@ -89,6 +89,18 @@ pub struct IngestPaths {
     /// Blobs it streamed through containerd's Content API (the directory not readable).
     #[serde(default)]
     pub blobs_from_content_api: u64,
+    /// Layers pulled partially (only their missing files fetched).
+    #[serde(default)]
+    pub partial_layers: u64,
+    /// Layers with a TOC that were pulled in full instead (see the log for why).
+    #[serde(default)]
+    pub partial_fallbacks: u64,
+    /// Bytes the partial pulls fetched from registries.
+    #[serde(default)]
+    pub partial_fetched_bytes: u64,
+    /// Compressed bytes of those layers (what full pulls would have fetched).
+    #[serde(default)]
+    pub partial_layer_bytes: u64,
     /// The I/O workers' backend (`io_uring` or `threads`).
     pub io_backend: Option<String>,
     /// Where the Diff service reads layer blobs from now, or why it cannot (`None`:
@@ -716,7 +728,7 @@ pub enum AdminRequest {
 #[serde(rename_all = "kebab-case")]
 pub enum AdminResponse {
     /// Statistics.
-    Stats(Stats),
+    Stats(Box<Stats>),
     /// An fsck report.
     Fsck(FsckReport),
     /// What a collection did.

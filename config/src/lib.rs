@@ -311,6 +311,62 @@ impl Default for DifferConfig {
     }
 }
 
+/// What a partial pull must prove of a layer before it is used instead of a full pull.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RemoteVerify {
+    /// The rebuilt archive's digest must be the image config's diffID: only layers with
+    /// a tar-split are pulled partially (default).
+    #[default]
+    DiffId,
+    /// Layers without a tar-split are pulled partially too, checked against the TOC
+    /// (its digest from the manifest, every file by its digest).
+    Toc,
+}
+
+/// Default of `[remote] config_path`: containerd's usual directory of `hosts.toml`.
+pub const DEFAULT_HOSTS_DIR: &str = "/etc/containerd/certs.d";
+
+/// The `[remote]` section: partial pulls of zstd:chunked layers, when containerd passes
+/// the layer's labels on Prepare (remote snapshot annotations).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteConfig {
+    /// Pull layers that have a TOC partially (default true); off, every layer is
+    /// fetched and applied by containerd.
+    pub enabled: bool,
+    /// What a partial pull must prove.
+    pub verify: RemoteVerify,
+    /// Range requests in flight per layer.
+    pub parallel: usize,
+    /// Longest range request, in bytes.
+    pub max_request_bytes: u64,
+    /// Ranges at most this many bytes apart are fetched as one.
+    pub max_gap_bytes: u64,
+    /// Connect and read timeout of each request, in seconds.
+    pub timeout_secs: u64,
+    /// containerd's `config_path`: `<dir>/<host>/hosts.toml` (mirrors, plain HTTP, CA
+    /// files).
+    pub config_path: PathBuf,
+    /// A docker `config.json` with registry credentials (none when absent).
+    pub docker_config: PathBuf,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            enabled: true,
+            verify: RemoteVerify::DiffId,
+            parallel: 8,
+            max_request_bytes: 4 << 20,
+            max_gap_bytes: 16 << 10,
+            timeout_secs: 30,
+            config_path: PathBuf::from(DEFAULT_HOSTS_DIR),
+            docker_config: PathBuf::from("/root/.docker/config.json"),
+        }
+    }
+}
+
 /// Which I/O backend the `[ring]` workers use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -368,6 +424,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The Diff service.
     pub differ: DifferConfig,
+    /// Partial pulls.
+    pub remote: RemoteConfig,
     /// The I/O workers.
     pub ring: RingConfig,
 }
@@ -382,6 +440,7 @@ impl Default for Config {
             gc: GcConfig::default(),
             metrics: MetricsConfig::default(),
             differ: DifferConfig::default(),
+            remote: RemoteConfig::default(),
             ring: RingConfig::default(),
         }
     }
@@ -446,6 +505,16 @@ impl Config {
             return Err(invalid(
                 "differ",
                 "max_expansion and max_layer_bytes must be positive",
+            ));
+        }
+        let p = &self.remote;
+        if p.parallel == 0 || p.parallel > 64 {
+            return Err(invalid("remote.parallel", "must be between 1 and 64"));
+        }
+        if p.max_request_bytes < 4096 || p.timeout_secs == 0 {
+            return Err(invalid(
+                "remote",
+                "max_request_bytes must be at least 4096 and timeout_secs positive",
             ));
         }
         let r = &self.ring;

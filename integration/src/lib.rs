@@ -2,6 +2,7 @@
 //!
 //! * [`fixture`]: builds real OCI images (layouts) with every kind of tar entry a
 //!   snapshotter must reproduce; `cas-fixture build` on the command line;
+//! * [`chunked`]: zstd:chunked variants of the fixture images, for partial pulls;
 //! * [`layers`]: variants of images for the fast path's tests (zstd and plain layers,
 //!   broken streams, wrong diffIDs, decompression bombs);
 //! * [`registry`]: pushes a layout to a registry (`cas-fixture push`);
@@ -20,6 +21,7 @@
 //! run by `make e2e`.
 #![forbid(unsafe_code)]
 
+pub mod chunked;
 pub mod compression;
 pub mod cri;
 pub mod fixture;

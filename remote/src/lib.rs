@@ -11,10 +11,12 @@
 //! * [`toc`]: annotations, the TOC and its checks;
 //! * [`tarsplit`]: the archive's bytes other than contents;
 //! * [`stream`]: which files are fetched ([`stream::plan`]) and the assembled stream;
+//! * [`pull`]: the layer a Prepare's labels name, opened on its registry;
 //! * [`registry`]: manifests and blob ranges from registries configured as containerd's;
 //! * [`encode`]: a zstd:chunked writer for tests and benchmarks.
 
 pub mod encode;
+pub mod pull;
 pub mod registry;
 pub mod stream;
 pub mod tarsplit;

@@ -65,7 +65,7 @@ async fn handle(sn: Arc<CasSnapshotter>, conn: UnixStream) -> std::io::Result<()
         Ok(AdminRequest::Stats) => sn
             .stats()
             .await
-            .map(AdminResponse::Stats)
+            .map(|s| AdminResponse::Stats(Box::new(s)))
             .unwrap_or_else(|e| AdminResponse::Error(e.to_string())),
         Ok(AdminRequest::Fsck { verify_objects }) => {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

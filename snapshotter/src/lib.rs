@@ -28,5 +28,6 @@ pub mod error;
 pub mod filter;
 pub mod metrics;
 pub mod ops;
+pub mod remote;
 pub mod server;
 pub mod service;

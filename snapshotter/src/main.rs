@@ -104,6 +104,16 @@ fn run(args: Args) -> anyhow::Result<()> {
             None => info!(backend = pool.backend().as_str(), workers = cfg.ring.workers, "I/O workers started"),
         }
         snapshotter.metrics().attach_pool(pool.clone());
+        let limits = cas::unpack::Limits {
+            max_bytes: cfg.differ.max_layer_bytes,
+            max_ratio: cfg.differ.max_expansion,
+            ..cas::unpack::Limits::default()
+        };
+        snapshotter.attach_remote(cas_snapshotter::remote::Remote::new(
+            cfg.remote.clone(),
+            pool.clone(),
+            limits,
+        ));
         let differ = cas_snapshotter::diff::CasDiffer::new(snapshotter.clone(), cfg.differ.clone(), pool);
         differ.report_blob_reach();
         let listener = server::bind(&cfg.address)?;

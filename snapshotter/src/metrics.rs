@@ -20,6 +20,11 @@
 //! * Diff service: `diff_applies_total{result}` (`fast`: applied in one pass; `fallback`:
 //!   handed back to containerd's applier with `Unimplemented`; `failed`), and
 //!   `diff_uncompressed_bytes_total`;
+//! * partial pulls: `partial_layers_total{result}` (`pulled`, or why the layer was
+//!   pulled in full: `no_toc`, `no_tar_split`, `registry`, `registry_range`, `image`,
+//!   `toc`, `content`, `diff_id`, `store`), `partial_fetched_bytes_total` (fetched from
+//!   registries, TOCs included) and `partial_layer_bytes_total` (the compressed size
+//!   of those layers: what a full pull fetches);
 //! * I/O workers (`ringio`), read on scrape: `ring_backend{backend}` (1 for the one that
 //!   runs), `ring_queue_depth`, `ring_backpressure_waits`, `ring_bytes_read`,
 //!   `ring_bytes_written`.
@@ -72,6 +77,9 @@ pub struct Metrics {
     applies: Family<Labels, Counter>,
     applied_bytes: Counter,
     blob_reads: Family<Labels, Counter>,
+    partial_layers: Family<Labels, Counter>,
+    partial_fetched_bytes: Counter,
+    partial_layer_bytes: Counter,
     ring_backend: Family<Labels, Gauge>,
     image_unique_bytes: Family<Labels, Gauge>,
     image_shared_bytes: Family<Labels, Gauge>,
@@ -152,6 +160,9 @@ impl Metrics {
             applies: Family::default(),
             applied_bytes: Counter::default(),
             blob_reads: Family::default(),
+            partial_layers: Family::default(),
+            partial_fetched_bytes: Counter::default(),
+            partial_layer_bytes: Counter::default(),
             ring_backend: Family::default(),
             image_unique_bytes: Family::default(),
             image_shared_bytes: Family::default(),
@@ -228,6 +239,21 @@ impl Metrics {
             "savings_ratio",
             "1 - physical / logical",
             m.savings_ratio.clone(),
+        );
+        registry.register(
+            "partial_layers",
+            "Layers with a TOC on Prepare, by result (pulled partially, or why not)",
+            m.partial_layers.clone(),
+        );
+        registry.register(
+            "partial_fetched_bytes",
+            "Bytes partial pulls fetched from registries",
+            m.partial_fetched_bytes.clone(),
+        );
+        registry.register(
+            "partial_layer_bytes",
+            "Compressed bytes of the layers pulled partially",
+            m.partial_layer_bytes.clone(),
         );
         registry.register(
             "ingested_layers",
@@ -309,6 +335,40 @@ impl Metrics {
         self.applies
             .get_or_create(&vec![("result".to_string(), result.to_string())])
             .clone()
+    }
+
+    /// A layer pulled partially: `fetched` bytes of its `layer_bytes`.
+    pub fn partial_pulled(&self, fetched: u64, layer_bytes: u64) {
+        self.partial_result("pulled").inc();
+        self.partial_fetched_bytes.inc_by(fetched);
+        self.partial_layer_bytes.inc_by(layer_bytes);
+    }
+
+    /// A layer with labels for a partial pull that was pulled in full, and why.
+    pub fn partial_fallback(&self, reason: &str) {
+        self.partial_result(reason).inc();
+    }
+
+    fn partial_result(&self, result: &str) -> Counter {
+        self.partial_layers
+            .get_or_create(&vec![("result".to_string(), result.to_string())])
+            .clone()
+    }
+
+    /// Partial pulls since start: (pulled, pulled in full instead, fetched bytes,
+    /// layer bytes).
+    pub fn partial_counts(&self) -> (u64, u64, u64, u64) {
+        let pulled = self.partial_result("pulled").get();
+        let mut all = 0;
+        for reason in crate::remote::FALLBACK_REASONS {
+            all += self.partial_result(reason).get();
+        }
+        (
+            pulled,
+            all,
+            self.partial_fetched_bytes.get(),
+            self.partial_layer_bytes.get(),
+        )
     }
 
     /// Counts of applies since start.

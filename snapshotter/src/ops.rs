@@ -97,6 +97,9 @@ impl Reloader {
         if new.store != self.running.store {
             restart("store");
         }
+        if new.remote != self.running.remote {
+            restart("remote");
+        }
         if new.log.format != self.running.log.format {
             restart("log.format");
         }

@@ -34,6 +34,8 @@ pub struct CasSnapshotter {
     metrics: Arc<Metrics>,
     /// The Diff service's configuration, once it serves (for `casctl stats`).
     differ: std::sync::OnceLock<config::DifferConfig>,
+    /// Partial pulls, once configured.
+    remote: std::sync::OnceLock<crate::remote::Remote>,
 }
 
 impl CasSnapshotter {
@@ -80,11 +82,12 @@ impl CasSnapshotter {
             store: Arc::new(store),
             metrics,
             differ: std::sync::OnceLock::new(),
+            remote: std::sync::OnceLock::new(),
         })
     }
 
     /// Runs `f` on the store on a blocking thread.
-    async fn run<T: Send + 'static>(
+    pub(crate) async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Snapshots) -> Result<T, SnapshotError> + Send + 'static,
     ) -> Result<T, ServiceError> {
@@ -100,6 +103,19 @@ impl CasSnapshotter {
     /// Records the Diff service's configuration, so stats can say where it reads blobs.
     pub fn attach_differ(&self, cfg: config::DifferConfig) {
         let _ = self.differ.set(cfg);
+    }
+
+    /// Turns partial pulls on (see [`crate::remote`]).
+    pub fn attach_remote(&self, remote: crate::remote::Remote) {
+        let _ = self.remote.set(remote);
+    }
+
+    pub(crate) fn remote(&self) -> Option<&crate::remote::Remote> {
+        self.remote.get()
+    }
+
+    pub(crate) fn store(&self) -> &Arc<Snapshots> {
+        &self.store
     }
 
     /// The store layout.
@@ -144,11 +160,16 @@ impl CasSnapshotter {
     pub async fn stats(&self) -> Result<cas::admin::Stats, ServiceError> {
         let mut s = self.store_stats().await?;
         let c = self.metrics.apply_counts();
+        let partial = self.metrics.partial_counts();
         s.ingest_paths = Some(cas::admin::IngestPaths {
             fast_path_applies: c.fast,
             fallback_applies: c.fallback,
             failed_applies: c.failed,
             commit_ingests: c.commit_ingests,
+            partial_layers: partial.0,
+            partial_fallbacks: partial.1,
+            partial_fetched_bytes: partial.2,
+            partial_layer_bytes: partial.3,
             blobs_from_content_dir: c.blobs_from_content_dir,
             blobs_from_content_api: c.blobs_from_content_api,
             io_backend: self.metrics.ring_backend().map(str::to_string),
@@ -255,6 +276,9 @@ impl Snapshotter for CasSnapshotter {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, Self::Error> {
+        if let Some(target) = self.prepare_remote(&key, &parent, &labels).await {
+            return Err(SnapshotError::AlreadyExists(target).into());
+        }
         self.create(Kind::Active, key, parent, labels).await
     }
 

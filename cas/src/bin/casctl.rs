@@ -128,6 +128,16 @@ fn print_stats(s: &Stats) {
                 p.blobs_from_content_dir, p.blobs_from_content_api
             );
         }
+        if p.partial_layers + p.partial_fallbacks > 0 {
+            println!(
+                "partial pulls:        {} layers, {} of their {} fetched ({} avoided); {} layers with a TOC pulled in full",
+                p.partial_layers,
+                human_bytes(p.partial_fetched_bytes),
+                human_bytes(p.partial_layer_bytes),
+                human_bytes(p.partial_layer_bytes.saturating_sub(p.partial_fetched_bytes)),
+                p.partial_fallbacks
+            );
+        }
         if let Some(b) = &p.io_backend {
             println!("io backend:           {b}");
         }
@@ -340,7 +350,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             match cmd {
                 Cmd::Stats => {
                     admin::ensure_counters(&layout, &meta)?;
-                    AdminResponse::Stats(admin::stats(&layout, &meta)?)
+                    AdminResponse::Stats(Box::new(admin::stats(&layout, &meta)?))
                 }
                 Cmd::Images => AdminResponse::Images(cas::sharing::chain_usage(&layout, &meta)?),
                 Cmd::Fsck { verify_objects } => {

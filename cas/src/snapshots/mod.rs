@@ -565,6 +565,16 @@ impl Snapshots {
         })
     }
 
+    /// Whether the store holds the object `digest`.
+    pub fn has_object(&self, digest: &Digest) -> bool {
+        self.objects.contains(digest)
+    }
+
+    /// Opens the object `digest` for reading.
+    pub fn open_object(&self, digest: &Digest) -> io::Result<fs::File> {
+        fs::File::open(self.objects.path(digest))
+    }
+
     /// Changes the labels of `key`; returns the new record.
     pub fn update_labels(&self, key: &str, changes: &[LabelChange]) -> Result<Record> {
         let _w = self.write_lock();

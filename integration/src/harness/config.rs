@@ -40,6 +40,9 @@ pub struct ContainerdOptions {
     /// default): containerd then hands user namespaces' mappings to Prepare instead of
     /// chowning a copy.
     pub remap_ids: bool,
+    /// Whether 2.x passes the layers' labels to Prepare (`[proxy_plugins.cas.exports]
+    /// enable_remote_snapshot_annotations`), for partial pulls.
+    pub remote_snapshot_annotations: bool,
 }
 
 impl Default for ContainerdOptions {
@@ -51,6 +54,7 @@ impl Default for ContainerdOptions {
             plain_http_registries: Vec::new(),
             snapshotter_root: None,
             remap_ids: true,
+            remote_snapshot_annotations: false,
         }
     }
 }
@@ -167,12 +171,19 @@ disabled_plugins = [{disabled}]
         } else {
             ""
         },
-        exports = match (&opts.snapshotter_root, v3) {
-            (Some(root), true) => format!(
-                "    [proxy_plugins.cas.exports]\n      root = \"{}\"\n",
-                root.display()
-            ),
-            _ => String::new(),
+        exports = {
+            let mut e = String::new();
+            if let (Some(root), true) = (&opts.snapshotter_root, v3) {
+                e += &format!("      root = \"{}\"\n", root.display());
+            }
+            if v3 && opts.remote_snapshot_annotations {
+                e += "      enable_remote_snapshot_annotations = \"true\"\n";
+            }
+            if e.is_empty() {
+                e
+            } else {
+                format!("    [proxy_plugins.cas.exports]\n{e}")
+            }
         },
         cv = if v3 { 3 } else { 2 },
         disabled = disabled

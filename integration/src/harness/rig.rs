@@ -93,7 +93,13 @@ impl Rig {
         let bin = workspace_bin("cas-snapshotter", "CAS_SNAPSHOTTER_BIN")?;
         // The differ reads blobs from this test's containerd, never the host's.
         let ctrd = d.join("containerd");
-        let mut text = opts.daemon_config.clone().unwrap_or_default();
+        // `{containerd}` in the daemon's config: this rig's containerd directory (its
+        // `certs.d` holds the registries' hosts.toml)
+        let mut text = opts
+            .daemon_config
+            .clone()
+            .unwrap_or_default()
+            .replace("{containerd}", &ctrd.display().to_string());
         if !text.contains("[differ]") {
             text += &match &opts.content_dir {
                 Some(dir) => differ_section(dir, &ctrd),
