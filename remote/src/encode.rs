@@ -30,7 +30,7 @@ pub struct Encoded {
 }
 
 /// What to write besides the contents.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Options {
     /// Write the tar-split (and its digest in the TOC).
     pub tar_split: bool,
@@ -38,6 +38,13 @@ pub struct Options {
     pub old_annotations: bool,
     /// zstd level.
     pub level: i32,
+    /// Changes the TOC before it is written (bad input for tests); the annotations
+    /// describe what is written.
+    pub mangle_toc: Option<fn(&mut serde_json::Value)>,
+    /// Changes the tar-split before it is written.
+    pub mangle_tar_split: Option<fn(&mut Vec<u8>)>,
+    /// Gives the manifest a TOC checksum that is not the TOC's.
+    pub wrong_toc_checksum: bool,
 }
 
 impl Default for Options {
@@ -46,6 +53,9 @@ impl Default for Options {
             tar_split: true,
             old_annotations: false,
             level: 3,
+            mangle_toc: None,
+            mangle_tar_split: None,
+            wrong_toc_checksum: false,
         }
     }
 }
@@ -165,8 +175,14 @@ pub fn encode(tar: &[u8], opts: Options) -> io::Result<Encoded> {
     frame(&mut blob, &tar[cursor..], opts.level)?;
     segment(&mut split, &tar[cursor..], &mut position);
 
+    if let Some(m) = opts.mangle_tar_split {
+        m(&mut split);
+    }
     let split_z = zstd::bulk::compress(&split, opts.level)?;
     let mut toc = json!({"version": 1, "entries": entries});
+    if let Some(m) = opts.mangle_toc {
+        m(&mut toc);
+    }
     if opts.tar_split {
         toc["tarSplitDigest"] = json!(format!("sha256:{}", Digest::of(&split_z).hex()));
     }
@@ -213,7 +229,14 @@ pub fn encode(tar: &[u8], opts: Options) -> io::Result<Encoded> {
     );
     annotations.insert(
         format!("{prefix}manifest-checksum"),
-        format!("sha256:{}", Digest::of(&toc_z).hex()),
+        format!(
+            "sha256:{}",
+            if opts.wrong_toc_checksum {
+                Digest::of(b"another TOC").hex()
+            } else {
+                Digest::of(&toc_z).hex()
+            }
+        ),
     );
     if opts.tar_split {
         annotations.insert(
