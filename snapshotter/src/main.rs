@@ -116,6 +116,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         ));
         let differ = cas_snapshotter::diff::CasDiffer::new(snapshotter.clone(), cfg.differ.clone(), pool);
         differ.report_blob_reach();
+        let stop = server::StopSignals::install();
         let listener = server::bind(&cfg.address)?;
         let admin = cas_snapshotter::admin::bind(&snapshotter)?;
         let (gc_tx, gc_rx) = tokio::sync::watch::channel(cfg.gc.interval);
@@ -134,7 +135,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             .run(),
         );
         info!(root = %cfg.root.display(), address = %cfg.address.display(), gc_interval = ?cfg.gc.interval, "serving containerd's Snapshots and Diff APIs");
-        server::serve(snapshotter.clone(), differ, listener, &cfg.address, admin).await?;
+        server::serve(snapshotter.clone(), differ, listener, &cfg.address, admin, stop).await?;
         snapshotter
             .shutdown()
             .await

@@ -84,29 +84,46 @@ pub fn bind_socket(address: &Path) -> Result<UnixListener, ServeError> {
     UnixListener::bind(address).map_err(socket_err(address))
 }
 
-/// Waits for SIGTERM or SIGINT.
-async fn stop_signal() {
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        warn!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received, stopping"),
-        _ = int.recv() => info!("SIGINT received, stopping"),
+/// SIGTERM and SIGINT, caught from before the socket exists: a stop that comes as soon
+/// as the socket appears is an orderly stop too.
+pub struct StopSignals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl StopSignals {
+    /// Installs the handlers (inside the runtime).
+    pub fn install() -> StopSignals {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => StopSignals(Some((term, int))),
+            _ => {
+                warn!("cannot install signal handlers; stop with SIGKILL");
+                StopSignals(None)
+            }
+        }
+    }
+
+    /// Waits for SIGTERM or SIGINT.
+    async fn wait(&mut self) {
+        let Some((term, int)) = self.0.as_mut() else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received, stopping"),
+            _ = int.recv() => info!("SIGINT received, stopping"),
+        }
     }
 }
 
 /// Serves the Snapshots and Diff APIs on `listener` and the admin socket on `admin`
-/// until a stop signal.
+/// until a stop signal (`stop`).
 pub async fn serve(
     snapshotter: Arc<CasSnapshotter>,
     differ: crate::diff::CasDiffer,
     listener: UnixListener,
     address: &Path,
     admin: UnixListener,
+    mut stop: StopSignals,
 ) -> Result<(), ServeError> {
     let admin_path = snapshotter.layout().admin_socket();
     let admin_task = tokio::spawn(crate::admin::serve(snapshotter.clone(), admin));
@@ -123,7 +140,7 @@ pub async fn serve(
     let mut server = std::pin::pin!(server);
     tokio::select! {
         res = &mut server => { res?; }
-        _ = stop_signal() => {
+        _ = stop.wait() => {
             let _ = stop_tx.send(());
             if tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await.is_err() {
                 warn!("requests still running after {:?}; stopping anyway", DRAIN_TIMEOUT);
