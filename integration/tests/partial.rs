@@ -14,11 +14,19 @@ use std::process::Command;
 use anyhow::{bail, Result};
 use cas_integration::chunked::{convert, with_extra_file};
 use cas_integration::fixture::BASE_RELEASE;
-use cas_integration::harness::{require_root, ContainerdOptions, Rig, RigOptions};
+use cas_integration::harness::{
+    require_root, ContainerdOptions, Fault, RegistryProxy, Rig, RigOptions,
+};
 use cas_integration::registry::push_layout;
 use remote::encode::Options;
 
 fn rig(verify: &str) -> Result<Option<Rig>> {
+    rig_with(verify, "{containerd}/certs.d")
+}
+
+/// A rig whose daemon reads its registries' `hosts.toml` from `hosts` (`{containerd}`:
+/// the rig's containerd directory).
+fn rig_with(verify: &str, hosts: &str) -> Result<Option<Rig>> {
     let mut containerd = ContainerdOptions::cached("2");
     if !require_root() || !containerd.bin.available() {
         return Ok(None);
@@ -27,7 +35,7 @@ fn rig(verify: &str) -> Result<Option<Rig>> {
     let rig = Rig::start_with(RigOptions {
         containerd,
         daemon_config: Some(format!(
-            "[remote]\nverify = \"{verify}\"\nconfig_path = \"{{containerd}}/certs.d\"\n"
+            "[remote]\nverify = \"{verify}\"\nconfig_path = \"{hosts}\"\n"
         )),
         ..RigOptions::default()
     })?;
@@ -289,6 +297,94 @@ fn bad_layers_fall_back_to_a_full_pull_and_leave_nothing() -> Result<()> {
     assert!(left.is_empty(), "{left:?}");
     let fsck = rig.fsck_report()?;
     assert_eq!(fsck["unreferenced_objects"], 0, "{fsck}");
+    let (code, out) = rig.casctl(&["fsck"])?;
+    assert_eq!(code, 0, "{out}");
+    Ok(())
+}
+
+/// Through a proxy that counts what the registry serves the daemon: a partial pull
+/// costs the registry the bytes the daemon says it fetched (plus the manifest and the
+/// config). Then the proxy misbehaves: ignores `Range` (the whole blob, `200`), drops
+/// the connection halfway through a range, demands credentials the daemon lacks. Each
+/// time the layer is pulled in full by containerd, the tree is overlayfs's, and the log
+/// says why.
+#[test]
+#[ignore = "needs root, containerd 2.x, runc and a registry (make e2e runs it)"]
+fn a_registry_that_misbehaves_means_a_full_pull() -> Result<()> {
+    let Some(rig) = rig_with("diff-id", "{containerd}/../daemon-certs.d")? else {
+        return Ok(());
+    };
+    let reg = rig.registry.addr.clone();
+    let proxy = RegistryProxy::start(&reg)?;
+    let hosts = rig.dir.path().join("daemon-certs.d").join(&reg);
+    std::fs::create_dir_all(&hosts)?;
+    std::fs::write(
+        hosts.join("hosts.toml"),
+        format!("server = \"http://{}\"\n", proxy.addr),
+    )?;
+    let image = |name: &str| -> Result<String> {
+        let img = convert(
+            &rig.base.layout_dir,
+            &rig.dir.path().join(format!("proxy-{name}")),
+            Options::default(),
+            |_, t| with_extra_file(t, "etc/case", name.as_bytes()),
+        )?;
+        push_layout(&img.layout_dir, &reg, &format!("proxy/{name}"), "1")?;
+        Ok(format!("{reg}/proxy/{name}:1"))
+    };
+
+    let ok = image("ok")?;
+    rig.pull("cas", &ok).map_err(|e| e.context(rig.logs()))?;
+    let (pulled, fallbacks, fetched, _) = partial(&rig)?;
+    assert!(pulled > 0 && fallbacks == 0, "{}", rig.logs());
+    let served = proxy.body_bytes();
+    eprintln!("the registry served {served} bytes; the daemon counted {fetched} fetched");
+    assert!(
+        served >= fetched && served < fetched + (64 << 10),
+        "served {served}, fetched {fetched}"
+    );
+    assert!(proxy.requests().1 > 0);
+
+    for (fault, name, reason, says) in [
+        (
+            Fault::IgnoreRange,
+            "no-range",
+            "registry_range",
+            "200 OK with the whole blob",
+        ),
+        (
+            Fault::DropMidRange,
+            "dropped",
+            "registry_range",
+            "did not answer the range request",
+        ),
+        (Fault::RequireAuth, "auth", "registry", "401"),
+    ] {
+        proxy.set_fault(fault);
+        let r = image(name)?;
+        let before = partial(&rig)?;
+        rig.pull("cas", &r).map_err(|e| e.context(rig.logs()))?;
+        let after = partial(&rig)?;
+        assert_eq!(
+            after.0,
+            before.0,
+            "{name}: pulled partially\n{}",
+            rig.logs()
+        );
+        assert!(after.1 > before.1, "{name}: {}", rig.logs());
+        let log = rig.daemon.log();
+        assert!(
+            log.contains(&format!("reason=\"{reason}\""))
+                || log.contains(&format!("reason={reason}")),
+            "{name}: no fallback saying {reason}:\n{log}"
+        );
+        assert!(
+            log.contains(says),
+            "{name}: the log does not say {says:?}:\n{log}"
+        );
+        rig.pull("overlayfs", &r)?;
+        rig.assert_same_tree(&r, name)?;
+    }
     let (code, out) = rig.casctl(&["fsck"])?;
     assert_eq!(code, 0, "{out}");
     Ok(())

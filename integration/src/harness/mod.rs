@@ -20,6 +20,7 @@ mod daemon;
 mod loopfs;
 mod oci_registry;
 mod process;
+mod registry_proxy;
 mod rig;
 
 pub use config::*;
@@ -28,6 +29,7 @@ pub use daemon::*;
 pub use loopfs::*;
 pub use oci_registry::*;
 pub use process::*;
+pub use registry_proxy::*;
 pub use rig::*;
 
 use std::path::{Path, PathBuf};
