@@ -20,8 +20,15 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry storing under `dir`.
     pub fn start(dir: &Path) -> Result<Registry> {
-        fs::create_dir_all(dir.join("storage"))?;
         let addr = format!("127.0.0.1:{}", free_port()?);
+        Self::start_at(dir, &addr, None)
+    }
+
+    /// Starts a registry storing under `dir`, serving `addr`, inside the network
+    /// namespace `netns` when given (`ip netns exec`).
+    pub fn start_at(dir: &Path, addr: &str, netns: Option<&str>) -> Result<Registry> {
+        fs::create_dir_all(dir.join("storage"))?;
+        let addr = addr.to_string();
         let cfg = dir.join("config.yml");
         fs::write(
             &cfg,
@@ -30,10 +37,15 @@ impl Registry {
                 dir.join("storage").display()
             ),
         )?;
-        let mut proc = Proc::spawn(
-            Command::new("docker-registry").arg("serve").arg(&cfg),
-            &dir.join("registry.log"),
-        )?;
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "docker-registry"]);
+                c
+            }
+            None => Command::new("docker-registry"),
+        };
+        let mut proc = Proc::spawn(cmd.arg("serve").arg(&cfg), &dir.join("registry.log"))?;
         let url = format!("http://{addr}/v2/");
         let up = wait_until("the registry", Duration::from_secs(15), || {
             ureq::get(&url).call().is_ok()

@@ -46,6 +46,7 @@ mod engine;
 mod gc;
 mod images;
 mod layout;
+mod partial;
 mod perf;
 mod plot;
 mod scale;
@@ -98,6 +99,9 @@ enum Cmd {
     /// Stores of growing size: request latencies, stats, GC of 1%, memory, disk per
     /// object and recovery against the number of objects.
     Scale(scale::ScaleArgs),
+    /// Pulls over a shaped link: overlayfs's full pull against cas's partial pull of the
+    /// same zstd:chunked images, v1 then a near-duplicate v2.
+    Partial(partial::PartialArgs),
 }
 
 fn main() -> ExitCode {
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
         Cmd::Layout(a) => layout::run(&a),
         Cmd::Gc(a) => gc::run(&a),
         Cmd::Scale(a) => scale::run(&a),
+        Cmd::Partial(a) => partial::run(&a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
