@@ -389,3 +389,70 @@ fn a_registry_that_misbehaves_means_a_full_pull() -> Result<()> {
     assert_eq!(code, 0, "{out}");
     Ok(())
 }
+
+/// Kubernetes: containerd 2.x's CRI pulls through the transfer service, which passes the
+/// layers' labels when the export is set; a near-duplicate image pulled by kubelet's
+/// PullImage fetches only what the node lacks.
+#[test]
+#[ignore = "needs root, containerd 2.x, runc and a registry (make e2e runs it)"]
+fn cri_pulls_are_partial_too() -> Result<()> {
+    let mut containerd = ContainerdOptions::cached("2");
+    if !require_root() || !containerd.bin.available() {
+        return Ok(());
+    }
+    containerd.remote_snapshot_annotations = true;
+    let rig = Rig::start_with(RigOptions {
+        containerd,
+        cri: true,
+        daemon_config: Some("[remote]\nconfig_path = \"{containerd}/certs.d\"\n".into()),
+        ..RigOptions::default()
+    })?;
+    let d = rig.dir.path();
+    let reg = rig.registry.addr.clone();
+    let base = convert(
+        &rig.base.layout_dir,
+        &d.join("cri-base"),
+        Options::default(),
+        |_, t| Ok(t),
+    )?;
+    push_layout(&base.layout_dir, &reg, "cri/base", "1")?;
+    let near = convert(
+        &rig.base.layout_dir,
+        &d.join("cri-near"),
+        Options::default(),
+        |_, t| with_extra_file(t, "etc/rebuilt", b"another build\n"),
+    )?;
+    push_layout(&near.layout_dir, &reg, "cri/near", "1")?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let pull = |image: String| -> Result<()> {
+        rt.block_on(async {
+            let mut cri = cas_integration::cri::CriClient::connect(&rig.containerd.sock).await?;
+            cri.images
+                .pull_image(cas_integration::cri::api::PullImageRequest {
+                    image: Some(cas_integration::cri::api::ImageSpec {
+                        image,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await?;
+            anyhow::Ok(())
+        })
+    };
+    pull(format!("{reg}/cri/base:1")).map_err(|e| e.context(rig.logs()))?;
+    let (layers, fallbacks, fetched, layer_bytes) = partial(&rig)?;
+    assert_eq!(
+        (layers, fallbacks),
+        (base.layer_digests.len() as u64, 0),
+        "{}",
+        rig.logs()
+    );
+    pull(format!("{reg}/cri/near:1")).map_err(|e| e.context(rig.logs()))?;
+    let (layers2, fallbacks2, fetched2, layer_bytes2) = partial(&rig)?;
+    assert!(layers2 > layers && fallbacks2 == 0, "{}", rig.logs());
+    let (f, l) = (fetched2 - fetched, layer_bytes2 - layer_bytes);
+    assert!(f * 20 < l, "near-duplicate fetched {f} of {l} bytes");
+    let (code, out) = rig.casctl(&["fsck"])?;
+    assert_eq!(code, 0, "{out}");
+    Ok(())
+}

@@ -250,3 +250,158 @@ pub fn encode(tar: &[u8], opts: Options) -> io::Result<Encoded> {
         diff_id: Digest::of_reader(tar)?.0,
     })
 }
+
+/// A written eStargz layer.
+#[derive(Debug, Clone)]
+pub struct EncodedEstargz {
+    /// The blob.
+    pub blob: Vec<u8>,
+    /// The layer descriptor's annotations (the TOC digest).
+    pub annotations: BTreeMap<String, String>,
+    /// The digest of the uncompressed blob (the diffID).
+    pub diff_id: Digest,
+}
+
+/// `data` as one gzip member (for tests that damage a layer).
+pub fn gzip_member_for_tests(data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    gzip_member(&mut v, data).expect("in memory");
+    v
+}
+
+fn gzip_member(out: &mut Vec<u8>, data: &[u8]) -> io::Result<()> {
+    use std::io::Write as _;
+    if data.is_empty() {
+        return Ok(());
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(data)?;
+    out.extend_from_slice(&gz.finish()?);
+    Ok(())
+}
+
+/// Writes the uncompressed layer `tar` as eStargz (as the stargz-snapshotter's writer
+/// lays it out): each chunk of at most `chunk_size` content bytes a gzip member of its
+/// own, headers and padding in members between them, then the TOC entry's member and
+/// the 51-byte footer.
+pub fn encode_estargz(tar: &[u8], chunk_size: u64) -> io::Result<EncodedEstargz> {
+    let mut blob = Vec::new();
+    let mut entries = Vec::new();
+    let mut cursor = 0usize;
+    let mut end_of_entries = 0usize;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let mut archive = tar::Archive::new(tar);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let h = entry.header().clone();
+        let name = String::from_utf8_lossy(&entry.path_bytes())
+            .trim_end_matches('/')
+            .to_string();
+        let link = entry
+            .link_name_bytes()
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .unwrap_or_default();
+        let mut xattrs = serde_json::Map::new();
+        if let Some(pax) = entry.pax_extensions()? {
+            for ext in pax {
+                let ext = ext?;
+                if let Some(x) = ext.key().unwrap_or_default().strip_prefix("SCHILY.xattr.") {
+                    xattrs.insert(x.to_string(), json!(b64(ext.value_bytes())));
+                }
+            }
+        }
+        let kind = match h.entry_type() {
+            tar::EntryType::Regular | tar::EntryType::Continuous => "reg",
+            tar::EntryType::Directory => "dir",
+            tar::EntryType::Symlink => "symlink",
+            tar::EntryType::Link => "hardlink",
+            tar::EntryType::Char => "char",
+            tar::EntryType::Block => "block",
+            tar::EntryType::Fifo => "fifo",
+            _ => continue,
+        };
+        let size = if kind == "reg" { h.size()? } else { 0 };
+        let mut e = json!({
+            "name": name, "type": kind, "mode": h.mode()?, "uid": h.uid()?, "gid": h.gid()?,
+            "modtime": rfc3339(h.mtime()? as i64, 0),
+        });
+        if !link.is_empty() {
+            e["linkName"] = json!(link);
+        }
+        if !xattrs.is_empty() {
+            e["xattrs"] = serde_json::Value::Object(xattrs);
+        }
+        if kind == "char" || kind == "block" {
+            e["devMajor"] = json!(h.device_major().ok().flatten().unwrap_or(0));
+            e["devMinor"] = json!(h.device_minor().ok().flatten().unwrap_or(0));
+        }
+        let start = entry.raw_file_position() as usize;
+        let mut content = Vec::with_capacity(size as usize);
+        entry.read_to_end(&mut content)?;
+        if size == 0 {
+            entries.push(e);
+            end_of_entries = start;
+            continue;
+        }
+        gzip_member(&mut blob, &tar[cursor..start])?;
+        e["size"] = json!(size);
+        e["digest"] = json!(format!("sha256:{}", Digest::of(&content).hex()));
+        let mut chunk_entries = Vec::new();
+        for (i, chunk) in content.chunks(chunk_size.max(1) as usize).enumerate() {
+            let offset = blob.len() as u64;
+            gzip_member(&mut blob, chunk)?;
+            let chunk_offset = i as u64 * chunk_size;
+            if i == 0 {
+                e["offset"] = json!(offset);
+                if content.len() as u64 > chunk_size {
+                    e["chunkSize"] = json!(chunk.len());
+                }
+            } else {
+                chunk_entries.push(json!({
+                    "name": name, "type": "chunk", "offset": offset,
+                    "chunkOffset": chunk_offset, "chunkSize": chunk.len(),
+                }));
+            }
+        }
+        entries.push(e);
+        entries.extend(chunk_entries);
+        cursor = start + size as usize;
+        end_of_entries = cursor + ((512 - size as usize % 512) % 512);
+    }
+    // the entries' last bytes (headers of empty entries, padding); the end-of-archive
+    // blocks come after the TOC entry
+    gzip_member(&mut blob, &tar[cursor..end_of_entries.max(cursor)])?;
+    let toc = json!({"version": 1, "entries": entries});
+    let toc_json = serde_json::to_vec_pretty(&toc)?;
+    let mut toc_tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o444);
+    h.set_size(toc_json.len() as u64);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    toc_tar.append_data(&mut h, crate::estargz::TOC_NAME, &toc_json[..])?;
+    let toc_tar = toc_tar.into_inner()?;
+    let toc_at = blob.len() as u64;
+    gzip_member(&mut blob, &toc_tar)?;
+    let mut footer = vec![
+        0x1f, 0x8b, 0x08, 0x04, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0,
+    ];
+    footer.extend_from_slice(format!("{toc_at:016x}STARGZ").as_bytes());
+    footer.extend_from_slice(&[0x01, 0x00, 0x00, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
+    debug_assert_eq!(footer.len() as u64, crate::estargz::FOOTER_SIZE);
+    blob.extend_from_slice(&footer);
+    let mut uncompressed = Vec::new();
+    flate2::read::MultiGzDecoder::new(&blob[..]).read_to_end(&mut uncompressed)?;
+    let mut annotations = BTreeMap::new();
+    annotations.insert(
+        crate::estargz::TOC_DIGEST.to_string(),
+        format!("sha256:{}", Digest::of(&toc_json).hex()),
+    );
+    Ok(EncodedEstargz {
+        diff_id: Digest::of(&uncompressed),
+        blob,
+        annotations,
+    })
+}

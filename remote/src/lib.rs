@@ -9,6 +9,7 @@
 //! original archive, so its digest is checked against the image's diffID.
 //!
 //! * [`toc`]: annotations, the TOC and its checks;
+//! * [`estargz`]: eStargz layers (footer, TOC member);
 //! * [`tarsplit`]: the archive's bytes other than contents;
 //! * [`stream`]: which files are fetched ([`stream::plan`]) and the assembled stream;
 //! * [`pull`]: the layer a Prepare's labels name, opened on its registry;
@@ -16,6 +17,7 @@
 //! * [`encode`]: a zstd:chunked writer for tests and benchmarks.
 
 pub mod encode;
+pub mod estargz;
 pub mod pull;
 pub mod registry;
 pub mod stream;

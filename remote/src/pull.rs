@@ -87,8 +87,8 @@ pub struct RemoteLayer {
     pub digest: String,
     /// The blob's size.
     pub size: u64,
-    /// Where its TOC is.
-    pub meta: ChunkedLayer,
+    /// `zstd:chunked` or `eStargz`.
+    pub format: &'static str,
     /// Its TOC and tar-split.
     pub toc: LayerToc,
     /// The image config's diffID of the layer.
@@ -97,7 +97,8 @@ pub struct RemoteLayer {
     pub fetched: Arc<AtomicU64>,
 }
 
-/// Opens the layer `r`: `Ok(None)` when it has no TOC (not zstd:chunked).
+/// Opens the layer `r`: `Ok(None)` when it has no TOC (neither zstd:chunked nor
+/// eStargz).
 pub async fn open(regs: &Registries, r: &LayerRef) -> Result<Option<RemoteLayer>, PullError> {
     let repo = Arc::new(regs.repository(&r.image).await?);
     let manifest = repo.manifest(&r.manifest).await?;
@@ -124,17 +125,28 @@ pub async fn open(regs: &Registries, r: &LayerRef) -> Result<Option<RemoteLayer>
                 .collect()
         })
         .unwrap_or_default();
-    let Some(meta) = ChunkedLayer::from_annotations(&annotations).map_err(LayerError::from)? else {
-        return Ok(None);
-    };
     let size = desc["size"]
         .as_u64()
         .ok_or_else(|| PullError::Image(format!("layer {} has no size", r.layer)))?;
-    if meta.toc.end() > size || meta.tar_split.is_some_and(|t| t.end() > size) {
-        return Err(PullError::Image(format!(
-            "layer {}: its TOC or tar-split lies beyond the blob's {size} bytes",
-            r.layer
-        )));
+    let chunked = ChunkedLayer::from_annotations(&annotations).map_err(LayerError::from)?;
+    let estargz_digest = annotations
+        .get(crate::estargz::TOC_DIGEST)
+        .map(|d| {
+            d.parse::<Digest>().map_err(|_| {
+                PullError::Image(format!("layer {}: {d:?} is not a TOC digest", r.layer))
+            })
+        })
+        .transpose()?;
+    if chunked.is_none() && estargz_digest.is_none() {
+        return Ok(None);
+    }
+    if let Some(meta) = &chunked {
+        if meta.toc.end() > size || meta.tar_split.is_some_and(|t| t.end() > size) {
+            return Err(PullError::Image(format!(
+                "layer {}: its TOC or tar-split lies beyond the blob's {size} bytes",
+                r.layer
+            )));
+        }
     }
     let config_digest = manifest["config"]["digest"]
         .as_str()
@@ -151,24 +163,54 @@ pub async fn open(regs: &Registries, r: &LayerRef) -> Result<Option<RemoteLayer>
             ))
         })?;
     let fetched = Arc::new(AtomicU64::new(0));
-    let toc_z = repo
-        .range(&r.layer, meta.toc.offset, meta.toc.end())
-        .await?;
-    fetched.fetch_add(toc_z.len() as u64, Ordering::Relaxed);
-    let split_z = match meta.tar_split {
-        Some(t) => {
-            let b = repo.range(&r.layer, t.offset, t.end()).await?;
+    let get = |start: u64, end: u64| {
+        let (repo, fetched, layer) = (repo.clone(), fetched.clone(), r.layer.clone());
+        async move {
+            let b = repo.range(&layer, start, end).await?;
             fetched.fetch_add(b.len() as u64, Ordering::Relaxed);
-            Some(b)
+            Ok::<_, PullError>(b)
         }
-        None => None,
     };
-    let toc = LayerToc::from_parts(&meta, &toc_z, split_z.as_deref())?;
+    let (toc, format) = match (&chunked, estargz_digest) {
+        (Some(meta), _) => {
+            let toc_z = get(meta.toc.offset, meta.toc.end()).await?;
+            let split_z = match meta.tar_split {
+                Some(t) => Some(get(t.offset, t.end()).await?),
+                None => None,
+            };
+            (
+                LayerToc::from_parts(meta, &toc_z, split_z.as_deref())?,
+                "zstd:chunked",
+            )
+        }
+        (None, Some(digest)) => {
+            let tail_start = size.saturating_sub(crate::estargz::FOOTER_SIZE);
+            let tail = get(tail_start, size).await?;
+            let (toc_at, footer) = crate::estargz::toc_offset(&tail).map_err(LayerError::from)?;
+            if toc_at >= size - footer {
+                return Err(PullError::Image(format!(
+                    "layer {}: its TOC offset {toc_at} lies beyond the blob's {size} bytes",
+                    r.layer
+                )));
+            }
+            let member = get(toc_at, size - footer).await?;
+            let toc = crate::estargz::parse_toc_member(&member, &digest, toc_at)
+                .map_err(LayerError::from)?;
+            (
+                LayerToc {
+                    toc,
+                    tar_split: None,
+                },
+                "eStargz",
+            )
+        }
+        (None, None) => unreachable!("returned above"),
+    };
     Ok(Some(RemoteLayer {
         repo,
         digest: r.layer.clone(),
         size,
-        meta,
+        format,
         toc,
         diff_id,
         fetched,

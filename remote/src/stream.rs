@@ -242,7 +242,9 @@ fn steps_from_toc(toc: &Toc) -> VecDeque<Step> {
             }
         }
     }
-    steps.push_back(Step::Bytes(vec![0; 1024]));
+    steps.push_back(Step::Bytes(
+        toc.trailer.clone().unwrap_or_else(|| vec![0; 1024]),
+    ));
     steps
 }
 
@@ -408,7 +410,17 @@ enum Current {
         produced: u64,
         entry: usize,
     },
+    /// eStargz: chunk by chunk, each gzip member decoded whole (chunks are small).
+    Gzip {
+        next_chunk: usize,
+        hasher: Sha256,
+        produced: u64,
+        entry: usize,
+    },
 }
+
+/// Largest eStargz chunk accepted, compressed or not (the format's default is 4 MiB).
+pub const MAX_GZIP_CHUNK: u64 = 64 << 20;
 
 /// The layer's tar stream (see the module docs).
 pub struct LayerStream<S: ObjectSource> {
@@ -470,6 +482,14 @@ impl<S: ObjectSource> LayerStream<S> {
     fn open(&mut self, i: usize) -> Result<Current, AssembleError> {
         let e = &self.toc.entries[i];
         let (digest, (start, end)) = (e.digest.expect("planned"), e.range.expect("planned"));
+        if self.fetch[i] && self.toc.frames == crate::toc::Frames::Gzip {
+            return Ok(Current::Gzip {
+                next_chunk: 0,
+                hasher: Sha256::new(),
+                produced: 0,
+                entry: i,
+            });
+        }
         if self.fetch[i] {
             let decoder = Decoder::new().map_err(|err| AssembleError::Decompress {
                 name: e.name.clone(),
@@ -528,6 +548,59 @@ impl<S: ObjectSource> LayerStream<S> {
                 }
                 *left -= n as u64;
                 self.buf.extend_from_slice(&self.scratch[..n]);
+                Ok(true)
+            }
+            Current::Gzip {
+                next_chunk,
+                hasher,
+                produced,
+                entry,
+            } => {
+                let e = &self.toc.entries[*entry];
+                let Some(c) = e.chunks.get(*next_chunk).copied() else {
+                    let actual = Digest::from_bytes(std::mem::take(hasher).finalize().into());
+                    let expected = e.digest.expect("planned");
+                    if actual != expected {
+                        return Err(AssembleError::ContentDigest {
+                            name: e.name.clone(),
+                            expected,
+                            actual,
+                        });
+                    }
+                    return Ok(false);
+                };
+                if c.end - c.start > MAX_GZIP_CHUNK || c.size > MAX_GZIP_CHUNK {
+                    return Err(AssembleError::Decompress {
+                        name: e.name.clone(),
+                        reason: format!("a chunk of {} bytes is larger than allowed", c.size),
+                    });
+                }
+                let mut compressed = Vec::with_capacity((c.end - c.start) as usize);
+                let mut pos = c.start;
+                while pos < c.end {
+                    let part = self.cursor.slice(pos, c.end)?;
+                    compressed.extend_from_slice(part);
+                    pos += part.len() as u64;
+                }
+                let mut content = Vec::with_capacity(c.size as usize);
+                flate2::read::MultiGzDecoder::new(&compressed[..])
+                    .take(c.size)
+                    .read_to_end(&mut content)
+                    .map_err(|err| AssembleError::Decompress {
+                        name: e.name.clone(),
+                        reason: err.to_string(),
+                    })?;
+                if content.len() as u64 != c.size {
+                    return Err(AssembleError::ContentSize {
+                        name: e.name.clone(),
+                        expected: e.size,
+                        actual: *produced + content.len() as u64,
+                    });
+                }
+                *produced += c.size;
+                *next_chunk += 1;
+                hasher.update(&content);
+                self.buf.extend_from_slice(&content);
                 Ok(true)
             }
             Current::Fetched {

@@ -193,6 +193,53 @@ fn assemble(
     (r, failure, p)
 }
 
+type Described = (
+    String,
+    tar::EntryType,
+    u32,
+    u64,
+    u64,
+    u64,
+    Option<Vec<u8>>,
+    Digest,
+    Vec<(String, Vec<u8>)>,
+);
+
+/// The entries of an archive: what the tree they make depends on.
+fn describe(bytes: &[u8]) -> Vec<Described> {
+    let mut a = tar::Archive::new(bytes);
+    let mut v = Vec::new();
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        let h = e.header().clone();
+        let mut xattrs = Vec::new();
+        if let Some(pax) = e.pax_extensions().unwrap() {
+            for x in pax {
+                let x = x.unwrap();
+                if x.key().unwrap().starts_with("SCHILY.xattr.") {
+                    xattrs.push((x.key().unwrap().to_string(), x.value_bytes().to_vec()));
+                }
+            }
+        }
+        let mut content = Vec::new();
+        e.read_to_end(&mut content).unwrap();
+        v.push((
+            String::from_utf8_lossy(&e.path_bytes())
+                .trim_end_matches('/')
+                .to_string(),
+            h.entry_type(),
+            h.mode().unwrap(),
+            h.uid().unwrap(),
+            h.gid().unwrap(),
+            h.mtime().unwrap(),
+            e.link_name_bytes().map(|l| l.to_vec()),
+            Digest::of(&content),
+            xattrs,
+        ));
+    }
+    v
+}
+
 #[test]
 fn around_its_tar_split_the_stream_is_the_original_archive() {
     let tar = layer_tar();
@@ -278,39 +325,6 @@ fn from_the_toc_alone_the_stream_is_an_archive_of_the_same_tree() {
         &enc.blob,
     );
     assert_eq!(failure, None);
-    let describe = |bytes: &[u8]| {
-        let mut a = tar::Archive::new(bytes);
-        let mut v = Vec::new();
-        for e in a.entries().unwrap() {
-            let mut e = e.unwrap();
-            let h = e.header().clone();
-            let mut xattrs = Vec::new();
-            if let Some(pax) = e.pax_extensions().unwrap() {
-                for x in pax {
-                    let x = x.unwrap();
-                    if x.key().unwrap().starts_with("SCHILY.xattr.") {
-                        xattrs.push((x.key().unwrap().to_string(), x.value_bytes().to_vec()));
-                    }
-                }
-            }
-            let mut content = Vec::new();
-            e.read_to_end(&mut content).unwrap();
-            v.push((
-                String::from_utf8_lossy(&e.path_bytes())
-                    .trim_end_matches('/')
-                    .to_string(),
-                h.entry_type(),
-                h.mode().unwrap(),
-                h.uid().unwrap(),
-                h.gid().unwrap(),
-                h.mtime().unwrap(),
-                e.link_name_bytes().map(|l| l.to_vec()),
-                Digest::of(&content),
-                xattrs,
-            ));
-        }
-        v
-    };
     assert_eq!(describe(&out.unwrap()), describe(&tar));
 }
 
@@ -415,4 +429,77 @@ fn a_tar_split_that_disagrees_with_the_toc_is_refused() {
     .err()
     .unwrap();
     assert!(e.to_string().contains("bytes in the tar-split"), "{e}");
+}
+
+#[test]
+fn an_estargz_layer_streams_as_the_tree_its_full_pull_unpacks() {
+    use crate::estargz;
+    let tar = layer_tar();
+    let enc = crate::encode::encode_estargz(&tar, 1 << 20).unwrap();
+    let n = enc.blob.len();
+    let (toc_at, footer) = estargz::toc_offset(&enc.blob[n - 51..]).unwrap();
+    let digest: Digest = enc.annotations[estargz::TOC_DIGEST].parse().unwrap();
+    let member = &enc.blob[toc_at as usize..n - footer as usize];
+    let toc = estargz::parse_toc_member(member, &digest, toc_at).unwrap();
+    let big = toc
+        .entries
+        .iter()
+        .find(|e| e.name == "usr/lib/big.bin")
+        .unwrap();
+    assert_eq!(big.chunks.len(), 3, "{:?}", big.chunks);
+    let layer = LayerToc {
+        toc,
+        tar_split: None,
+    };
+    let mut full = Vec::new();
+    flate2::read::MultiGzDecoder::new(&enc.blob[..])
+        .read_to_end(&mut full)
+        .unwrap();
+    assert_eq!(Digest::of(&full), enc.diff_id);
+    let dir = tempfile::tempdir().unwrap();
+    store(dir.path(), b"node\n");
+    for how in [
+        Coalesce::default(),
+        Coalesce {
+            max_gap: 0,
+            max_request: 1000,
+        },
+    ] {
+        let (out, failure, p) = assemble(&layer, dir.path(), false, how, |_, _| {}, &enc.blob);
+        assert_eq!(failure, None);
+        assert_eq!(p.fetched_files, 3);
+        let out = out.unwrap();
+        // the TOC's own entry too, as a full pull unpacks it
+        let described = describe(&out);
+        assert!(described.iter().any(|d| d.0 == estargz::TOC_NAME));
+        assert_eq!(described, describe(&full));
+    }
+    // a TOC that is not the annotation's, a footer that is not one
+    assert!(matches!(
+        estargz::parse_toc_member(member, &Digest::of(b"x"), toc_at),
+        Err(crate::toc::TocError::Digest { .. })
+    ));
+    assert!(estargz::toc_offset(&[0u8; 51]).is_err());
+    // a chunk whose bytes are another's: the file's digest catches it
+    let (out, failure, _) = assemble(
+        &layer,
+        dir.path(),
+        false,
+        Coalesce::default(),
+        |_, blob| {
+            let b = &layer
+                .toc
+                .entries
+                .iter()
+                .find(|e| e.name == "etc/noted")
+                .unwrap()
+                .chunks[0];
+            let other = crate::encode::gzip_member_for_tests(b"with an xattr!");
+            assert!(other.len() as u64 <= b.end - b.start);
+            blob[b.start as usize..b.start as usize + other.len()].copy_from_slice(&other);
+        },
+        &enc.blob,
+    );
+    assert!(out.is_err());
+    assert!(failure.is_some(), "no failure recorded");
 }

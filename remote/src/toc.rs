@@ -273,8 +273,33 @@ pub struct Entry {
     pub xattrs: Vec<(String, Vec<u8>)>,
     /// The content's digest (regular files with content).
     pub digest: Option<Digest>,
-    /// The compressed range of the content in the blob (regular files with content).
+    /// The compressed range of the content in the blob (regular files with content):
+    /// from its first chunk's start to its last chunk's end.
     pub range: Option<(u64, u64)>,
+    /// The content's chunks, in order: each a compressed range that decompresses, on
+    /// its own, to `size` bytes of the content (and, in eStargz, may go on beyond them).
+    pub chunks: Vec<Chunk>,
+}
+
+/// One chunk of a file's content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk {
+    /// First compressed byte in the blob.
+    pub start: u64,
+    /// One past the last.
+    pub end: u64,
+    /// Content bytes it holds.
+    pub size: u64,
+}
+
+/// How the contents' ranges are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Frames {
+    /// zstd frames (zstd:chunked): a chunk is complete frames of its content alone.
+    #[default]
+    Zstd,
+    /// gzip members (eStargz): a chunk's members start with its content.
+    Gzip,
 }
 
 /// A checked TOC.
@@ -284,6 +309,11 @@ pub struct Toc {
     pub entries: Vec<Entry>,
     /// The digest of the compressed tar-split, when the producer recorded it.
     pub tar_split_digest: Option<Digest>,
+    /// How contents are compressed.
+    pub frames: Frames,
+    /// The archive's last bytes, where the layer has its own (eStargz: the TOC's entry
+    /// and the end-of-archive blocks); two zero blocks otherwise.
+    pub trailer: Option<Vec<u8>>,
 }
 
 #[derive(Deserialize)]
@@ -319,12 +349,22 @@ struct RawEntry {
     offset: i64,
     #[serde(rename = "endOffset")]
     end_offset: i64,
+    #[serde(rename = "innerOffset")]
+    inner_offset: i64,
+    #[serde(rename = "chunkOffset")]
+    chunk_offset: i64,
 }
 
 impl Toc {
-    /// Parses and checks the TOC JSON of a blob whose data (the tar stream's frames)
-    /// ends at `data_end` (the TOC's own offset).
+    /// Parses and checks the TOC JSON of a zstd:chunked blob whose data (the tar
+    /// stream's frames) ends at `data_end` (the TOC's own offset).
     pub fn parse(json: &[u8], data_end: u64) -> Result<Toc, TocError> {
+        Self::parse_as(json, data_end, Frames::Zstd)
+    }
+
+    /// [`Toc::parse`] for contents compressed as `frames`. eStargz TOCs give each
+    /// chunk's start alone: it ends where the next one starts (or at `data_end`).
+    pub(crate) fn parse_as(json: &[u8], data_end: u64, frames: Frames) -> Result<Toc, TocError> {
         let raw: RawToc = serde_json::from_slice(json).map_err(TocError::Json)?;
         if raw.version != 1 {
             return Err(TocError::Entry {
@@ -344,6 +384,8 @@ impl Toc {
         let mut entries: Vec<Entry> = Vec::with_capacity(raw.entries.len());
         let mut names: HashSet<String> = HashSet::new();
         let mut last_end = 0u64;
+        // eStargz: (entry, chunk start in the blob, chunk offset in the file, TOC index)
+        let mut gz_starts: Vec<(usize, u64, u64, usize)> = Vec::new();
         for (index, e) in raw.entries.into_iter().enumerate() {
             let fail = |reason: String| TocError::Entry {
                 index,
@@ -355,7 +397,20 @@ impl Toc {
                     // a later chunk of the file before it: its range is inside the file's
                     match entries.last() {
                         Some(f) if f.kind == EntryType::Reg && normalise(&e.name) == f.name => {
-                            continue
+                            if frames == Frames::Gzip && f.size > 0 {
+                                if e.inner_offset != 0 {
+                                    return Err(fail(
+                                        "chunks that share a gzip member (innerOffset) are not supported".into(),
+                                    ));
+                                }
+                                let (Ok(start), Ok(co)) =
+                                    (u64::try_from(e.offset), u64::try_from(e.chunk_offset))
+                                else {
+                                    return Err(fail("negative chunk offset".into()));
+                                };
+                                gz_starts.push((entries.len() - 1, start, co, index));
+                            }
+                            continue;
                         }
                         _ => return Err(fail("a chunk that follows no file of its name".into())),
                     }
@@ -406,7 +461,20 @@ impl Toc {
                         e.digest
                     ))
                 })?;
-                let (start, end) = (num(e.offset, "offset")?, num(e.end_offset, "endOffset")?);
+                if frames == Frames::Gzip {
+                    if e.inner_offset != 0 {
+                        return Err(fail(
+                            "chunks that share a gzip member (innerOffset) are not supported"
+                                .into(),
+                        ));
+                    }
+                    gz_starts.push((entries.len(), num(e.offset, "offset")?, 0, index));
+                }
+                let (start, end) = match frames {
+                    Frames::Zstd => (num(e.offset, "offset")?, num(e.end_offset, "endOffset")?),
+                    // the end is known once the next start is
+                    Frames::Gzip => (num(e.offset, "offset")?, data_end),
+                };
                 if start >= end || end > data_end {
                     return Err(fail(format!(
                         "content range {start}..{end} is not inside the blob's data (0..{data_end})"
@@ -417,10 +485,16 @@ impl Toc {
                         "content range {start}..{end} overlaps the file before it"
                     )));
                 }
-                last_end = end;
+                if frames == Frames::Zstd {
+                    last_end = end;
+                }
                 digest = Some(d);
                 range = Some((start, end));
             }
+            let chunks = match range {
+                Some((start, end)) => vec![Chunk { start, end, size }],
+                None => Vec::new(),
+            };
             let mut xattrs = Vec::with_capacity(e.xattrs.len());
             for (k, v) in &e.xattrs {
                 let value = base64::engine::general_purpose::STANDARD
@@ -456,17 +530,76 @@ impl Toc {
                 xattrs,
                 digest,
                 range,
+                chunks,
             });
+        }
+        if frames == Frames::Gzip {
+            gzip_chunks(&mut entries, &gz_starts, data_end)?;
         }
         Ok(Toc {
             entries,
             tar_split_digest,
+            frames,
+            trailer: None,
         })
     }
 }
 
+/// The chunks of eStargz files from their starts: each ends where the next starts (the
+/// last at `data_end`), and holds the file's bytes up to the next chunk's offset.
+fn gzip_chunks(
+    entries: &mut [Entry],
+    starts: &[(usize, u64, u64, usize)],
+    data_end: u64,
+) -> Result<(), TocError> {
+    for e in entries.iter_mut() {
+        e.chunks.clear();
+    }
+    for (i, &(entry, start, chunk_offset, index)) in starts.iter().enumerate() {
+        let end = starts.get(i + 1).map(|s| s.1).unwrap_or(data_end);
+        let e = &mut entries[entry];
+        let fail = |reason: String| TocError::Entry {
+            index,
+            name: e.name.clone(),
+            reason,
+        };
+        if end <= start || end > data_end {
+            return Err(fail(format!(
+                "chunk at {start} does not end before the next one or the TOC ({end})"
+            )));
+        }
+        let next_offset = match starts.get(i + 1) {
+            Some(n) if n.0 == entry => n.2,
+            _ => e.size,
+        };
+        let expected: u64 = e.chunks.iter().map(|c| c.size).sum();
+        if chunk_offset != expected || next_offset <= chunk_offset {
+            return Err(fail(format!(
+                "chunk at file offset {chunk_offset} does not follow the one before it"
+            )));
+        }
+        e.chunks.push(Chunk {
+            start,
+            end,
+            size: next_offset - chunk_offset,
+        });
+        let first = e.chunks[0].start;
+        e.range = Some((first, end));
+    }
+    for e in entries.iter() {
+        if e.range.is_some() && e.chunks.iter().map(|c| c.size).sum::<u64>() != e.size {
+            return Err(TocError::Entry {
+                index: 0,
+                name: e.name.clone(),
+                reason: "its chunks do not add up to its size".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The name without leading `/` or `./` and trailing `/`.
-fn normalise(name: &str) -> String {
+pub(crate) fn normalise(name: &str) -> String {
     let mut n = name;
     loop {
         if let Some(rest) = n.strip_prefix("./") {
@@ -481,7 +614,7 @@ fn normalise(name: &str) -> String {
 }
 
 /// A name every component of which is plain: no `..`, no NUL, not the root.
-fn checked_name(name: &str) -> Result<String, &'static str> {
+pub(crate) fn checked_name(name: &str) -> Result<String, &'static str> {
     if name.contains('\0') {
         return Err("name contains a NUL byte");
     }

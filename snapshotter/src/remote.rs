@@ -165,6 +165,7 @@ impl CasSnapshotter {
                 self.metrics().partial_pulled(fetched, layer.size);
                 info!(
                     %key, target = %target, layer = %layer.digest, registry = layer.registry(),
+                    format = layer.format,
                     verified = if layer.toc.has_tar_split() { "diffID" } else { "TOC" },
                     files = plan.files, fetched_files = plan.fetched_files,
                     fetched_bytes = fetched, layer_bytes = layer.size,
@@ -288,12 +289,12 @@ impl CasSnapshotter {
                     ),
                 });
             }
-            "zstd:chunked, diffID verified"
+            format!("{}, diffID verified", layer.format)
         } else {
-            "zstd:chunked, TOC verified"
+            format!("{}, TOC verified", layer.format)
         };
         let mut labels = labels.clone();
-        labels.insert(LABEL_PARTIAL.to_string(), verified.to_string());
+        labels.insert(LABEL_PARTIAL.to_string(), verified);
         let (name, k) = (r.target.clone(), build_key.to_string());
         match self.run(move |s| s.commit(&name, &k, labels)).await {
             Ok(_) => Ok(()),

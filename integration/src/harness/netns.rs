@@ -8,7 +8,11 @@ use anyhow::{bail, Result};
 fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip").args(args).output()?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -58,7 +62,11 @@ impl ShapedLink {
                 .args(args)
                 .output()?;
             if !out.status.success() {
-                bail!("tc {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "tc {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             Ok(())
         };

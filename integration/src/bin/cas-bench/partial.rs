@@ -85,9 +85,13 @@ fn chunked(cache: &Path, name: &str) -> Result<PathBuf> {
 /// Compressed bytes of the layers of the image at `layout`.
 fn layer_bytes(layout: &Path) -> Result<u64> {
     let index: serde_json::Value = serde_json::from_slice(&fs::read(layout.join("index.json"))?)?;
-    let m = index["manifests"][0]["digest"].as_str().context("manifest")?;
+    let m = index["manifests"][0]["digest"]
+        .as_str()
+        .context("manifest")?;
     let manifest: serde_json::Value = serde_json::from_slice(&fs::read(
-        layout.join("blobs/sha256").join(m.trim_start_matches("sha256:")),
+        layout
+            .join("blobs/sha256")
+            .join(m.trim_start_matches("sha256:")),
     )?)?;
     Ok(manifest["layers"]
         .as_array()
@@ -132,7 +136,14 @@ fn one_run(
         let before = link.tx_bytes()?;
         let t = Instant::now();
         containerd
-            .ctr(&["images", "pull", "--plain-http", "--snapshotter", sn, &reference])
+            .ctr(&[
+                "images",
+                "pull",
+                "--plain-http",
+                "--snapshotter",
+                sn,
+                &reference,
+            ])
             .with_context(|| format!("pulling {image} into {sn}\n{}", daemon.log()))?;
         let secs = t.elapsed().as_secs_f64();
         nix::unistd::sync();
@@ -162,7 +173,10 @@ pub fn run(a: &PartialArgs) -> Result<()> {
         .iter()
         .map(|n| chunked(&a.cache, n))
         .collect::<Result<_>>()?;
-    let sizes: Vec<u64> = layouts.iter().map(|l| layer_bytes(l)).collect::<Result<_>>()?;
+    let sizes: Vec<u64> = layouts
+        .iter()
+        .map(|l| layer_bytes(l))
+        .collect::<Result<_>>()?;
     let (work, _guard) = crate::perf::work_dir(a.workdir.as_deref(), "cas-bench-partial-")?;
     let link = ShapedLink::create("casbench", 231)?;
     let addr = format!("{}:5000", link.inner);
