@@ -17,6 +17,7 @@ PACKAGES=(
   gpgv xz-utils debian-archive-keyring   # checking the newer containerd .debs (below)
   patchelf                   # pointing the newer runc at the libc unpacked beside it
   skopeo                     # zstd:chunked images of an independent producer (partial pulls)
+  stargz-snapshotter         # ctr-remote: eStargz images of an independent producer
 )
 
 # containerd 1.7 and 2.x for the version and CRI tests, unpacked beside the system's 1.6

@@ -456,3 +456,57 @@ fn cri_pulls_are_partial_too() -> Result<()> {
     assert_eq!(code, 0, "{out}");
     Ok(())
 }
+
+/// eStargz from its own producer: `ctr-remote image convert --estargz --oci` (Debian's
+/// stargz-snapshotter) on the app image, pushed back, pulled partially (TOC-verified)
+/// and compared with overlayfs's full pull of the same image.
+#[test]
+#[ignore = "needs root, containerd 2.x, runc, ctr-remote and a registry (make e2e runs it)"]
+fn estargz_layers_from_ctr_remote_are_pulled_partially() -> Result<()> {
+    let Some(rig) = rig("toc")? else {
+        return Ok(());
+    };
+    let reg = rig.registry.addr.clone();
+    let src = rig.app_ref.clone();
+    let dst = format!("{reg}/estargz/app:1");
+    let ctr_remote = |args: &[&str]| -> Result<String> {
+        let out = Command::new("ctr-remote")
+            .arg("--address")
+            .arg(&rig.containerd.sock)
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "ctr-remote {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    rig.containerd
+        .ctr(&["content", "fetch", "--plain-http", &src])?;
+    ctr_remote(&["images", "convert", "--estargz", "--oci", &src, &dst])?;
+    ctr_remote(&["images", "push", "--plain-http", &dst])?;
+    rig.containerd.ctr(&["images", "rm", &dst])?;
+    rig.pull("cas", &dst).map_err(|e| e.context(rig.logs()))?;
+    let (layers, fallbacks, fetched, layer_bytes) = partial(&rig)?;
+    assert!(layers >= 2 && fallbacks == 0, "{}", rig.logs());
+    assert!(
+        rig.daemon.log().contains("eStargz, TOC verified")
+            || rig.daemon.log().contains("format=\"eStargz\"")
+            || rig.daemon.log().contains("format=eStargz"),
+        "{}",
+        rig.daemon.log()
+    );
+    eprintln!("eStargz: fetched {fetched} of {layer_bytes} bytes");
+    rig.pull("overlayfs", &dst)?;
+    rig.assert_same_tree(&dst, "estargz-app")?;
+    assert_eq!(
+        rig.run(&dst, "esgz-app", &["sh", "-c", "/app/run.sh"])?,
+        "app\n"
+    );
+    let (code, out) = rig.casctl(&["fsck", "--verify-objects"])?;
+    assert_eq!(code, 0, "{out}");
+    Ok(())
+}
