@@ -21,12 +21,12 @@ use cas_integration::registry::push_layout;
 use remote::encode::Options;
 
 fn rig(verify: &str) -> Result<Option<Rig>> {
-    rig_with(verify, "{containerd}/certs.d")
+    rig_with(verify, "{containerd}/certs.d", "")
 }
 
 /// A rig whose daemon reads its registries' `hosts.toml` from `hosts` (`{containerd}`:
 /// the rig's containerd directory).
-fn rig_with(verify: &str, hosts: &str) -> Result<Option<Rig>> {
+fn rig_with(verify: &str, hosts: &str, more: &str) -> Result<Option<Rig>> {
     let mut containerd = ContainerdOptions::cached("2");
     if !require_root() || !containerd.bin.available() {
         return Ok(None);
@@ -35,7 +35,7 @@ fn rig_with(verify: &str, hosts: &str) -> Result<Option<Rig>> {
     let rig = Rig::start_with(RigOptions {
         containerd,
         daemon_config: Some(format!(
-            "[remote]\nverify = \"{verify}\"\nconfig_path = \"{hosts}\"\n"
+            "[remote]\nverify = \"{verify}\"\nconfig_path = \"{hosts}\"\n{more}"
         )),
         ..RigOptions::default()
     })?;
@@ -311,11 +311,19 @@ fn bad_layers_fall_back_to_a_full_pull_and_leave_nothing() -> Result<()> {
 #[test]
 #[ignore = "needs root, containerd 2.x, runc and a registry (make e2e runs it)"]
 fn a_registry_that_misbehaves_means_a_full_pull() -> Result<()> {
-    let Some(rig) = rig_with("diff-id", "{containerd}/../daemon-certs.d")? else {
+    let Some(rig) = rig_with(
+        "diff-id",
+        "{containerd}/../daemon-certs.d",
+        "docker_config = \"{containerd}/../docker/config.json\"\n",
+    )?
+    else {
         return Ok(());
     };
     let reg = rig.registry.addr.clone();
     let proxy = RegistryProxy::start(&reg)?;
+    use base64::Engine as _;
+    let docker = rig.dir.path().join("docker");
+    std::fs::create_dir_all(&docker)?;
     let hosts = rig.dir.path().join("daemon-certs.d").join(&reg);
     std::fs::create_dir_all(&hosts)?;
     std::fs::write(
@@ -385,6 +393,26 @@ fn a_registry_that_misbehaves_means_a_full_pull() -> Result<()> {
         rig.pull("overlayfs", &r)?;
         rig.assert_same_tree(&r, name)?;
     }
+    // a registry that wants credentials, which the daemon's docker config.json has:
+    // pulled partially (another proxy: another host, whose client never saw it open)
+    let guarded = RegistryProxy::start(&reg)?;
+    guarded.set_fault(Fault::RequireCredentials("puller", "s3cret"));
+    std::fs::write(
+        docker.join("config.json"),
+        serde_json::json!({"auths": {guarded.addr.clone(): {
+            "auth": base64::engine::general_purpose::STANDARD.encode("puller:s3cret")
+        }}})
+        .to_string(),
+    )?;
+    std::fs::write(
+        hosts.join("hosts.toml"),
+        format!("server = \"http://{}\"\n", guarded.addr),
+    )?;
+    let r = image("with-credentials")?;
+    let before = partial(&rig)?;
+    rig.pull("cas", &r).map_err(|e| e.context(rig.logs()))?;
+    let after = partial(&rig)?;
+    assert!(after.0 > before.0 && after.1 == before.1, "{}", rig.logs());
     let (code, out) = rig.casctl(&["fsck"])?;
     assert_eq!(code, 0, "{out}");
     Ok(())

@@ -207,6 +207,7 @@ pub struct Repository {
     client: Arc<Client>,
     reference: Reference,
     registry: String,
+    auth: RegistryAuth,
 }
 
 impl Registries {
@@ -269,7 +270,11 @@ impl Registries {
                 }
             }
         };
-        let auth = self.credentials(reference.registry());
+        // the host reached first (a mirror), then the registry itself
+        let auth = match self.credentials(&target) {
+            RegistryAuth::Anonymous => self.credentials(reference.registry()),
+            found => found,
+        };
         client
             .auth(&reference, &auth, RegistryOperation::Pull)
             .await
@@ -282,6 +287,7 @@ impl Registries {
             client,
             reference,
             registry: target,
+            auth,
         })
     }
 
@@ -334,7 +340,7 @@ impl Repository {
             .client
             .pull_manifest_raw(
                 &r,
-                &RegistryAuth::Anonymous,
+                &self.auth,
                 &[
                     oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
                     oci_client::manifest::IMAGE_MANIFEST_MEDIA_TYPE,

@@ -29,6 +29,9 @@ pub enum Fault {
     DropMidRange,
     /// Every request is answered `401` with a basic-auth challenge.
     RequireAuth,
+    /// Requests without these basic-auth credentials (`user`, `password`) are answered
+    /// `401` with a basic-auth challenge.
+    RequireCredentials(&'static str, &'static str),
 }
 
 struct State {
@@ -139,7 +142,21 @@ async fn handle(
     if ranged {
         s.range_requests.fetch_add(1, Ordering::Relaxed);
     }
-    if fault == Fault::RequireAuth {
+    let authorized = match fault {
+        Fault::RequireAuth => false,
+        Fault::RequireCredentials(user, password) => {
+            use base64::Engine as _;
+            let want = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+            );
+            req.headers()
+                .get(hyper::header::AUTHORIZATION)
+                .is_some_and(|v| v.as_bytes() == want.as_bytes())
+        }
+        _ => true,
+    };
+    if !authorized {
         return Ok(Response::builder()
             .status(StatusCode::UNAUTHORIZED)
             .header("WWW-Authenticate", "Basic realm=\"cas-test\"")
