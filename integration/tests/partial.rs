@@ -419,12 +419,23 @@ fn a_registry_that_misbehaves_means_a_full_pull() -> Result<()> {
 }
 
 /// Kubernetes: containerd 2.x's CRI pulls through the transfer service, which passes the
-/// layers' labels when the export is set; a near-duplicate image pulled by kubelet's
+/// layers' labels when the export is set; containerd 1.7's CRI passes them with
+/// `disable_snapshot_annotations = false`. A near-duplicate image pulled by kubelet's
 /// PullImage fetches only what the node lacks.
 #[test]
 #[ignore = "needs root, containerd 2.x, runc and a registry (make e2e runs it)"]
-fn cri_pulls_are_partial_too() -> Result<()> {
-    let mut containerd = ContainerdOptions::cached("2");
+fn cri_pulls_are_partial_on_containerd_2() -> Result<()> {
+    cri_partial("2")
+}
+
+#[test]
+#[ignore = "needs root, containerd 1.7, runc and a registry (make e2e runs it)"]
+fn cri_pulls_are_partial_on_containerd_1_7() -> Result<()> {
+    cri_partial("1.7")
+}
+
+fn cri_partial(series: &str) -> Result<()> {
+    let mut containerd = ContainerdOptions::cached(series);
     if !require_root() || !containerd.bin.available() {
         return Ok(());
     }

@@ -133,8 +133,8 @@ pub fn containerd_config(
     let snap = paths.snapshotter_sock.display();
     let differ = differ_declared(version, opts);
     let v3 = version.config_v3();
-    if opts.cri.is_some() && !v3 {
-        bail!("the harness configures CRI for containerd 2.x only (this is {version})");
+    if opts.cri.is_some() && !v3 && version < ContainerdVersion::TRANSFER {
+        bail!("the harness configures CRI for containerd 1.7 and 2.x only (this is {version})");
     }
     // Plugin names are quoted with ' in version 3 (as `containerd config default` writes
     // them) and " in version 2; both are TOML.
@@ -231,7 +231,38 @@ disabled_plugins = [{disabled}]
             );
         }
     }
-    if let Some(cri) = &opts.cri {
+    if let (Some(cri), false) = (&opts.cri, v3) {
+        // containerd 1.7: one CRI plugin, config version 2
+        let p = plugin("io.containerd.grpc.v1.cri");
+        c += &format!(
+            r#"[{p}]
+  sandbox_image = "{sandbox}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  restrict_oom_score_adj = true
+  [{p}.containerd]
+    snapshotter = "cas"
+    # the layers' labels on Prepare, for partial pulls
+    disable_snapshot_annotations = {disable}
+    [{p}.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [{p}.containerd.runtimes.runc.options]
+        Root = "{d}/runc"
+{binary}  [{p}.cni]
+    bin_dir = "{d}/cni/bin"
+    conf_dir = "{d}/cni/net.d"
+  [{p}.registry]
+    config_path = "{d}/certs.d"
+"#,
+            sandbox = cri.sandbox_image,
+            disable = !opts.remote_snapshot_annotations,
+            binary = match &cri.runc {
+                Some(r) => format!("        BinaryName = \"{}\"\n", r.display()),
+                None => String::new(),
+            },
+        );
+    }
+    if let (Some(cri), true) = (&opts.cri, v3) {
         let images = plugin("io.containerd.cri.v1.images");
         let runtime = plugin("io.containerd.cri.v1.runtime");
         let grpc = plugin("io.containerd.grpc.v1.cri");
