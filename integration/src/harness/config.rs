@@ -468,6 +468,26 @@ mod tests {
         assert!(!disabled
             .iter()
             .any(|p| p.as_str() == Some("io.containerd.grpc.v1.cri")));
-        assert!(containerd_config(v(1, 7, 24), &opts, &paths()).is_err());
+        // 1.7: the one CRI plugin of config version 2; labels for partial pulls on request
+        let c = render(v(1, 7, 24), &opts);
+        let cri = &c["plugins"]["io.containerd.grpc.v1.cri"];
+        assert_eq!(cri["containerd"]["snapshotter"].as_str(), Some("cas"));
+        assert_eq!(
+            cri["sandbox_image"].as_str(),
+            Some("127.0.0.1:5000/fixture/pause:1")
+        );
+        assert_eq!(
+            cri["containerd"]["disable_snapshot_annotations"].as_bool(),
+            Some(true)
+        );
+        let mut remote = opts.clone();
+        remote.remote_snapshot_annotations = true;
+        let c = render(v(1, 7, 24), &remote);
+        assert_eq!(
+            c["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["disable_snapshot_annotations"]
+                .as_bool(),
+            Some(false)
+        );
+        assert!(containerd_config(v(1, 6, 20), &opts, &paths()).is_err());
     }
 }
