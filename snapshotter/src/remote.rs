@@ -6,7 +6,7 @@
 //! `containerd.io/snapshot/cri.*` labels that name the image, its manifest and the
 //! layer. Answering `AlreadyExists`, with a committed snapshot labelled with that
 //! chain ID over the same parent, tells it the layer is there: it skips the fetch and
-//! the apply ([`CasSnapshotter::prepare_remote`]).
+//! the apply (`CasSnapshotter::prepare_remote`).
 //!
 //! The layer is built in an active snapshot of its own (`cas-remote/…`), by the
 //! store's one unpack path from the stream `remote::stream` assembles: files the store
