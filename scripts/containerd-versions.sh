@@ -15,7 +15,9 @@
 #   <runc cache>/<version>/{runc,usr/lib/...}
 #   <runc cache>/current -> <version>
 #
-# <runc cache> is $CAS_RUNC_CACHE, default /var/cache/cas-snapshotter/runc.
+# <runc cache> is $CAS_RUNC_CACHE, default /var/cache/cas-snapshotter/runc. Likewise
+# unstable's skopeo, whose containers/storage writes zstd:chunked layers with a tar-split
+# (the partial-pull tests), in $CAS_SKOPEO_CACHE (default /var/cache/cas-snapshotter/skopeo).
 # Idempotent: a series already unpacked is kept without asking the mirror (pass --refresh
 # to look for a newer release of each series). Every download is checked: the suite's
 # InRelease against Debian's archive keyring (gpgv), Packages.xz against InRelease, the
@@ -99,35 +101,57 @@ for line in "${SERIES[@]}"; do
   echo "containerd-versions: $series -> $("$dest/usr/bin/containerd" --version)"
 done
 
-RUNC_CACHE=${CAS_RUNC_CACHE:-/var/cache/cas-snapshotter/runc}
-mkdir -p "$RUNC_CACHE"
-if [ "${1:-}" != --refresh ] && "$RUNC_CACHE/current/runc" features 2>/dev/null | grep -q '"idmap"'; then
-  echo "containerd-versions: runc present ($(readlink "$RUNC_CACHE/current"))"
-  exit 0
-fi
-read -r v f h a < <(lookup runc debian:unstable) || true
-[ -n "${v:-}" ] || fail "no runc in unstable"
-ver=$(upstream "$v")
-dest="$RUNC_CACHE/$ver"
-if [ ! -x "$dest/runc" ]; then
-  rm -rf "$dest.tmp"
-  mkdir -p "$dest.tmp"
-  for pkg in runc libc6 libseccomp2; do
-    read -r pv pf ph pa < <(lookup "$pkg" debian:unstable) || true
-    [ -n "${pv:-}" ] || fail "no $pkg in unstable"
-    deb="$work/$(basename "$pf")"
-    echo "containerd-versions: fetching $pkg $pv ($pa/$pf)"
-    curl -fsSL --retry 3 -o "$deb" "$MIRROR/$pa/$pf" || fail "cannot fetch $pf"
-    echo "$ph  $deb" | sha256sum -c --quiet - || fail "$pf: sha256 does not match the Packages index"
-    dpkg-deb -x "$deb" "$dest.tmp/root"
-  done
-  libdir="$dest/root/usr/lib/$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo x86_64-linux-gnu)"
-  interp=$(basename "$(patchelf --print-interpreter "$dest.tmp/root/usr/sbin/runc")")
-  mv "$dest.tmp/root/usr/sbin/runc" "$dest.tmp/runc"
-  patchelf --set-interpreter "$libdir/$interp" --set-rpath "$libdir" "$dest.tmp/runc"
-  echo "$v" >"$dest.tmp/DEBIAN-VERSION"
-  mv -T "$dest.tmp" "$dest"
-fi
-"$dest/runc" features | grep -q '"idmap"' || fail "$dest/runc does not run here or does not ID-map mounts"
-ln -sfn "$ver" "$RUNC_CACHE/current"
-echo "containerd-versions: runc -> $("$dest/runc" --version | head -1)"
+# Unpacks unstable's binary $3 (a path inside package $2) with the packages that follow
+# (its libraries, libc6 among them) into <$1>/<version>, points it at them with patchelf
+# (interpreter, and an RPATH that its libraries' own dependencies are found by too), and
+# links <$1>/current to it. $CHECK (a command run with the binary's path) says whether a
+# cached one will do.
+beside_its_libs() {
+  local cache=$1 pkg=$2 path=$3; shift 3
+  local name; name=$(basename "$path")
+  mkdir -p "$cache"
+  if [ "${REFRESH:-}" != 1 ] && [ -x "$cache/current/$name" ] && $CHECK "$cache/current/$name" 2>/dev/null; then
+    echo "containerd-versions: $name present ($(readlink "$cache/current"))"
+    return 0
+  fi
+  local v f h a
+  read -r v f h a < <(lookup "$pkg" debian:unstable) || true
+  [ -n "${v:-}" ] || fail "no $pkg in unstable"
+  local ver; ver=$(upstream "$v")
+  local dest="$cache/$ver"
+  if [ ! -x "$dest/$name" ]; then
+    rm -rf "$dest.tmp"
+    mkdir -p "$dest.tmp"
+    local dep pv pf ph pa deb
+    for dep in "$pkg" "$@"; do
+      read -r pv pf ph pa < <(lookup "$dep" debian:unstable) || true
+      [ -n "${pv:-}" ] || fail "no $dep in unstable"
+      deb="$work/$(basename "$pf")"
+      echo "containerd-versions: fetching $dep $pv ($pa/$pf)"
+      curl -fsSL --retry 3 -o "$deb" "$MIRROR/$pa/$pf" || fail "cannot fetch $pf"
+      echo "$ph  $deb" | sha256sum -c --quiet - || fail "$pf: sha256 does not match the Packages index"
+      dpkg-deb -x "$deb" "$dest.tmp/root"
+    done
+    local libdir interp
+    libdir="$dest/root/usr/lib/$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo x86_64-linux-gnu)"
+    interp=$(basename "$(patchelf --print-interpreter "$dest.tmp/root/$path")")
+    mv "$dest.tmp/root/$path" "$dest.tmp/$name"
+    patchelf --set-interpreter "$libdir/$interp" --force-rpath --set-rpath "$libdir" "$dest.tmp/$name"
+    echo "$v" >"$dest.tmp/DEBIAN-VERSION"
+    mv -T "$dest.tmp" "$dest"
+  fi
+  $CHECK "$dest/$name" || fail "$dest/$name does not run here or cannot do what the tests need"
+  ln -sfn "$ver" "$cache/current"
+  echo "containerd-versions: $name -> $ver"
+}
+[ "${1:-}" = --refresh ] && REFRESH=1
+
+runc_idmaps() { "$1" features | grep -q '"idmap"'; }
+CHECK=runc_idmaps beside_its_libs "${CAS_RUNC_CACHE:-/var/cache/cas-snapshotter/runc}" \
+  runc usr/sbin/runc libc6 libseccomp2
+
+# A skopeo whose containers/storage (1.55+) writes zstd:chunked with a tar-split and its
+# digest in the TOC, for the partial-pull tests (Debian 12's writes none).
+skopeo_runs() { "$1" --version >/dev/null; }
+CHECK=skopeo_runs beside_its_libs "${CAS_SKOPEO_CACHE:-/var/cache/cas-snapshotter/skopeo}" \
+  skopeo usr/bin/skopeo libc6 libgpgme45 libassuan9 libgpg-error0 libsqlite3-0
