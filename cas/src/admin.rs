@@ -92,6 +92,12 @@ pub struct IngestPaths {
     /// Layers pulled partially (only their missing files fetched).
     #[serde(default)]
     pub partial_layers: u64,
+    /// Of them, the ones whose rebuilt archive was checked against the diffID.
+    #[serde(default)]
+    pub partial_diff_id_verified: u64,
+    /// And the ones checked against their TOC alone (`[remote] verify = "toc"`).
+    #[serde(default)]
+    pub partial_toc_verified: u64,
     /// Layers with a TOC that were pulled in full instead (see the log for why).
     #[serde(default)]
     pub partial_fallbacks: u64,

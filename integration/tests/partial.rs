@@ -164,6 +164,15 @@ fn zstd_chunked_layers_are_pulled_file_by_file_and_match_overlayfs() -> Result<(
     let (code, out) = rig.casctl(&["stats"])?;
     assert_eq!(code, 0);
     assert!(out.contains("partial pulls:"), "{out}");
+    // ours with a tar-split checked against the diffID, skopeo's against the TOC
+    let s = rig.stats()?;
+    let p = &s["ingest_paths"];
+    let (by_diff_id, by_toc) = (
+        p["partial_diff_id_verified"].as_u64().unwrap_or(0),
+        p["partial_toc_verified"].as_u64().unwrap_or(0),
+    );
+    assert_eq!(by_diff_id + by_toc, layers3, "{s}");
+    assert!(by_diff_id >= layers2 && by_toc >= 1, "{s}");
     Ok(())
 }
 

@@ -24,7 +24,8 @@
 //!   pulled in full: `no_toc`, `no_tar_split`, `registry`, `registry_range`, `image`,
 //!   `toc`, `content`, `diff_id`, `store`), `partial_fetched_bytes_total` (fetched from
 //!   registries, TOCs included) and `partial_layer_bytes_total` (the compressed size
-//!   of those layers: what a full pull fetches);
+//!   of those layers: what a full pull fetches), `partial_verified_layers_total{verified}`
+//!   (`diff_id`: the rebuilt archive is the diffID's; `toc`: checked against the TOC);
 //! * I/O workers (`ringio`), read on scrape: `ring_backend{backend}` (1 for the one that
 //!   runs), `ring_queue_depth`, `ring_backpressure_waits`, `ring_bytes_read`,
 //!   `ring_bytes_written`.
@@ -78,6 +79,7 @@ pub struct Metrics {
     applied_bytes: Counter,
     blob_reads: Family<Labels, Counter>,
     partial_layers: Family<Labels, Counter>,
+    partial_verified: Family<Labels, Counter>,
     partial_fetched_bytes: Counter,
     partial_layer_bytes: Counter,
     ring_backend: Family<Labels, Gauge>,
@@ -161,6 +163,7 @@ impl Metrics {
             applied_bytes: Counter::default(),
             blob_reads: Family::default(),
             partial_layers: Family::default(),
+            partial_verified: Family::default(),
             partial_fetched_bytes: Counter::default(),
             partial_layer_bytes: Counter::default(),
             ring_backend: Family::default(),
@@ -244,6 +247,11 @@ impl Metrics {
             "partial_layers",
             "Layers with a TOC on Prepare, by result (pulled partially, or why not)",
             m.partial_layers.clone(),
+        );
+        registry.register(
+            "partial_verified_layers",
+            "Layers pulled partially, by what they were checked against (diff_id, toc)",
+            m.partial_verified.clone(),
         );
         registry.register(
             "partial_fetched_bytes",
@@ -337,9 +345,16 @@ impl Metrics {
             .clone()
     }
 
-    /// A layer pulled partially: `fetched` bytes of its `layer_bytes`.
-    pub fn partial_pulled(&self, fetched: u64, layer_bytes: u64) {
+    /// A layer pulled partially: `fetched` bytes of its `layer_bytes`, checked against
+    /// the diffID (`by_diff_id`) or the TOC alone.
+    pub fn partial_pulled(&self, fetched: u64, layer_bytes: u64, by_diff_id: bool) {
         self.partial_result("pulled").inc();
+        self.partial_verified
+            .get_or_create(&vec![(
+                "verified".to_string(),
+                if by_diff_id { "diff_id" } else { "toc" }.to_string(),
+            )])
+            .inc();
         self.partial_fetched_bytes.inc_by(fetched);
         self.partial_layer_bytes.inc_by(layer_bytes);
     }
@@ -353,6 +368,17 @@ impl Metrics {
         self.partial_layers
             .get_or_create(&vec![("result".to_string(), result.to_string())])
             .clone()
+    }
+
+    /// Layers pulled partially since start and checked against the diffID, and against
+    /// the TOC alone.
+    pub fn partial_verified_counts(&self) -> (u64, u64) {
+        let n = |v: &str| {
+            self.partial_verified
+                .get_or_create(&vec![("verified".to_string(), v.to_string())])
+                .get()
+        };
+        (n("diff_id"), n("toc"))
     }
 
     /// Partial pulls since start: (pulled, pulled in full instead, fetched bytes,

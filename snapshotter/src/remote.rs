@@ -162,7 +162,8 @@ impl CasSnapshotter {
         {
             Ok(plan) => {
                 let fetched = layer.fetched.load(Ordering::Relaxed);
-                self.metrics().partial_pulled(fetched, layer.size);
+                self.metrics()
+                    .partial_pulled(fetched, layer.size, layer.toc.has_tar_split());
                 info!(
                     %key, target = %target, layer = %layer.digest, registry = layer.registry(),
                     format = layer.format,

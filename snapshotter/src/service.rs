@@ -161,6 +161,7 @@ impl CasSnapshotter {
         let mut s = self.store_stats().await?;
         let c = self.metrics.apply_counts();
         let partial = self.metrics.partial_counts();
+        let verified = self.metrics.partial_verified_counts();
         s.ingest_paths = Some(cas::admin::IngestPaths {
             fast_path_applies: c.fast,
             fallback_applies: c.fallback,
@@ -168,6 +169,8 @@ impl CasSnapshotter {
             commit_ingests: c.commit_ingests,
             partial_layers: partial.0,
             partial_fallbacks: partial.1,
+            partial_diff_id_verified: verified.0,
+            partial_toc_verified: verified.1,
             partial_fetched_bytes: partial.2,
             partial_layer_bytes: partial.3,
             blobs_from_content_dir: c.blobs_from_content_dir,

@@ -130,8 +130,10 @@ fn print_stats(s: &Stats) {
         }
         if p.partial_layers + p.partial_fallbacks > 0 {
             println!(
-                "partial pulls:        {} layers, {} of their {} fetched ({} avoided); {} layers with a TOC pulled in full",
+                "partial pulls:        {} layers ({} checked against the diffID, {} against the TOC alone), {} of their {} fetched ({} avoided); {} layers with a TOC pulled in full",
                 p.partial_layers,
+                p.partial_diff_id_verified,
+                p.partial_toc_verified,
                 human_bytes(p.partial_fetched_bytes),
                 human_bytes(p.partial_layer_bytes),
                 human_bytes(p.partial_layer_bytes.saturating_sub(p.partial_fetched_bytes)),
