@@ -4,9 +4,10 @@
 //! The registry runs in a network namespace of its own behind a veth pair whose
 //! registry side is shaped with `tbf` (each `--rates`). The images are two independent
 //! builds of the same Debian base + app (`make bench-dedup`'s `app-1` and `app-2`),
-//! converted to zstd:chunked (with a tar-split) by `remote::encode`. Each run starts a
-//! fresh containerd 2.x and daemon and pulls v1 (nothing in common with the empty
-//! store), then v2 (a near-duplicate): with overlayfs (containerd fetches every blob,
+//! converted to zstd:chunked (with a tar-split) by containers/storage (unstable's
+//! skopeo, which `make deps` unpacks), or by `remote::encode` where that is missing.
+//! Each run starts a fresh containerd 2.x and daemon and pulls v1 (nothing in common
+//! with the empty store), then v2 (a near-duplicate): with overlayfs (containerd fetches every blob,
 //! cas-diff is not involved) and with cas (the transfer service passes the layers'
 //! labels; the daemon fetches the TOCs and the files it lacks). Timed: `ctr images
 //! pull` until it returns, and until a `sync` after it returns (durable: the fair
@@ -61,25 +62,62 @@ struct Sample {
 
 const IMAGES: [&str; 2] = ["app-1", "app-2"];
 
-/// The zstd:chunked copy of `cache/images/<name>`, made once.
-fn chunked(cache: &Path, name: &str) -> Result<PathBuf> {
+/// Unstable's skopeo (`make deps` unpacks it), whose containers/storage writes
+/// zstd:chunked with a tar-split: the producer of the benchmark's images when present.
+fn storage_skopeo() -> Option<PathBuf> {
+    let cache = std::env::var("CAS_SKOPEO_CACHE")
+        .unwrap_or_else(|_| "/var/cache/cas-snapshotter/skopeo".into());
+    let bin = Path::new(&cache).join("current/skopeo");
+    bin.exists().then_some(bin)
+}
+
+/// The zstd:chunked copy of `cache/images/<name>`, made once: by containers/storage
+/// (unstable's skopeo) when it is there, else by `remote::encode`. Returns the layout
+/// and its producer.
+fn chunked(cache: &Path, name: &str) -> Result<(PathBuf, String)> {
     let src = cache.join("images").join(name);
-    let dst = cache.join("images").join(format!("{name}-chunked"));
-    let done = dst.with_extension("done");
-    if done.exists() {
-        return Ok(dst);
-    }
     if !src.join("index.json").exists() {
         bail!(
             "{} is missing: make bench-dedup (or make bench) builds the Debian images",
             src.display()
         );
     }
+    let skopeo = storage_skopeo();
+    let (tag, producer) = match &skopeo {
+        Some(_) => (
+            "storage",
+            "containers/storage (skopeo copy --dest-compress-format zstd:chunked)",
+        ),
+        None => (
+            "encode",
+            "remote::encode (no containers/storage skopeo: make deps)",
+        ),
+    };
+    let dst = cache.join("images").join(format!("{name}-chunked-{tag}"));
+    let done = dst.with_extension("done");
+    if done.exists() {
+        return Ok((dst, producer.into()));
+    }
     let _ = fs::remove_dir_all(&dst);
-    println!("partial: converting {name} to zstd:chunked");
-    convert(&src, &dst, remote::encode::Options::default(), |_, t| Ok(t))?;
+    println!("partial: converting {name} to zstd:chunked with {producer}");
+    match skopeo {
+        Some(bin) => {
+            let out = std::process::Command::new(bin)
+                .args(["--insecure-policy", "copy", "--quiet"])
+                .args(["--dest-compress-format", "zstd:chunked"])
+                .arg(format!("oci:{}", src.display()))
+                .arg(format!("oci:{}", dst.display()))
+                .output()?;
+            if !out.status.success() {
+                bail!("skopeo copy: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        None => {
+            convert(&src, &dst, remote::encode::Options::default(), |_, t| Ok(t))?;
+        }
+    }
     fs::write(&done, b"")?;
-    Ok(dst)
+    Ok((dst, producer.into()))
 }
 
 /// Compressed bytes of the layers of the image at `layout`.
@@ -169,10 +207,12 @@ pub fn run(a: &PartialArgs) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("partial: needs root (network namespaces, mounts, containerd)");
     }
-    let layouts: Vec<PathBuf> = IMAGES
+    let converted: Vec<(PathBuf, String)> = IMAGES
         .iter()
         .map(|n| chunked(&a.cache, n))
         .collect::<Result<_>>()?;
+    let producer = converted[0].1.clone();
+    let layouts: Vec<PathBuf> = converted.into_iter().map(|(l, _)| l).collect();
     let sizes: Vec<u64> = layouts
         .iter()
         .map(|l| layer_bytes(l))
@@ -206,10 +246,10 @@ pub fn run(a: &PartialArgs) -> Result<()> {
         }
     }
     link.shape(None)?;
-    write_results(a, &samples, &sizes)
+    write_results(a, &samples, &sizes, &producer)
 }
 
-fn write_results(a: &PartialArgs, samples: &[Sample], sizes: &[u64]) -> Result<()> {
+fn write_results(a: &PartialArgs, samples: &[Sample], sizes: &[u64], producer: &str) -> Result<()> {
     fs::create_dir_all(&a.out)?;
     let mut csv = String::from("rate,run,snapshotter,image,secs,synced_secs,registry_bytes\n");
     for s in samples {
@@ -229,14 +269,14 @@ fn write_results(a: &PartialArgs, samples: &[Sample], sizes: &[u64]) -> Result<(
         )
         .0
     };
-    let mut md = String::from(
+    let mut md = format!(
         "# Partial pulls over a shaped link\n\n`cas-bench partial` (make bench-partial): the \
          Debian base + app family built twice (`app-1`, `app-2`), converted to zstd:chunked \
-         with a tar-split; a registry in a network namespace behind `tbf`; a fresh \
+         (with a tar-split) by {producer}; a registry in a network namespace behind `tbf`; a fresh \
          containerd 2.x and daemon per run; v1 into the empty store, then v2. Medians of \
          the runs; durable = until a `sync` after the pull returns.\n\n\
          | link | image | layer bytes | overlayfs: registry bytes | cas: registry bytes | cas fetched | overlayfs durable s | cas durable s | overlayfs / cas |\n\
-         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
     for rate in &a.rates {
         for (i, image) in IMAGES.iter().enumerate() {
