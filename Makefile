@@ -64,6 +64,7 @@ test: check unit dist-check conformance e2e
 #              [CTR_LOCAL=1 (2.x: ctr images pull --local rather than the transfer service)]
 #              [CASES="unpack scale-100000" BENCH_OUT=dir (only these cases, reported in dir)]
 #              [DEBIAN=0 (no real-image cases: skips building the Debian images)]
+#              [RATES=100mbit,1gbit (the partial-pull case's links; see bench-partial)]
 # Images are generated once into $(BENCH_CACHE) and reused; the Debian images (two
 # debootstrap bases, an apt-get layer over the first, zstd variants) are built by
 # scripts/bench-dedup.sh the first time (a few minutes, needs the Debian mirror).
@@ -76,6 +77,7 @@ CASES       ?=
 BENCH_OUT   ?= bench
 BENCH_CACHE ?= /var/cache/cas-bench
 DEBIAN      ?= 1
+RATES       ?= 100mbit,1gbit
 bench:
 	@command -v fio >/dev/null && command -v pigz >/dev/null && command -v zstd >/dev/null || $(MAKE) deps
 	$(CARGO) build --release -p cas-snapshotter -p cas -p cas-integration --bins
@@ -87,22 +89,23 @@ bench:
 	  $(if $(CONTAINERD),--containerd $(CONTAINERD)) $(if $(filter 0,$(CAS_DIFF)),--no-cas-diff) \
 	  $(if $(CTR_LOCAL),--local) $(foreach c,$(CASES),--case $(c)) \
 	  --conformance $(CONFORMANCE)
+	$(if $(and $(filter 1,$(DEBIAN)),$(if $(CASES),,1)),CAS_SNAPSHOTTER_BIN=$(CURDIR)/target/release/cas-snapshotter CASCTL_BIN=$(CURDIR)/target/release/casctl \
+	  $(CURDIR)/target/release/cas-bench partial --cache $(BENCH_CACHE) --rates $(RATES) --runs $(RUNS) --out $(BENCH_OUT)/results)
 
-# Dedup on a family of near-duplicate Debian images, overlayfs and ours in one run:
-# make bench-dedup [VERSIONS=3] [WORKDIR=/mnt/xfs/dir OUT=…]; images are cached in
-# /var/cache/cas-bench.
-VERSIONS ?= 3
 # Pulls over a shaped link (a registry in a network namespace of its own behind tbf):
 # containerd's overlayfs pulling every blob against cas pulling only the files it lacks,
 # for the Debian family converted to zstd:chunked; bench/results/partial.md and .csv.
 #   make bench-partial [RATES=100mbit,1gbit] [RUNS=3]
-RATES ?= 100mbit,1gbit
 bench-partial:
 	$(CARGO) build --release -p cas-snapshotter -p cas -p cas-integration --bins
 	@test -e $(BENCH_CACHE)/images/app-2.done || CAS_BENCH_CACHE=$(BENCH_CACHE) BIN=$(CURDIR)/target/release VERSIONS=2 IMAGES_ONLY=1 bash scripts/bench-dedup.sh
 	CAS_SNAPSHOTTER_BIN=$(CURDIR)/target/release/cas-snapshotter CASCTL_BIN=$(CURDIR)/target/release/casctl \
 	  $(CURDIR)/target/release/cas-bench partial --cache $(BENCH_CACHE) --rates $(RATES) --runs $(RUNS) --out bench/results
 
+# Dedup on a family of near-duplicate Debian images, overlayfs and ours in one run:
+# make bench-dedup [VERSIONS=3] [WORKDIR=/mnt/xfs/dir OUT=…]; images are cached in
+# /var/cache/cas-bench.
+VERSIONS ?= 3
 bench-dedup:
 	@command -v debootstrap >/dev/null || $(MAKE) deps
 	$(CARGO) build --release -p cas-snapshotter -p cas -p cas-integration --bins
