@@ -81,6 +81,75 @@ fn rfc3339(secs: i64, nanos: u32) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
+/// Whose TOC an entry is written for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Producer {
+    /// containers/storage: names as archived, times to the nanosecond.
+    ZstdChunked,
+    /// stargz: names without a trailing `/`, times to the second.
+    Estargz,
+}
+
+/// The TOC entry of a tar entry (without its content fields) and its content size;
+/// `None` for entries a TOC does not list (pax and GNU extension headers).
+fn toc_entry(
+    entry: &mut tar::Entry<'_, &[u8]>,
+    producer: Producer,
+) -> io::Result<Option<(serde_json::Value, u64)>> {
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let h = entry.header().clone();
+    let mut name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+    if producer == Producer::Estargz {
+        name = name.trim_end_matches('/').to_string();
+    }
+    let link = entry
+        .link_name_bytes()
+        .map(|l| String::from_utf8_lossy(&l).into_owned())
+        .unwrap_or_default();
+    let mut mtime = (h.mtime()? as i64, 0u32);
+    let mut xattrs = serde_json::Map::new();
+    if let Some(pax) = entry.pax_extensions()? {
+        for ext in pax {
+            let ext = ext?;
+            let key = ext.key().unwrap_or_default();
+            if key == "mtime" && producer == Producer::ZstdChunked {
+                let v = String::from_utf8_lossy(ext.value_bytes()).into_owned();
+                let (s, f) = v.split_once('.').unwrap_or((&v, ""));
+                let nanos = format!("{f:0<9}");
+                mtime = (s.parse().unwrap_or(0), nanos[..9].parse().unwrap_or(0));
+            } else if let Some(x) = key.strip_prefix("SCHILY.xattr.") {
+                xattrs.insert(x.to_string(), json!(b64(ext.value_bytes())));
+            }
+        }
+    }
+    let kind = match h.entry_type() {
+        tar::EntryType::Regular | tar::EntryType::Continuous => "reg",
+        tar::EntryType::Directory => "dir",
+        tar::EntryType::Symlink => "symlink",
+        tar::EntryType::Link => "hardlink",
+        tar::EntryType::Char => "char",
+        tar::EntryType::Block => "block",
+        tar::EntryType::Fifo => "fifo",
+        _ => return Ok(None),
+    };
+    let size = if kind == "reg" { h.size()? } else { 0 };
+    let mut e = json!({
+        "type": kind, "name": name, "mode": h.mode()?,
+        "uid": h.uid()?, "gid": h.gid()?, "modtime": rfc3339(mtime.0, mtime.1),
+    });
+    if !link.is_empty() {
+        e["linkName"] = json!(link);
+    }
+    if !xattrs.is_empty() {
+        e["xattrs"] = serde_json::Value::Object(xattrs);
+    }
+    if kind == "char" || kind == "block" {
+        e["devMajor"] = json!(h.device_major().ok().flatten().unwrap_or(0));
+        e["devMinor"] = json!(h.device_minor().ok().flatten().unwrap_or(0));
+    }
+    Ok(Some((e, size)))
+}
+
 /// Writes the uncompressed layer `tar` as zstd:chunked.
 pub fn encode(tar: &[u8], opts: Options) -> io::Result<Encoded> {
     let mut blob = Vec::new();
@@ -98,53 +167,10 @@ pub fn encode(tar: &[u8], opts: Options) -> io::Result<Encoded> {
     let mut archive = tar::Archive::new(tar);
     for entry in archive.entries()? {
         let mut entry = entry?;
-        let h = entry.header().clone();
-        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let link = entry
-            .link_name_bytes()
-            .map(|l| String::from_utf8_lossy(&l).into_owned())
-            .unwrap_or_default();
-        let mut mtime = (h.mtime()? as i64, 0u32);
-        let mut xattrs = serde_json::Map::new();
-        if let Some(pax) = entry.pax_extensions()? {
-            for ext in pax {
-                let ext = ext?;
-                let key = ext.key().unwrap_or_default();
-                if key == "mtime" {
-                    let v = String::from_utf8_lossy(ext.value_bytes()).into_owned();
-                    let (s, f) = v.split_once('.').unwrap_or((&v, ""));
-                    let nanos = format!("{f:0<9}");
-                    mtime = (s.parse().unwrap_or(0), nanos[..9].parse().unwrap_or(0));
-                } else if let Some(x) = key.strip_prefix("SCHILY.xattr.") {
-                    xattrs.insert(x.to_string(), json!(b64(ext.value_bytes())));
-                }
-            }
-        }
-        let kind = match h.entry_type() {
-            tar::EntryType::Regular | tar::EntryType::Continuous => "reg",
-            tar::EntryType::Directory => "dir",
-            tar::EntryType::Symlink => "symlink",
-            tar::EntryType::Link => "hardlink",
-            tar::EntryType::Char => "char",
-            tar::EntryType::Block => "block",
-            tar::EntryType::Fifo => "fifo",
-            _ => continue,
+        let Some((mut e, size)) = toc_entry(&mut entry, Producer::ZstdChunked)? else {
+            continue;
         };
-        let size = if kind == "reg" { h.size()? } else { 0 };
-        let mut e = json!({
-            "type": kind, "name": name, "mode": h.mode()?,
-            "uid": h.uid()?, "gid": h.gid()?, "modtime": rfc3339(mtime.0, mtime.1),
-        });
-        if !link.is_empty() {
-            e["linkName"] = json!(link);
-        }
-        if !xattrs.is_empty() {
-            e["xattrs"] = serde_json::Value::Object(xattrs);
-        }
-        if kind == "char" || kind == "block" {
-            e["devMajor"] = json!(h.device_major().ok().flatten().unwrap_or(0));
-            e["devMinor"] = json!(h.device_minor().ok().flatten().unwrap_or(0));
-        }
+        let name = e["name"].as_str().unwrap_or_default().to_string();
         if size > 0 {
             let start = entry.raw_file_position() as usize;
             let mut content = Vec::with_capacity(size as usize);
@@ -289,52 +315,13 @@ pub fn encode_estargz(tar: &[u8], chunk_size: u64) -> io::Result<EncodedEstargz>
     let mut entries = Vec::new();
     let mut cursor = 0usize;
     let mut end_of_entries = 0usize;
-    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
     let mut archive = tar::Archive::new(tar);
     for entry in archive.entries()? {
         let mut entry = entry?;
-        let h = entry.header().clone();
-        let name = String::from_utf8_lossy(&entry.path_bytes())
-            .trim_end_matches('/')
-            .to_string();
-        let link = entry
-            .link_name_bytes()
-            .map(|l| String::from_utf8_lossy(&l).into_owned())
-            .unwrap_or_default();
-        let mut xattrs = serde_json::Map::new();
-        if let Some(pax) = entry.pax_extensions()? {
-            for ext in pax {
-                let ext = ext?;
-                if let Some(x) = ext.key().unwrap_or_default().strip_prefix("SCHILY.xattr.") {
-                    xattrs.insert(x.to_string(), json!(b64(ext.value_bytes())));
-                }
-            }
-        }
-        let kind = match h.entry_type() {
-            tar::EntryType::Regular | tar::EntryType::Continuous => "reg",
-            tar::EntryType::Directory => "dir",
-            tar::EntryType::Symlink => "symlink",
-            tar::EntryType::Link => "hardlink",
-            tar::EntryType::Char => "char",
-            tar::EntryType::Block => "block",
-            tar::EntryType::Fifo => "fifo",
-            _ => continue,
+        let Some((mut e, size)) = toc_entry(&mut entry, Producer::Estargz)? else {
+            continue;
         };
-        let size = if kind == "reg" { h.size()? } else { 0 };
-        let mut e = json!({
-            "name": name, "type": kind, "mode": h.mode()?, "uid": h.uid()?, "gid": h.gid()?,
-            "modtime": rfc3339(h.mtime()? as i64, 0),
-        });
-        if !link.is_empty() {
-            e["linkName"] = json!(link);
-        }
-        if !xattrs.is_empty() {
-            e["xattrs"] = serde_json::Value::Object(xattrs);
-        }
-        if kind == "char" || kind == "block" {
-            e["devMajor"] = json!(h.device_major().ok().flatten().unwrap_or(0));
-            e["devMinor"] = json!(h.device_minor().ok().flatten().unwrap_or(0));
-        }
+        let name = e["name"].as_str().unwrap_or_default().to_string();
         let start = entry.raw_file_position() as usize;
         let mut content = Vec::with_capacity(size as usize);
         entry.read_to_end(&mut content)?;

@@ -196,7 +196,7 @@ fn host_config(config_path: &Path, registry: &str) -> Result<HostConfig, Registr
     Ok(out)
 }
 
-/// Clients of the registries, one per host (TLS settings are per client).
+/// Clients of the registries, one per host and TLS settings (they are per client).
 pub struct Registries {
     opts: RegistryOptions,
     clients: Mutex<HashMap<String, Arc<Client>>>,
@@ -260,12 +260,18 @@ impl Registries {
             reference.set_mirror_registry(m.clone());
         }
         let client = {
+            // one client per host and TLS settings: a hosts.toml that changes them gets
+            // a new one
+            let key = format!(
+                "{target} plain={} skip_verify={} ca={:?}",
+                hosts.plain_http, hosts.skip_verify, hosts.ca_files
+            );
             let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-            match clients.get(&target) {
+            match clients.get(&key) {
                 Some(c) => c.clone(),
                 None => {
                     let c = Arc::new(self.client(&target, &hosts)?);
-                    clients.insert(target.clone(), c.clone());
+                    clients.insert(key, c.clone());
                     c
                 }
             }

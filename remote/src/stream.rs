@@ -422,6 +422,20 @@ enum Current {
 /// Largest eStargz chunk accepted, compressed or not (the format's default is 4 MiB).
 pub const MAX_GZIP_CHUNK: u64 = 64 << 20;
 
+/// Whether what `hasher` has seen is `e`'s content.
+fn check_digest(e: &Entry, hasher: &mut Sha256) -> Result<(), AssembleError> {
+    let actual = Digest::from_bytes(std::mem::take(hasher).finalize().into());
+    let expected = e.digest.expect("planned");
+    if actual != expected {
+        return Err(AssembleError::ContentDigest {
+            name: e.name.clone(),
+            expected,
+            actual,
+        });
+    }
+    Ok(())
+}
+
 /// The layer's tar stream (see the module docs).
 pub struct LayerStream<S: ObjectSource> {
     toc: Toc,
@@ -558,16 +572,7 @@ impl<S: ObjectSource> LayerStream<S> {
             } => {
                 let e = &self.toc.entries[*entry];
                 let Some(c) = e.chunks.get(*next_chunk).copied() else {
-                    let actual = Digest::from_bytes(std::mem::take(hasher).finalize().into());
-                    let expected = e.digest.expect("planned");
-                    if actual != expected {
-                        return Err(AssembleError::ContentDigest {
-                            name: e.name.clone(),
-                            expected,
-                            actual,
-                        });
-                    }
-                    return Ok(false);
+                    return check_digest(e, hasher).map(|()| false);
                 };
                 if c.end - c.start > MAX_GZIP_CHUNK || c.size > MAX_GZIP_CHUNK {
                     return Err(AssembleError::Decompress {
@@ -650,16 +655,7 @@ impl<S: ObjectSource> LayerStream<S> {
                         actual: *produced,
                     });
                 }
-                let actual = Digest::from_bytes(std::mem::take(hasher).finalize().into());
-                let expected = e.digest.expect("planned");
-                if actual != expected {
-                    return Err(AssembleError::ContentDigest {
-                        name: e.name.clone(),
-                        expected,
-                        actual,
-                    });
-                }
-                Ok(false)
+                check_digest(e, hasher).map(|()| false)
             }
         }
     }

@@ -174,14 +174,7 @@ fn one_run(
         let before = link.tx_bytes()?;
         let t = Instant::now();
         containerd
-            .ctr(&[
-                "images",
-                "pull",
-                "--plain-http",
-                "--snapshotter",
-                sn,
-                &reference,
-            ])
+            .pull(sn, &reference)
             .with_context(|| format!("pulling {image} into {sn}\n{}", daemon.log()))?;
         let secs = t.elapsed().as_secs_f64();
         nix::unistd::sync();
