@@ -55,6 +55,33 @@ fn variant(rig: &Rig, repo: &str, opts: Options) -> Result<String> {
     Ok(format!("{}/{repo}:1", rig.registry.addr))
 }
 
+/// Pulls the app image `r` (two layers) into cas, every layer partially and checked
+/// against `verified` (`diff_id` or `toc`), then into overlayfs: the same tree, and the
+/// app runs.
+fn app_pulled_partially(rig: &Rig, r: &str, verified: &str, name: &str) -> Result<()> {
+    rig.pull("cas", r).map_err(|e| e.context(rig.logs()))?;
+    let (layers, fallbacks, fetched, layer_bytes) = partial(rig)?;
+    assert!(layers >= 2 && fallbacks == 0, "{}", rig.logs());
+    let s = rig.stats()?;
+    let by = s["ingest_paths"][format!("partial_{verified}_verified")]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(
+        by, layers,
+        "not every layer checked against {verified}: {s}"
+    );
+    eprintln!("{name}: fetched {fetched} of {layer_bytes} bytes");
+    rig.pull("overlayfs", r)?;
+    rig.assert_same_tree(r, name)?;
+    assert_eq!(
+        rig.run(r, &format!("{name}-run"), &["sh", "-c", "/app/run.sh"])?,
+        "app\n"
+    );
+    let (code, out) = rig.casctl(&["fsck", "--verify-objects"])?;
+    assert_eq!(code, 0, "{out}");
+    Ok(())
+}
+
 fn partial(rig: &Rig) -> Result<(u64, u64, u64, u64)> {
     let s = rig.stats()?;
     let p = &s["ingest_paths"];
@@ -528,23 +555,7 @@ fn estargz_layers_from_ctr_remote_are_pulled_partially() -> Result<()> {
     ctr_remote(&["images", "convert", "--estargz", "--oci", &src, &dst])?;
     ctr_remote(&["images", "push", "--plain-http", &dst])?;
     rig.containerd.ctr(&["images", "rm", &dst])?;
-    rig.pull("cas", &dst).map_err(|e| e.context(rig.logs()))?;
-    let (layers, fallbacks, fetched, layer_bytes) = partial(&rig)?;
-    assert!(layers >= 2 && fallbacks == 0, "{}", rig.logs());
-    assert!(
-        rig.daemon.log().contains("eStargz, TOC verified")
-            || rig.daemon.log().contains("format=\"eStargz\"")
-            || rig.daemon.log().contains("format=eStargz"),
-        "{}",
-        rig.daemon.log()
-    );
-    eprintln!("eStargz: fetched {fetched} of {layer_bytes} bytes");
-    rig.pull("overlayfs", &dst)?;
-    rig.assert_same_tree(&dst, "estargz-app")?;
-    assert_eq!(
-        rig.run(&dst, "esgz-app", &["sh", "-c", "/app/run.sh"])?,
-        "app\n"
-    );
+    app_pulled_partially(&rig, &dst, "toc", "estargz-app")?;
     let (code, out) = rig.casctl(&["fsck", "--verify-objects"])?;
     assert_eq!(code, 0, "{out}");
     Ok(())
@@ -566,24 +577,7 @@ fn containers_storage_layers_with_a_tar_split_are_checked_against_the_diff_id() 
         return Ok(());
     };
     let r = skopeo_with(&skopeo, &rig, &rig.app.layout_dir, "storage/app")?;
-    rig.pull("cas", &r).map_err(|e| e.context(rig.logs()))?;
-    let (layers, fallbacks, fetched, layer_bytes) = partial(&rig)?;
-    assert!(layers >= 2 && fallbacks == 0, "{}", rig.logs());
-    assert!(
-        rig.daemon.log().contains("diffID verified")
-            || rig.daemon.log().contains("verified=\"diffID\"")
-            || rig.daemon.log().contains("verified=diffID"),
-        "{}",
-        rig.daemon.log()
-    );
-    eprintln!("containers/storage zstd:chunked: fetched {fetched} of {layer_bytes} bytes");
-    rig.pull("overlayfs", &r)?;
-    rig.assert_same_tree(&r, "storage-app")?;
-    assert_eq!(
-        rig.run(&r, "cs-app", &["sh", "-c", "/app/run.sh"])?,
-        "app\n"
-    );
-    Ok(())
+    app_pulled_partially(&rig, &r, "diff_id", "storage-app")
 }
 
 /// A mirror over HTTPS whose certificate is signed by a CA of the test's own: with the
