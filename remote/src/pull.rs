@@ -100,8 +100,18 @@ pub struct RemoteLayer {
 /// Opens the layer `r`: `Ok(None)` when it has no TOC (neither zstd:chunked nor
 /// eStargz).
 pub async fn open(regs: &Registries, r: &LayerRef) -> Result<Option<RemoteLayer>, PullError> {
-    let repo = Arc::new(regs.repository(&r.image).await?);
-    let manifest = repo.manifest(&r.manifest).await?;
+    // An image's layers are Prepared one by one: its manifest is fetched once (and
+    // nothing at all is asked of the registry for the layers of an image without TOCs).
+    let mut repo = None;
+    let manifest = match regs.cached(&r.manifest) {
+        Some(m) => m,
+        None => {
+            let rp = Arc::new(regs.repository(&r.image).await?);
+            let m = rp.manifest(&r.manifest).await?;
+            repo = Some(rp);
+            regs.remember(&r.manifest, m)
+        }
+    };
     let manifest: serde_json::Value = serde_json::from_slice(&manifest)
         .map_err(|e| PullError::Image(format!("manifest {}: {e}", r.manifest)))?;
     let layers = manifest["layers"]
@@ -151,7 +161,14 @@ pub async fn open(regs: &Registries, r: &LayerRef) -> Result<Option<RemoteLayer>
     let config_digest = manifest["config"]["digest"]
         .as_str()
         .ok_or_else(|| PullError::Image(format!("manifest {} has no config", r.manifest)))?;
-    let config = repo.blob(config_digest).await?;
+    let repo = match repo {
+        Some(r) => r,
+        None => Arc::new(regs.repository(&r.image).await?),
+    };
+    let config = match regs.cached(config_digest) {
+        Some(c) => c,
+        None => regs.remember(config_digest, repo.blob(config_digest).await?),
+    };
     let config: serde_json::Value = serde_json::from_slice(&config)
         .map_err(|e| PullError::Image(format!("config {config_digest}: {e}")))?;
     let diff_id: Digest = config["rootfs"]["diff_ids"][index]

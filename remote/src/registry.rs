@@ -200,7 +200,13 @@ fn host_config(config_path: &Path, registry: &str) -> Result<HostConfig, Registr
 pub struct Registries {
     opts: RegistryOptions,
     clients: Mutex<HashMap<String, Arc<Client>>>,
+    /// Manifests and configs fetched lately, by digest (checked against it when
+    /// fetched), newest last.
+    recent: Mutex<std::collections::VecDeque<(String, Arc<Vec<u8>>)>>,
 }
+
+/// Manifests and configs kept by [`Registries::remember`].
+pub const RECENT_BLOBS: usize = 64;
 
 /// One image's repository on its registry, ready for requests.
 pub struct Repository {
@@ -218,7 +224,31 @@ impl Registries {
         Registries {
             opts,
             clients: Mutex::new(HashMap::new()),
+            recent: Mutex::new(std::collections::VecDeque::new()),
         }
+    }
+
+    /// The manifest or config `digest`, if fetched lately.
+    pub fn cached(&self, digest: &str) -> Option<Arc<Vec<u8>>> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent
+            .iter()
+            .find(|(d, _)| d == digest)
+            .map(|(_, b)| b.clone())
+    }
+
+    /// Keeps `bytes`, fetched by `digest` and checked against it, for [`Self::cached`]
+    /// (the last [`RECENT_BLOBS`]).
+    pub fn remember(&self, digest: &str, bytes: Vec<u8>) -> Arc<Vec<u8>> {
+        let bytes = Arc::new(bytes);
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if !recent.iter().any(|(d, _)| d == digest) {
+            if recent.len() >= RECENT_BLOBS {
+                recent.pop_front();
+            }
+            recent.push_back((digest.to_string(), bytes.clone()));
+        }
+        bytes
     }
 
     fn credentials(&self, registry: &str) -> RegistryAuth {
@@ -411,6 +441,19 @@ impl Repository {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recent_manifests_are_kept_by_digest_up_to_a_bound() {
+        let r = Registries::new(RegistryOptions::default());
+        assert!(r.cached("sha256:a").is_none());
+        r.remember("sha256:a", b"one".to_vec());
+        assert_eq!(r.cached("sha256:a").unwrap().as_slice(), b"one");
+        for i in 0..RECENT_BLOBS {
+            r.remember(&format!("sha256:{i}"), vec![i as u8]);
+        }
+        assert!(r.cached("sha256:a").is_none(), "the oldest goes first");
+        assert!(r.cached(&format!("sha256:{}", RECENT_BLOBS - 1)).is_some());
+    }
 
     #[test]
     fn hosts_toml_gives_plain_http_mirrors_and_ca_files() {
