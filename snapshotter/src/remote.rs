@@ -15,7 +15,8 @@
 //! layer is pulled in full unless `[remote] verify = "toc"`. Every failure removes
 //! that snapshot (and the objects it added) and answers as if there were no labels:
 //! containerd pulls the layer itself. Each fallback is logged with its reason and
-//! counted (`cas_partial_layers_total{result}`).
+//! counted (`cas_partial_layers_total{result}`). A build a stop interrupted is removed
+//! at the next start ([`sweep_builds`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -52,6 +53,21 @@ pub const FALLBACK_REASONS: [&str; 9] = [
     "diff_id",
     "store",
 ];
+
+/// Removes the snapshots of partial pulls a stop interrupted (active `cas-remote/…`
+/// keys: containerd never knew them, so its garbage collection never would), and the
+/// objects they had added. Run at start, before anything is served.
+pub fn sweep_builds(store: &Snapshots) -> Result<usize, SnapshotError> {
+    let mut removed = 0;
+    for (key, rec) in store.list()? {
+        if key.starts_with(BUILD_PREFIX) && rec.kind == Kind::Active {
+            store.remove(&key)?;
+            info!(%key, "removed the snapshot of a partial pull a stop interrupted");
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
 
 /// Partial pulls: the registries, the configuration, and what applies a layer.
 pub struct Remote {

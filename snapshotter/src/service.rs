@@ -76,6 +76,7 @@ impl CasSnapshotter {
             index_cache_bytes: store.index_cache_mib.map(|m| m << 20),
         };
         let store = Snapshots::open(layout, opts, Arc::new(cas::sys::Host))?;
+        crate::remote::sweep_builds(&store)?;
         let metrics = Arc::new(Metrics::new());
         metrics.recovered_in(store.recovered_in());
         Ok(CasSnapshotter {

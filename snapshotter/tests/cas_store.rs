@@ -908,3 +908,28 @@ async fn id_mapped_snapshots_share_the_layers() {
     assert!(e.to_string().contains("gidmapping"), "{e}");
     sn.shutdown().await.unwrap();
 }
+
+/// A partial pull that a stop interrupted leaves an active `cas-remote/…` snapshot that
+/// containerd never knew: the next start removes it, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: real overlay mounts (make unit runs it)"]
+async fn the_next_start_removes_partial_pulls_a_stop_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    {
+        let sn = open(&root).await;
+        let key = format!(
+            "{}1/sha256:{}",
+            cas_snapshotter::remote::BUILD_PREFIX,
+            "ab".repeat(32)
+        );
+        sn.prepare(key, String::new(), labels()).await.unwrap();
+        sn.prepare("kept".into(), String::new(), labels())
+            .await
+            .unwrap();
+        sn.shutdown().await.unwrap();
+    }
+    let sn = open(&root).await;
+    let left: Vec<String> = walk(&sn).await.into_iter().map(|(k, _, _)| k).collect();
+    assert_eq!(left, vec!["kept".to_string()]);
+}
