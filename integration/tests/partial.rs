@@ -77,8 +77,18 @@ fn app_pulled_partially(rig: &Rig, r: &str, verified: &str, name: &str) -> Resul
         rig.run(r, &format!("{name}-run"), &["sh", "-c", "/app/run.sh"])?,
         "app\n"
     );
-    let (code, out) = rig.casctl(&["fsck", "--verify-objects"])?;
-    assert_eq!(code, 0, "{out}");
+    fsck_clean(rig, true)?;
+    Ok(())
+}
+
+/// `casctl fsck` (`--verify-objects` when `verify`) finds nothing wrong.
+fn fsck_clean(rig: &Rig, verify: bool) -> Result<()> {
+    let mut args = vec!["fsck"];
+    if verify {
+        args.push("--verify-objects");
+    }
+    let (code, out) = rig.casctl(&args)?;
+    assert_eq!(code, 0, "{out}\n{}", rig.logs());
     Ok(())
 }
 
@@ -192,8 +202,7 @@ fn zstd_chunked_layers_are_pulled_file_by_file_and_match_overlayfs() -> Result<(
         "app\n"
     );
 
-    let (code, out) = rig.casctl(&["fsck", "--verify-objects"])?;
-    assert_eq!(code, 0, "{out}\n{}", rig.logs());
+    fsck_clean(&rig, true)?;
     let (code, out) = rig.casctl(&["stats"])?;
     assert_eq!(code, 0);
     assert!(out.contains("partial pulls:"), "{out}");
@@ -223,8 +232,7 @@ fn without_a_tar_split_the_default_is_a_full_pull() -> Result<()> {
     assert!(rig.logs().contains("no tar-split"), "{}", rig.logs());
     rig.pull("overlayfs", &sk)?;
     rig.assert_same_tree(&sk, "skopeo-full")?;
-    let (code, out) = rig.casctl(&["fsck"])?;
-    assert_eq!(code, 0, "{out}");
+    fsck_clean(&rig, false)?;
     Ok(())
 }
 
@@ -339,8 +347,7 @@ fn bad_layers_fall_back_to_a_full_pull_and_leave_nothing() -> Result<()> {
     assert!(left.is_empty(), "{left:?}");
     let fsck = rig.fsck_report()?;
     assert_eq!(fsck["unreferenced_objects"], 0, "{fsck}");
-    let (code, out) = rig.casctl(&["fsck"])?;
-    assert_eq!(code, 0, "{out}");
+    fsck_clean(&rig, false)?;
     Ok(())
 }
 
@@ -460,8 +467,7 @@ fn a_registry_that_misbehaves_means_a_full_pull() -> Result<()> {
     rig.pull("cas", &r).map_err(|e| e.context(rig.logs()))?;
     let after = partial(&rig)?;
     assert!(after.0 > before.0 && after.1 == before.1, "{}", rig.logs());
-    let (code, out) = rig.casctl(&["fsck"])?;
-    assert_eq!(code, 0, "{out}");
+    fsck_clean(&rig, false)?;
     Ok(())
 }
 
@@ -532,8 +538,7 @@ fn cri_partial(series: &str) -> Result<()> {
     assert!(layers2 > layers && fallbacks2 == 0, "{}", rig.logs());
     let (f, l) = (fetched2 - fetched, layer_bytes2 - layer_bytes);
     assert!(f * 20 < l, "near-duplicate fetched {f} of {l} bytes");
-    let (code, out) = rig.casctl(&["fsck"])?;
-    assert_eq!(code, 0, "{out}");
+    fsck_clean(&rig, false)?;
     Ok(())
 }
 
@@ -570,8 +575,6 @@ fn estargz_layers_from_ctr_remote_are_pulled_partially() -> Result<()> {
     ctr_remote(&["images", "push", "--plain-http", &dst])?;
     rig.containerd.ctr(&["images", "rm", &dst])?;
     app_pulled_partially(&rig, &dst, "toc", "estargz-app")?;
-    let (code, out) = rig.casctl(&["fsck", "--verify-objects"])?;
-    assert_eq!(code, 0, "{out}");
     Ok(())
 }
 

@@ -240,6 +240,27 @@ fn describe(bytes: &[u8]) -> Vec<Described> {
     v
 }
 
+/// [`assemble`] with the default coalescing and nothing damaged.
+fn assemble_plainly(
+    layer: &LayerToc,
+    stored: &std::path::Path,
+    with_split: bool,
+    blob: &[u8],
+) -> (
+    Result<Vec<u8>, io::Error>,
+    Option<AssembleError>,
+    crate::stream::Plan,
+) {
+    assemble(
+        layer,
+        stored,
+        with_split,
+        Coalesce::default(),
+        |_, _| {},
+        blob,
+    )
+}
+
 #[test]
 fn around_its_tar_split_the_stream_is_the_original_archive() {
     let tar = layer_tar();
@@ -252,14 +273,7 @@ fn around_its_tar_split_the_stream_is_the_original_archive() {
         for c in stored {
             store(dir.path(), c);
         }
-        let (out, failure, p) = assemble(
-            &layer,
-            dir.path(),
-            true,
-            Coalesce::default(),
-            |_, _| {},
-            &enc.blob,
-        );
+        let (out, failure, p) = assemble_plainly(&layer, dir.path(), true, &enc.blob);
         assert_eq!(failure, None);
         let out = out.unwrap();
         assert_eq!(Digest::of(&out), enc.diff_id);
@@ -316,14 +330,7 @@ fn from_the_toc_alone_the_stream_is_an_archive_of_the_same_tree() {
     assert!(m.tar_split.is_none() && !layer.has_tar_split());
     let dir = tempfile::tempdir().unwrap();
     store(dir.path(), b"node\n");
-    let (out, failure, _) = assemble(
-        &layer,
-        dir.path(),
-        false,
-        Coalesce::default(),
-        |_, _| {},
-        &enc.blob,
-    );
+    let (out, failure, _) = assemble_plainly(&layer, dir.path(), false, &enc.blob);
     assert_eq!(failure, None);
     assert_eq!(describe(&out.unwrap()), describe(&tar));
 }
@@ -390,14 +397,7 @@ fn a_stored_object_of_the_wrong_size_fails_the_stream() {
     let d = store(dir.path(), b"node\n");
     // damaged: shorter than its content
     std::fs::write(dir.path().join(d.hex()), b"no").unwrap();
-    let (out, failure, _) = assemble(
-        &layer,
-        dir.path(),
-        true,
-        Coalesce::default(),
-        |_, _| {},
-        &enc.blob,
-    );
+    let (out, failure, _) = assemble_plainly(&layer, dir.path(), true, &enc.blob);
     assert!(out.is_err());
     assert!(
         matches!(failure, Some(AssembleError::ContentSize { .. })),
