@@ -599,7 +599,8 @@ fn containers_storage_layers_with_a_tar_split_are_checked_against_the_diff_id() 
 
 /// A mirror over HTTPS whose certificate is signed by a CA of the test's own: with the
 /// CA in `hosts.toml` (`ca`), the layers come through the mirror, partially; without it
-/// the certificate is refused and containerd pulls in full.
+/// the certificate is refused and containerd pulls in full. A host listed before it that
+/// is down is passed over.
 #[test]
 #[ignore = "needs root, containerd 2.x, runc, openssl and a registry (make e2e runs it)"]
 fn an_https_mirror_with_its_ca_from_hosts_toml() -> Result<()> {
@@ -637,5 +638,18 @@ fn an_https_mirror_with_its_ca_from_hosts_toml() -> Result<()> {
     assert!(pulled > 0, "{}\n{}", rig.logs(), tls.log());
     rig.pull("overlayfs", &r)?;
     rig.assert_same_tree(&r, "with-ca")?;
+    // a mirror that is down, listed first: the next host (the server) serves
+    std::fs::write(
+        hosts.join("hosts.toml"),
+        format!(
+            "server = \"https://{}\"\nca = \"{}\"\n[host.\"http://127.0.0.1:9\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            tls.addr,
+            ca.display()
+        ),
+    )?;
+    let r = image("mirror-down")?;
+    rig.pull("cas", &r).map_err(|e| e.context(rig.logs()))?;
+    let (pulled2, _, _, _) = partial(&rig)?;
+    assert!(pulled2 > pulled, "{}", rig.logs());
     Ok(())
 }

@@ -86,11 +86,11 @@ pub enum RegistryError {
     },
 }
 
-/// What `hosts.toml` says of one registry.
+/// One host `hosts.toml` says to pull a registry's content from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct HostConfig {
-    /// Where requests go (`host[:port]`), when not the registry itself.
-    mirror: Option<String>,
+    /// `host[:port]`.
+    host: String,
     plain_http: bool,
     ca_files: Vec<PathBuf>,
     skip_verify: bool,
@@ -132,13 +132,23 @@ fn split_url(url: &str) -> (String, bool) {
     (rest.split('/').next().unwrap_or(rest).to_string(), plain)
 }
 
-/// Reads `hosts.toml` for `registry` under `config_path`.
-fn host_config(config_path: &Path, registry: &str) -> Result<HostConfig, RegistryError> {
+/// The hosts to pull `registry`'s content from, in the order they are tried: the
+/// `[host]` entries that can pull, as `hosts.toml` under `config_path` lists them, then
+/// its `server` (the registry itself when none is given), as containerd tries them.
+fn host_config(
+    config_path: &Path,
+    registry: &str,
+    default_host: &str,
+) -> Result<Vec<HostConfig>, RegistryError> {
+    let server_default = HostConfig {
+        host: default_host.to_string(),
+        ..HostConfig::default()
+    };
     let mut file = config_path.join(registry).join("hosts.toml");
     if !file.exists() {
         file = config_path.join("_default").join("hosts.toml");
         if !file.exists() {
-            return Ok(HostConfig::default());
+            return Ok(vec![server_default]);
         }
     }
     let text = std::fs::read_to_string(&file).map_err(|e| RegistryError::Hosts {
@@ -150,18 +160,17 @@ fn host_config(config_path: &Path, registry: &str) -> Result<HostConfig, Registr
         reason: e.to_string(),
     })?;
     let base = file.parent().unwrap_or(config_path).to_path_buf();
-    let mut out = HostConfig::default();
-    if let Some(server) = &parsed.server {
-        let (host, plain) = split_url(server);
-        out.plain_http = plain;
-        if host != registry {
-            out.mirror = Some(host);
-        }
+    let mut server = server_default;
+    if let Some(url) = &parsed.server {
+        let (host, plain) = split_url(url);
+        server.host = host;
+        server.plain_http = plain;
     }
     if let Some(ca) = &parsed.ca {
-        out.ca_files = ca.paths(&base);
+        server.ca_files = ca.paths(&base);
     }
-    out.skip_verify = parsed.skip_verify.unwrap_or(false);
+    server.skip_verify = parsed.skip_verify.unwrap_or(false);
+    let mut out = Vec::new();
     for (url, table) in &parsed.host {
         let caps: Vec<String> = table
             .get("capabilities")
@@ -175,23 +184,33 @@ fn host_config(config_path: &Path, registry: &str) -> Result<HostConfig, Registr
         if !caps.iter().any(|c| c == "pull") {
             continue;
         }
-        let (host, plain) = split_url(url);
-        out.mirror = (host != registry).then_some(host);
-        out.plain_http = plain;
-        if let Some(ca) = table.get("ca") {
-            let ca: StringOrList =
-                ca.clone()
-                    .try_into()
-                    .map_err(|e: toml::de::Error| RegistryError::Hosts {
-                        path: file.clone(),
-                        reason: e.to_string(),
-                    })?;
-            out.ca_files = ca.paths(&base);
-        }
-        if let Some(v) = table.get("skip_verify").and_then(|v| v.as_bool()) {
-            out.skip_verify = v;
-        }
-        break;
+        let (host, plain_http) = split_url(url);
+        let ca_files = match table.get("ca") {
+            Some(ca) => {
+                let ca: StringOrList =
+                    ca.clone()
+                        .try_into()
+                        .map_err(|e: toml::de::Error| RegistryError::Hosts {
+                            path: file.clone(),
+                            reason: e.to_string(),
+                        })?;
+                ca.paths(&base)
+            }
+            None => Vec::new(),
+        };
+        let skip_verify = table
+            .get("skip_verify")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        out.push(HostConfig {
+            host,
+            plain_http,
+            ca_files,
+            skip_verify,
+        });
+    }
+    if !out.iter().any(|h| h.host == server.host) {
+        out.push(server);
     }
     Ok(out)
 }
@@ -208,8 +227,15 @@ pub struct Registries {
 /// Manifests and configs kept by [`Registries::remember`].
 pub const RECENT_BLOBS: usize = 64;
 
-/// One image's repository on its registry, ready for requests.
+/// One image's repository on its registry, ready for requests: on each of the hosts
+/// to pull it from, tried in order from the one that answered last.
 pub struct Repository {
+    endpoints: Vec<Endpoint>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+/// The repository on one host.
+struct Endpoint {
     client: Arc<Client>,
     reference: Reference,
     registry: String,
@@ -271,43 +297,72 @@ impl Registries {
     }
 
     /// The repository of `image_ref` (a reference such as containerd's
-    /// `cri.image-ref` label), authenticated for pulls.
+    /// `cri.image-ref` label), authenticated for pulls on each host that lets us.
     pub async fn repository(&self, image_ref: &str) -> Result<Repository, RegistryError> {
-        let mut reference: Reference =
+        let reference: Reference =
             image_ref
                 .parse()
                 .map_err(|e: oci_client::ParseError| RegistryError::Reference {
                     reference: image_ref.to_string(),
                     reason: e.to_string(),
                 })?;
-        let registry = reference.resolve_registry().to_string();
+        let default_host = reference.resolve_registry().to_string();
         let hosts = match &self.opts.config_path {
-            Some(p) => host_config(p, reference.registry())?,
-            None => HostConfig::default(),
+            Some(p) => host_config(p, reference.registry(), &default_host)?,
+            None => vec![HostConfig {
+                host: default_host.clone(),
+                ..HostConfig::default()
+            }],
         };
-        let target = hosts.mirror.clone().unwrap_or_else(|| registry.clone());
-        if let Some(m) = &hosts.mirror {
-            reference.set_mirror_registry(m.clone());
+        let mut endpoints = Vec::new();
+        let mut first_error = None;
+        for h in hosts {
+            match self.endpoint(&reference, &default_host, &h).await {
+                Ok(e) => endpoints.push(e),
+                Err(e) => {
+                    debug!(host = %h.host, error = %e, "host not usable; the next one");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if endpoints.is_empty() {
+            return Err(first_error.expect("at least one host"));
+        }
+        Ok(Repository {
+            endpoints,
+            current: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    async fn endpoint(
+        &self,
+        reference: &Reference,
+        default_host: &str,
+        h: &HostConfig,
+    ) -> Result<Endpoint, RegistryError> {
+        let mut reference = reference.clone();
+        if h.host != reference.registry() && h.host != default_host {
+            reference.set_mirror_registry(h.host.clone());
         }
         let client = {
             // one client per host and TLS settings: a hosts.toml that changes them gets
             // a new one
             let key = format!(
-                "{target} plain={} skip_verify={} ca={:?}",
-                hosts.plain_http, hosts.skip_verify, hosts.ca_files
+                "{} plain={} skip_verify={} ca={:?}",
+                h.host, h.plain_http, h.skip_verify, h.ca_files
             );
             let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
             match clients.get(&key) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = Arc::new(self.client(&target, &hosts)?);
+                    let c = Arc::new(self.client(&h.host, h)?);
                     clients.insert(key, c.clone());
                     c
                 }
             }
         };
-        // the host reached first (a mirror), then the registry itself
-        let auth = match self.credentials(&target) {
+        // the host reached (a mirror), then the registry itself
+        let auth = match self.credentials(&h.host) {
             RegistryAuth::Anonymous => self.credentials(reference.registry()),
             found => found,
         };
@@ -316,13 +371,13 @@ impl Registries {
             .await
             .map_err(|e| RegistryError::Request {
                 what: "authentication".into(),
-                registry: target.clone(),
+                registry: h.host.clone(),
                 reason: e.to_string(),
             })?;
-        Ok(Repository {
+        Ok(Endpoint {
             client,
             reference,
-            registry: target,
+            registry: h.host.clone(),
             auth,
         })
     }
@@ -356,11 +411,63 @@ impl Registries {
 }
 
 impl Repository {
-    /// Where requests go (the registry, or its mirror).
+    /// Where requests go now (the registry, or a mirror).
     pub fn registry(&self) -> &str {
-        &self.registry
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        &self.endpoints[i.min(self.endpoints.len() - 1)].registry
     }
 
+    /// Runs `op` on the hosts in turn, from the one that answered last, until one
+    /// succeeds; the first host's error otherwise.
+    async fn on_hosts<'a, T, F, Fut>(&'a self, op: F) -> Result<T, RegistryError>
+    where
+        F: Fn(&'a Endpoint) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RegistryError>>,
+    {
+        use std::sync::atomic::Ordering;
+        let n = self.endpoints.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut first_error = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            match op(&self.endpoints[i]).await {
+                Ok(v) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(e) => {
+                    if n > 1 {
+                        debug!(host = %self.endpoints[i].registry, error = %e, "request failed; the next host");
+                    }
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.expect("at least one host"))
+    }
+
+    /// The manifest `digest` of this repository, its bytes checked against the digest.
+    pub async fn manifest(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
+        self.on_hosts(|e| e.manifest(digest)).await
+    }
+
+    /// The whole blob `digest` (small ones: image configs), checked against the digest.
+    pub async fn blob(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
+        self.on_hosts(|e| e.blob(digest)).await
+    }
+
+    /// Bytes `start..end` of the blob `digest`.
+    pub async fn range(
+        &self,
+        digest: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
+        self.on_hosts(|e| e.range(digest, start, end)).await
+    }
+}
+
+impl Endpoint {
     fn request_error(&self, what: String, e: impl std::fmt::Display) -> RegistryError {
         RegistryError::Request {
             what,
@@ -370,7 +477,7 @@ impl Repository {
     }
 
     /// The manifest `digest` of this repository, its bytes checked against the digest.
-    pub async fn manifest(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
+    async fn manifest(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
         let r = self.reference.clone_with_digest(digest.to_string());
         let (bytes, _) = self
             .client
@@ -388,7 +495,7 @@ impl Repository {
     }
 
     /// The whole blob `digest` (small ones: image configs), checked against the digest.
-    pub async fn blob(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
+    async fn blob(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
         let mut out = Vec::new();
         self.client
             .pull_blob(&self.reference, digest, &mut out)
@@ -398,12 +505,7 @@ impl Repository {
     }
 
     /// Bytes `start..end` of the blob `digest`.
-    pub async fn range(
-        &self,
-        digest: &str,
-        start: u64,
-        end: u64,
-    ) -> Result<Vec<u8>, RegistryError> {
+    async fn range(&self, digest: &str, start: u64, end: u64) -> Result<Vec<u8>, RegistryError> {
         let fail = |reason: String| RegistryError::Range {
             registry: self.registry.clone(),
             digest: digest.to_string(),
@@ -456,38 +558,67 @@ mod tests {
     }
 
     #[test]
-    fn hosts_toml_gives_plain_http_mirrors_and_ca_files() {
+    fn hosts_toml_gives_the_hosts_in_order_with_plain_http_and_ca_files() {
         let dir = tempfile::tempdir().unwrap();
         let write = |host: &str, text: &str| {
             std::fs::create_dir_all(dir.path().join(host)).unwrap();
             std::fs::write(dir.path().join(host).join("hosts.toml"), text).unwrap();
         };
+        let host = |h: &str, plain_http: bool| HostConfig {
+            host: h.into(),
+            plain_http,
+            ..HostConfig::default()
+        };
         write("127.0.0.1:5000", "server = \"http://127.0.0.1:5000\"\n");
         write(
             "docker.io",
             r#"server = "https://registry-1.docker.io"
-[host."http://10.0.0.1:5000"]
+[host."http://10.0.0.9:5000"]
   capabilities = ["pull", "resolve"]
   ca = "mirror.pem"
+[host."https://push-only.example"]
+  capabilities = ["push"]
+[host."https://10.0.0.1"]
+  skip_verify = true
 "#,
         );
         write("_default", "skip_verify = true\n");
-        let c = host_config(dir.path(), "127.0.0.1:5000").unwrap();
+        assert_eq!(
+            host_config(dir.path(), "127.0.0.1:5000", "127.0.0.1:5000").unwrap(),
+            vec![host("127.0.0.1:5000", true)]
+        );
+        // the [host] entries in the file's order (not sorted), those that can pull, then
+        // the server
+        let c = host_config(dir.path(), "docker.io", "index.docker.io").unwrap();
         assert_eq!(
             c,
-            HostConfig {
-                plain_http: true,
-                ..HostConfig::default()
-            }
+            vec![
+                HostConfig {
+                    ca_files: vec![dir.path().join("docker.io/mirror.pem")],
+                    ..host("10.0.0.9:5000", true)
+                },
+                HostConfig {
+                    skip_verify: true,
+                    ..host("10.0.0.1", false)
+                },
+                host("registry-1.docker.io", false),
+            ]
         );
-        let c = host_config(dir.path(), "docker.io").unwrap();
-        assert_eq!(c.mirror.as_deref(), Some("10.0.0.1:5000"));
-        assert!(c.plain_http);
-        assert_eq!(c.ca_files, vec![dir.path().join("docker.io/mirror.pem")]);
-        let c = host_config(dir.path(), "quay.io").unwrap();
-        assert!(c.skip_verify && !c.plain_http && c.mirror.is_none());
+        // no file of its own: _default's settings on the registry itself
+        assert_eq!(
+            host_config(dir.path(), "quay.io", "quay.io").unwrap(),
+            vec![HostConfig {
+                skip_verify: true,
+                ..host("quay.io", false)
+            }]
+        );
+        let none = tempfile::tempdir().unwrap();
+        assert_eq!(
+            host_config(none.path(), "quay.io", "quay.io").unwrap(),
+            vec![host("quay.io", false)]
+        );
         write("bad.example", "server = [\n");
-        let e = host_config(dir.path(), "bad.example").unwrap_err();
+        let e = host_config(dir.path(), "bad.example", "bad.example").unwrap_err();
         assert!(e.to_string().contains("hosts.toml"), "{e}");
     }
 }
