@@ -18,7 +18,7 @@
 //! counted (`cas_partial_layers_total{result}`). A build a stop interrupted is removed
 //! at the next start ([`sweep_builds`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -33,6 +33,7 @@ use remote::registry::{Registries, RegistryOptions};
 use remote::stream::{Coalesce, LayerStream, ObjectSource};
 use tracing::{debug, info, warn};
 
+use crate::convert;
 use crate::error::ServiceError;
 use crate::service::CasSnapshotter;
 
@@ -133,16 +134,14 @@ impl CasSnapshotter {
         &self,
         key: &str,
         parent: &str,
-        labels: &HashMap<String, String>,
+        labels: &BTreeMap<String, String>,
     ) -> Option<String> {
         let remote = self.remote().filter(|r| r.cfg.enabled)?;
-        let labels: BTreeMap<String, String> =
-            labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let layer_ref = LayerRef::from_labels(&labels)?;
+        let layer_ref = LayerRef::from_labels(labels)?;
         let target = layer_ref.target.clone();
         // another pull (another namespace) built it already
         if let Ok(rec) = self.store().stat(&target) {
-            if rec.kind == Kind::Committed && rec.parent.as_deref().unwrap_or("") == parent {
+            if rec.kind == Kind::Committed && rec.parent.as_deref() == convert::parent(parent) {
                 return Some(target);
             }
             return None;
@@ -173,7 +172,7 @@ impl CasSnapshotter {
             return None;
         }
         match self
-            .build_remote(remote, &layer_ref, parent, &labels, &layer)
+            .build_remote(remote, &layer_ref, parent, labels, &layer)
             .await
         {
             Ok(plan) => {
@@ -218,15 +217,20 @@ impl CasSnapshotter {
             max_gap: remote.cfg.max_gap_bytes,
             max_request: remote.cfg.max_request_bytes,
         };
-        let plan = remote::stream::plan(&layer.toc.toc, |d| store.has_object(d), coalesce);
+        // a stat per file: off the runtime's threads
+        let plan = tokio::task::block_in_place(|| {
+            remote::stream::plan(&layer.toc.toc, |d| store.has_object(d), coalesce)
+        });
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let build_key = format!("{BUILD_PREFIX}{nanos}/{}", r.target);
-        let parent_key = (!parent.is_empty()).then(|| parent.to_string());
         {
-            let (k, p) = (build_key.clone(), parent_key.clone());
+            let (k, p) = (
+                build_key.clone(),
+                convert::parent(parent).map(str::to_string),
+            );
             self.run(move |s| s.create(Kind::Active, &k, p.as_deref(), BTreeMap::new()))
                 .await
                 .map_err(store_fallback)?;

@@ -6,7 +6,7 @@
 //! every crash-ordered step of create, commit, remove and recovery, and counts what
 //! happened in the metrics. The store's calls block, so each runs on a blocking thread.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -280,6 +280,7 @@ impl Snapshotter for CasSnapshotter {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, Self::Error> {
+        let labels = convert::labels(labels);
         if let Some(target) = self.prepare_remote(&key, &parent, &labels).await {
             return Err(SnapshotError::AlreadyExists(target).into());
         }
@@ -293,7 +294,8 @@ impl Snapshotter for CasSnapshotter {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, Self::Error> {
-        self.create(Kind::View, key, parent, labels).await
+        self.create(Kind::View, key, parent, convert::labels(labels))
+            .await
     }
 
     #[instrument(skip(self, labels), level = "debug")]
@@ -351,9 +353,8 @@ impl CasSnapshotter {
         kind: Kind,
         key: String,
         parent: String,
-        labels: HashMap<String, String>,
+        labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>, ServiceError> {
-        let labels = convert::labels(labels);
         let mounts = self
             .run(move |s| s.create(kind, &key, convert::parent(&parent), labels))
             .await?;
