@@ -6,22 +6,13 @@
 //! changed on the way (`tweak`), for near-duplicate images: independent builds of the
 //! same files, whose blobs and diffIDs differ while nearly every file is the same.
 
-use std::fs;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use remote::encode::{encode, Options};
-use serde_json::{json, Value};
 
 use crate::compression::{Compression, LayerCompression};
-use crate::fixture::BuiltImage;
-use crate::layers::sha256;
-
-fn blob_path(layout: &Path, digest: &str) -> std::path::PathBuf {
-    layout
-        .join("blobs/sha256")
-        .join(digest.trim_start_matches("sha256:"))
-}
+use crate::layers::{Image, Layer, Written};
 
 /// Writes `src`'s image to `dst` with zstd:chunked layers (each layer's tar passed
 /// through `tweak(index, tar)` first).
@@ -30,63 +21,18 @@ pub fn convert(
     dst: &Path,
     opts: Options,
     tweak: impl Fn(usize, Vec<u8>) -> Result<Vec<u8>>,
-) -> Result<BuiltImage> {
-    let blobs = dst.join("blobs/sha256");
-    fs::create_dir_all(&blobs)?;
-    let put = |bytes: &[u8]| -> Result<String> {
-        let d = sha256(bytes);
-        fs::write(blob_path(dst, &d), bytes)?;
-        Ok(d)
-    };
-    let index: Value = serde_json::from_slice(&fs::read(src.join("index.json"))?)?;
-    let mdigest = index["manifests"][0]["digest"]
-        .as_str()
-        .context("index.json has no manifest")?;
-    let mut manifest: Value = serde_json::from_slice(&fs::read(blob_path(src, mdigest))?)?;
-    let cdigest = manifest["config"]["digest"].as_str().context("no config")?;
-    let mut config: Value = serde_json::from_slice(&fs::read(blob_path(src, cdigest))?)?;
-    let mut diff_ids = Vec::new();
-    let mut digests = Vec::new();
-    let layers = manifest["layers"].as_array_mut().context("no layers")?;
-    for (i, layer) in layers.iter_mut().enumerate() {
-        let digest = layer["digest"].as_str().context("layer digest")?;
-        let media = layer["mediaType"].as_str().context("layer media type")?;
-        let blob = fs::read(blob_path(src, digest))?;
-        let tar = tweak(i, Compression::of_media_type(media)?.decompress(&blob)?)?;
-        let enc = encode(&tar, opts)?;
-        let d = put(&enc.blob)?;
-        *layer = json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+zstd",
-            "digest": d,
-            "size": enc.blob.len(),
-            "annotations": enc.annotations,
-        });
-        diff_ids.push(format!("sha256:{}", enc.diff_id.hex()));
-        digests.push(d);
+) -> Result<Written> {
+    let mut image = Image::read(src)?;
+    for (i, layer) in image.layers.iter_mut().enumerate() {
+        let enc = encode(&tweak(i, layer.tar()?)?, opts)?;
+        *layer = Layer {
+            blob: enc.blob,
+            media_type: Compression::Zstd.media_type().to_string(),
+            diff_id: format!("sha256:{}", enc.diff_id.hex()),
+            annotations: enc.annotations,
+        };
     }
-    config["rootfs"]["diff_ids"] = json!(diff_ids);
-    let config_bytes = serde_json::to_vec(&config)?;
-    let config_digest = put(&config_bytes)?;
-    manifest["config"]["digest"] = json!(config_digest);
-    manifest["config"]["size"] = json!(config_bytes.len());
-    let manifest_bytes = serde_json::to_vec(&manifest)?;
-    let manifest_digest = put(&manifest_bytes)?;
-    let index = json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest,
-            "size": manifest_bytes.len(),
-        }],
-    });
-    fs::write(dst.join("index.json"), serde_json::to_vec(&index)?)?;
-    fs::write(dst.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    Ok(BuiltImage {
-        layout_dir: dst.to_path_buf(),
-        manifest_digest,
-        layer_diff_ids: diff_ids,
-        layer_digests: digests,
-    })
+    image.write(dst)
 }
 
 /// The layer `tar` with one more file at its end: another build of the same layer

@@ -31,6 +31,8 @@ pub struct Layer {
     pub media_type: String,
     /// The config's diffID for it (normally the digest of the uncompressed tar).
     pub diff_id: String,
+    /// The descriptor's annotations (zstd:chunked's TOC position, for one).
+    pub annotations: std::collections::BTreeMap<String, String>,
 }
 
 impl Layer {
@@ -45,6 +47,7 @@ impl Layer {
             blob: c.compress(tar)?,
             media_type: c.media_type().to_string(),
             diff_id: sha256(tar),
+            annotations: Default::default(),
         })
     }
 
@@ -122,6 +125,7 @@ pub fn truncated_gzip(tar: &[u8]) -> Result<Layer> {
         blob,
         media_type: Compression::Gzip.media_type().to_string(),
         diff_id: good.diff_id,
+        annotations: Default::default(),
     })
 }
 
@@ -154,6 +158,7 @@ pub fn zero_bomb(path: &str, len: u64) -> Result<Layer> {
         blob,
         media_type: Compression::Zstd.media_type().to_string(),
         diff_id: format!("sha256:{}", hex::encode(hasher.finalize())),
+        annotations: Default::default(),
     })
 }
 
@@ -219,6 +224,14 @@ impl Image {
                     .and_then(Value::as_str)
                     .context("fewer diff_ids than layers")?
                     .to_string(),
+                annotations: l["annotations"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             });
         }
         Ok(Image { layers, config })
@@ -248,11 +261,15 @@ impl Image {
         let mut descs = Vec::new();
         for l in &self.layers {
             let digest = put(&l.blob)?;
-            descs.push(json!({
+            let mut desc = json!({
                 "mediaType": l.media_type,
                 "digest": digest,
                 "size": l.blob.len(),
-            }));
+            });
+            if !l.annotations.is_empty() {
+                desc["annotations"] = json!(l.annotations);
+            }
+            descs.push(desc);
         }
         let diff_ids: Vec<String> = self.layers.iter().map(|l| l.diff_id.clone()).collect();
         let mut config = self.config.clone();
