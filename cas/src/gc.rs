@@ -21,6 +21,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::time::Instant;
 
 use crate::index::Kind;
 use crate::manifest::read_manifest;
@@ -113,16 +114,42 @@ pub fn list_aliases(layout: &Layout) -> Result<Vec<(String, std::path::PathBuf)>
 /// Removes everything in `cas/tmp` (call only when no ingest runs: at start, or under
 /// the GC lock). Returns how many entries it removed.
 pub fn sweep_tmp(layout: &Layout) -> Result<u64, CasError> {
-    let dir = layout.tmp_dir();
-    let mut n = 0;
-    for e in fs::read_dir(&dir).map_err(CasError::io("read dir", &dir))? {
-        let p = e.map_err(CasError::io("read dir", &dir))?.path();
-        // A removed snapshot's tree may be being deleted by its Remove at the same time:
-        // both deletions tolerate entries that are already gone.
-        crate::layout::remove_tree(&p)?;
+    let (mut n, trees) = sweep_tmp_files(layout, &|_| false)?;
+    for tree in trees {
+        crate::layout::remove_tree(&tree)?;
         n += 1;
     }
     Ok(n)
+}
+
+/// The part of a sweep of `cas/tmp` that needs the GC lock: removes the files there (what
+/// an ingest or apply writes in `cas/tmp` are files, and none runs while the GC lock is
+/// held exclusively) and returns the directories, for the caller to delete once it has
+/// let the lock go. Those are trees a Remove or a Commit moved there to delete, which no
+/// ingest reads or writes; `busy` names the ones whose deleter is still at work, which
+/// are left to it. Returns how many files it removed.
+pub fn sweep_tmp_files(
+    layout: &Layout,
+    busy: &dyn Fn(&Path) -> bool,
+) -> Result<(u64, Vec<std::path::PathBuf>), CasError> {
+    let dir = layout.tmp_dir();
+    let (mut n, mut trees) = (0, Vec::new());
+    for e in fs::read_dir(&dir).map_err(CasError::io("read dir", &dir))? {
+        let e = e.map_err(CasError::io("read dir", &dir))?;
+        let p = e.path();
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            if !busy(&p) {
+                trees.push(p);
+            }
+            continue;
+        }
+        match fs::remove_file(&p) {
+            Ok(()) => n += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(CasError::io("remove", &p)(e)),
+        }
+    }
+    Ok((n, trees))
 }
 
 /// Objects named by the manifests of active snapshots (applied but not yet committed).
@@ -168,18 +195,23 @@ fn remove_object(objects: &ObjectStore, d: &Digest, path: &Path) -> Result<Optio
     }
 }
 
-/// Deletes those of `digests` that nothing keeps; returns what it did and the fan-out
-/// directories it deleted from.
+/// Deletes those of `digests` that nothing keeps, in order, stopping early once
+/// `deadline` has passed (after one at least); returns what it did (`scanned`: how many
+/// it went through) and the fan-out directories it deleted from.
 fn delete_garbage(
     layout: &Layout,
     meta: &MetaStore,
     digests: &[Digest],
+    deadline: Option<Instant>,
 ) -> Result<(GcStats, std::collections::BTreeSet<std::path::PathBuf>), CasError> {
     let objects = ObjectStore::new(layout);
     let pending = pending_objects(layout, meta)?;
     let mut stats = GcStats::default();
     let mut fans = std::collections::BTreeSet::new();
     for d in digests {
+        if stats.scanned > 0 && deadline.is_some_and(|t| Instant::now() >= t) {
+            break;
+        }
         stats.scanned += 1;
         if !is_garbage(meta, &pending, d)? {
             continue;
@@ -203,24 +235,27 @@ pub fn collect_objects(
     meta: &MetaStore,
     candidates: &[Digest],
 ) -> Result<GcStats, CasError> {
-    Ok(delete_garbage(layout, meta, candidates)?.0)
+    Ok(delete_garbage(layout, meta, candidates, None)?.0)
 }
 
 /// Deletes the garbage among `batch` (GC candidates, see [`crate::index`]) and forgets
 /// them all as candidates: one step of a collection proportional to the garbage. An
 /// object referenced again, or named by an applied layer's manifest, is kept (the
-/// latter is collected with its layer if that is removed uncommitted). Same locking
-/// contract as [`collect`], for the duration of the batch.
+/// latter is collected with its layer if that is removed uncommitted). Once `deadline`
+/// has passed it stops, and the rest of `batch` stays candidates for the next one
+/// (`scanned` says how many it took). Same locking contract as [`collect`], for the
+/// duration of the batch.
 pub fn collect_batch(
     layout: &Layout,
     meta: &MetaStore,
     batch: &[Digest],
+    deadline: Instant,
 ) -> Result<GcStats, CasError> {
-    let (stats, fans) = delete_garbage(layout, meta, batch)?;
+    let (stats, fans) = delete_garbage(layout, meta, batch, Some(deadline))?;
     // A crash before this leaves candidates whose objects are gone: the next batch
     // finds nothing to delete and forgets them.
     crate::crash_point!("gc.before-forget");
-    meta.drop_candidates(batch)
+    meta.drop_candidates(&batch[..stats.scanned as usize])
         .map_err(|e| CasError::io("write index", layout.index_dir())(io::Error::other(e)))?;
     for fan in fans {
         // ENOTEMPTY is the common case and fine

@@ -52,7 +52,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime};
 
 use tracing::{debug, info, warn};
@@ -75,6 +75,9 @@ pub use recovery::{reconcile, ReconcileStats};
 /// GC candidates one batch of a collection takes, holding off commits and applies
 /// (about 20 ms of deletions on XFS).
 const GC_BATCH: usize = 256;
+/// How long one batch goes on deleting before it lets the locks go (the rest of its
+/// candidates are the next batch's).
+const GC_HOLD_MAX: Duration = Duration::from_millis(20);
 /// How long a GC waits between two batches for waiting requests to take the locks.
 const GC_YIELD_MAX: Duration = Duration::from_millis(50);
 
@@ -271,6 +274,41 @@ pub struct Snapshots {
     applied: Mutex<HashMap<u64, UnpackStats>>,
     /// How long opening the store took (journal replay, reconcile, sweep).
     recovered_in: Duration,
+    /// Trees in `cas/tmp` being deleted right now, which a GC's sweep leaves alone.
+    deleting: Deleting,
+}
+
+/// The trees in `cas/tmp` whose deletion is under way (a Remove's snapshot directory, a
+/// Commit's ingested tree), so that a GC's sweep of `cas/tmp` neither deletes them a
+/// second time nor waits for them.
+#[derive(Clone, Default)]
+struct Deleting(Arc<Mutex<HashSet<PathBuf>>>);
+
+impl Deleting {
+    /// Marks `path` as being deleted until the guard drops.
+    fn track(&self, path: &Path) -> DeletingGuard {
+        lock(&self.0).insert(path.to_path_buf());
+        DeletingGuard {
+            set: self.clone(),
+            path: path.to_path_buf(),
+        }
+    }
+
+    fn contains(&self, path: &Path) -> bool {
+        lock(&self.0).contains(path)
+    }
+}
+
+/// See [`Deleting::track`]; sent along with the tree to the thread that deletes it.
+struct DeletingGuard {
+    set: Deleting,
+    path: PathBuf,
+}
+
+impl Drop for DeletingGuard {
+    fn drop(&mut self) {
+        lock(&self.set.0).remove(&self.path);
+    }
 }
 
 /// Marks the index's GC candidates incomplete when dropped armed (see
@@ -829,6 +867,7 @@ impl Snapshots {
     /// committed takes the objects nothing else references with it.
     pub fn remove(&self, key: &str) -> Result<()> {
         let mut orphaned = Vec::new();
+        let deleting;
         let trash = {
             let _w = self.write_lock();
             let rec = self.meta.require(key)?;
@@ -875,6 +914,7 @@ impl Snapshots {
             // orphan sweep) sees a directory without a record; deleted outside it. A
             // crash leaves it in `cas/tmp`, which is swept at start and by GC.
             let trash = self.layout.tmp_dir().join(format!("removed-{}", rec.id));
+            deleting = self.deleting.track(&trash);
             crate::erofs::mount::unmount(self.objects.sys(), &self.layout.fs_dir(rec.id))?;
             crate::idmap::detach_clones(self.objects.sys(), &self.layout.mapped_dir(rec.id))?;
             match fs::rename(&dir, &trash) {
@@ -887,6 +927,7 @@ impl Snapshots {
             trash
         };
         remove_tree(&trash)?;
+        drop(deleting);
         if !orphaned.is_empty() {
             let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
             let stats = crate::gc::collect_objects(&self.layout, &self.meta, &orphaned)?;
@@ -982,6 +1023,7 @@ impl Snapshots {
             Err(e) if e.kind() == io::ErrorKind::NotFound => false,
             r => r.map_err(SnapshotError::io("read dir", &fs_dir))?,
         };
+        let deleting = holds_entries.then(|| self.deleting.track(&trash));
         if holds_entries {
             remove_tree(&trash)?;
             fs::rename(&fs_dir, &trash).map_err(SnapshotError::io("rename", &fs_dir))?;
@@ -1000,6 +1042,7 @@ impl Snapshots {
             let spawned = std::thread::Builder::new()
                 .name("ingested-tree".into())
                 .spawn(move || {
+                    let _deleting = deleting;
                     if let Err(e) = remove_tree(&trash) {
                         warn!(error = %e, "could not delete an ingested tree");
                     }
@@ -1096,9 +1139,19 @@ impl Snapshots {
             return Ok(stats);
         }
         let mut stats = GcStats::default();
-        {
+        let trees = {
             let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
-            stats.tmp_removed = crate::gc::sweep_tmp(&self.layout)?;
+            let (files, trees) =
+                crate::gc::sweep_tmp_files(&self.layout, &|p| self.deleting.contains(p))?;
+            stats.tmp_removed = files;
+            trees
+        };
+        // trees a deletion left behind (an error, a thread that could not start): no
+        // ingest touches them, so they go without holding anything off
+        for tree in trees {
+            let _deleting = self.deleting.track(&tree);
+            remove_tree(&tree)?;
+            stats.tmp_removed += 1;
         }
         let (mut batches, mut longest) = (0u64, std::time::Duration::ZERO);
         loop {
@@ -1110,7 +1163,7 @@ impl Snapshots {
             if batch.is_empty() {
                 break;
             }
-            let s = crate::gc::collect_batch(&self.layout, &self.meta, &batch)?;
+            let s = crate::gc::collect_batch(&self.layout, &self.meta, &batch, held + GC_HOLD_MAX)?;
             stats.scanned += s.scanned;
             stats.removed += s.removed;
             stats.freed_bytes += s.freed_bytes;

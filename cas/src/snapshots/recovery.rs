@@ -111,6 +111,7 @@ impl Snapshots {
             busy: Default::default(),
             applied: Default::default(),
             recovered_in: Default::default(),
+            deleting: Default::default(),
         };
         let swept = {
             let _w = lock(&sn.writer);

@@ -607,6 +607,55 @@ fn object_count(sn: &Snapshots) -> usize {
     crate::gc::list_objects(sn.layout()).unwrap().len()
 }
 
+/// A batch whose time is up stops after one candidate and leaves the rest candidates:
+/// the next batch takes them, and nothing is lost or leaked.
+#[test]
+fn a_gc_batch_out_of_time_leaves_the_rest_to_the_next() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let sn = open(dir.path());
+    layer(&sn, "a", None, &[("f", b"one"), ("g", b"two"), ("h", b"three")]);
+    sn.gc().unwrap();
+    sn.remove("a").unwrap();
+    let batch = sn.meta.candidates(10).unwrap();
+    assert_eq!(batch.len(), 3);
+    let past = std::time::Instant::now();
+    let s = crate::gc::collect_batch(sn.layout(), &sn.meta, &batch, past).unwrap();
+    assert_eq!((s.scanned, s.removed), (1, 1), "{s:?}");
+    assert_eq!(sn.meta.candidates(10).unwrap(), batch[1..].to_vec());
+    assert_eq!(object_count(&sn), 2);
+    let g = sn.gc().unwrap();
+    assert_eq!((g.scanned, g.removed), (2, 2), "{g:?}");
+    assert_eq!(object_count(&sn), 0);
+    let report = sn.fsck(false).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+/// A GC's sweep of `cas/tmp` removes leftover files and trees, and leaves a tree whose
+/// deletion is under way to its deleter.
+#[test]
+fn gc_sweeps_leftovers_and_leaves_trees_being_deleted() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let sn = open(dir.path());
+    sn.gc().unwrap();
+    let tmp = sn.layout().tmp_dir();
+    let (busy, left) = (tmp.join("removed-7"), tmp.join("ingested-8"));
+    for tree in [&busy, &left] {
+        fs::create_dir_all(tree.join("d")).unwrap();
+        fs::write(tree.join("d/f"), b"x").unwrap();
+    }
+    fs::write(tmp.join("apply.1.2"), b"an interrupted write").unwrap();
+    let guard = sn.deleting.track(&busy);
+    let g = sn.gc().unwrap();
+    assert_eq!(g.tmp_removed, 2, "{g:?}");
+    assert!(busy.join("d/f").exists(), "its deleter is at work");
+    assert!(!left.exists() && !tmp.join("apply.1.2").exists());
+    drop(guard);
+    assert_eq!(sn.gc().unwrap().tmp_removed, 1);
+    assert!(!busy.exists());
+}
+
 /// GC takes the candidates only (the objects whose last reference went), never one a
 /// Commit referenced again before it ran, and the first GC after an unclean stop scans
 /// every object; a crash between deleting a batch's objects and forgetting them as
