@@ -614,7 +614,12 @@ fn a_gc_batch_out_of_time_leaves_the_rest_to_the_next() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let sn = open(dir.path());
-    layer(&sn, "a", None, &[("f", b"one"), ("g", b"two"), ("h", b"three")]);
+    layer(
+        &sn,
+        "a",
+        None,
+        &[("f", b"one"), ("g", b"two"), ("h", b"three")],
+    );
     sn.gc().unwrap();
     sn.remove("a").unwrap();
     let batch = sn.meta.candidates(10).unwrap();
