@@ -129,7 +129,7 @@ bench-gc:
 # (5 million objects take about 30 GB of disk and 20 minutes).
 SCALES ?= 10000,100000,1000000
 bench-scale:
-	$(CARGO) build --release -p cas-integration --bin cas-bench
+	$(CARGO) build --release -p cas-integration --bin cas-bench -p cas --bin casctl
 	$(CURDIR)/target/release/cas-bench scale --objects $(SCALES)
 
 bench-durability:

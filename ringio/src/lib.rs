@@ -15,7 +15,9 @@
 //! primitives of the fallback path
 //! ([`durable`]) and the commit journal ([`journal`]): one record per metadata change,
 //! written as one `pwritev2(RWF_ATOMIC | RWF_DSYNC)` block where the filesystem reports
-//! atomic write units, otherwise as a temp file + fsync + rename.
+//! atomic write units, otherwise as a temp file + fsync + rename. [`idmap`] makes
+//! ID-mapped clones of layers, and [`process`] waits for a child with its peak memory
+//! (for the benchmarks).
 //!
 //! Every `unsafe` block carries a `// SAFETY:` comment naming the invariant and who
 //! upholds it; buffers handed to the kernel are never touched until their completion.
@@ -25,6 +27,7 @@ pub mod error;
 pub mod idmap;
 pub mod journal;
 pub mod pool;
+pub mod process;
 
 pub use error::IoError;
 pub use pool::{

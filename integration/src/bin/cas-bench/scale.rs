@@ -9,13 +9,21 @@
 //!   Commit, Stat and Remove of the layer, each call's latency kept (p50, p99);
 //! * `casctl stats`'s figures (`Snapshots::stats`), 50 times;
 //! * GC of 1% of the layers, with a Commit loop running meanwhile (the longest Commit);
-//! * peak RSS over those steps (`VmHWM`, reset after the fill: the store's code runs in
-//!   this process as it does in the daemon, without the gRPC layer);
+//! * peak RSS over those steps (`VmHWM`): the store's code runs in the process as it
+//!   does in the daemon, without the gRPC layer; next to it, the RSS of the process
+//!   that filled the store, at the end of the fill;
 //! * the disk used per object (the filesystem's used blocks over N);
 //! * recovery: the store reopened after an unclean stop (dropped without shutdown),
 //!   as the daemon starts after `kill -9`; and the clean reopen right after the fill.
 //!   sled replays its log from where it last opened, so the first is what a daemon
-//!   restarted since the fill pays, the second what one never restarted since pays.
+//!   restarted since the fill pays, the second what one never restarted since pays;
+//! * `casctl fsck` and then `casctl rebuild-index` on the stopped store, each a process
+//!   of its own: time and peak RSS (`wait4`), and fsck must find the store clean.
+//!
+//! Each store size is filled in a process of its own (this binary again), and the
+//! measured steps run in another, which opens the filled store as a daemon restarted on
+//! it does: no size's memory carries into the next one's figures, and the fill's into
+//! none.
 //!
 //! Results go to `bench/results/scale.csv` and `bench/results/scale.svg` (each figure
 //! against N, log scales) and a table on stdout.
@@ -51,6 +59,17 @@ pub struct ScaleArgs {
     /// Where the CSV and the plot go.
     #[arg(long, default_value = "bench/results")]
     pub out: PathBuf,
+    /// Measure the one store size given in this process and write its CSV row to this
+    /// file (how the parent runs each size).
+    #[arg(long, hide = true)]
+    pub row_to: Option<PathBuf>,
+    /// With `--row-to`: only the measured steps, on the store filled at this root with
+    /// `--layers` layers (how a size's process runs them apart from its fill).
+    #[arg(long, hide = true)]
+    pub serve: Option<PathBuf>,
+    /// The layers of the store `--serve` names.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub layers: usize,
 }
 
 /// What one store size measured.
@@ -74,12 +93,20 @@ struct Row {
     /// Of that Commit, its `syncfs` and manifest.
     gc_commit_max_sync_ms: f64,
     rss_mib: f64,
-    /// RSS when the measured steps began (after the fill).
+    /// RSS when the measured steps began (the store just opened by their process).
     rss_base_mib: f64,
+    /// RSS of the process that filled the store, at the end of the fill.
+    fill_rss_mib: f64,
     disk_per_object: f64,
     recovery_ms: f64,
     /// The clean reopen right after the fill.
     reopen_after_fill_ms: f64,
+    /// `casctl fsck` on the stopped store: seconds and peak RSS.
+    fsck_s: f64,
+    fsck_rss_mib: f64,
+    /// `casctl rebuild-index` on the stopped store: seconds and peak RSS.
+    rebuild_s: f64,
+    rebuild_rss_mib: f64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -172,11 +199,60 @@ fn measure(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
     row.fill_s = filled.elapsed().as_secs_f64();
     row.disk_per_object = (used_bytes(&loopfs.mnt)? - empty) as f64 / row.objects as f64;
     println!("scale: filled in {:.1} s", row.fill_s);
-    // sled replays its log from where it last opened (it writes the snapshot of its page
-    // table at open): right after the fill, that is every object's reference
     sn.shutdown()?;
     drop(sn);
-    let (sn, t) = timed(|| open(&root))?;
+    row.fill_rss_mib = rss_mib("VmRSS")?;
+    // the rest as a daemon restarted on the store would: a process of its own
+    let served = serve_apart(a, work, &root, n, layers)?;
+    drop(loopfs);
+    Ok(Row {
+        objects: row.objects,
+        layers,
+        fill_s: row.fill_s,
+        disk_per_object: row.disk_per_object,
+        fill_rss_mib: row.fill_rss_mib,
+        ..served
+    })
+}
+
+/// Runs [`serve`] on the filled store at `root` in a new process of this binary and
+/// reads back its row.
+fn serve_apart(a: &ScaleArgs, work: &Path, root: &Path, n: usize, layers: usize) -> Result<Row> {
+    let row_file = work.join(format!("served-{n}.csv"));
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("scale")
+        .arg("--objects")
+        .arg(n.to_string())
+        .arg("--ops")
+        .arg(a.ops.to_string())
+        .arg("--serve")
+        .arg(root)
+        .arg("--layers")
+        .arg(layers.to_string())
+        .arg("--row-to")
+        .arg(&row_file);
+    if let Some(mib) = a.index_cache_mib {
+        cmd.arg("--index-cache-mib").arg(mib.to_string());
+    }
+    let status = cmd.status()?;
+    anyhow::ensure!(
+        status.success(),
+        "serving the store of {n} objects: {status}"
+    );
+    let row = parse_row(&fs::read_to_string(&row_file)?)?;
+    fs::remove_file(&row_file)?;
+    Ok(row)
+}
+
+/// The measured steps on the store of `layers` filled layers at `root`, in this process
+/// (opened as a restarted daemon opens it): the reopen, the calls' latencies, stats, GC,
+/// recovery after an unclean stop, and casctl's fsck and rebuild-index.
+fn serve(a: &ScaleArgs, root: &Path, layers: usize) -> Result<Row> {
+    let open = |root: &Path| open_with_cache(root, a.index_cache_mib);
+    let mut row = Row::default();
+    // sled replays its log from where it last opened (it writes the snapshot of its page
+    // table at open): right after the fill, that is every object's reference
+    let (sn, t) = timed(|| open(root))?;
     row.reopen_after_fill_ms = t;
 
     reset_peak_rss()?;
@@ -235,19 +311,64 @@ fn measure(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
     // an unclean stop: dropped without shutdown, as after kill -9
     let sn = Arc::try_unwrap(sn).map_err(|_| anyhow::anyhow!("store still shared"))?;
     drop(sn);
-    let (sn, t) = timed(|| open(&root))?;
+    let (sn, t) = timed(|| open(root))?;
     row.recovery_ms = t;
     sn.shutdown()?;
-    drop(loopfs);
+    drop(sn);
+    (row.fsck_s, row.fsck_rss_mib) = casctl(root, &["fsck", "--json"])?;
+    (row.rebuild_s, row.rebuild_rss_mib) = casctl(root, &["rebuild-index"])?;
     println!("scale: {row:?}");
     Ok(row)
 }
 
-const HEADER: &str = "objects,layers,fill_s,prepare_p50_ms,prepare_p99_ms,mounts_p50_ms,mounts_p99_ms,commit_p50_ms,commit_p99_ms,stat_p50_ms,stat_p99_ms,remove_p50_ms,remove_p99_ms,stats_ms,gc_s,gc_removed,gc_commit_max_ms,gc_commit_max_wait_ms,gc_commit_max_sync_ms,peak_rss_mib,rss_after_fill_mib,disk_bytes_per_object,recovery_ms,reopen_after_fill_ms";
+const HEADER: &str = "objects,layers,fill_s,prepare_p50_ms,prepare_p99_ms,mounts_p50_ms,mounts_p99_ms,commit_p50_ms,commit_p99_ms,stat_p50_ms,stat_p99_ms,remove_p50_ms,remove_p99_ms,stats_ms,gc_s,gc_removed,gc_commit_max_ms,gc_commit_max_wait_ms,gc_commit_max_sync_ms,peak_rss_mib,rss_after_open_mib,disk_bytes_per_object,recovery_ms,reopen_after_fill_ms,fsck_s,fsck_rss_mib,rebuild_s,rebuild_rss_mib,fill_rss_mib";
+
+/// A row as [`csv`] writes it.
+fn parse_row(line: &str) -> Result<Row> {
+    let v: Vec<f64> = line
+        .trim()
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("a row of numbers: {line:?}"))?;
+    anyhow::ensure!(
+        v.len() == HEADER.split(',').count(),
+        "{} fields in {line:?}",
+        v.len()
+    );
+    let mut v = v.into_iter();
+    let mut next = move || v.next().unwrap_or_default();
+    Ok(Row {
+        objects: next() as usize,
+        layers: next() as usize,
+        fill_s: next(),
+        prepare: (next(), next()),
+        mounts: (next(), next()),
+        commit: (next(), next()),
+        stat: (next(), next()),
+        remove: (next(), next()),
+        stats_ms: next(),
+        gc_s: next(),
+        gc_removed: next() as u64,
+        gc_commit_max_ms: next(),
+        gc_commit_max_wait_ms: next(),
+        gc_commit_max_sync_ms: next(),
+        rss_mib: next(),
+        rss_base_mib: next(),
+        disk_per_object: next(),
+        recovery_ms: next(),
+        reopen_after_fill_ms: next(),
+        fsck_s: next(),
+        fsck_rss_mib: next(),
+        rebuild_s: next(),
+        rebuild_rss_mib: next(),
+        fill_rss_mib: next(),
+    })
+}
 
 fn csv(r: &Row) -> String {
     format!(
-        "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.0},{:.1},{:.1}",
+        "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.0},{:.1},{:.1},{:.2},{:.1},{:.2},{:.1},{:.1}",
         r.objects,
         r.layers,
         r.fill_s,
@@ -271,7 +392,12 @@ fn csv(r: &Row) -> String {
         r.rss_base_mib,
         r.disk_per_object,
         r.recovery_ms,
-        r.reopen_after_fill_ms
+        r.reopen_after_fill_ms,
+        r.fsck_s,
+        r.fsck_rss_mib,
+        r.rebuild_s,
+        r.rebuild_rss_mib,
+        r.fill_rss_mib
     )
 }
 
@@ -296,7 +422,7 @@ fn plot(path: &Path, rows: &[Row]) -> Result<()> {
             ],
         ),
         (
-            "GC of 1%, recovery, memory",
+            "GC of 1%, recovery, fsck, memory",
             "s / MiB",
             vec![
                 ("GC of 1% of the layers (s)", |r| r.gc_s),
@@ -307,6 +433,8 @@ fn plot(path: &Path, rows: &[Row]) -> Result<()> {
                     r.reopen_after_fill_ms / 1000.0
                 }),
                 ("peak RSS (MiB)", |r| r.rss_mib),
+                ("casctl fsck (s)", |r| r.fsck_s),
+                ("peak RSS of casctl fsck (MiB)", |r| r.fsck_rss_mib),
             ],
         ),
     ];
@@ -328,12 +456,74 @@ fn plot(path: &Path, rows: &[Row]) -> Result<()> {
     log_log_panels(path, (1200, 520), &panels)
 }
 
+/// Runs `casctl --root root <args>` (the one built next to this binary) to its end;
+/// returns its seconds and peak RSS in MiB. It must succeed: fsck exits 1 on any
+/// inconsistency.
+fn casctl(root: &Path, args: &[&str]) -> Result<(f64, f64)> {
+    let exe = std::env::current_exe()?.with_file_name("casctl");
+    anyhow::ensure!(
+        exe.is_file(),
+        "{} is missing: build it (cargo build --release -p cas --bin casctl)",
+        exe.display()
+    );
+    let t = Instant::now();
+    let child = std::process::Command::new(&exe)
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("running {}", exe.display()))?;
+    let done = ringio::process::wait_with_peak_rss(child)?;
+    let secs = t.elapsed().as_secs_f64();
+    anyhow::ensure!(done.status.success(), "casctl {args:?}: {}", done.status);
+    println!(
+        "scale: casctl {} in {secs:.1} s, peak RSS {:.0} MiB",
+        args[0],
+        done.max_rss_kib as f64 / 1024.0
+    );
+    Ok((secs, done.max_rss_kib as f64 / 1024.0))
+}
+
+/// Measures store size `n` in a new process of this binary and reads back its row.
+fn measure_apart(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
+    let row_file = work.join(format!("row-{n}.csv"));
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("scale")
+        .arg("--objects")
+        .arg(n.to_string())
+        .arg("--ops")
+        .arg(a.ops.to_string())
+        .arg("--workdir")
+        .arg(work)
+        .arg("--row-to")
+        .arg(&row_file);
+    if let Some(mib) = a.index_cache_mib {
+        cmd.arg("--index-cache-mib").arg(mib.to_string());
+    }
+    let status = cmd.status()?;
+    anyhow::ensure!(status.success(), "measuring {n} objects: {status}");
+    let row = parse_row(&fs::read_to_string(&row_file)?)?;
+    fs::remove_file(&row_file)?;
+    Ok(row)
+}
+
 pub fn run(a: &ScaleArgs) -> Result<()> {
     anyhow::ensure!(nix::unistd::geteuid().is_root(), "needs root (loop mount)");
     let (work, _tmp) = work_dir(a.workdir.as_deref(), "cas-scale-")?;
+    if let Some(row_to) = &a.row_to {
+        let [n] = a.objects[..] else {
+            anyhow::bail!("--row-to measures one store size");
+        };
+        let row = match &a.serve {
+            Some(root) => serve(a, root, a.layers)?,
+            None => measure(a, &work, n)?,
+        };
+        return Ok(fs::write(row_to, csv(&row))?);
+    }
     let mut rows = Vec::new();
     for &n in &a.objects {
-        rows.push(measure(a, &work, n)?);
+        rows.push(measure_apart(a, &work, n)?);
     }
     fs::create_dir_all(&a.out)?;
     let mut out = String::from(HEADER);
@@ -346,12 +536,12 @@ pub fn run(a: &ScaleArgs) -> Result<()> {
     fs::write(&csv_path, out)?;
     plot(&a.out.join("scale.svg"), &rows)?;
     println!(
-        "\n| objects | layers | fill | Prepare p50/p99 | Mounts p50/p99 | Commit p50/p99 | Stat p50/p99 | Remove p50/p99 | stats | GC of 1% | longest Commit during GC (of it: waiting for GC, syncfs) | peak RSS (after the fill) | disk per object | recovery | reopen after the fill |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "\n| objects | layers | fill | Prepare p50/p99 | Mounts p50/p99 | Commit p50/p99 | Stat p50/p99 | Remove p50/p99 | stats | GC of 1% | longest Commit during GC (of it: waiting for GC, syncfs) | peak RSS (after the open; the filling process's) | disk per object | recovery | reopen after the fill | fsck (peak RSS) | rebuild-index (peak RSS) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let pair = |p: (f64, f64)| format!("{:.2} / {:.2} ms", p.0, p.1);
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} s | {} | {} | {} | {} | {} | {:.2} ms | {:.2} s ({} objects) | {:.1} ms ({:.1}, {:.1}) | {:.0} MiB ({:.0}) | {:.0} B | {:.0} ms | {:.0} ms |",
+            "| {} | {} | {:.0} s | {} | {} | {} | {} | {} | {:.2} ms | {:.2} s ({} objects) | {:.1} ms ({:.1}, {:.1}) | {:.0} MiB ({:.0}; {:.0}) | {:.0} B | {:.0} ms | {:.0} ms | {:.1} s ({:.0} MiB) | {:.1} s ({:.0} MiB) |",
             r.objects,
             r.layers,
             r.fill_s,
@@ -368,9 +558,14 @@ pub fn run(a: &ScaleArgs) -> Result<()> {
             r.gc_commit_max_sync_ms,
             r.rss_mib,
             r.rss_base_mib,
+            r.fill_rss_mib,
             r.disk_per_object,
             r.recovery_ms,
-            r.reopen_after_fill_ms
+            r.reopen_after_fill_ms,
+            r.fsck_s,
+            r.fsck_rss_mib,
+            r.rebuild_s,
+            r.rebuild_rss_mib
         );
     }
     println!("\nscale: {} and the plot next to it", csv_path.display());
