@@ -66,20 +66,36 @@ impl Digest {
         PathBuf::from(&h[..2]).join(&h[2..])
     }
 
-    /// The object's short second name at the top of the objects directory: the first
-    /// 17 bytes (136 bits) of the digest in unpadded base64url, 23 characters.
+    /// The object's short second name, its alias, in the object's own fan-out
+    /// directory: `ab/` (the first byte, as in the object's name) and the next 15 bytes
+    /// in unpadded base64url, 20 characters; 128 bits of the digest in all.
     ///
     /// It exists for the stubs' sake. A stub's `trusted.overlay.redirect` of at most 24
-    /// bytes, next to an empty `trusted.overlay.metacopy`, fits in the inode of ext4's
-    /// default 256-byte inodes; the full `/ab/cdef…` redirect (66 bytes) does not, and
-    /// costs every stub a 4 KiB xattr block. The alias is a hardlink of the object, made
-    /// only when the name is free or already the same inode, so a prefix collision (even
-    /// a crafted one) can only cost a stub the long redirect, never point it at other
-    /// bytes. Stores whose inodes hold the long redirect make no aliases
-    /// ([`crate::objects::ObjectStore::aliases`]).
+    /// bytes (`/ab/` and the 20 characters), next to an empty `trusted.overlay.metacopy`,
+    /// fits in the inode of ext4's default 256-byte inodes; the full `/ab/cdef…`
+    /// redirect (66 bytes) does not, and costs every stub a 4 KiB xattr block. The alias
+    /// is a hardlink of the object, made only when the name is free or already the same
+    /// inode, so a prefix collision (even a crafted one) can only cost a stub the long
+    /// redirect, never point it at other bytes. Stores whose inodes hold the long
+    /// redirect make no aliases ([`crate::objects::ObjectStore::aliases`]). In the fan-out
+    /// directory, a million objects' aliases are spread over 256 directories as the
+    /// objects are, instead of one.
     pub fn alias(&self) -> String {
         use base64::Engine as _;
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&self.0[..ALIAS_BYTES])
+        format!(
+            "{:02x}/{}",
+            self.0[0],
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&self.0[1..ALIAS_BYTES])
+        )
+    }
+
+    /// The alias earlier versions made, at the top of the objects directory: the first
+    /// 17 bytes of the digest in unpadded base64url, 23 characters. Stubs they wrote
+    /// still redirect to it, so it is read, checked and collected with its object, but
+    /// no longer made (layout version 3).
+    pub fn legacy_alias(&self) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&self.0[..LEGACY_ALIAS_BYTES])
     }
 
     /// The overlayfs redirect that points a metacopy stub at this object in the
@@ -90,17 +106,53 @@ impl Digest {
     }
 }
 
-/// Bytes of the digest an alias keeps.
-const ALIAS_BYTES: usize = 17;
-/// Characters of an alias ([`Digest::alias`]).
-pub const ALIAS_LEN: usize = 23;
+/// Bytes of the digest an alias ([`Digest::alias`]) stands for: its fan-out
+/// directory's and 15 more.
+pub const ALIAS_BYTES: usize = 16;
+/// Characters of an alias's name in its fan-out directory.
+pub const FAN_ALIAS_LEN: usize = 20;
+/// Bytes of the digest a legacy alias ([`Digest::legacy_alias`]) keeps.
+pub const LEGACY_ALIAS_BYTES: usize = 17;
+/// Characters of a legacy alias ([`Digest::legacy_alias`]).
+pub const LEGACY_ALIAS_LEN: usize = 23;
 
-/// Whether `name` has the shape of an alias (23 base64url characters).
-pub fn is_alias_name(name: &str) -> bool {
-    name.len() == ALIAS_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+/// The digest prefix that `name` (relative to the objects directory) stands for, if it
+/// is an alias as [`Digest::alias`] (16 bytes) or [`Digest::legacy_alias`] (17 bytes)
+/// writes them.
+pub fn alias_prefix(name: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    if is_legacy_alias_name(name) {
+        let bytes = b64.decode(name).ok()?;
+        return (bytes.len() == LEGACY_ALIAS_BYTES).then_some(bytes);
+    }
+    let (fan, rest) = name.split_once('/')?;
+    if fan.len() != 2 || !is_fan_alias_name(rest) {
+        return None;
+    }
+    let mut bytes = vec![u8::from_str_radix(fan, 16).ok()?];
+    if fan.bytes().any(|b| b.is_ascii_uppercase()) {
+        return None;
+    }
+    bytes.extend(b64.decode(rest).ok()?);
+    (bytes.len() == ALIAS_BYTES).then_some(bytes)
+}
+
+fn is_base64url(name: &str) -> bool {
+    name.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Whether `name`, at the top of the objects directory, has the shape of a legacy alias
+/// (23 base64url characters).
+pub fn is_legacy_alias_name(name: &str) -> bool {
+    name.len() == LEGACY_ALIAS_LEN && is_base64url(name)
+}
+
+/// Whether `name`, in a fan-out directory, has the shape of an alias (20 base64url
+/// characters; an object's name there is 62 hex digits).
+pub fn is_fan_alias_name(name: &str) -> bool {
+    name.len() == FAN_ALIAS_LEN && is_base64url(name)
 }
 
 impl FromStr for Digest {
@@ -148,11 +200,33 @@ mod tests {
         assert_eq!(d, format!("sha256:{EMPTY}").parse().unwrap());
         assert_eq!(d.object_relpath(), PathBuf::from("e3").join(&EMPTY[2..]));
         assert_eq!(d.redirect(), format!("/e3/{}", &EMPTY[2..]));
-        // the first 17 bytes, base64url: short enough for an in-inode ext4 xattr
-        assert_eq!(d.alias(), "47DEQpj8HBSa-_TImW-5JCc");
-        assert_eq!(d.alias().len(), ALIAS_LEN);
-        assert!(is_alias_name(&d.alias()));
-        assert!(!is_alias_name("e3") && !is_alias_name(&d.hex()));
+        // the fan-out directory, then 15 bytes in base64url: `/` and this make a
+        // redirect of 24 bytes, short enough for an in-inode ext4 xattr
+        assert_eq!(d.alias(), "e3/sMRCmPwcFJr79MiZb7kk");
+        assert_eq!(format!("/{}", d.alias()).len(), 24);
+        assert!(is_fan_alias_name(d.alias().split_once('/').unwrap().1));
+        assert!(!is_fan_alias_name("e3") && !is_fan_alias_name(&d.hex()[2..]));
+        // the first 17 bytes, base64url, at the top: what earlier versions made
+        assert_eq!(d.legacy_alias(), "47DEQpj8HBSa-_TImW-5JCc");
+        assert!(is_legacy_alias_name(&d.legacy_alias()));
+        assert!(!is_legacy_alias_name("e3") && !is_legacy_alias_name(&d.hex()));
+        // both name the digest's first bytes
+        assert_eq!(
+            alias_prefix(&d.alias()).unwrap(),
+            d.as_bytes()[..ALIAS_BYTES]
+        );
+        assert_eq!(
+            alias_prefix(&d.legacy_alias()).unwrap(),
+            d.as_bytes()[..LEGACY_ALIAS_BYTES]
+        );
+        for not in [
+            "E3/sMRCmPwcFJr79MiZb7kk",
+            "e3/sMRCmPwcFJr79MiZb7k",
+            "zz/sMRCmPwcFJr79MiZb7kk",
+            "e3",
+        ] {
+            assert_eq!(alias_prefix(not), None, "{not}");
+        }
     }
 
     #[test]

@@ -46,31 +46,73 @@ pub struct GcStats {
     pub tmp_removed: u64,
 }
 
-/// Calls `f` with every object file: its digest (or `None` for a name that is not one)
-/// and path, one directory entry at a time (memory does not grow with the store). `f`
-/// may delete the file it is given.
-pub fn for_each_object(
+/// An entry of the objects directory, as [`walk_objects`] gives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ObjectFile {
+    /// An object (`ab/cdef…`).
+    Object(Digest),
+    /// An alias: its name relative to the objects directory, `ab/<20 characters>` in
+    /// the object's fan-out directory or a legacy alias at the top ([`Digest::alias`],
+    /// [`Digest::legacy_alias`]).
+    Alias(String),
+    /// A file whose name is neither.
+    Stray,
+}
+
+/// Calls `f` with every file of the objects directory, what it is and its path, one
+/// directory entry at a time (memory does not grow with the store). `f` may delete the
+/// file it is given.
+pub fn walk_objects(
     layout: &Layout,
-    mut f: impl FnMut(Option<Digest>, std::path::PathBuf) -> Result<(), CasError>,
+    mut f: impl FnMut(ObjectFile, std::path::PathBuf) -> Result<(), CasError>,
 ) -> Result<(), CasError> {
     let dir = layout.objects_dir();
     for fan in fs::read_dir(&dir).map_err(CasError::io("read dir", &dir))? {
         let fan = fan.map_err(CasError::io("read dir", &dir))?;
         let fan_name = fan.file_name().to_string_lossy().into_owned();
         let fan_path = fan.path();
-        if !fan_path.is_dir() {
-            if !crate::digest::is_alias_name(&fan_name) {
-                f(None, fan_path)?;
-            }
+        if !fan.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            let what = if crate::digest::is_legacy_alias_name(&fan_name) {
+                ObjectFile::Alias(fan_name)
+            } else {
+                ObjectFile::Stray
+            };
+            f(what, fan_path)?;
             continue;
         }
         for obj in fs::read_dir(&fan_path).map_err(CasError::io("read dir", &fan_path))? {
             let obj = obj.map_err(CasError::io("read dir", &fan_path))?;
-            let name = format!("{fan_name}{}", obj.file_name().to_string_lossy());
-            f(name.parse().ok(), obj.path())?;
+            let name = obj.file_name().to_string_lossy().into_owned();
+            let what = if crate::digest::is_fan_alias_name(&name) {
+                let alias = format!("{fan_name}/{name}");
+                match crate::digest::alias_prefix(&alias) {
+                    Some(_) => ObjectFile::Alias(alias),
+                    None => ObjectFile::Stray,
+                }
+            } else {
+                match format!("{fan_name}{name}").parse() {
+                    Ok(d) => ObjectFile::Object(d),
+                    Err(_) => ObjectFile::Stray,
+                }
+            };
+            f(what, obj.path())?;
         }
     }
     Ok(())
+}
+
+/// Calls `f` with every object file: its digest (or `None` for a name that is neither
+/// an object's nor an alias's) and path, as [`walk_objects`] finds them (aliases are
+/// left out). `f` may delete the file it is given.
+pub fn for_each_object(
+    layout: &Layout,
+    mut f: impl FnMut(Option<Digest>, std::path::PathBuf) -> Result<(), CasError>,
+) -> Result<(), CasError> {
+    walk_objects(layout, |what, path| match what {
+        ObjectFile::Object(d) => f(Some(d), path),
+        ObjectFile::Stray => f(None, path),
+        ObjectFile::Alias(_) => Ok(()),
+    })
 }
 
 /// Every object file, as [`for_each_object`] visits them, in one list.
@@ -85,30 +127,56 @@ pub fn list_objects(
     Ok(out)
 }
 
-/// Whether the objects directory holds any alias.
-fn has_aliases(layout: &Layout) -> Result<bool, CasError> {
+/// Whether the top of the objects directory holds a legacy alias.
+fn has_legacy_aliases(layout: &Layout) -> Result<bool, CasError> {
     let dir = layout.objects_dir();
     for e in fs::read_dir(&dir).map_err(CasError::io("read dir", &dir))? {
         let e = e.map_err(CasError::io("read dir", &dir))?;
-        if crate::digest::is_alias_name(&e.file_name().to_string_lossy()) && !e.path().is_dir() {
+        if crate::digest::is_legacy_alias_name(&e.file_name().to_string_lossy())
+            && !e.path().is_dir()
+        {
             return Ok(true);
         }
     }
     Ok(false)
 }
 
-/// Every alias at the top of the objects directory: its name and path.
+/// Every alias (see [`ObjectFile::Alias`]): its name and path.
 pub fn list_aliases(layout: &Layout) -> Result<Vec<(String, std::path::PathBuf)>, CasError> {
-    let dir = layout.objects_dir();
     let mut out = Vec::new();
-    for e in fs::read_dir(&dir).map_err(CasError::io("read dir", &dir))? {
-        let e = e.map_err(CasError::io("read dir", &dir))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if crate::digest::is_alias_name(&name) && !e.path().is_dir() {
-            out.push((name, e.path()));
+    walk_objects(layout, |what, path| {
+        if let ObjectFile::Alias(name) = what {
+            out.push((name, path));
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Calls `f` with the digest of every object whose first byte is in `first` (the
+/// fan-out directories of a [`crate::parts::Parts`] part); names that are not digests
+/// are skipped ([`for_each_object`] reports them).
+pub fn for_each_object_in(
+    layout: &Layout,
+    first: std::ops::Range<u16>,
+    mut f: impl FnMut(Digest) -> Result<(), CasError>,
+) -> Result<(), CasError> {
+    let dir = layout.objects_dir();
+    for b in first {
+        let fan = format!("{b:02x}");
+        let fan_path = dir.join(&fan);
+        let entries = match fs::read_dir(&fan_path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            r => r.map_err(CasError::io("read dir", &fan_path))?,
+        };
+        for obj in entries {
+            let obj = obj.map_err(CasError::io("read dir", &fan_path))?;
+            if let Ok(d) = format!("{fan}{}", obj.file_name().to_string_lossy()).parse() {
+                f(d)?;
+            }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Removes everything in `cas/tmp` (call only when no ingest runs: at start, or under
@@ -264,6 +332,80 @@ pub fn collect_batch(
     Ok(stats)
 }
 
+/// Removes the aliases that are not a second name of an object they can name: legacy
+/// ones against `kept` (the objects that stay, by legacy alias), the others against the
+/// objects of their own fan-out directory, one directory at a time.
+fn sweep_aliases(
+    layout: &Layout,
+    objects: &ObjectStore,
+    kept: &HashMap<String, Vec<Digest>>,
+    stats: &mut GcStats,
+) -> Result<(), CasError> {
+    let mut check = |alias: &str, owners: &[Digest], path: &Path| -> Result<(), CasError> {
+        let md = match fs::symlink_metadata(path) {
+            Ok(md) => md,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(CasError::io("stat", path)(e)),
+        };
+        if md.nlink() > 1 {
+            let target = StubTarget::Alias(alias.to_string());
+            let mut owned = false;
+            for d in owners {
+                owned |= objects.target_is(&target, d)?;
+            }
+            if owned {
+                return Ok(());
+            }
+        }
+        match fs::remove_file(path) {
+            Ok(()) => {
+                stats.removed += 1;
+                if md.nlink() == 1 {
+                    stats.freed_bytes += md.len();
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(CasError::io("remove", path)(e)),
+        }
+    };
+    let dir = layout.objects_dir();
+    for fan in fs::read_dir(&dir).map_err(CasError::io("read dir", &dir))? {
+        let fan = fan.map_err(CasError::io("read dir", &dir))?;
+        let name = fan.file_name().to_string_lossy().into_owned();
+        if !fan.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            if crate::digest::is_legacy_alias_name(&name) {
+                let owners = kept.get(&name).map_or(&[][..], |v| v.as_slice());
+                check(&name, owners, &fan.path())?;
+            }
+            continue;
+        }
+        let (mut digests, mut aliases) = (Vec::new(), Vec::new());
+        let fan_path = fan.path();
+        for e in fs::read_dir(&fan_path).map_err(CasError::io("read dir", &fan_path))? {
+            let e = e.map_err(CasError::io("read dir", &fan_path))?;
+            let file = e.file_name().to_string_lossy().into_owned();
+            if crate::digest::is_fan_alias_name(&file) {
+                aliases.push((format!("{name}/{file}"), e.path()));
+            } else if let Ok(d) = format!("{name}{file}").parse::<Digest>() {
+                digests.push(d);
+            }
+        }
+        if aliases.is_empty() {
+            continue;
+        }
+        let mut owners: HashMap<String, Vec<Digest>> = HashMap::new();
+        for d in digests {
+            owners.entry(d.alias()).or_default().push(d);
+        }
+        for (alias, path) in aliases {
+            let of = owners.get(&alias).map_or(&[][..], |v| v.as_slice());
+            check(&alias, of, &path)?;
+        }
+    }
+    Ok(())
+}
+
 /// Deletes unreferenced objects, scanning every object. See the module docs for the
 /// locking contract. A daemon uses it once after an unclean stop (or on a store that
 /// predates GC candidates), then [`collect_batch`] over the candidates. It leaves the
@@ -271,7 +413,7 @@ pub fn collect_batch(
 /// durably.
 pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
     let objects = ObjectStore::new(layout);
-    // alias -> the object that keeps it (objects that stay)
+    // legacy alias -> the objects that stay and could own it
     // (a crafted prefix collision gives two objects one alias name: the alias is the
     // inode of whichever took it first)
     let mut kept: HashMap<String, Vec<Digest>> = HashMap::new();
@@ -280,9 +422,9 @@ pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
         ..GcStats::default()
     };
     let pending = pending_objects(layout, meta)?;
-    // the aliases' owners are needed only where there are aliases (stub trees on a
-    // filesystem whose inodes do not hold a long redirect)
-    let aliases = has_aliases(layout)?;
+    // the owners of legacy aliases are needed only where there are some (aliases in
+    // the fan-out directories are checked a directory at a time, below)
+    let legacy = has_legacy_aliases(layout)?;
     for_each_object(layout, |digest, path| {
         stats.scanned += 1;
         let garbage = match &digest {
@@ -290,8 +432,8 @@ pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
             None => true,
         };
         if !garbage {
-            if let (Some(d), true) = (digest, aliases) {
-                kept.entry(d.alias()).or_default().push(d);
+            if let (Some(d), true) = (digest, legacy) {
+                kept.entry(d.legacy_alias()).or_default().push(d);
             }
             return Ok(());
         }
@@ -311,33 +453,7 @@ pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
     })?;
     // Aliases whose object is gone (one link left: the alias itself) or that name
     // another object; both only after a crash or by hand.
-    for (alias, path) in list_aliases(layout)? {
-        let md = match fs::symlink_metadata(&path) {
-            Ok(md) => md,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(CasError::io("stat", &path)(e)),
-        };
-        if md.nlink() > 1 {
-            let target = StubTarget::Alias(alias.clone());
-            let mut owned = false;
-            for d in kept.get(&alias).into_iter().flatten() {
-                owned |= objects.target_is(&target, d)?;
-            }
-            if owned {
-                continue;
-            }
-        }
-        match fs::remove_file(&path) {
-            Ok(()) => {
-                stats.removed += 1;
-                if md.nlink() == 1 {
-                    stats.freed_bytes += md.len();
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(CasError::io("remove", &path)(e)),
-        }
-    }
+    sweep_aliases(layout, &objects, &kept, &mut stats)?;
     // Every unreferenced object is gone (or kept by an applied layer, as a batch keeps
     // it): no candidate is left to collect, and nothing unreferenced is left that is not
     // a candidate.

@@ -329,8 +329,43 @@ impl MetaStore {
 
     /// The GC candidates' entries in digest order: each digest and its recorded size.
     fn candidate_entries(&self) -> impl Iterator<Item = Result<(Digest, u64), IndexError>> + '_ {
+        self.candidates_in(0..256)
+    }
+
+    /// The GC candidates whose digest's first byte is in `first` (see
+    /// [`crate::parts::Parts::first_bytes`]), in digest order, with their recorded sizes.
+    pub fn candidates_in(
+        &self,
+        first: std::ops::Range<u16>,
+    ) -> impl Iterator<Item = Result<(Digest, u64), IndexError>> + '_ {
+        self.digest_entries(CANDIDATE, first)
+    }
+
+    /// The reference counts of the objects whose digest's first byte is in `first`, in
+    /// digest order.
+    pub fn refs_in(
+        &self,
+        first: std::ops::Range<u16>,
+    ) -> impl Iterator<Item = Result<(Digest, u64), IndexError>> + '_ {
+        self.digest_entries(REF, first)
+    }
+
+    /// The entries of kind `prefix` (keyed by a digest, holding a big-endian `u64`)
+    /// whose digest's first byte is in `first`.
+    fn digest_entries(
+        &self,
+        prefix: u8,
+        first: std::ops::Range<u16>,
+    ) -> impl Iterator<Item = Result<(Digest, u64), IndexError>> + '_ {
+        let start = vec![prefix, first.start.min(255) as u8];
+        let end = match first.end {
+            256.. => vec![prefix + 1],
+            e => vec![prefix, e as u8],
+        };
+        let empty = first.is_empty();
         self.tree
-            .scan_prefix([CANDIDATE])
+            .range(start..end)
+            .filter(move |_| !empty)
             .filter_map(|item| match item {
                 Err(e) => Some(Err(e.into())),
                 Ok((k, v)) => <[u8; 32]>::try_from(&k[1..])
@@ -604,18 +639,7 @@ impl MetaStore {
 
     /// Every referenced object and its count.
     pub fn refs(&self) -> Result<Vec<(Digest, u64)>, IndexError> {
-        let mut out = Vec::new();
-        for item in self.tree.scan_prefix([REF]) {
-            let (k, v) = item?;
-            let (Ok(d), Ok(n)) = (
-                <[u8; 32]>::try_from(&k[1..]),
-                <[u8; 8]>::try_from(v.as_ref()),
-            ) else {
-                continue;
-            };
-            out.push((Digest::from_bytes(d), u64::from_be_bytes(n)));
-        }
-        Ok(out)
+        self.refs_in(0..256).collect()
     }
 
     /// Sets reference counts wholesale (index rebuild).

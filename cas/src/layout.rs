@@ -29,13 +29,24 @@ pub fn remove_tree(path: &Path) -> Result<(), crate::CasError> {
     }
 }
 
-/// Version of the on-disk layout this code writes: 2 once layers may be EROFS images
-/// ([`IMAGE_FILE`]); a root of version 1 (stub trees only) is read as it is and moves to
-/// 2 when images are first enabled on it ([`Layout::allow_images`]), so that older
-/// binaries, which would see an image layer as an empty directory, refuse it.
-pub const LAYOUT_VERSION: u32 = 2;
+/// Version of the on-disk layout this code reads and writes, the highest of:
+/// - 1: stub trees, aliases (if any) at the top of `cas/objects`;
+/// - 2: layers may also be EROFS images ([`IMAGE_FILE`]), written when images are first
+///   enabled on a root ([`Layout::allow_images`]), so that older binaries, which would
+///   see an image layer as an empty directory, refuse it;
+/// - 3: aliases may also be in the objects' fan-out directories
+///   ([`crate::Digest::alias`]), written before the first one is made
+///   ([`Layout::allow_fan_aliases`]), so that older binaries, whose GC would take them
+///   for stray files, refuse it.
+///
+/// A root is read at the version it has and moves up only when it needs to.
+pub const LAYOUT_VERSION: u32 = FAN_ALIASES_VERSION;
 /// The version of a root whose layers are all stub trees.
 const STUB_TREES_VERSION: u32 = 1;
+/// The version of a root that may hold image layers.
+const IMAGES_VERSION: u32 = 2;
+/// The version of a root that may hold aliases in the fan-out directories.
+const FAN_ALIASES_VERSION: u32 = 3;
 
 /// File at the root holding [`LAYOUT_VERSION`].
 pub const LAYOUT_FILE: &str = "layout";
@@ -88,7 +99,7 @@ pub enum LayoutError {
     Io(#[from] IoError),
     /// The root was written by an incompatible version.
     #[error(
-        "{path}: unsupported layout version {found:?} (this build reads version {LAYOUT_VERSION})"
+        "{path}: unsupported layout version {found:?} (this build reads versions 1 to {LAYOUT_VERSION})"
     )]
     Version {
         /// The marker file.
@@ -132,9 +143,8 @@ impl Layout {
         let marker = layout.root.join(LAYOUT_FILE);
         match fs::read_to_string(&marker) {
             Ok(found)
-                if [STUB_TREES_VERSION, LAYOUT_VERSION]
-                    .iter()
-                    .any(|v| found.trim() == v.to_string()) => {}
+                if (STUB_TREES_VERSION..=LAYOUT_VERSION).any(|v| found.trim() == v.to_string()) => {
+            }
             Ok(found) => {
                 return Err(LayoutError::Version {
                     path: marker,
@@ -152,13 +162,32 @@ impl Layout {
         Ok(layout)
     }
 
-    /// Marks the root as holding (or about to hold) image layers: version
-    /// [`LAYOUT_VERSION`], written durably before the first image is.
+    /// Marks the root as holding (or about to hold) image layers: version 2 at least,
+    /// written durably before the first image is.
     pub fn allow_images(&self) -> Result<(), LayoutError> {
+        self.raise_version(IMAGES_VERSION)
+    }
+
+    /// Marks the root as holding (or about to hold) aliases in the fan-out directories:
+    /// version 3, written durably before the first one is.
+    pub fn allow_fan_aliases(&self) -> Result<(), LayoutError> {
+        self.raise_version(FAN_ALIASES_VERSION)
+    }
+
+    /// The version the root's marker holds.
+    pub fn version(&self) -> Result<u32, LayoutError> {
         let marker = self.root.join(LAYOUT_FILE);
         let found = fs::read_to_string(&marker).map_err(IoError::at("read", &marker))?;
-        if found.trim() != LAYOUT_VERSION.to_string() {
-            ringio::durable::replace_file(&marker, format!("{LAYOUT_VERSION}\n").as_bytes())?;
+        found.trim().parse().map_err(|_| LayoutError::Version {
+            path: marker,
+            found,
+        })
+    }
+
+    fn raise_version(&self, to: u32) -> Result<(), LayoutError> {
+        if self.version()? < to {
+            let marker = self.root.join(LAYOUT_FILE);
+            ringio::durable::replace_file(&marker, format!("{to}\n").as_bytes())?;
         }
         Ok(())
     }

@@ -39,7 +39,8 @@
 //! * [`sys`]: the calls that need root, behind a trait with a recording fake;
 //! * [`flatten`]: one stub tree standing in for a chain too deep for one mount option;
 //! * [`gc`]: deleting objects no committed snapshot references;
-//! * [`admin`]: statistics, fsck and index rebuild behind `casctl`;
+//! * [`admin`]: statistics, index rebuild and the admin socket's protocol behind `casctl`;
+//! * [`fsck`]: the consistency check, a digest-range part at a time ([`parts`]);
 //! * [`sharing`]: what each image holds alone and shares (what removing it frees).
 //!
 //! ## Crash points
@@ -79,6 +80,7 @@ pub mod digest;
 pub mod erofs;
 pub mod error;
 pub mod flatten;
+pub mod fsck;
 pub mod gc;
 pub mod idmap;
 pub mod index;
@@ -88,6 +90,7 @@ pub mod layout;
 pub mod manifest;
 pub mod mounts;
 pub mod objects;
+pub mod parts;
 pub mod probe;
 pub mod sharing;
 pub mod snapshots;

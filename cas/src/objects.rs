@@ -9,11 +9,15 @@
 //!
 //! In stub mode, on a filesystem whose inodes cannot hold a stub's xattrs with the long
 //! redirect (ext4's 256-byte inodes; probed once per store, [`ObjectStore::aliases`]),
-//! each object also gets a short second name, its alias (`objects/<23 base64url
-//! chars>`, see [`Digest::alias`]), which stubs redirect to so that their xattrs fit in
-//! the inode. The alias is a hardlink of the object: the same inode, the same page
-//! cache. It is made only if the name is free or already this inode; otherwise stubs
-//! keep the long redirect. GC removes an alias with its object. Where the long redirect
+//! each object also gets a short second name, its alias (`objects/ab/<20 base64url
+//! chars>`, beside the object in its fan-out directory, see [`Digest::alias`]), which
+//! stubs redirect to so that their xattrs fit in the inode. The alias is a hardlink of
+//! the object: the same inode, the same page cache. It is made only if the name is free
+//! or already this inode; otherwise stubs keep the long redirect. GC removes an alias
+//! with its object. Stores written before layout version 3 hold their aliases at the top
+//! of the objects directory ([`Digest::legacy_alias`]): stubs that name them are served
+//! and checked as they are, an object's legacy alias goes with it, and new stubs of the
+//! object get its new alias. Where the long redirect
 //! fits (XFS's 512-byte inodes), no alias is made: it would cost every new object a
 //! second link (about a third of an apply's CPU time per small file, measured on XFS).
 
@@ -52,8 +56,8 @@ pub enum Publish {
 }
 
 /// Where a stub's `trusted.overlay.redirect` points in the objects directory: its
-/// object's alias (`/<23 characters>`, short enough for the stub's xattrs to fit in an
-/// ext4 inode) or the object's full name (`/ab/cdef…`).
+/// object's alias (`/ab/<20 characters>`, short enough for the stub's xattrs to fit in
+/// an ext4 inode) or the object's full name (`/ab/cdef…`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Redirect {
     /// The alias of this object.
@@ -308,7 +312,7 @@ impl ObjectStore {
         Ok(match target {
             StubTarget::Object(d) => d == digest,
             StubTarget::Alias(a) => {
-                *a == digest.alias() && same_inode(&self.alias_path(a), &self.path(digest))?
+                target.names(digest) && same_inode(&self.alias_path(a), &self.path(digest))?
             }
         })
     }
@@ -330,15 +334,22 @@ impl ObjectStore {
         }
     }
 
-    /// Removes `digest`'s alias if it is this object's (before the object goes).
+    /// Removes `digest`'s aliases, its alias and its legacy alias, where they are this
+    /// object's (before the object goes).
     pub fn remove_alias(&self, digest: &Digest) -> Result<(), CasError> {
-        let at = self.alias_path(&digest.alias());
-        if same_inode(&at, &self.path(digest))? {
-            match fs::remove_file(&at) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(CasError::io("remove", at)(e))
+        let object = self.path(digest);
+        let Some(inode) = inode_of(&object)? else {
+            return Ok(());
+        };
+        for name in [digest.alias(), digest.legacy_alias()] {
+            let at = self.alias_path(&name);
+            if inode_of(&at)? == Some(inode) {
+                match fs::remove_file(&at) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(CasError::io("remove", at)(e))
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
         }
         Ok(())
@@ -392,15 +403,19 @@ fn long_redirect_fits(sys: &dyn Syscalls, tmp: &Path) -> io::Result<bool> {
 
 /// Whether two paths are one inode (`false` if either is missing).
 fn same_inode(a: &Path, b: &Path) -> Result<bool, CasError> {
-    let stat = |p: &Path| match fs::symlink_metadata(p) {
-        Ok(md) => Ok(Some((md.dev(), md.ino()))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(CasError::io("stat", p)(e)),
-    };
-    Ok(match (stat(a)?, stat(b)?) {
+    Ok(match (inode_of(a)?, inode_of(b)?) {
         (Some(x), Some(y)) => x == y,
         _ => false,
     })
+}
+
+/// The device and inode of `p`, if it exists.
+fn inode_of(p: &Path) -> Result<Option<(u64, u64)>, CasError> {
+    match fs::symlink_metadata(p) {
+        Ok(md) => Ok(Some((md.dev(), md.ino()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(CasError::io("stat", p)(e)),
+    }
 }
 
 #[cfg(test)]
@@ -481,5 +496,19 @@ mod tests {
             store.alias_path(&d.alias()).exists(),
             "not d's alias: stays"
         );
+
+        // An alias an earlier version made at the top names its object as before and
+        // goes with it; new stubs get the alias in the fan-out directory.
+        let f = publish(b"aliased by an earlier version");
+        let legacy = StubTarget::Alias(f.legacy_alias());
+        fs::hard_link(store.path(&f), store.alias_path(&f.legacy_alias())).unwrap();
+        assert!(legacy.names(&f) && store.target_is(&legacy, &f).unwrap());
+        assert_eq!(store.resolve(&legacy).unwrap(), Some(f));
+        assert_eq!(store.stored(&f).unwrap(), Some(Redirect::Alias(f)));
+        assert!(store.alias_path(&f.alias()).exists());
+        store.remove_alias(&f).unwrap();
+        assert!(!store.alias_path(&f.alias()).exists());
+        assert!(!store.alias_path(&f.legacy_alias()).exists());
+        assert!(store.contains(&f));
     }
 }

@@ -197,8 +197,10 @@ fn create_with(
 pub enum StubTarget {
     /// `/ab/cdef…`: the object itself.
     Object(Digest),
-    /// `/<alias>`: the object's short name ([`Digest::alias`]); which object it is
-    /// follows from the alias's inode, see [`crate::objects::ObjectStore::resolve`].
+    /// `/ab/<alias>` or, as earlier versions wrote it, `/<legacy alias>`: the object's
+    /// short name relative to the objects directory ([`Digest::alias`],
+    /// [`Digest::legacy_alias`]); which object it is follows from the alias's inode, see
+    /// [`crate::objects::ObjectStore::resolve`].
     Alias(String),
 }
 
@@ -208,7 +210,7 @@ impl StubTarget {
     pub fn names(&self, digest: &Digest) -> bool {
         match self {
             StubTarget::Object(d) => d == digest,
-            StubTarget::Alias(a) => *a == digest.alias(),
+            StubTarget::Alias(a) => *a == digest.alias() || *a == digest.legacy_alias(),
         }
     }
 }
@@ -230,7 +232,7 @@ pub fn stub_target(sys: &dyn Syscalls, path: &Path) -> Result<Option<StubTarget>
     }
     let text = String::from_utf8_lossy(&redirect);
     let name = text.trim_start_matches('/');
-    if crate::digest::is_alias_name(name) {
+    if crate::digest::alias_prefix(name).is_some() {
         return Ok(Some(StubTarget::Alias(name.to_string())));
     }
     let hex: String = name.chars().filter(|&c| c != '/').collect();

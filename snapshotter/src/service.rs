@@ -187,7 +187,7 @@ impl CasSnapshotter {
     }
 
     /// Consistency check (`casctl fsck`).
-    pub async fn fsck(&self, verify_objects: bool) -> Result<cas::admin::FsckReport, ServiceError> {
+    pub async fn fsck(&self, verify_objects: bool) -> Result<cas::fsck::FsckReport, ServiceError> {
         self.run(move |s| s.fsck(verify_objects)).await
     }
 
@@ -196,7 +196,7 @@ impl CasSnapshotter {
         &self,
         verify_objects: bool,
         progress: tokio::sync::mpsc::UnboundedSender<cas::admin::Progress>,
-    ) -> Result<cas::admin::FsckReport, ServiceError> {
+    ) -> Result<cas::fsck::FsckReport, ServiceError> {
         self.run(move |s| {
             s.fsck_with_progress(verify_objects, &mut |p| {
                 // a client that went away stops reading, not the check

@@ -17,7 +17,8 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use cas::admin::{self, AdminRequest, AdminResponse, FsckReport, Progress, Stats};
+use cas::admin::{self, AdminRequest, AdminResponse, Progress, Stats};
+use cas::fsck::{self, FsckReport};
 use cas::gc::GcStats;
 use cas::index::MetaStore;
 use cas::Layout;
@@ -356,7 +357,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
                 Cmd::Images => AdminResponse::Images(cas::sharing::chain_usage(&layout, &meta)?),
                 Cmd::Fsck { verify_objects } => {
-                    let r = admin::fsck_with_progress(&layout, &meta, *verify_objects, &mut |p| {
+                    let r = fsck::fsck_with_progress(&layout, &meta, *verify_objects, &mut |p| {
                         view.show(p)
                     })?;
                     view.finish();

@@ -57,8 +57,9 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{debug, info, warn};
 
-use crate::admin::{FsckReport, Stats};
+use crate::admin::Stats;
 use crate::error::CasError;
+use crate::fsck::FsckReport;
 use crate::gc::GcStats;
 use crate::index::{DiskUsage, IndexError, Kind, MetaStore, Record};
 use crate::ingest::IngestStats;
@@ -1230,11 +1231,13 @@ impl Snapshots {
     ) -> Result<FsckReport> {
         let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
         let _w = lock(&self.writer);
-        Ok(crate::admin::fsck_with_progress(
+        Ok(crate::fsck::check(
             &self.layout,
+            &self.objects,
             &self.meta,
             verify_objects,
             progress,
+            None,
         )?)
     }
 

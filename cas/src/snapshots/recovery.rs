@@ -113,6 +113,10 @@ impl Snapshots {
             recovered_in: Default::default(),
             deleting: Default::default(),
         };
+        if mode == StoreMode::Stubs && !images && sn.objects.aliases() {
+            // stub trees that redirect by alias: aliases go in the fan-out directories
+            sn.layout.allow_fan_aliases()?;
+        }
         let swept = {
             let _w = lock(&sn.writer);
             sn.sweep_orphans()? + crate::gc::sweep_tmp(&sn.layout)?
@@ -428,7 +432,7 @@ fn read_infos(dirs: &[(u64, PathBuf)]) -> Vec<Result<Option<crate::index::InfoFi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::{fsck, Problem};
+    use crate::fsck::{fsck, Problem};
     use crate::index::{write_info, DiskUsage, Record};
     use crate::layout::INFO_FILE;
     use crate::manifest::{ManifestEntry, ManifestWriter};

@@ -607,6 +607,142 @@ fn object_count(sn: &Snapshots) -> usize {
     crate::gc::list_objects(sn.layout()).unwrap().len()
 }
 
+/// fsck in 256 parts finds what it finds in one: a missing object, a wrong reference
+/// count, an object the index references that no manifest names, unreferenced objects
+/// (one a candidate, one nobody's), and the counters.
+#[test]
+fn fsck_in_parts_finds_what_one_part_finds() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // stub trees (the fake kernel serves data-only layers, no images): aliases where
+    // the filesystem's inodes cannot hold the long redirect
+    let sn = Snapshots::open(
+        Layout::ensure(dir.path()).unwrap(),
+        opts(),
+        Arc::new(Recorder::new(true)),
+    )
+    .unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..300)
+        .map(|i| (format!("f{i}"), format!("object {i}").into_bytes()))
+        .collect();
+    let files: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_slice()))
+        .collect();
+    layer(&sn, "a", None, &files[..200]);
+    layer(&sn, "b", Some("a"), &files[100..]);
+    layer(&sn, "gone", None, &[("g", b"a candidate")]);
+    sn.gc().unwrap();
+    sn.remove("gone").unwrap();
+    let clean =
+        crate::fsck::check(sn.layout(), &sn.objects, &sn.meta, true, &mut |_| {}, None).unwrap();
+    assert!(clean.problems.is_empty(), "{:?}", clean.problems);
+    assert_eq!((clean.objects, clean.unreferenced_objects), (301, 1));
+    // every object has its alias in its fan-out directory where stubs redirect by alias
+    assert_eq!((sn.mode, sn.images), (StoreMode::Stubs, false));
+    let aliases = if sn.objects.aliases() { 301 } else { 0 };
+    assert_eq!(clean.aliases, aliases);
+    assert_eq!(
+        crate::gc::list_aliases(sn.layout()).unwrap().len() as u64,
+        aliases
+    );
+    // an alias as an earlier version made it (owned), and one nobody owns
+    let old = Digest::of(b"object 3");
+    let legacy = sn.objects.alias_path(&old.legacy_alias());
+    fs::hard_link(sn.objects.path(&old), &legacy).unwrap();
+    let nobody = Digest::of(b"nobody's alias");
+    let stray_alias = sn.objects.alias_path(&nobody.alias());
+    fs::create_dir_all(stray_alias.parent().unwrap()).unwrap();
+    fs::write(&stray_alias, b"nobody's alias").unwrap();
+
+    let missing = Digest::of(b"object 7");
+    fs::remove_file(sn.objects.path(&missing)).unwrap();
+    let stray = Digest::of(b"nobody's");
+    let path = sn.objects.path(&stray);
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(&path, b"nobody's").unwrap();
+    let mut refs = HashMap::new();
+    refs.insert(Digest::of(b"object 150"), 5);
+    refs.insert(Digest::of(b"not named"), 1);
+    sn.meta.set_refs(&refs).unwrap();
+    let one = crate::fsck::check(
+        sn.layout(),
+        &sn.objects,
+        &sn.meta,
+        true,
+        &mut |_| {},
+        Some(crate::parts::Parts::with_bits(0)),
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let many = crate::fsck::check(
+        sn.layout(),
+        &sn.objects,
+        &sn.meta,
+        true,
+        &mut |p| seen.push(p.clone()),
+        Some(crate::parts::Parts::with_bits(8)),
+    )
+    .unwrap();
+    assert_eq!(
+        serde_json::to_value(&one).unwrap(),
+        serde_json::to_value(&many).unwrap()
+    );
+    let kinds: Vec<String> = many
+        .problems
+        .iter()
+        .map(|p| {
+            serde_json::to_value(p).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    // where stubs redirect by alias, the missing object's alias is left, one link, and
+    // its stub's redirect names nothing
+    let expected: &[&str] = if aliases > 0 {
+        &[
+            "object_missing",
+            "stub_mismatch",
+            "stray_alias",
+            "stray_alias",
+            "counter_mismatch",
+            "refcount_mismatch",
+            "refcount_mismatch",
+        ]
+    } else {
+        &[
+            "object_missing",
+            "stray_alias",
+            "counter_mismatch",
+            "refcount_mismatch",
+            "refcount_mismatch",
+        ]
+    };
+    assert_eq!(kinds, expected, "{:?}", many.problems);
+    assert_eq!((many.unreferenced_objects, many.untracked_garbage), (2, 1));
+    assert_eq!(many.aliases, aliases + 2);
+    let refs = seen.iter().rev().find(|p| p.phase == "references").unwrap();
+    assert_eq!((refs.done, refs.total), (256, Some(256)));
+    // and no spill is left in cas/tmp
+    assert_eq!(fs::read_dir(sn.layout().tmp_dir()).unwrap().count(), 0);
+
+    // a full collection takes the alias nobody owns and keeps the legacy one
+    sn.meta.set_candidates_complete(false).unwrap();
+    sn.gc().unwrap();
+    assert!(!stray_alias.exists());
+    assert!(legacy.exists());
+    let after = sn.fsck(false).unwrap();
+    assert!(
+        after
+            .problems
+            .iter()
+            .all(|p| !matches!(p, crate::fsck::Problem::StrayAlias { .. })),
+        "{:?}",
+        after.problems
+    );
+}
+
 /// A batch whose time is up stops after one candidate and leaves the rest candidates:
 /// the next batch takes them, and nothing is lost or leaked.
 #[test]
@@ -794,7 +930,7 @@ fn object_counters_are_counted_once_checked_by_fsck_and_recounted_by_a_full_gc()
     let problems = sn.fsck(false).unwrap().problems;
     assert_eq!(
         problems,
-        [crate::admin::Problem::CounterMismatch {
+        [crate::fsck::Problem::CounterMismatch {
             counter: "referenced_objects".into(),
             index: 7,
             scan: 3,
