@@ -197,8 +197,19 @@ fn measure(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
         rss_mib("VmRSS")?
     );
     row.fill_s = filled.elapsed().as_secs_f64();
+    // the layers' trees are deleted off their Commits' path: done before anything is
+    // measured (a daemon stopped meanwhile leaves them to the sweep at its next start)
+    let tmp = sn.layout().tmp_dir();
+    let deleting = Instant::now();
+    while fs::read_dir(&tmp)?.next().is_some() && deleting.elapsed() < Duration::from_secs(600) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "scale: filled in {:.1} s; the ingested trees deleted {:.1} s later",
+        row.fill_s,
+        deleting.elapsed().as_secs_f64()
+    );
     row.disk_per_object = (used_bytes(&loopfs.mnt)? - empty) as f64 / row.objects as f64;
-    println!("scale: filled in {:.1} s", row.fill_s);
     sn.shutdown()?;
     drop(sn);
     row.fill_rss_mib = rss_mib("VmRSS")?;
