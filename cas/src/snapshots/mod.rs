@@ -80,8 +80,11 @@ const GC_BATCH: usize = 256;
 /// candidates are the next batch's). A Commit meanwhile waits for one batch and then
 /// flushes its deletions in its own `syncfs`: at a million objects the longest Commit
 /// during GC took 58 ms with 20 ms batches (27 waiting, 26 in `syncfs`) and 31 ms with
-/// 5 ms batches (10 and 13), the collection 2.0 against 3.9 s (`cas-bench scale`).
-const GC_HOLD_MAX: Duration = Duration::from_millis(5);
+/// 5 ms batches (10 and 13), the collection 2.0 against 3.9 s (`cas-bench scale`). At
+/// five million objects 5 ms batches made the collection last over a minute: each batch
+/// also reads every record to find the applied layers' manifests, a cost of the
+/// snapshots' number that the Commit loop running meanwhile raised with every Commit.
+const GC_HOLD_MAX: Duration = Duration::from_millis(20);
 /// How long a GC waits between two batches for waiting requests to take the locks.
 const GC_YIELD_MAX: Duration = Duration::from_millis(50);
 

@@ -28,6 +28,7 @@
 //! Results go to `bench/results/scale.csv` and `bench/results/scale.svg` (each figure
 //! against N, log scales) and a table on stdout.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -229,29 +230,38 @@ fn measure(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
 /// Runs [`serve`] on the filled store at `root` in a new process of this binary and
 /// reads back its row.
 fn serve_apart(a: &ScaleArgs, work: &Path, root: &Path, n: usize, layers: usize) -> Result<Row> {
-    let row_file = work.join(format!("served-{n}.csv"));
+    let layers = layers.to_string();
+    let args = [
+        OsStr::new("--serve"),
+        root.as_os_str(),
+        OsStr::new("--layers"),
+        OsStr::new(&layers),
+    ];
+    in_a_process(a, n, &work.join(format!("served-{n}.csv")), &args)
+}
+
+/// Runs `cas-bench scale` for store size `n` with `args` in a new process of this
+/// binary, which writes its row to `row_file`, and reads the row back.
+fn in_a_process(a: &ScaleArgs, n: usize, row_file: &Path, args: &[&OsStr]) -> Result<Row> {
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("scale")
         .arg("--objects")
         .arg(n.to_string())
         .arg("--ops")
         .arg(a.ops.to_string())
-        .arg("--serve")
-        .arg(root)
-        .arg("--layers")
-        .arg(layers.to_string())
         .arg("--row-to")
-        .arg(&row_file);
+        .arg(row_file)
+        .args(args);
     if let Some(mib) = a.index_cache_mib {
         cmd.arg("--index-cache-mib").arg(mib.to_string());
     }
     let status = cmd.status()?;
     anyhow::ensure!(
         status.success(),
-        "serving the store of {n} objects: {status}"
+        "cas-bench scale for {n} objects {args:?}: {status}"
     );
-    let row = parse_row(&fs::read_to_string(&row_file)?)?;
-    fs::remove_file(&row_file)?;
+    let row = parse_row(&fs::read_to_string(row_file)?)?;
+    fs::remove_file(row_file)?;
     Ok(row)
 }
 
@@ -498,25 +508,8 @@ fn casctl(root: &Path, args: &[&str]) -> Result<(f64, f64)> {
 
 /// Measures store size `n` in a new process of this binary and reads back its row.
 fn measure_apart(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
-    let row_file = work.join(format!("row-{n}.csv"));
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.arg("scale")
-        .arg("--objects")
-        .arg(n.to_string())
-        .arg("--ops")
-        .arg(a.ops.to_string())
-        .arg("--workdir")
-        .arg(work)
-        .arg("--row-to")
-        .arg(&row_file);
-    if let Some(mib) = a.index_cache_mib {
-        cmd.arg("--index-cache-mib").arg(mib.to_string());
-    }
-    let status = cmd.status()?;
-    anyhow::ensure!(status.success(), "measuring {n} objects: {status}");
-    let row = parse_row(&fs::read_to_string(&row_file)?)?;
-    fs::remove_file(&row_file)?;
-    Ok(row)
+    let args = [OsStr::new("--workdir"), work.as_os_str()];
+    in_a_process(a, n, &work.join(format!("row-{n}.csv")), &args)
 }
 
 pub fn run(a: &ScaleArgs) -> Result<()> {
