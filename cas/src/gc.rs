@@ -70,33 +70,40 @@ pub fn walk_objects(
     for fan in fs::read_dir(&dir).map_err(CasError::io("read dir", &dir))? {
         let fan = fan.map_err(CasError::io("read dir", &dir))?;
         let fan_name = fan.file_name().to_string_lossy().into_owned();
-        let fan_path = fan.path();
-        if !fan.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-            let what = if crate::digest::is_legacy_alias_name(&fan_name) {
-                ObjectFile::Alias(fan_name)
-            } else {
-                ObjectFile::Stray
-            };
-            f(what, fan_path)?;
-            continue;
+        if fan.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            for_each_in_fan(&fan_name, &fan.path(), &mut f)?;
+        } else if crate::digest::is_legacy_alias_name(&fan_name) {
+            f(ObjectFile::Alias(fan_name), fan.path())?;
+        } else {
+            f(ObjectFile::Stray, fan.path())?;
         }
-        for obj in fs::read_dir(&fan_path).map_err(CasError::io("read dir", &fan_path))? {
-            let obj = obj.map_err(CasError::io("read dir", &fan_path))?;
-            let name = obj.file_name().to_string_lossy().into_owned();
-            let what = if crate::digest::is_fan_alias_name(&name) {
-                let alias = format!("{fan_name}/{name}");
-                match crate::digest::alias_prefix(&alias) {
-                    Some(_) => ObjectFile::Alias(alias),
-                    None => ObjectFile::Stray,
-                }
-            } else {
-                match format!("{fan_name}{name}").parse() {
-                    Ok(d) => ObjectFile::Object(d),
-                    Err(_) => ObjectFile::Stray,
-                }
-            };
-            f(what, obj.path())?;
-        }
+    }
+    Ok(())
+}
+
+/// Calls `f` with every file of the fan-out directory `fan_name` (at `fan_path`), what
+/// it is and its path.
+fn for_each_in_fan(
+    fan_name: &str,
+    fan_path: &Path,
+    f: &mut impl FnMut(ObjectFile, std::path::PathBuf) -> Result<(), CasError>,
+) -> Result<(), CasError> {
+    for obj in fs::read_dir(fan_path).map_err(CasError::io("read dir", fan_path))? {
+        let obj = obj.map_err(CasError::io("read dir", fan_path))?;
+        let name = obj.file_name().to_string_lossy().into_owned();
+        let what = if crate::digest::is_fan_alias_name(&name) {
+            let alias = format!("{fan_name}/{name}");
+            match crate::digest::alias_prefix(&alias) {
+                Some(_) => ObjectFile::Alias(alias),
+                None => ObjectFile::Stray,
+            }
+        } else {
+            match format!("{fan_name}{name}").parse() {
+                Ok(d) => ObjectFile::Object(d),
+                Err(_) => ObjectFile::Stray,
+            }
+        };
+        f(what, obj.path())?;
     }
     Ok(())
 }
@@ -165,16 +172,13 @@ pub fn for_each_object_in(
     for b in first {
         let fan = format!("{b:02x}");
         let fan_path = dir.join(&fan);
-        let entries = match fs::read_dir(&fan_path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            r => r.map_err(CasError::io("read dir", &fan_path))?,
-        };
-        for obj in entries {
-            let obj = obj.map_err(CasError::io("read dir", &fan_path))?;
-            if let Ok(d) = format!("{fan}{}", obj.file_name().to_string_lossy()).parse() {
-                f(d)?;
-            }
+        if !fan_path.is_dir() {
+            continue;
         }
+        for_each_in_fan(&fan, &fan_path, &mut |what, _| match what {
+            ObjectFile::Object(d) => f(d),
+            ObjectFile::Alias(_) | ObjectFile::Stray => Ok(()),
+        })?;
     }
     Ok(())
 }
@@ -381,16 +385,14 @@ fn sweep_aliases(
             continue;
         }
         let (mut digests, mut aliases) = (Vec::new(), Vec::new());
-        let fan_path = fan.path();
-        for e in fs::read_dir(&fan_path).map_err(CasError::io("read dir", &fan_path))? {
-            let e = e.map_err(CasError::io("read dir", &fan_path))?;
-            let file = e.file_name().to_string_lossy().into_owned();
-            if crate::digest::is_fan_alias_name(&file) {
-                aliases.push((format!("{name}/{file}"), e.path()));
-            } else if let Ok(d) = format!("{name}{file}").parse::<Digest>() {
-                digests.push(d);
+        for_each_in_fan(&name, &fan.path(), &mut |what, path| {
+            match what {
+                ObjectFile::Object(d) => digests.push(d),
+                ObjectFile::Alias(alias) => aliases.push((alias, path)),
+                ObjectFile::Stray => {}
             }
-        }
+            Ok(())
+        })?;
         if aliases.is_empty() {
             continue;
         }
