@@ -285,10 +285,21 @@ impl MetaStore {
 
     /// Opens (or creates) the index in `dir` with a page cache of `cache_bytes`.
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<MetaStore, IndexError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .open()?;
+        let config = sled::Config::new().path(dir).cache_capacity(cache_bytes);
+        // A handle just dropped (a reopen in the same process) lets go of sled's file
+        // lock from its background threads, a moment later: wait for it, briefly.
+        let mut tries = 0;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if tries < 50 && e.to_string().contains("could not acquire lock") =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => break r?,
+            }
+        };
         let tree = db.open_tree("snapshots")?;
         if tree.is_empty() {
             // a new index counts from zero; an old one waits for its first count
