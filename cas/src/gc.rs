@@ -224,9 +224,22 @@ pub fn sweep_tmp_files(
     Ok((n, trees))
 }
 
-/// Objects named by the manifests of active snapshots (applied but not yet committed).
+/// Objects named by the manifests of active snapshots (applied but not yet committed),
+/// read from the store.
 pub fn pending_objects(layout: &Layout, meta: &MetaStore) -> Result<HashSet<Digest>, CasError> {
-    let mut out = HashSet::new();
+    Ok(pending_layers(layout, meta)?
+        .into_iter()
+        .flat_map(|(_, objects)| objects)
+        .collect())
+}
+
+/// The distinct objects of each active snapshot that has a manifest (a layer applied
+/// and not committed yet), by snapshot id, read from the store.
+fn pending_layers(
+    layout: &Layout,
+    meta: &MetaStore,
+) -> Result<Vec<(u64, HashSet<Digest>)>, CasError> {
+    let mut out = Vec::new();
     for (_, rec) in meta.all()? {
         if rec.kind != Kind::Active {
             continue;
@@ -235,19 +248,80 @@ pub fn pending_objects(layout: &Layout, meta: &MetaStore) -> Result<HashSet<Dige
         if !manifest.exists() {
             continue;
         }
-        for entry in read_manifest(&manifest)? {
-            out.insert(entry?.digest);
-        }
+        out.push((rec.id, manifest_objects(&manifest)?));
     }
     Ok(out)
 }
 
-/// Whether nothing keeps `d`: no reference count and no pending manifest.
-fn is_garbage(meta: &MetaStore, pending: &HashSet<Digest>, d: &Digest) -> Result<bool, CasError> {
+fn manifest_objects(manifest: &Path) -> Result<HashSet<Digest>, CasError> {
+    let mut objects = HashSet::new();
+    for entry in read_manifest(manifest)? {
+        objects.insert(entry?.digest);
+    }
+    Ok(objects)
+}
+
+/// What keeps objects between a layer's Apply and its Commit, in memory: the distinct
+/// objects of each applied layer's manifest, by snapshot id. A collection's batch asks
+/// it instead of reading every record and every such manifest again (a cost of the
+/// snapshots' number, paid once per batch). The owner keeps it true: loaded at open
+/// ([`PendingLayers::load`]), a layer added before its apply lets the GC lock go, and
+/// taken away once its Commit's references landed or it was removed.
+#[derive(Debug, Default)]
+pub struct PendingLayers(std::sync::Mutex<HashMap<u64, HashSet<Digest>>>);
+
+impl PendingLayers {
+    /// The applied layers the store holds now (at open).
+    pub fn load(layout: &Layout, meta: &MetaStore) -> Result<PendingLayers, CasError> {
+        Ok(PendingLayers(std::sync::Mutex::new(
+            pending_layers(layout, meta)?.into_iter().collect(),
+        )))
+    }
+
+    fn layers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HashSet<Digest>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Snapshot `id`'s layer was applied: its manifest's objects are kept.
+    pub fn add(&self, id: u64, manifest: &Path) -> Result<(), CasError> {
+        let objects = manifest_objects(manifest)?;
+        self.layers().insert(id, objects);
+        Ok(())
+    }
+
+    /// Snapshot `id`'s layer was committed (its references landed) or removed.
+    pub fn remove(&self, id: u64) {
+        self.layers().remove(&id);
+    }
+
+    /// How many applied layers there are.
+    pub fn len(&self) -> usize {
+        self.layers().len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `f` with a test of whether an applied layer names an object.
+    pub fn with<T>(&self, f: impl FnOnce(&dyn Fn(&Digest) -> bool) -> T) -> T {
+        let layers = self.layers();
+        f(&|d| layers.values().any(|objects| objects.contains(d)))
+    }
+}
+
+/// Whether nothing keeps `d`: no reference count, and `pending` (the applied layers'
+/// manifests) does not name it.
+fn is_garbage(
+    meta: &MetaStore,
+    pending: &dyn Fn(&Digest) -> bool,
+    d: &Digest,
+) -> Result<bool, CasError> {
     let n = meta
         .ref_count(d)
         .map_err(|e| CasError::io("read index", d.hex())(io::Error::other(e)))?;
-    Ok(n == 0 && !pending.contains(d))
+    Ok(n == 0 && !pending(d))
 }
 
 /// Deletes one object (its alias first). Returns the bytes freed, if it was there.
@@ -274,10 +348,10 @@ fn delete_garbage(
     layout: &Layout,
     meta: &MetaStore,
     digests: &[Digest],
+    pending: &dyn Fn(&Digest) -> bool,
     deadline: Option<Instant>,
 ) -> Result<(GcStats, std::collections::BTreeSet<std::path::PathBuf>), CasError> {
     let objects = ObjectStore::new(layout);
-    let pending = pending_objects(layout, meta)?;
     let mut stats = GcStats::default();
     let mut fans = std::collections::BTreeSet::new();
     for d in digests {
@@ -285,7 +359,7 @@ fn delete_garbage(
             break;
         }
         stats.scanned += 1;
-        if !is_garbage(meta, &pending, d)? {
+        if !is_garbage(meta, pending, d)? {
             continue;
         }
         let path = objects.path(d);
@@ -301,13 +375,15 @@ fn delete_garbage(
 }
 
 /// Deletes those of `candidates` that nothing keeps (after a failed or abandoned apply:
-/// the objects it published). Same locking contract as [`collect`].
+/// the objects it published); `pending` names what the applied layers keep (see
+/// [`PendingLayers`]). Same locking contract as [`collect`].
 pub fn collect_objects(
     layout: &Layout,
     meta: &MetaStore,
     candidates: &[Digest],
+    pending: &dyn Fn(&Digest) -> bool,
 ) -> Result<GcStats, CasError> {
-    Ok(delete_garbage(layout, meta, candidates, None)?.0)
+    Ok(delete_garbage(layout, meta, candidates, pending, None)?.0)
 }
 
 /// Deletes the garbage among `batch` (GC candidates, see [`crate::index`]) and forgets
@@ -315,15 +391,17 @@ pub fn collect_objects(
 /// object referenced again, or named by an applied layer's manifest, is kept (the
 /// latter is collected with its layer if that is removed uncommitted). Once `deadline`
 /// has passed it stops, and the rest of `batch` stays candidates for the next one
-/// (`scanned` says how many it took). Same locking contract as [`collect`], for the
-/// duration of the batch.
+/// (`scanned` says how many it took). `pending` names what the applied layers keep
+/// (see [`PendingLayers`]). Same locking contract as [`collect`], for the duration of
+/// the batch.
 pub fn collect_batch(
     layout: &Layout,
     meta: &MetaStore,
     batch: &[Digest],
+    pending: &dyn Fn(&Digest) -> bool,
     deadline: Instant,
 ) -> Result<GcStats, CasError> {
-    let (stats, fans) = delete_garbage(layout, meta, batch, Some(deadline))?;
+    let (stats, fans) = delete_garbage(layout, meta, batch, pending, Some(deadline))?;
     // A crash before this leaves candidates whose objects are gone: the next batch
     // finds nothing to delete and forgets them.
     crate::crash_point!("gc.before-forget");
@@ -424,6 +502,7 @@ pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
         ..GcStats::default()
     };
     let pending = pending_objects(layout, meta)?;
+    let pending = |d: &Digest| pending.contains(d);
     // the owners of legacy aliases are needed only where there are some (aliases in
     // the fan-out directories are checked a directory at a time, below)
     let legacy = has_legacy_aliases(layout)?;

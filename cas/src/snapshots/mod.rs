@@ -81,9 +81,10 @@ const GC_BATCH: usize = 256;
 /// flushes its deletions in its own `syncfs`: at a million objects the longest Commit
 /// during GC took 58 ms with 20 ms batches (27 waiting, 26 in `syncfs`) and 31 ms with
 /// 5 ms batches (10 and 13), the collection 2.0 against 3.9 s (`cas-bench scale`). At
-/// five million objects 5 ms batches made the collection last over a minute: each batch
-/// also reads every record to find the applied layers' manifests, a cost of the
-/// snapshots' number that the Commit loop running meanwhile raised with every Commit.
+/// five million objects 5 ms batches made the collection last over a minute, when each
+/// batch still read every record to find the applied layers' manifests (a cost of the
+/// snapshots' number, which the Commit loop running meanwhile raised with every Commit;
+/// they are kept in memory now, [`crate::gc::PendingLayers`]).
 const GC_HOLD_MAX: Duration = Duration::from_millis(20);
 /// How long a GC waits between two batches for waiting requests to take the locks.
 const GC_YIELD_MAX: Duration = Duration::from_millis(50);
@@ -283,6 +284,8 @@ pub struct Snapshots {
     recovered_in: Duration,
     /// Trees in `cas/tmp` being deleted right now, which a GC's sweep leaves alone.
     deleting: Deleting,
+    /// The objects of the layers applied and not committed yet, which GC keeps.
+    pending: crate::gc::PendingLayers,
 }
 
 /// The trees in `cas/tmp` whose deletion is under way (a Remove's snapshot directory, a
@@ -819,6 +822,8 @@ impl Snapshots {
         let flush = self.record_put(Step::Commit, rec.id, name, &rec)?;
         self.meta.rename(key, name, &rec, &objects)?;
         unreferenced.disarm();
+        // referenced now: its manifest keeps nothing any more
+        self.pending.remove(rec.id);
         if flush {
             self.meta.flush_blocking()?;
         }
@@ -900,6 +905,7 @@ impl Snapshots {
                 Vec::new()
             };
             lock(&self.applied).remove(&rec.id);
+            self.pending.remove(rec.id);
             // The journal record makes the Remove durable; the mirror goes next, before
             // the index: a rebuild after a crash here must not revive it.
             self.log
@@ -937,7 +943,9 @@ impl Snapshots {
         drop(deleting);
         if !orphaned.is_empty() {
             let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
-            let stats = crate::gc::collect_objects(&self.layout, &self.meta, &orphaned)?;
+            let stats = self.pending.with(|pending| {
+                crate::gc::collect_objects(&self.layout, &self.meta, &orphaned, pending)
+            })?;
             debug!(%key, removed = stats.removed, "objects of an uncommitted applied layer collected");
         }
         debug!(%key, "removed");
@@ -1170,7 +1178,15 @@ impl Snapshots {
             if batch.is_empty() {
                 break;
             }
-            let s = crate::gc::collect_batch(&self.layout, &self.meta, &batch, held + GC_HOLD_MAX)?;
+            let s = self.pending.with(|pending| {
+                crate::gc::collect_batch(
+                    &self.layout,
+                    &self.meta,
+                    &batch,
+                    pending,
+                    held + GC_HOLD_MAX,
+                )
+            })?;
             stats.scanned += s.scanned;
             stats.removed += s.removed;
             stats.freed_bytes += s.freed_bytes;
@@ -1333,7 +1349,27 @@ impl Snapshots {
                 image: self.images.then_some(image.as_path()),
                 pool,
             };
-            crate::unpack::apply_blob(blob, blob_size, blob_digest, limits, &target)
+            let applied = crate::unpack::apply_blob(blob, blob_size, blob_digest, limits, &target);
+            // the manifest keeps its objects from now on: GC knows it before this apply
+            // lets the lock go
+            match applied {
+                Ok(applied) => match self.pending.add(rec.id, &manifest) {
+                    Ok(()) => Ok(applied),
+                    Err(e) => {
+                        // unprotected now: without the manifest its new objects are
+                        // nobody's, and the next collection scans every object
+                        let _ = fs::remove_file(&manifest);
+                        if let Err(e) = self.meta.set_candidates_complete(false) {
+                            warn!(error = %e, "could not mark the GC candidates incomplete");
+                        }
+                        Err(crate::unpack::ApplyFailure {
+                            error: UnpackError::Store(e),
+                            new_objects: Vec::new(),
+                        })
+                    }
+                },
+                failed => failed,
+            }
         };
         // an image is of use once mounted: a mount that fails fails the apply
         let result = match result {
@@ -1343,6 +1379,7 @@ impl Snapshots {
                     Ok(_) => Ok(applied),
                     Err(e) => {
                         let _ = fs::remove_file(&manifest);
+                        self.pending.remove(rec.id);
                         Err(crate::unpack::ApplyFailure {
                             error: UnpackError::Store(e),
                             new_objects: Vec::new(),
@@ -1389,8 +1426,14 @@ impl Snapshots {
                 }
                 if !failure.new_objects.is_empty() {
                     let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
-                    let stats =
-                        crate::gc::collect_objects(&self.layout, &self.meta, &failure.new_objects)?;
+                    let stats = self.pending.with(|pending| {
+                        crate::gc::collect_objects(
+                            &self.layout,
+                            &self.meta,
+                            &failure.new_objects,
+                            pending,
+                        )
+                    })?;
                     debug!(
                         removed = stats.removed,
                         "objects of the failed apply collected"

@@ -112,6 +112,7 @@ impl Snapshots {
             applied: Default::default(),
             recovered_in: Default::default(),
             deleting: Default::default(),
+            pending: Default::default(),
         };
         if mode == StoreMode::Stubs && !images && sn.objects.aliases() {
             // stub trees that redirect by alias: aliases go in the fan-out directories
@@ -124,6 +125,9 @@ impl Snapshots {
         if swept > 0 {
             info!(swept, "removed leftovers of interrupted operations");
         }
+        // the layers applied before the stop and not committed: their manifests keep
+        // their objects until containerd commits or removes them
+        sn.pending = crate::gc::PendingLayers::load(&sn.layout, &sn.meta)?;
         let finished = sn.finish_swaps()?;
         if finished > 0 {
             info!(finished, "commits of image layers finished");

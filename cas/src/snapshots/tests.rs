@@ -761,7 +761,7 @@ fn a_gc_batch_out_of_time_leaves_the_rest_to_the_next() {
     let batch = sn.meta.candidates(10).unwrap();
     assert_eq!(batch.len(), 3);
     let past = std::time::Instant::now();
-    let s = crate::gc::collect_batch(sn.layout(), &sn.meta, &batch, past).unwrap();
+    let s = crate::gc::collect_batch(sn.layout(), &sn.meta, &batch, &|_| false, past).unwrap();
     assert_eq!((s.scanned, s.removed), (1, 1), "{s:?}");
     assert_eq!(sn.meta.candidates(10).unwrap(), batch[1..].to_vec());
     assert_eq!(object_count(&sn), 2);
@@ -952,4 +952,104 @@ fn object_counters_are_counted_once_checked_by_fsck_and_recounted_by_a_full_gc()
     assert_eq!((objects.done, objects.total), (3, Some(3)));
     let snapshots = last("snapshots").expect("snapshots phase");
     assert_eq!((snapshots.done, snapshots.total), (2, Some(2)));
+}
+
+/// A plain tar of regular files (root's, mode 0644).
+fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_600_000_000);
+        b.append_data(&mut h, path, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// A layer applied and not committed yet keeps its objects: a GC batch leaves a
+/// candidate the apply reused, in the process that applied it and after a restart (the
+/// applied layers are read again at open). Its Commit makes them references; an
+/// uncommitted one removed takes its new objects with it.
+#[test]
+fn an_applied_layers_objects_are_kept_until_its_commit() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // stub trees: the fake kernel serves data-only layers, no images
+    let open_stubs = || {
+        Snapshots::open(
+            Layout::ensure(dir.path()).unwrap(),
+            opts(),
+            Arc::new(Recorder::new(true)),
+        )
+        .unwrap()
+    };
+    let pool = ringio::Pool::start(&ringio::PoolConfig {
+        backend: ringio::BackendChoice::Threads,
+        ..ringio::PoolConfig::default()
+    })
+    .unwrap();
+    let apply = |sn: &Snapshots, key: &str, files: &[(&str, &[u8])]| {
+        sn.create(Kind::Active, key, None, BTreeMap::new()).unwrap();
+        let tar = tar_of(files);
+        sn.apply_blob(
+            key,
+            &tar[..],
+            tar.len() as u64,
+            None,
+            Limits::default(),
+            &pool,
+        )
+        .unwrap();
+    };
+    let sn = open_stubs();
+    layer(
+        &sn,
+        "a",
+        None,
+        &[("f1", b"reused first"), ("g", b"a's own")],
+    );
+    layer(&sn, "x", None, &[("f2", b"reused after a restart")]);
+    sn.gc().unwrap();
+    apply(
+        &sn,
+        "b-active",
+        &[
+            ("f1", b"reused first"),
+            ("f2", b"reused after a restart"),
+            ("n", b"new in b"),
+        ],
+    );
+    assert_eq!(sn.pending.len(), 1);
+    sn.remove("a").unwrap();
+    let g = sn.gc().unwrap();
+    assert_eq!((g.scanned, g.removed), (2, 1), "a's own goes: {g:?}");
+    assert!(sn.objects.path(&Digest::of(b"reused first")).exists());
+    sn.shutdown().unwrap();
+    drop(sn);
+
+    let sn = open_stubs();
+    assert_eq!(sn.pending.len(), 1, "read again at open");
+    sn.remove("x").unwrap();
+    let g = sn.gc().unwrap();
+    assert_eq!((g.scanned, g.removed), (1, 0), "{g:?}");
+    sn.commit("b", "b-active", BTreeMap::new()).unwrap();
+    assert!(sn.pending.is_empty());
+    assert_eq!(object_count(&sn), 3);
+
+    apply(
+        &sn,
+        "c-active",
+        &[("m", b"new in c"), ("f1", b"reused first")],
+    );
+    assert_eq!(object_count(&sn), 4);
+    sn.remove("c-active").unwrap();
+    assert!(sn.pending.is_empty());
+    assert_eq!(object_count(&sn), 3, "c's new object went with it");
+    let report = sn.fsck(true).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.untracked_garbage, 0);
 }
