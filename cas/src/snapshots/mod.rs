@@ -323,9 +323,14 @@ impl Drop for DeletingGuard {
 
 /// Marks the index's GC candidates incomplete when dropped armed (see
 /// [`MetaStore::set_candidates_complete`]): a Commit that fails after its ingest published
-/// objects, before their references land.
+/// objects, before their references land. If the ingest got as far as the layer's
+/// manifest, the snapshot is an applied layer from now on (a retried Commit takes it as
+/// one), and its manifest keeps its objects as an apply's does.
 struct ScanOnFailure<'a> {
     meta: &'a MetaStore,
+    pending: &'a crate::gc::PendingLayers,
+    id: u64,
+    manifest: &'a Path,
     armed: bool,
 }
 
@@ -337,9 +342,16 @@ impl ScanOnFailure<'_> {
 
 impl Drop for ScanOnFailure<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            if let Err(e) = self.meta.set_candidates_complete(false) {
-                warn!(error = %e, "could not mark the GC candidates incomplete");
+        if !self.armed {
+            return;
+        }
+        if let Err(e) = self.meta.set_candidates_complete(false) {
+            warn!(error = %e, "could not mark the GC candidates incomplete");
+        }
+        if self.manifest.exists() {
+            if let Err(e) = self.pending.add(self.id, self.manifest) {
+                // the full collection the mark above asks for reads it from the store
+                warn!(id = self.id, error = %e, "could not read the manifest of a failed Commit");
             }
         }
     }
@@ -763,6 +775,9 @@ impl Snapshots {
         // published unreferenced and nobody's GC candidates: the next GC scans.
         let unreferenced = ScanOnFailure {
             meta: &self.meta,
+            pending: &self.pending,
+            id: rec.id,
+            manifest: &manifest,
             armed: true,
         };
         let stats = if applied {

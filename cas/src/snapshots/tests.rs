@@ -1053,3 +1053,50 @@ fn an_applied_layers_objects_are_kept_until_its_commit() {
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert_eq!(report.untracked_garbage, 0);
 }
+
+/// A Commit that fails after its ingest wrote the layer's manifest leaves an applied
+/// layer behind (a retried Commit takes it as one): its manifest keeps its objects from
+/// a later GC batch as an apply's does, and the retry finds them all.
+#[test]
+fn a_failed_commits_manifest_keeps_its_objects() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let sn = Snapshots::open(
+        Layout::ensure(dir.path()).unwrap(),
+        opts(),
+        Arc::new(Recorder::new(true)),
+    )
+    .unwrap();
+    layer(
+        &sn,
+        "a",
+        None,
+        &[("x", b"shared with b"), ("y", b"a's own")],
+    );
+    sn.gc().unwrap();
+    sn.create(Kind::Active, "b-active", None, BTreeMap::new())
+        .unwrap();
+    let id = sn.stat("b-active").unwrap().id;
+    fs::write(sn.layout().fs_dir(id).join("x"), b"shared with b").unwrap();
+    fail::cfg_callback("commit.after-ingest", || {
+        panic!("a failure after the ingest")
+    })
+    .unwrap();
+    let failed = catch_unwind(AssertUnwindSafe(|| {
+        sn.commit("b", "b-active", BTreeMap::new())
+    }));
+    fail::remove("commit.after-ingest");
+    assert!(failed.is_err());
+    assert!(sn.layout().manifest(id).exists());
+    assert_eq!(sn.pending.len(), 1);
+    // the failure asked for one full collection; then a batch over a's objects
+    sn.gc().unwrap();
+    sn.remove("a").unwrap();
+    let g = sn.gc().unwrap();
+    assert_eq!((g.scanned, g.removed), (2, 1), "{g:?}");
+    sn.commit("b", "b-active", BTreeMap::new()).unwrap();
+    assert!(sn.pending.is_empty());
+    let report = sn.fsck(true).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(object_count(&sn), 1);
+}
