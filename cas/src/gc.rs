@@ -9,10 +9,13 @@
 //! An object is garbage when the index holds no reference count for it and no active
 //! snapshot's manifest names it. (An active snapshot has a manifest once the Diff
 //! service applied a layer into it: its objects are published at Apply and referenced
-//! at Commit, a separate call; in between, that manifest is what keeps them.) The caller must
-//! exclude every ingest for the duration of [`collect`] (the daemon holds its GC lock in
-//! write mode; ingests hold it in read mode from before they look an object up until
-//! their references are recorded). Without that, an ingest could find an object, decide
+//! at Commit, a separate call; in between, that manifest is what keeps them. A daemon
+//! keeps those manifests' objects in memory, [`PendingLayers`], so that a batch's cost
+//! does not grow with the snapshots; the full scan and fsck read them from the store.)
+//! The caller must exclude every ingest for the duration of [`collect`] (the daemon
+//! holds its GC lock in write mode; ingests hold it in read mode from before they look
+//! an object up until their references are recorded, or their manifest is among the
+//! [`PendingLayers`]). Without that, an ingest could find an object, decide
 //! not to store its bytes again, and lose the object to a concurrent collection before
 //! its reference lands.
 
