@@ -68,7 +68,7 @@ pub fn ingest_layer_image(
     let mut linked: HashMap<(u64, u64), (PathBuf, Content)> = HashMap::new();
 
     let hashing = Instant::now();
-    let mut hashed = hash_files(fs_dir, !lowers.is_empty());
+    let mut hashed = hash_files(store, fs_dir, !lowers.is_empty());
     stats.times.hash = hashing.elapsed();
 
     let walk = walkdir::WalkDir::new(fs_dir)
@@ -82,6 +82,42 @@ pub fn ingest_layer_image(
         let rel = path.strip_prefix(fs_dir).unwrap_or(path).to_path_buf();
         let md = fs::symlink_metadata(path).map_err(CasError::io("stat", path))?;
         let ft = md.file_type();
+        // a file published ahead of the walk: its inode is the object now, so its
+        // metadata and xattrs are the ones read before (the first name of a hardlinked
+        // inode takes them; the others become links to it below)
+        if let Some(prepared) = ft
+            .is_file()
+            .then(|| hashed.remove(&(md.dev(), md.ino())))
+            .flatten()
+        {
+            let p = prepared?;
+            if p.read != p.md.size() {
+                return Err(changed_size(path));
+            }
+            stats.dropped_overlay_xattrs += p.overlay_xattrs;
+            if p.publish == Publish::New {
+                stats.new_objects += 1;
+                stats.new_bytes += p.read;
+            }
+            let content = Some((p.digest, p.read));
+            let leaf = Leaf::File {
+                size: p.read,
+                object: Some(p.digest),
+            };
+            img.insert(&rel, attrs(&p.md, p.own), leaf)
+                .map_err(CasError::from)?;
+            if p.md.nlink() > 1 {
+                linked.insert((md.dev(), md.ino()), (rel.clone(), content));
+            }
+            writer.push(&ManifestEntry {
+                path: rel,
+                digest: p.digest,
+                size: p.read,
+            })?;
+            stats.files += 1;
+            stats.logical_bytes += p.read;
+            continue;
+        }
         let all: Vec<_> = xattr::list(path)
             .map_err(CasError::io("listxattr", path))?
             .collect();
@@ -158,15 +194,10 @@ pub fn ingest_layer_image(
             if size == 0 {
                 None
             } else {
-                let (digest, read) = match hashed.remove(path) {
-                    Some(h) => h?,
-                    None => hash(path)?,
-                };
+                // not published ahead (it appeared after that walk)
+                let (digest, read) = hash(path)?;
                 if read != size {
-                    return Err(CasError::Hostile {
-                        path: path.to_path_buf(),
-                        reason: "file changed size while the layer was being committed",
-                    });
+                    return Err(changed_size(path));
                 }
                 let publishing = Instant::now();
                 if store.publish_in_place(path, &md, !all.is_empty(), &digest)? == Publish::New {
@@ -212,8 +243,30 @@ pub fn ingest_layer_image(
     Ok(stats)
 }
 
-/// Files hashed ahead of the walk that builds the image, by path.
-type Hashed = HashMap<PathBuf, Result<(Digest, u64), CasError>>;
+/// A file hashed and published ahead of the walk that builds the image.
+struct Prepared {
+    /// Its metadata as the layer had it, before its inode became the object.
+    md: fs::Metadata,
+    /// Its own xattrs as the layer had them (overlayfs' left out).
+    own: Vec<(std::ffi::OsString, Vec<u8>)>,
+    /// How many of its xattrs were overlayfs' (dropped).
+    overlay_xattrs: u64,
+    digest: Digest,
+    /// The bytes read: the file changed while it was read when this is not its size
+    /// (then it was not published).
+    read: u64,
+    publish: Publish,
+}
+
+/// Files hashed and published ahead of the walk that builds the image, by inode.
+type Hashed = HashMap<(u64, u64), Result<Prepared, CasError>>;
+
+fn changed_size(path: &Path) -> CasError {
+    CasError::Hostile {
+        path: path.to_path_buf(),
+        reason: "file changed size while the layer was being committed",
+    }
+}
 
 /// One file's digest and the bytes read.
 fn hash(path: &Path) -> Result<(Digest, u64), CasError> {
@@ -221,11 +274,44 @@ fn hash(path: &Path) -> Result<(Digest, u64), CasError> {
     Digest::of_reader(&file).map_err(CasError::io("read", path))
 }
 
-/// The digests of the layer's files that will become objects (regular, not empty, one
-/// name per inode, not a metadata-only copy-up when `copy_ups` may exist), hashed on
-/// every core: the reading and hashing of containerd's applier's output is an ingest's
-/// largest cost after the sync.
-fn hash_files(fs_dir: &Path, copy_ups: bool) -> Hashed {
+/// Reads what the image needs of the file at `path` (metadata, own xattrs), hashes it
+/// and publishes its inode as the object.
+fn prepare(store: &ObjectStore, path: &Path, md: fs::Metadata) -> Result<Prepared, CasError> {
+    let all: Vec<_> = xattr::list(path)
+        .map_err(CasError::io("listxattr", path))?
+        .collect();
+    let overlay_xattrs = all.iter().filter(|n| is_overlay_private(n)).count();
+    let own = if all.len() > overlay_xattrs {
+        own_xattrs(path)?
+    } else {
+        Vec::new()
+    };
+    let (digest, read) = hash(path)?;
+    let publish = if read == md.size() {
+        let p = store.publish_in_place(path, &md, !all.is_empty(), &digest)?;
+        if p == Publish::New {
+            crate::crash_point!("ingest.object-published");
+        }
+        p
+    } else {
+        Publish::Existing
+    };
+    Ok(Prepared {
+        md,
+        own,
+        overlay_xattrs: overlay_xattrs as u64,
+        digest,
+        read,
+        publish,
+    })
+}
+
+/// The layer's files that become objects (regular, not empty, one name per inode, not a
+/// metadata-only copy-up when `copy_ups` may exist), hashed and published on every
+/// core: reading and hashing containerd's applier's output, and the metadata calls
+/// that make each new file an object (a `chmod`, a `link`, often a `chown`), are an
+/// ingest's largest costs after the sync.
+fn hash_files(store: &ObjectStore, fs_dir: &Path, copy_ups: bool) -> Hashed {
     let mut files = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for entry in walkdir::WalkDir::new(fs_dir)
@@ -242,13 +328,13 @@ fn hash_files(fs_dir: &Path, copy_ups: bool) -> Hashed {
         let Ok(md) = entry.metadata() else {
             continue;
         };
-        if md.len() == 0 || (md.nlink() > 1 && !seen.insert((md.dev(), md.ino()))) {
+        if md.len() == 0 || !seen.insert((md.dev(), md.ino())) {
             continue;
         }
         if copy_ups && is_metacopy(entry.path()).unwrap_or(false) {
             continue;
         }
-        files.push(entry.into_path());
+        files.push((entry.into_path(), md));
     }
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -261,14 +347,15 @@ fn hash_files(fs_dir: &Path, copy_ups: bool) -> Hashed {
         for _ in 0..threads {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(path) = files.get(i) else {
+                let Some((path, md)) = files.get(i) else {
                     return;
                 };
-                let h = hash(path);
+                let key = (md.dev(), md.ino());
+                let p = prepare(store, path, md.clone());
                 results
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(path.clone(), h);
+                    .insert(key, p);
             });
         }
     });

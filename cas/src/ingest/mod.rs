@@ -71,9 +71,10 @@ pub struct IngestStats {
 /// Where an ingest into an image spent its time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IngestTimes {
-    /// Reading and hashing the files.
+    /// Reading and hashing the files, and publishing them as objects, on every core.
     pub hash: std::time::Duration,
-    /// Publishing new objects (links and their metadata).
+    /// Publishing the objects of files the walk found only after that (links and their
+    /// metadata).
     pub publish: std::time::Duration,
     /// Building and writing the image.
     pub image: std::time::Duration,
