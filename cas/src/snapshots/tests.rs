@@ -34,6 +34,12 @@ fn open(root: &Path) -> Snapshots {
     Snapshots::open(Layout::ensure(root).unwrap(), opts(), sys).unwrap()
 }
 
+/// A store of stub trees: the fake kernel serves data-only layers, no images.
+fn open_stubs(root: &Path) -> Snapshots {
+    let sys = Arc::new(Recorder::new(true));
+    Snapshots::open(Layout::ensure(root).unwrap(), opts(), sys).unwrap()
+}
+
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
@@ -614,14 +620,8 @@ fn object_count(sn: &Snapshots) -> usize {
 fn fsck_in_parts_finds_what_one_part_finds() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    // stub trees (the fake kernel serves data-only layers, no images): aliases where
-    // the filesystem's inodes cannot hold the long redirect
-    let sn = Snapshots::open(
-        Layout::ensure(dir.path()).unwrap(),
-        opts(),
-        Arc::new(Recorder::new(true)),
-    )
-    .unwrap();
+    // stub trees: aliases where the filesystem's inodes cannot hold the long redirect
+    let sn = open_stubs(dir.path());
     let files: Vec<(String, Vec<u8>)> = (0..300)
         .map(|i| (format!("f{i}"), format!("object {i}").into_bytes()))
         .collect();
@@ -978,15 +978,6 @@ fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
 fn an_applied_layers_objects_are_kept_until_its_commit() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    // stub trees: the fake kernel serves data-only layers, no images
-    let open_stubs = || {
-        Snapshots::open(
-            Layout::ensure(dir.path()).unwrap(),
-            opts(),
-            Arc::new(Recorder::new(true)),
-        )
-        .unwrap()
-    };
     let pool = ringio::Pool::start(&ringio::PoolConfig {
         backend: ringio::BackendChoice::Threads,
         ..ringio::PoolConfig::default()
@@ -1005,7 +996,7 @@ fn an_applied_layers_objects_are_kept_until_its_commit() {
         )
         .unwrap();
     };
-    let sn = open_stubs();
+    let sn = open_stubs(dir.path());
     layer(
         &sn,
         "a",
@@ -1031,7 +1022,7 @@ fn an_applied_layers_objects_are_kept_until_its_commit() {
     sn.shutdown().unwrap();
     drop(sn);
 
-    let sn = open_stubs();
+    let sn = open_stubs(dir.path());
     assert_eq!(sn.pending.len(), 1, "read again at open");
     sn.remove("x").unwrap();
     let g = sn.gc().unwrap();
@@ -1061,12 +1052,7 @@ fn an_applied_layers_objects_are_kept_until_its_commit() {
 fn a_failed_commits_manifest_keeps_its_objects() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let sn = Snapshots::open(
-        Layout::ensure(dir.path()).unwrap(),
-        opts(),
-        Arc::new(Recorder::new(true)),
-    )
-    .unwrap();
+    let sn = open_stubs(dir.path());
     layer(
         &sn,
         "a",
