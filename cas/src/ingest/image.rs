@@ -85,42 +85,17 @@ pub fn ingest_layer_image(
         // a file published ahead of the walk: its inode is the object now, so its
         // metadata and xattrs are the ones read before (the first name of a hardlinked
         // inode takes them; the others become links to it below)
-        if let Some(prepared) = ft
-            .is_file()
-            .then(|| hashed.remove(&(md.dev(), md.ino())))
-            .flatten()
-        {
-            let p = prepared?;
-            if p.read != p.md.size() {
-                return Err(changed_size(path));
-            }
-            stats.dropped_overlay_xattrs += p.overlay_xattrs;
-            if p.publish == Publish::New {
-                stats.new_objects += 1;
-                stats.new_bytes += p.read;
-            }
-            let content = Some((p.digest, p.read));
-            let leaf = Leaf::File {
-                size: p.read,
-                object: Some(p.digest),
-            };
-            img.insert(&rel, attrs(&p.md, p.own), leaf)
-                .map_err(CasError::from)?;
-            if p.md.nlink() > 1 {
-                linked.insert((md.dev(), md.ino()), (rel.clone(), content));
-            }
-            writer.push(&ManifestEntry {
-                path: rel,
-                digest: p.digest,
-                size: p.read,
-            })?;
-            stats.files += 1;
-            stats.logical_bytes += p.read;
-            continue;
-        }
-        let all: Vec<_> = xattr::list(path)
-            .map_err(CasError::io("listxattr", path))?
-            .collect();
+        let prepared = if ft.is_file() {
+            hashed.remove(&(md.dev(), md.ino())).transpose()?
+        } else {
+            None
+        };
+        let all: Vec<_> = match prepared {
+            Some(_) => Vec::new(),
+            None => xattr::list(path)
+                .map_err(CasError::io("listxattr", path))?
+                .collect(),
+        };
         let overlay: Vec<_> = all.iter().filter(|n| is_overlay_private(n)).collect();
         let mut xattrs = if all.len() > overlay.len() {
             own_xattrs(path)?
@@ -187,11 +162,25 @@ pub fn ingest_layer_image(
             continue;
         }
         let size = md.size();
-        let content = if !lowers.is_empty() && size > 0 && is_metacopy(path)? {
-            Some((copied_up_object(store, path, &rel, lowers)?, size))
+        let (md, xattrs, content) = if let Some(p) = prepared {
+            if p.read != p.md.size() {
+                return Err(changed_size(path));
+            }
+            stats.dropped_overlay_xattrs += p.overlay_xattrs;
+            if p.publish == Publish::New {
+                stats.new_objects += 1;
+                stats.new_bytes += p.read;
+            }
+            (p.md, p.own, Some((p.digest, p.read)))
+        } else if !lowers.is_empty() && size > 0 && is_metacopy(path)? {
+            (
+                md,
+                xattrs,
+                Some((copied_up_object(store, path, &rel, lowers)?, size)),
+            )
         } else {
             stats.dropped_overlay_xattrs += overlay.len() as u64;
-            if size == 0 {
+            let content = if size == 0 {
                 None
             } else {
                 // not published ahead (it appeared after that walk)
@@ -207,7 +196,8 @@ pub fn ingest_layer_image(
                 }
                 stats.times.publish += publishing.elapsed();
                 Some((digest, size))
-            }
+            };
+            (md, xattrs, content)
         };
         let leaf = Leaf::File {
             size: content.map_or(0, |(_, s)| s),
