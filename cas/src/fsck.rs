@@ -363,7 +363,12 @@ fn check_snapshots(
         let image_mount = if crate::erofs::mount::has_image(layout, rec.id)
             && !crate::erofs::mount::is_mounted(&dir.join(FS_DIR))
         {
-            match crate::erofs::mount::ensure_mounted(objects.sys(), layout, rec.id) {
+            match crate::erofs::mount::ensure_mounted(
+                objects.sys(),
+                layout,
+                rec.id,
+                crate::sys::ImageMounts::Auto,
+            ) {
                 Ok(_) => Some(dir.join(FS_DIR)),
                 Err(e) => {
                     r.problems.push(Problem::StubMismatch {

@@ -7,15 +7,17 @@
 //! metacopy, or a seccomp or LSM policy, can fail the mount or the read. The daemon
 //! refuses to start rather than hand containerd mounts that cannot work.
 //!
-//! The image probe does the same with the stub in a one-file EROFS image mounted from
-//! its file (Linux 6.12+ with `CONFIG_EROFS_FS_BACKED_BY_FILE`); where it fails, layers
-//! stay stub trees.
+//! The image probe does the same with the stub in a one-file EROFS image, mounted from
+//! its file (Linux 6.12+ with `CONFIG_EROFS_FS_BACKED_BY_FILE`) or, where the kernel
+//! wants a block device, through a loop device; where both fail, layers stay stub trees.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use crate::sys::{ImageMounts, ImageSource};
 
 /// Bytes the probe's object holds.
 const PROBE_DATA: &[u8] = b"cas-snapshotter data-only lower probe\n";
@@ -40,6 +42,12 @@ pub enum ProbeError {
         /// The kernel's answer.
         errno: nix::errno::Errno,
     },
+    /// The kernel refused to mount an EROFS image, from its file and through a loop
+    /// device.
+    #[error(
+        "mounting an EROFS image failed (needs EROFS, and Linux >= 6.12 or a loop device): {0}"
+    )]
+    ImageMount(#[source] io::Error),
     /// A layer could not be ID-mapped (no idmapped mounts for its filesystem, or no
     /// user namespaces).
     #[error("ID-mapping a layer failed (needs Linux >= 5.19 and idmapped mounts on the layer's filesystem): {0}")]
@@ -69,10 +77,11 @@ pub fn probe_data_only_lowers(scratch: &Path) -> Result<(), ProbeError> {
     result
 }
 
-/// Runs the image probe in a fresh directory under `scratch` (removed afterwards).
-pub fn probe_layer_images(scratch: &Path) -> Result<(), ProbeError> {
+/// Runs the image probe in a fresh directory under `scratch` (removed afterwards), the
+/// image mounted as `how` says; what it was mounted from.
+pub fn probe_layer_images(scratch: &Path, how: ImageMounts) -> Result<ImageSource, ProbeError> {
     let dir = scratch.join(format!("probe-images-{}", std::process::id()));
-    let result = run_images(&dir);
+    let result = run_images(&dir, how);
     let _ = umount2(&dir.join("mnt"), MntFlags::MNT_DETACH);
     let _ = umount2(&dir.join("layer"), MntFlags::MNT_DETACH);
     let _ = fs::remove_dir_all(&dir);
@@ -82,8 +91,8 @@ pub fn probe_layer_images(scratch: &Path) -> Result<(), ProbeError> {
 /// The kind of layer a probe mounts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeLayer {
-    /// A one-file EROFS image over a data-only layer.
-    Image,
+    /// A one-file EROFS image over a data-only layer, mounted as new layers are.
+    Image(ImageMounts),
     /// A one-stub tree over a data-only layer.
     StubTree,
     /// A tree holding the file itself (a materialised store's layers).
@@ -114,7 +123,7 @@ fn run_idmapped(dir: &Path, kind: ProbeLayer) -> Result<(), ProbeError> {
         source,
     };
     let (layer, data) = match kind {
-        ProbeLayer::Image => image_layer(dir)?,
+        ProbeLayer::Image(how) => image_layer(dir, how)?.0,
         ProbeLayer::StubTree => stub_layer(dir)?,
         ProbeLayer::Plain => {
             let layer = dir.join("layer");
@@ -143,14 +152,18 @@ fn run_idmapped(dir: &Path, kind: ProbeLayer) -> Result<(), ProbeError> {
     Ok(())
 }
 
-fn run_images(dir: &Path) -> Result<(), ProbeError> {
-    let (layer, data) = image_layer(dir)?;
-    read_through_overlay(&layer, data.as_deref(), &dir.join("mnt"))
+fn run_images(dir: &Path, how: ImageMounts) -> Result<ImageSource, ProbeError> {
+    let ((layer, data), source) = image_layer(dir, how)?;
+    read_through_overlay(&layer, data.as_deref(), &dir.join("mnt"))?;
+    Ok(source)
 }
 
-/// A one-file EROFS image mounted at `dir/layer` whose file redirects to an object in
-/// `dir/data`; returns both.
-fn image_layer(dir: &Path) -> Result<(PathBuf, Option<PathBuf>), ProbeError> {
+/// A layer and the data-only layer under it, if any.
+type ProbeLayers = (PathBuf, Option<PathBuf>);
+
+/// A one-file EROFS image mounted at `dir/layer` (as `how` says) whose file redirects to
+/// an object in `dir/data`; returns both, and what the image was mounted from.
+fn image_layer(dir: &Path, how: ImageMounts) -> Result<(ProbeLayers, ImageSource), ProbeError> {
     use crate::erofs::{Attrs, Image, Leaf};
     let setup = |source| ProbeError::Setup {
         dir: dir.display().to_string(),
@@ -177,18 +190,8 @@ fn image_layer(dir: &Path) -> Result<(PathBuf, Option<PathBuf>), ProbeError> {
     let image = dir.join("layer.erofs");
     let bytes = img.to_bytes().map_err(|e| setup(io::Error::other(e)))?;
     fs::write(&image, bytes).map_err(setup)?;
-    mount(
-        Some(&image),
-        &layer,
-        Some("erofs"),
-        MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .map_err(|errno| ProbeError::Mount {
-        options: format!("-t erofs {}", image.display()),
-        errno,
-    })?;
-    Ok((layer, Some(data)))
+    let source = crate::sys::mount_erofs(&image, &layer, how).map_err(ProbeError::ImageMount)?;
+    Ok(((layer, Some(data)), source))
 }
 
 fn run(dir: &Path) -> Result<(), ProbeError> {
@@ -197,7 +200,7 @@ fn run(dir: &Path) -> Result<(), ProbeError> {
 }
 
 /// A one-stub tree at `dir/layer` redirecting to an object in `dir/data`; returns both.
-fn stub_layer(dir: &Path) -> Result<(PathBuf, Option<PathBuf>), ProbeError> {
+fn stub_layer(dir: &Path) -> Result<ProbeLayers, ProbeError> {
     let setup = |source| ProbeError::Setup {
         dir: dir.display().to_string(),
         source,

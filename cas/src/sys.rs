@@ -2,7 +2,8 @@
 //!
 //! The store's rules (which mode a store gets, what a tar entry may do, how a stub is
 //! made) are plain code; the few calls only root can make go through [`Syscalls`]: the
-//! kernel probes (mounts), mounting and unmounting layer images, `mknod`, changing
+//! kernel probes (mounts), mounting (from their file or through a loop device) and
+//! unmounting layer images, `mknod`, changing
 //! owners, overlayfs' `trusted.*` xattrs, and restoring file times (the one way the
 //! store does it). The daemon and `casctl` use
 //! [`Host`], the real calls. Unit tests use a recording fake (`sys::fake::Recorder`,
@@ -30,18 +31,49 @@ pub enum At<'a> {
     File(&'a File),
 }
 
+/// How layer images are mounted (`[store] image_mounts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImageMounts {
+    /// From the image file itself where the kernel can (Linux 6.12+); through a loop
+    /// device where it says the source must be a block device (`ENOTBLK`).
+    #[default]
+    Auto,
+    /// Always through a loop device.
+    Loop,
+}
+
+/// What a layer image was mounted from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageSource {
+    /// The image file itself (EROFS' file-backed mounts).
+    File,
+    /// A read-only loop device over the file, released by the kernel once the image is
+    /// unmounted and no overlay holds it (see [`ringio::loopdev`]).
+    Loop {
+        /// Whether the device reads the file with direct I/O (one copy of the image in
+        /// the page cache instead of two).
+        direct_io: bool,
+    },
+}
+
 /// The calls of the store that need root (or, for times, the owner).
 pub trait Syscalls: Send + Sync + std::fmt::Debug {
     /// Whether this kernel's overlayfs serves stubs from a data-only lower layer: a
     /// scratch mount under `scratch` (see [`crate::probe`]).
     fn probe_data_only_lowers(&self, scratch: &Path) -> Result<(), ProbeError>;
 
-    /// Whether this kernel mounts a layer's EROFS image from its file and serves it as
-    /// an overlayfs lower layer over the data-only one (see [`crate::probe`]).
-    fn probe_layer_images(&self, scratch: &Path) -> Result<(), ProbeError>;
+    /// Whether this kernel mounts a layer's EROFS image (as `how` says) and serves it
+    /// as an overlayfs lower layer over the data-only one (see [`crate::probe`]); what
+    /// the image was mounted from.
+    fn probe_layer_images(
+        &self,
+        scratch: &Path,
+        how: ImageMounts,
+    ) -> Result<ImageSource, ProbeError>;
 
-    /// Mounts the EROFS image `image` (a regular file) read-only at `at`.
-    fn mount_image(&self, image: &Path, at: &Path) -> io::Result<()>;
+    /// Mounts the EROFS image `image` (a regular file) read-only at `at`, as `how`
+    /// says; what it was mounted from.
+    fn mount_image(&self, image: &Path, at: &Path, how: ImageMounts) -> io::Result<ImageSource>;
 
     /// Whether layers can be ID-mapped under overlayfs (see [`crate::idmap`]), tried in
     /// `scratch` on a layer of the kind new layers are.
@@ -89,20 +121,16 @@ impl Syscalls for Host {
         crate::probe::probe_data_only_lowers(scratch)
     }
 
-    fn probe_layer_images(&self, scratch: &Path) -> Result<(), ProbeError> {
-        crate::probe::probe_layer_images(scratch)
+    fn probe_layer_images(
+        &self,
+        scratch: &Path,
+        how: ImageMounts,
+    ) -> Result<ImageSource, ProbeError> {
+        crate::probe::probe_layer_images(scratch, how)
     }
 
-    fn mount_image(&self, image: &Path, at: &Path) -> io::Result<()> {
-        use nix::mount::MsFlags;
-        let flags = MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
-        Ok(nix::mount::mount(
-            Some(image),
-            at,
-            Some("erofs"),
-            flags,
-            None::<&str>,
-        )?)
+    fn mount_image(&self, image: &Path, at: &Path, how: ImageMounts) -> io::Result<ImageSource> {
+        mount_erofs(image, at, how)
     }
 
     fn probe_idmapped_layers(
@@ -164,6 +192,35 @@ impl Syscalls for Host {
         }
         Ok(())
     }
+}
+
+/// The block size of a loop device under an image: EROFS' (the images are whole
+/// blocks of it).
+const LOOP_BLOCK_SIZE: u32 = crate::erofs::format::BLOCK_SIZE as u32;
+
+/// Mounts the EROFS image `image` read-only at `at`: from the file, or through a loop
+/// device (for `how` = [`ImageMounts::Loop`], or where the kernel refuses a regular file
+/// with `ENOTBLK`: before Linux 6.12, or built without file-backed EROFS).
+pub(crate) fn mount_erofs(image: &Path, at: &Path, how: ImageMounts) -> io::Result<ImageSource> {
+    use nix::mount::MsFlags;
+    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+    let mount =
+        |source: &Path| nix::mount::mount(Some(source), at, Some("erofs"), flags, None::<&str>);
+    if how == ImageMounts::Auto {
+        match mount(image) {
+            Ok(()) => return Ok(ImageSource::File),
+            Err(nix::errno::Errno::ENOTBLK) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let file = File::open(image)?;
+    let device = ringio::loopdev::LoopDevice::attach(&file, LOOP_BLOCK_SIZE)?;
+    // the device stays attached while the mount holds it; dropping ours after the
+    // mount (or after a failed one) leaves the kernel to detach it at the last close
+    mount(device.path())?;
+    Ok(ImageSource::Loop {
+        direct_io: device.direct_io(),
+    })
 }
 
 /// A recording fake of [`Syscalls`] for unit tests.
@@ -256,7 +313,11 @@ pub mod fake {
         }
 
         /// The fake mounts nothing: layers on it are stub trees.
-        fn probe_layer_images(&self, scratch: &Path) -> Result<(), ProbeError> {
+        fn probe_layer_images(
+            &self,
+            scratch: &Path,
+            _how: super::ImageMounts,
+        ) -> Result<super::ImageSource, ProbeError> {
             self.record(Call::ProbeImages(scratch.to_path_buf()));
             Err(ProbeError::Mount {
                 options: "erofs".into(),
@@ -264,7 +325,12 @@ pub mod fake {
             })
         }
 
-        fn mount_image(&self, _image: &Path, _at: &Path) -> io::Result<()> {
+        fn mount_image(
+            &self,
+            _image: &Path,
+            _at: &Path,
+            _how: super::ImageMounts,
+        ) -> io::Result<super::ImageSource> {
             Err(io::Error::from(io::ErrorKind::Unsupported))
         }
 

@@ -17,6 +17,7 @@
 //! [store]
 //! mount_mode = "auto" # auto | data-only | materialised
 //! layer_metadata = "auto"  # auto (EROFS images where the kernel mounts them) | erofs | stubs
+//! image_mounts = "auto"    # auto (from the image file where the kernel can, else a loop device) | loop
 //! journal = "auto"    # auto (RWF_ATOMIC where supported) | rename
 //! idmapped_layers = "auto"  # auto (ID-mapped clones of layers where the kernel can) | off
 //! index_cache_mib = 8        # the index's (sled's) page cache: the daemon's memory for it
@@ -206,6 +207,8 @@ pub struct StoreConfig {
     pub mount_mode: MountMode,
     /// How new layers keep their metadata. A store reads both kinds whatever it writes.
     pub layer_metadata: LayerMetadata,
+    /// How layer images are mounted.
+    pub image_mounts: ImageMounts,
     /// How commit records are made durable.
     pub journal: JournalKind,
     /// How user-namespaced (ID-mapped) snapshots are served.
@@ -226,6 +229,18 @@ fn cache_mib<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::E
         )),
         n => Ok(Some(n)),
     }
+}
+
+/// How layer images are mounted (`[store] image_mounts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageMounts {
+    /// From the image file where the kernel can (Linux 6.12+), else through a loop
+    /// device.
+    #[default]
+    Auto,
+    /// Always through a loop device (one per layer in use).
+    Loop,
 }
 
 /// How user-namespaced snapshots are served (`[store] idmapped_layers`).
@@ -597,6 +612,9 @@ mod tests {
         let cfg = Config::from_toml("[store]\nlayer_metadata = \"stubs\"\n", "t").unwrap();
         assert_eq!(cfg.store.layer_metadata, LayerMetadata::Stubs);
         assert!(Config::from_toml("[store]\nlayer_metadata = \"composefs\"\n", "t").is_err());
+        let cfg = Config::from_toml("[store]\nimage_mounts = \"loop\"\n", "t").unwrap();
+        assert_eq!(cfg.store.image_mounts, ImageMounts::Loop);
+        assert!(Config::from_toml("[store]\nimage_mounts = \"file\"\n", "t").is_err());
         let cfg = Config::from_toml("[store]\nidmapped_layers = \"off\"\n", "t").unwrap();
         assert_eq!(cfg.store.idmapped_layers, IdmappedLayers::Off);
         assert!(Config::from_toml("[store]\nidmapped_layers = true\n", "t").is_err());

@@ -16,7 +16,8 @@
 //! ([`durable`]) and the commit journal ([`journal`]): one record per metadata change,
 //! written as one `pwritev2(RWF_ATOMIC | RWF_DSYNC)` block where the filesystem reports
 //! atomic write units, otherwise as a temp file + fsync + rename. [`idmap`] makes
-//! ID-mapped clones of layers, and [`process`] waits for a child with its peak memory
+//! ID-mapped clones of layers, [`loopdev`] serves a layer image as a read-only block
+//! device where the kernel mounts EROFS only from one, and [`process`] waits for a child with its peak memory
 //! (for the benchmarks).
 //!
 //! Every `unsafe` block carries a `// SAFETY:` comment naming the invariant and who
@@ -26,6 +27,7 @@ pub mod durable;
 pub mod error;
 pub mod idmap;
 pub mod journal;
+pub mod loopdev;
 pub mod pool;
 pub mod process;
 

@@ -74,6 +74,10 @@ impl CasSnapshotter {
                 IdmappedLayers::Off => RequestedIdmap::Off,
             },
             index_cache_bytes: store.index_cache_mib.map(|m| m << 20),
+            image_mounts: match store.image_mounts {
+                config::ImageMounts::Auto => cas::sys::ImageMounts::Auto,
+                config::ImageMounts::Loop => cas::sys::ImageMounts::Loop,
+            },
         };
         let store = Snapshots::open(layout, opts, Arc::new(cas::sys::Host))?;
         crate::remote::sweep_builds(&store)?;

@@ -11,12 +11,19 @@
 //! detached at Remove (before the directory goes) and at shutdown. overlayfs holds a
 //! private clone of each lower layer's mount, so detaching never disturbs a container
 //! already running on the layer.
+//!
+//! Where the kernel mounts EROFS only from a block device (before Linux 6.12), or when
+//! `[store] image_mounts = "loop"` says so, an image is mounted through a read-only loop
+//! device over its file ([`crate::sys::ImageMounts`]). The device is set to autoclear:
+//! the kernel releases it when the image's mount and every overlay's clone of it are
+//! gone, so detaching works the same either way and nothing is left to clean up after
+//! a crash.
 
 use std::path::Path;
 
 use crate::error::CasError;
 use crate::layout::Layout;
-use crate::sys::Syscalls;
+use crate::sys::{ImageMounts, Syscalls};
 
 /// `EROFS_SUPER_MAGIC_V1`, as `statfs(2)` reports it.
 const EROFS_MAGIC: i64 = 0xE0F5_E1E2;
@@ -35,14 +42,19 @@ pub fn has_image(layout: &Layout, id: u64) -> bool {
     layout.image_file(id).is_file()
 }
 
-/// Mounts snapshot `id`'s image at its `fs` unless it is mounted already. Returns
-/// whether it mounted it now.
-pub fn ensure_mounted(sys: &dyn Syscalls, layout: &Layout, id: u64) -> Result<bool, CasError> {
+/// Mounts snapshot `id`'s image at its `fs` (as `how` says) unless it is mounted
+/// already. Returns whether it mounted it now.
+pub fn ensure_mounted(
+    sys: &dyn Syscalls,
+    layout: &Layout,
+    id: u64,
+    how: ImageMounts,
+) -> Result<bool, CasError> {
     let (image, at) = (layout.image_file(id), layout.fs_dir(id));
     if is_mounted(&at) {
         return Ok(false);
     }
-    sys.mount_image(&image, &at)
+    sys.mount_image(&image, &at, how)
         .map_err(CasError::io("mount -t erofs", &image))?;
     Ok(true)
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use super::*;
+use crate::sys::{ImageMounts, ImageSource};
 
 fn attrs(mode: u32, uid: u32, gid: u32, mtime: i64) -> Attrs {
     Attrs {
@@ -147,21 +148,53 @@ impl Drop for Mounted {
     }
 }
 
-fn mount_image(image: &Path, at: &Path) {
+fn mount_image(image: &Path, at: &Path, how: ImageMounts) {
     fs::create_dir_all(at).unwrap();
-    mount(
-        Some(image),
-        at,
-        Some("erofs"),
-        MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .unwrap_or_else(|e| panic!("mount -t erofs {image:?}: {e}"));
+    let source = crate::sys::mount_erofs(image, at, how)
+        .unwrap_or_else(|e| panic!("mount -t erofs {image:?} ({how:?}): {e}"));
+    let device = mount_source(at).unwrap();
+    match source {
+        ImageSource::File => assert_eq!(Path::new(&device), image),
+        ImageSource::Loop { .. } => {
+            assert!(device.starts_with("/dev/loop"), "{device}");
+            assert_eq!(loop_backing(&device).as_deref(), Some(image));
+        }
+    }
+    if how == ImageMounts::Loop {
+        assert!(matches!(source, ImageSource::Loop { .. }), "{source:?}");
+    }
+}
+
+/// The source of the mount at `at`, as `/proc/self/mountinfo` shows it.
+fn mount_source(at: &Path) -> Option<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().rev().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let point = left.split(' ').nth(4)?;
+        (Path::new(point) == at).then(|| right.split(' ').nth(1).map(str::to_string))?
+    })
+}
+
+/// The file a loop device `/dev/loopN` is attached to, if any.
+fn loop_backing(device: &str) -> Option<std::path::PathBuf> {
+    let name = Path::new(device).file_name()?.to_str()?;
+    let f = fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
+    Some(f.trim_end().into())
 }
 
 #[test]
 #[ignore = "needs root (mounts EROFS and overlayfs)"]
 fn the_kernel_reads_every_kind_of_entry() {
+    the_kernel_reads_every_kind_of_entry_in(ImageMounts::Auto);
+}
+
+#[test]
+#[ignore = "needs root and a loop device (mounts EROFS and overlayfs)"]
+fn the_kernel_reads_every_kind_of_entry_through_a_loop_device() {
+    the_kernel_reads_every_kind_of_entry_in(ImageMounts::Loop);
+}
+
+fn the_kernel_reads_every_kind_of_entry_in(how: ImageMounts) {
     assert!(is_root());
     let dir = tempfile::tempdir().unwrap();
     let mut img = Image::new(attrs(0o755, 0, 0, 1_600_000_000));
@@ -226,7 +259,7 @@ fn the_kernel_reads_every_kind_of_entry() {
     let path = dir.path().join("layer.erofs");
     fs::write(&path, img.to_bytes().unwrap()).unwrap();
     let mnt = dir.path().join("mnt");
-    mount_image(&path, &mnt);
+    mount_image(&path, &mnt, how);
     let _m = Mounted(vec![mnt.clone()]);
 
     let md = fs::symlink_metadata(mnt.join("bin/tool")).unwrap();
@@ -306,6 +339,17 @@ fn the_kernel_reads_every_kind_of_entry() {
 #[test]
 #[ignore = "needs root (mounts EROFS and overlayfs)"]
 fn images_are_overlay_layers_with_data_from_the_objects() {
+    images_are_overlay_layers_with_data_from_the_objects_in(ImageMounts::Auto);
+}
+
+/// Also: a loop device goes once its image's mount and the overlay over it are gone.
+#[test]
+#[ignore = "needs root and a loop device (mounts EROFS and overlayfs)"]
+fn images_through_loop_devices_are_overlay_layers_and_release_them() {
+    images_are_overlay_layers_with_data_from_the_objects_in(ImageMounts::Loop);
+}
+
+fn images_are_overlay_layers_with_data_from_the_objects_in(how: ImageMounts) {
     assert!(is_root());
     let dir = tempfile::tempdir().unwrap();
     let objects = dir.path().join("objects");
@@ -357,7 +401,7 @@ fn images_are_overlay_layers_with_data_from_the_objects() {
         let file = dir.path().join(format!("{name}.erofs"));
         fs::write(&file, img.to_bytes().unwrap()).unwrap();
         let at = dir.path().join(name);
-        mount_image(&file, &at);
+        mount_image(&file, &at, how);
         mounts.0.push(at.clone());
         layers.push(at);
     }
@@ -411,7 +455,26 @@ fn images_are_overlay_layers_with_data_from_the_objects() {
             .is_none(),
         "overlayfs keeps its own xattrs to itself"
     );
+    let devices: Vec<String> = layers.iter().filter_map(|l| mount_source(l)).collect();
+    assert_eq!(devices.len(), 2);
+    // the layers' mounts detached first: the overlay still holds both images
+    for l in &layers {
+        umount2(l, MntFlags::MNT_DETACH).unwrap();
+    }
+    assert_eq!(fs::read(merged.join("keep/c")).unwrap(), data);
     drop(mounts);
+    if how == ImageMounts::Loop {
+        for d in &devices {
+            let gone = (0..200).any(|_| {
+                let attached = loop_backing(d).is_some_and(|b| b.starts_with(dir.path()));
+                if attached {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                !attached
+            });
+            assert!(gone, "{d} still holds its image");
+        }
+    }
 }
 
 #[test]
@@ -446,7 +509,7 @@ fn directories_of_every_size_read_back_whatever_their_inode_holds() {
     let path = dir.path().join("layer.erofs");
     fs::write(&path, img.to_bytes().unwrap()).unwrap();
     let mnt = dir.path().join("mnt");
-    mount_image(&path, &mnt);
+    mount_image(&path, &mnt, ImageMounts::Auto);
     let _m = Mounted(vec![mnt.clone()]);
     for (name, names) in want {
         let mut got: Vec<String> = fs::read_dir(mnt.join(&name))

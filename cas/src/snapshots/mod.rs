@@ -228,6 +228,9 @@ pub struct OpenOptions {
     pub journal: ringio::journal::JournalMode,
     /// The index's page cache in bytes (`None`: [`crate::index::DEFAULT_CACHE_BYTES`]).
     pub index_cache_bytes: Option<u64>,
+    /// How layer images are mounted: from their file where the kernel can, or always
+    /// through a loop device.
+    pub image_mounts: crate::sys::ImageMounts,
 }
 
 /// A change of a snapshot's labels (Update with or without field paths).
@@ -260,6 +263,8 @@ pub struct Snapshots {
     mode: StoreMode,
     /// Whether the Diff service's applies write one EROFS image per layer.
     images: bool,
+    /// How images are mounted.
+    image_mounts: crate::sys::ImageMounts,
     /// Why ID-mapped snapshots cannot be served by clones of their layers, if so.
     idmap_unavailable: Option<String>,
     /// Serialises putting images in place (a Commit, Mounts of several children).
@@ -769,7 +774,7 @@ impl Snapshots {
             && !has_entries(&fsdir).map_err(SnapshotError::io("read dir", &fsdir))?
         {
             // applied before a restart: its image is read through its mount
-            crate::erofs::mount::ensure_mounted(self.objects.sys(), &self.layout, rec.id)?;
+            self.mount_image(rec.id)?;
         }
         // From here until the references land, a failure leaves the objects the ingest
         // published unreferenced and nobody's GC candidates: the next GC scans.
@@ -1065,7 +1070,7 @@ impl Snapshots {
             }
             _ => {}
         }
-        crate::erofs::mount::ensure_mounted(self.objects.sys(), &self.layout, id)?;
+        self.mount_image(id)?;
         if holds_entries {
             // one unlink per file, none of it needed for the answer: deleted meanwhile
             // (what is left of it at a crash, the sweep of `cas/tmp` at start takes)
@@ -1104,6 +1109,12 @@ impl Snapshots {
             }
         }
         Ok(finished)
+    }
+
+    /// Mounts snapshot `id`'s image at its `fs` unless it is mounted; whether it mounted
+    /// it now.
+    fn mount_image(&self, id: u64) -> std::result::Result<bool, crate::error::CasError> {
+        crate::erofs::mount::ensure_mounted(self.objects.sys(), &self.layout, id, self.image_mounts)
     }
 
     /// Makes sure every image layer of `chain` (committed snapshots) is mounted at its
@@ -1388,20 +1399,17 @@ impl Snapshots {
         };
         // an image is of use once mounted: a mount that fails fails the apply
         let result = match result {
-            Ok(applied) if self.images => {
-                match crate::erofs::mount::ensure_mounted(self.objects.sys(), &self.layout, rec.id)
-                {
-                    Ok(_) => Ok(applied),
-                    Err(e) => {
-                        let _ = fs::remove_file(&manifest);
-                        self.pending.remove(rec.id);
-                        Err(crate::unpack::ApplyFailure {
-                            error: UnpackError::Store(e),
-                            new_objects: Vec::new(),
-                        })
-                    }
+            Ok(applied) if self.images => match self.mount_image(rec.id) {
+                Ok(_) => Ok(applied),
+                Err(e) => {
+                    let _ = fs::remove_file(&manifest);
+                    self.pending.remove(rec.id);
+                    Err(crate::unpack::ApplyFailure {
+                        error: UnpackError::Store(e),
+                        new_objects: Vec::new(),
+                    })
                 }
-            }
+            },
             other => other,
         };
         match result {

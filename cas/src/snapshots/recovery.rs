@@ -35,7 +35,7 @@ use crate::layout::{Layout, StoreMode, MANIFEST_FILE};
 
 use crate::mounts::{MountPlanner, OverlayFeatures};
 use crate::objects::ObjectStore;
-use crate::sys::Syscalls;
+use crate::sys::{ImageMounts, ImageSource, Syscalls};
 
 impl Snapshots {
     /// Opens the store at `layout`, recovering from whatever stopped it last (see the
@@ -91,13 +91,20 @@ impl Snapshots {
             );
         }
         let mode = choose_mode(&layout, opts.mode, &*sys)?;
-        let images = choose_layers(&layout, mode, opts.layers, &*sys)?;
-        let idmap_unavailable = choose_idmap(&layout, mode, images, opts.idmapped_layers, &*sys);
+        let images = choose_layers(&layout, mode, opts.layers, opts.image_mounts, &*sys)?;
+        let idmap_unavailable = choose_idmap(
+            &layout,
+            mode,
+            images.then_some(opts.image_mounts),
+            opts.idmapped_layers,
+            &*sys,
+        );
         let features = OverlayFeatures::probe();
         info!(index_off = features.index_param, ?mode, "store mode chosen");
         let mut sn = Snapshots {
             mode,
             images,
+            image_mounts: opts.image_mounts,
             idmap_unavailable,
             mounting: Default::default(),
             objects: ObjectStore::new(&layout).with_syscalls(sys),
@@ -224,7 +231,7 @@ pub(super) fn choose_mode(
 fn choose_idmap(
     layout: &Layout,
     mode: StoreMode,
-    images: bool,
+    images: Option<ImageMounts>,
     wanted: RequestedIdmap,
     sys: &dyn Syscalls,
 ) -> Option<String> {
@@ -233,8 +240,8 @@ fn choose_idmap(
     } else {
         use crate::probe::ProbeLayer;
         let layer = match (mode, images) {
-            (StoreMode::Stubs, true) => ProbeLayer::Image,
-            (StoreMode::Stubs, false) => ProbeLayer::StubTree,
+            (StoreMode::Stubs, Some(how)) => ProbeLayer::Image(how),
+            (StoreMode::Stubs, None) => ProbeLayer::StubTree,
             (StoreMode::Materialised, _) => ProbeLayer::Plain,
         };
         let probed = sys.probe_idmapped_layers(&layout.tmp_dir(), layer);
@@ -254,31 +261,41 @@ pub(super) fn choose_layers(
     layout: &Layout,
     mode: StoreMode,
     requested: RequestedLayers,
+    how: ImageMounts,
     sys: &dyn Syscalls,
 ) -> Result<bool> {
-    let images = match (mode, requested) {
-        (_, RequestedLayers::StubTrees) => false,
+    let source = match (mode, requested) {
+        (_, RequestedLayers::StubTrees) => None,
         (StoreMode::Materialised, RequestedLayers::Images) => {
             return Err(SnapshotError::ImagesNeedStubs(mode))
         }
-        (StoreMode::Materialised, RequestedLayers::Auto) => false,
+        (StoreMode::Materialised, RequestedLayers::Auto) => None,
         (StoreMode::Stubs, RequestedLayers::Images) => {
-            sys.probe_layer_images(&layout.tmp_dir())?;
-            true
+            Some(sys.probe_layer_images(&layout.tmp_dir(), how)?)
         }
         (StoreMode::Stubs, RequestedLayers::Auto) => {
-            match sys.probe_layer_images(&layout.tmp_dir()) {
-                Ok(()) => true,
+            match sys.probe_layer_images(&layout.tmp_dir(), how) {
+                Ok(source) => Some(source),
                 Err(e) => {
-                    warn!(error = %e, "EROFS images cannot be mounted from files here: new layers are stub trees");
-                    false
+                    warn!(error = %e, "EROFS images cannot be mounted here: new layers are stub trees");
+                    None
                 }
             }
         }
     };
-    if images {
+    let images = source.is_some();
+    if let Some(source) = source {
         layout.allow_images()?;
-        info!("new layers are EROFS images over the CAS (one file and one mount per layer)");
+        match source {
+            ImageSource::File => info!(
+                "new layers are EROFS images over the CAS (one file and one mount per layer)"
+            ),
+            ImageSource::Loop { direct_io } => info!(
+                direct_io,
+                asked = how == ImageMounts::Loop,
+                "new layers are EROFS images over the CAS, mounted through loop devices (one file, one loop device and one mount per layer in use)"
+            ),
+        }
     } else if mode == StoreMode::Stubs {
         info!("new layers are stub trees over the CAS");
     }

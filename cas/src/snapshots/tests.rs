@@ -26,6 +26,7 @@ fn opts() -> OpenOptions {
         layers: Default::default(),
         journal: ringio::journal::JournalMode::ForceRename,
         index_cache_bytes: None,
+        image_mounts: Default::default(),
     }
 }
 
