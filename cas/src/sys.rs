@@ -201,7 +201,7 @@ const LOOP_BLOCK_SIZE: u32 = crate::erofs::format::BLOCK_SIZE as u32;
 /// Mounts the EROFS image `image` read-only at `at`: from the file, or through a loop
 /// device (for `how` = [`ImageMounts::Loop`], or where the kernel refuses a regular file
 /// with `ENOTBLK`: before Linux 6.12, or built without file-backed EROFS).
-pub(crate) fn mount_erofs(image: &Path, at: &Path, how: ImageMounts) -> io::Result<ImageSource> {
+pub fn mount_erofs(image: &Path, at: &Path, how: ImageMounts) -> io::Result<ImageSource> {
     use nix::mount::MsFlags;
     let flags = MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
     let mount =

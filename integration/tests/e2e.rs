@@ -45,6 +45,82 @@ fn pull_run_and_compare_with_overlayfs() -> Result<()> {
     Ok(())
 }
 
+/// Kernels that mount EROFS only from a block device (before Linux 6.12) get their
+/// layer images through loop devices: the same trees as overlayfs, before and after a
+/// restart, and no device left behind once the images are gone.
+#[test]
+#[ignore = "needs root, containerd, runc, a registry and loop devices (make e2e runs it)"]
+fn layer_images_through_loop_devices_serve_and_release_them() -> Result<()> {
+    use cas_integration::harness::{erofs_mounts_below, loop_devices_below, wait_until};
+    if !require_root() {
+        return Ok(());
+    }
+    let mut rig = Rig::start_with_config(Some("[store]\nimage_mounts = \"loop\"\n"))?;
+    assert_eq!(rig.stats()?["new_layers"], "EROFS images", "{}", rig.logs());
+    let log = rig.daemon.log();
+    let said = log
+        .lines()
+        .find(|l| l.contains("mounted through loop devices"));
+    println!(
+        "{}",
+        said.unwrap_or_else(|| panic!("no word of loop devices:\n{log}"))
+    );
+    for image in [&rig.base_ref, &rig.app_ref] {
+        rig.pull("cas", image)?;
+        rig.pull("overlayfs", image)?;
+    }
+    rig.assert_same_tree(&rig.base_ref, "base")?;
+    rig.assert_same_tree(&rig.app_ref, "app")?;
+    let snapshots = rig.daemon.root.join("snapshots");
+    let mounts = erofs_mounts_below(&snapshots);
+    assert!(mounts.len() >= 2, "{mounts:?}\n{}", rig.logs());
+    for (point, source) in &mounts {
+        assert!(source.starts_with("/dev/loop"), "{point} from {source}");
+    }
+    let devices = loop_devices_below(&snapshots);
+    assert_eq!(devices.len(), mounts.len(), "{devices:?} for {mounts:?}");
+
+    // a restart detaches the images; the next use mounts them through new devices
+    rig.daemon.stop()?;
+    rig.daemon.restart()?;
+    rig.wait_reconnected()?;
+    let out = rig.run(
+        &rig.app_ref,
+        "e2e-loop",
+        &["sh", "-c", "cat /etc/fixture-release; /app/run.sh"],
+    )?;
+    assert_eq!(out, format!("{APP_RELEASE}app\n"));
+    let mounts = erofs_mounts_below(&snapshots);
+    assert!(!mounts.is_empty(), "{}", rig.logs());
+    assert!(
+        mounts.iter().all(|(_, s)| s.starts_with("/dev/loop")),
+        "{mounts:?}"
+    );
+    let (code, out) = rig.casctl(&["fsck", "--verify-objects"])?;
+    assert_eq!(code, 0, "{out}");
+
+    rig.containerd
+        .ctr(&["images", "rm", "--sync", &rig.base_ref, &rig.app_ref])?;
+    wait_until(
+        "containerd to remove the snapshots",
+        std::time::Duration::from_secs(10),
+        || {
+            rig.containerd
+                .ctr(&["snapshots", "--snapshotter", "cas", "ls"])
+                .is_ok_and(|l| l.lines().count() <= 1)
+        },
+    )?;
+    // autoclear: each device goes with its image's last mount
+    wait_until(
+        "the loop devices to be released",
+        std::time::Duration::from_secs(10),
+        || loop_devices_below(&rig.daemon.root).is_empty(),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}: {:?}", loop_devices_below(&rig.daemon.root)))?;
+    assert!(erofs_mounts_below(&rig.daemon.root).is_empty());
+    Ok(())
+}
+
 /// Kernels without data-only lower layers get a materialised store; it must serve the
 /// same trees.
 #[test]

@@ -110,6 +110,41 @@ pub fn mounts_below(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The EROFS mounts below `dir`: (mount point, source), as `/proc/self/mountinfo`
+/// shows them.
+pub fn erofs_mounts_below(dir: &Path) -> Vec<(String, String)> {
+    let prefix = format!("{}/", dir.display());
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let point = left.split(' ').nth(4)?;
+            let mut fs = right.split(' ');
+            (fs.next()? == "erofs" && point.starts_with(&prefix))
+                .then(|| Some((point.to_string(), fs.next()?.to_string())))?
+        })
+        .collect()
+}
+
+/// The loop devices whose backing file lies below `dir`: (`/dev/loopN`, file).
+pub fn loop_devices_below(dir: &Path) -> Vec<(String, String)> {
+    let Ok(entries) = fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let file = fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            let file = file.trim_end().trim_end_matches(" (deleted)").to_string();
+            Path::new(&file)
+                .starts_with(dir)
+                .then(|| (format!("/dev/{name}"), file))
+        })
+        .collect()
+}
+
 /// Detaches every mount below `dir`, deepest first.
 pub fn unmount_below(dir: &Path) {
     let mut points = mounts_below(dir);
