@@ -5,13 +5,26 @@
 //! ```text
 //! 'S' <key>                                 -> JSON Record  (the snapshot)
 //! 'C' <u32 BE len(parent)> <parent> <child> -> ''           (parent has this child)
-//! 'R' <32-byte sha256>                      -> u64 BE       (committed snapshots using the object)
+//! 'B' <first 2 bytes of a sha256>          -> entries      (references: see below)
 //! 'N'                                       -> u64 BE       (last snapshot id handed out)
 //! 'P' <u64 BE id> <direction>               -> u64 BE       (reference chunks applied)
 //! 'G' <32-byte sha256>                      -> u64 BE       (a GC candidate: its last reference went; its size)
 //! 'T'                                       -> ''           (the candidates are complete)
 //! 'K'                                       -> 4 x u64 BE   (the object counters)
 //! ```
+//!
+//! References are kept by bucket: the objects whose digests share their first two bytes
+//! share one entry, whose value is theirs in digest order, 38 bytes each (the other 30
+//! bytes of the digest, then a `u64` BE count of the committed snapshots using the
+//! object; an object no snapshot uses has none). sled keeps a page-table entry in memory
+//! for every page of the tree whatever its cache, and a leaf page holds at most 16 keys:
+//! with a key per object, the daemon's memory grew with the store by about 40 bytes per
+//! object (55 MiB after opening a store of a million, 168 MiB at five million). With
+//! 65,536 buckets the keys stay few however many objects there are; a reference change
+//! rewrites one bucket (38 bytes per object in it: about 3 KiB at five million
+//! objects). Indexes from before buckets (`'R' <sha256> -> u64 BE` per object) are
+//! moved into them when opened ([`MetaStore::open_with_cache`]), a batch of whole
+//! buckets at a time, so an interrupted move goes on at the next open.
 //!
 //! The counters ([`Counters`]) are what makes the store's figures constant-time: the
 //! objects and bytes committed layers reference, and the GC candidates and their bytes,
@@ -61,7 +74,14 @@ use crate::layout::INFO_FILE;
 
 const RECORD: u8 = b'S';
 const CHILD: u8 = b'C';
-const REF: u8 = b'R';
+/// Per-object references, as indexes from before buckets kept them.
+const LEGACY_REF: u8 = b'R';
+const REF_BUCKET: u8 = b'B';
+/// Bytes of one object's entry in its bucket: the digest past the bucket's two bytes,
+/// then its count.
+const BUCKET_ENTRY: usize = 30 + 8;
+/// Legacy references moved into buckets per batch (whole buckets: a little more).
+const MIGRATE_CHUNK: usize = 4096;
 const NEXT_ID: &[u8] = b"N";
 const PROGRESS: u8 = b'P';
 const CANDIDATE: u8 = b'G';
@@ -258,11 +278,94 @@ fn candidate_key(d: &Digest) -> Vec<u8> {
     k
 }
 
-fn ref_key(d: &Digest) -> Vec<u8> {
-    let mut k = Vec::with_capacity(33);
-    k.push(REF);
-    k.extend_from_slice(d.as_bytes());
-    k
+/// The key of the bucket holding `d`'s references.
+fn bucket_key(d: &Digest) -> [u8; 3] {
+    let b = d.as_bytes();
+    [REF_BUCKET, b[0], b[1]]
+}
+
+/// One bucket of references: entries of [`BUCKET_ENTRY`] bytes in digest order.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Bucket(Vec<u8>);
+
+impl Bucket {
+    /// A bucket's value as stored (a torn tail, which sled's atomic writes never leave,
+    /// is ignored).
+    fn decode(v: &[u8]) -> Bucket {
+        Bucket(v[..v.len() - v.len() % BUCKET_ENTRY].to_vec())
+    }
+
+    fn len(&self) -> usize {
+        self.0.len() / BUCKET_ENTRY
+    }
+
+    fn suffix(&self, i: usize) -> &[u8] {
+        &self.0[i * BUCKET_ENTRY..i * BUCKET_ENTRY + 30]
+    }
+
+    /// Where `d` is (`Ok`) or would go (`Err`).
+    fn find(&self, d: &Digest) -> Result<usize, usize> {
+        let want = &d.as_bytes()[2..];
+        let (mut lo, mut hi) = (0, self.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            match self.suffix(mid).cmp(want) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Ok(mid),
+            }
+        }
+        Err(lo)
+    }
+
+    fn get(&self, d: &Digest) -> u64 {
+        match self.find(d) {
+            Ok(i) => be_u64(&self.0[i * BUCKET_ENTRY + 30..(i + 1) * BUCKET_ENTRY]),
+            Err(_) => 0,
+        }
+    }
+
+    /// Sets `d`'s count; 0 removes its entry.
+    fn set(&mut self, d: &Digest, n: u64) {
+        match (self.find(d), n) {
+            (Ok(i), 0) => {
+                self.0.drain(i * BUCKET_ENTRY..(i + 1) * BUCKET_ENTRY);
+            }
+            (Ok(i), n) => {
+                self.0[i * BUCKET_ENTRY + 30..(i + 1) * BUCKET_ENTRY]
+                    .copy_from_slice(&n.to_be_bytes());
+            }
+            (Err(_), 0) => {}
+            (Err(i), n) => {
+                let at = i * BUCKET_ENTRY;
+                let mut entry = [0u8; BUCKET_ENTRY];
+                entry[..30].copy_from_slice(&d.as_bytes()[2..]);
+                entry[30..].copy_from_slice(&n.to_be_bytes());
+                self.0.splice(at..at, entry);
+            }
+        }
+    }
+
+    /// Its objects and their counts, in digest order; `key` is the bucket's.
+    fn entries(&self, key: &[u8]) -> impl Iterator<Item = (Digest, u64)> + '_ {
+        let (a, b) = (key.get(1).copied(), key.get(2).copied());
+        self.0.chunks_exact(BUCKET_ENTRY).filter_map(move |e| {
+            let mut d = [0u8; 32];
+            d[0] = a?;
+            d[1] = b?;
+            d[2..].copy_from_slice(&e[..30]);
+            Some((Digest::from_bytes(d), be_u64(&e[30..])))
+        })
+    }
+
+    /// Puts the bucket in `batch` (removes it when empty).
+    fn write(self, batch: &mut sled::Batch, key: [u8; 3]) {
+        if self.0.is_empty() {
+            batch.remove(&key[..]);
+        } else {
+            batch.insert(&key[..], self.0);
+        }
+    }
 }
 
 fn decode(key: &str, bytes: &[u8]) -> Result<Record, IndexError> {
@@ -305,7 +408,79 @@ impl MetaStore {
             // a new index counts from zero; an old one waits for its first count
             tree.insert(COUNTERS, &Counters::default().encode())?;
         }
-        Ok(MetaStore { db, tree })
+        let meta = MetaStore { db, tree };
+        let started = std::time::Instant::now();
+        let moved = meta.migrate_legacy_refs()?;
+        if moved > 0 {
+            tracing::info!(
+                objects = moved,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "index: references moved into buckets"
+            );
+        }
+        Ok(meta)
+    }
+
+    /// Moves per-object references (indexes from before buckets) into buckets, whole
+    /// buckets per batch, each batch removing the entries it moved; returns how many.
+    fn migrate_legacy_refs(&self) -> Result<u64, IndexError> {
+        let mut moved = 0u64;
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut buckets: BTreeMap<[u8; 3], Bucket> = BTreeMap::new();
+            let mut n = 0usize;
+            for item in self.tree.range([LEGACY_REF]..[LEGACY_REF + 1]) {
+                let (k, v) = item?;
+                let Ok(d) = <[u8; 32]>::try_from(&k[1..]).map(Digest::from_bytes) else {
+                    // not a reference entry: nothing reads it
+                    batch.remove(k);
+                    continue;
+                };
+                let key = bucket_key(&d);
+                if n >= MIGRATE_CHUNK && !buckets.contains_key(&key) {
+                    break;
+                }
+                self.cached(&mut buckets, key)?.set(&d, be_u64(&v));
+                batch.remove(k);
+                n += 1;
+            }
+            if n == 0 && buckets.is_empty() {
+                // malformed leftovers only, if anything
+                self.tree.apply_batch(batch)?;
+                break;
+            }
+            for (key, b) in buckets {
+                b.write(&mut batch, key);
+            }
+            self.tree.apply_batch(batch)?;
+            moved += n as u64;
+        }
+        if moved > 0 {
+            self.db.flush()?;
+        }
+        Ok(moved)
+    }
+
+    /// The bucket at `key` as `buckets` holds it, read into it first if it does not.
+    fn cached<'a>(
+        &self,
+        buckets: &'a mut BTreeMap<[u8; 3], Bucket>,
+        key: [u8; 3],
+    ) -> Result<&'a mut Bucket, IndexError> {
+        use std::collections::btree_map::Entry;
+        Ok(match buckets.entry(key) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => v.insert(self.bucket(&key)?),
+        })
+    }
+
+    /// The bucket at `key` (empty when there is none).
+    fn bucket(&self, key: &[u8; 3]) -> Result<Bucket, IndexError> {
+        Ok(self
+            .tree
+            .get(key)?
+            .map(|v| Bucket::decode(&v))
+            .unwrap_or_default())
     }
 
     /// The object counters, or `None` for an index that predates them (see the module
@@ -364,7 +539,19 @@ impl MetaStore {
         &self,
         first: std::ops::Range<u16>,
     ) -> impl Iterator<Item = Result<(Digest, u64), IndexError>> + '_ {
-        self.digest_entries(REF, first)
+        let start = vec![REF_BUCKET, first.start.min(255) as u8];
+        let end = match first.end {
+            256.. => vec![REF_BUCKET + 1],
+            e => vec![REF_BUCKET, e as u8],
+        };
+        let empty = first.is_empty();
+        self.tree
+            .range(start..end)
+            .filter(move |_| !empty)
+            .flat_map(|item| match item {
+                Err(e) => vec![Err(e.into())],
+                Ok((k, v)) => Bucket::decode(&v).entries(&k).map(Ok).collect(),
+            })
     }
 
     /// The entries of kind `prefix` (keyed by a digest, holding a big-endian `u64`)
@@ -565,11 +752,13 @@ impl MetaStore {
         delta: i64,
     ) -> Result<(), IndexError> {
         let mut counters = self.counters()?;
+        let mut buckets: BTreeMap<[u8; 3], Bucket> = BTreeMap::new();
         for (d, size) in objects {
-            let old = self.ref_count(d)? as i64;
+            let bucket = self.cached(&mut buckets, bucket_key(d))?;
+            let old = bucket.get(d) as i64;
             let n = old + delta;
             if n > 0 {
-                batch.insert(ref_key(d), &(n as u64).to_be_bytes());
+                bucket.set(d, n as u64);
                 if n == 1 && delta > 0 {
                     // referenced again before a collection took it
                     let was = self.tree.get(candidate_key(d))?;
@@ -583,7 +772,7 @@ impl MetaStore {
                     }
                 }
             } else {
-                batch.remove(ref_key(d));
+                bucket.set(d, 0);
                 let was = self.tree.get(candidate_key(d))?;
                 batch.insert(candidate_key(d), &size.to_be_bytes());
                 if let Some(c) = counters.as_mut() {
@@ -597,6 +786,9 @@ impl MetaStore {
                     c.add_candidate(*size);
                 }
             }
+        }
+        for (key, b) in buckets {
+            b.write(batch, key);
         }
         if let Some(c) = counters {
             batch.insert(COUNTERS, &c.encode());
@@ -659,12 +851,7 @@ impl MetaStore {
 
     /// How many committed snapshots reference the object `d`.
     pub fn ref_count(&self, d: &Digest) -> Result<u64, IndexError> {
-        Ok(self
-            .tree
-            .get(ref_key(d))?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or(0))
+        Ok(self.bucket(&bucket_key(d))?.get(d))
     }
 
     /// Every referenced object and its count.
@@ -678,14 +865,21 @@ impl MetaStore {
         counts: &std::collections::HashMap<Digest, u64>,
     ) -> Result<(), IndexError> {
         // a fresh index, renamed into place once complete: no need for one batch
-        let counts: Vec<_> = counts.iter().collect();
-        for c in counts.chunks(REF_CHUNK) {
-            let mut batch = sled::Batch::default();
-            for (d, n) in c {
-                batch.insert(ref_key(d), &n.to_be_bytes());
-            }
-            self.tree.apply_batch(batch)?;
+        let mut buckets: BTreeMap<[u8; 3], Bucket> = BTreeMap::new();
+        for (d, n) in counts {
+            self.cached(&mut buckets, bucket_key(d))?.set(d, *n);
         }
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0;
+        for (key, b) in buckets {
+            in_batch += b.len();
+            b.write(&mut batch, key);
+            if in_batch >= MIGRATE_CHUNK {
+                self.tree.apply_batch(std::mem::take(&mut batch))?;
+                in_batch = 0;
+            }
+        }
+        self.tree.apply_batch(batch)?;
         Ok(())
     }
 
@@ -906,6 +1100,104 @@ mod tests {
         assert_eq!(counters(), want(1, 10, 1, 30));
         m.clear_candidates().unwrap();
         assert_eq!(counters(), want(1, 10, 0, 0));
+    }
+
+    /// A digest whose first two bytes are `a`, `b` and whose rest is `rest`.
+    fn digest_in(a: u8, b: u8, rest: u8) -> Digest {
+        let mut d = [rest; 32];
+        d[0] = a;
+        d[1] = b;
+        Digest::from_bytes(d)
+    }
+
+    /// Objects that share a bucket keep their own counts in it, in digest order, and an
+    /// emptied bucket goes.
+    #[test]
+    fn objects_sharing_a_bucket_keep_their_own_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = MetaStore::open(dir.path()).unwrap();
+        // three in bucket (1, 2), inserted out of order; one each in (1, 3) and (0, 0)
+        let (p, q, r) = (digest_in(1, 2, 9), digest_in(1, 2, 3), digest_in(1, 2, 6));
+        let (s, t) = (digest_in(1, 3, 0), digest_in(0, 0, 0xff));
+        let one = |d: Digest| (d, 1u64);
+        let layer = |id: u64, objects: &[(Digest, u64)], delta: i64| {
+            let mut b = sled::Batch::default();
+            m.adjust_refs(&mut b, objects, delta).unwrap();
+            m.tree.apply_batch(b).unwrap();
+            id
+        };
+        layer(1, &[one(p), one(q), one(s)], 1);
+        layer(2, &[one(r), one(p), one(t)], 1);
+        assert_eq!(
+            m.refs().unwrap(),
+            vec![(t, 1), (q, 1), (r, 1), (p, 2), (s, 1)],
+            "digest order, across and within buckets"
+        );
+        assert_eq!(m.refs_in(1..2).count(), 4);
+        assert_eq!(m.refs_in(0..1).count(), 1);
+        assert_eq!(m.refs_in(2..256).count(), 0);
+        assert_eq!(m.refs_in(1..1).count(), 0);
+        assert_eq!(m.tree.scan_prefix([REF_BUCKET]).count(), 3, "three buckets");
+        layer(1, &[one(p), one(q), one(s)], -1);
+        assert_eq!((m.ref_count(&p).unwrap(), m.ref_count(&q).unwrap()), (1, 0));
+        layer(2, &[one(r), one(p), one(t)], -1);
+        assert!(m.refs().unwrap().is_empty());
+        assert_eq!(
+            m.tree.scan_prefix([REF_BUCKET]).count(),
+            0,
+            "no empty bucket"
+        );
+        let c = m.counters().unwrap().unwrap();
+        assert_eq!((c.referenced_objects, c.candidate_objects), (0, 5));
+    }
+
+    /// An index from before buckets has its references moved into them at open, all of
+    /// them, also when a move was interrupted (some buckets written, the rest not).
+    #[test]
+    fn per_object_references_move_into_buckets_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects: Vec<(Digest, u64)> = (0u32..(MIGRATE_CHUNK as u32 * 2 + 100))
+            .map(|i| (Digest::of(&i.to_be_bytes()), u64::from(i % 3 + 1)))
+            .collect();
+        let legacy = |m: &MetaStore, objects: &[(Digest, u64)]| {
+            let mut b = sled::Batch::default();
+            for (d, n) in objects {
+                let mut k = vec![LEGACY_REF];
+                k.extend_from_slice(d.as_bytes());
+                b.insert(k, &n.to_be_bytes());
+            }
+            m.tree.apply_batch(b).unwrap();
+        };
+        {
+            let m = MetaStore::open(dir.path()).unwrap();
+            legacy(&m, &objects);
+            m.flush_blocking().unwrap();
+        }
+        let m = MetaStore::open(dir.path()).unwrap();
+        let mut want = objects.clone();
+        want.sort();
+        assert_eq!(m.refs().unwrap(), want);
+        assert_eq!(m.tree.scan_prefix([LEGACY_REF]).count(), 0);
+        for (d, n) in &objects[..50] {
+            assert_eq!(m.ref_count(d).unwrap(), *n);
+        }
+        // an interrupted move: the first half of the buckets moved, the rest not
+        let half = 0x80u8;
+        let (moved, left): (Vec<_>, Vec<_>) =
+            objects.iter().partition(|(d, _)| d.as_bytes()[0] < half);
+        let mut b = sled::Batch::default();
+        for (k, _) in m.tree.scan_prefix([REF_BUCKET]).flatten() {
+            if k[1] >= half {
+                b.remove(k);
+            }
+        }
+        m.tree.apply_batch(b).unwrap();
+        legacy(&m, &left);
+        drop(m);
+        let m = MetaStore::open(dir.path()).unwrap();
+        assert_eq!(m.refs().unwrap(), want);
+        assert_eq!(m.tree.scan_prefix([LEGACY_REF]).count(), 0);
+        assert!(!moved.is_empty() && !left.is_empty());
     }
 
     /// An index that predates the counters has none, and no change invents them.

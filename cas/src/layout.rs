@@ -37,16 +37,22 @@ pub fn remove_tree(path: &Path) -> Result<(), crate::CasError> {
 /// - 3: aliases may also be in the objects' fan-out directories
 ///   ([`crate::Digest::alias`]), written before the first one is made
 ///   ([`Layout::allow_fan_aliases`]), so that older binaries, whose GC would take them
-///   for stray files, refuse it.
+///   for stray files, refuse it;
+/// - 4: the index keeps references in buckets ([`crate::index`]), written when a root is
+///   first opened by a build that does, before its index is, so that older binaries,
+///   which would find no references and collect every object, refuse it.
 ///
-/// A root is read at the version it has and moves up only when it needs to.
-pub const LAYOUT_VERSION: u32 = FAN_ALIASES_VERSION;
+/// A root is read at the version it has and moves up only when it needs to (to 4 at
+/// once: every build since reads and writes its index in buckets).
+pub const LAYOUT_VERSION: u32 = REF_BUCKETS_VERSION;
 /// The version of a root whose layers are all stub trees.
 const STUB_TREES_VERSION: u32 = 1;
 /// The version of a root that may hold image layers.
 const IMAGES_VERSION: u32 = 2;
 /// The version of a root that may hold aliases in the fan-out directories.
 const FAN_ALIASES_VERSION: u32 = 3;
+/// The version of a root whose index keeps references in buckets.
+const REF_BUCKETS_VERSION: u32 = 4;
 
 /// File at the root holding [`LAYOUT_VERSION`].
 pub const LAYOUT_FILE: &str = "layout";
@@ -159,6 +165,7 @@ impl Layout {
             }
             Err(source) => return Err(IoError::at("read", marker)(source).into()),
         }
+        layout.raise_version(REF_BUCKETS_VERSION)?;
         Ok(layout)
     }
 
@@ -297,6 +304,19 @@ mod tests {
             assert!(d.is_dir(), "{}", d.display());
         }
         assert_eq!(l.snapshot_dir(7), dir.path().join("snapshots/7"));
+        assert_eq!(l.version().unwrap(), LAYOUT_VERSION);
+    }
+
+    /// A root of an older version moves to 4 when opened: its index is moved into
+    /// buckets then, which older builds cannot read.
+    #[test]
+    fn older_roots_move_to_the_bucketed_index() {
+        for old in 1..REF_BUCKETS_VERSION {
+            let dir = tempfile::tempdir().unwrap();
+            fs::write(dir.path().join(LAYOUT_FILE), format!("{old}\n")).unwrap();
+            let l = Layout::ensure(dir.path()).unwrap();
+            assert_eq!(l.version().unwrap(), REF_BUCKETS_VERSION);
+        }
     }
 
     #[test]
