@@ -22,7 +22,10 @@
 //! object (55 MiB after opening a store of a million, 168 MiB at five million). With
 //! 65,536 buckets the keys stay few however many objects there are; a reference change
 //! rewrites one bucket (38 bytes per object in it: about 3 KiB at five million
-//! objects). Indexes from before buckets (`'R' <sha256> -> u64 BE` per object) are
+//! objects). Measured (`cas-bench scale`): the RSS right after the open is 18, 20, 21
+//! and 22 MiB at ten thousand, a hundred thousand, a million and five million objects,
+//! and filling the five-million-object store took 611-642 s against 806-847 s with a
+//! key per object. Indexes from before buckets (`'R' <sha256> -> u64 BE` per object) are
 //! moved into them when opened ([`MetaStore::open_with_cache`]), a batch of whole
 //! buckets at a time, so an interrupted move goes on at the next open.
 //!
