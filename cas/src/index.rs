@@ -542,19 +542,27 @@ impl MetaStore {
         &self,
         first: std::ops::Range<u16>,
     ) -> impl Iterator<Item = Result<(Digest, u64), IndexError>> + '_ {
-        let start = vec![REF_BUCKET, first.start.min(255) as u8];
-        let end = match first.end {
-            256.. => vec![REF_BUCKET + 1],
-            e => vec![REF_BUCKET, e as u8],
-        };
-        let empty = first.is_empty();
-        self.tree
-            .range(start..end)
-            .filter(move |_| !empty)
+        self.by_first_byte(REF_BUCKET, first)
             .flat_map(|item| match item {
                 Err(e) => vec![Err(e.into())],
                 Ok((k, v)) => Bucket::decode(&v).entries(&k).map(Ok).collect(),
             })
+    }
+
+    /// The entries of kind `prefix` whose key's next byte (a digest's first) is in
+    /// `first`, in key order.
+    fn by_first_byte(
+        &self,
+        prefix: u8,
+        first: std::ops::Range<u16>,
+    ) -> impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + '_ {
+        let start = vec![prefix, first.start.min(255) as u8];
+        let end = match first.end {
+            256.. => vec![prefix + 1],
+            e => vec![prefix, e as u8],
+        };
+        let empty = first.is_empty();
+        self.tree.range(start..end).filter(move |_| !empty)
     }
 
     /// The entries of kind `prefix` (keyed by a digest, holding a big-endian `u64`)
@@ -564,15 +572,7 @@ impl MetaStore {
         prefix: u8,
         first: std::ops::Range<u16>,
     ) -> impl Iterator<Item = Result<(Digest, u64), IndexError>> + '_ {
-        let start = vec![prefix, first.start.min(255) as u8];
-        let end = match first.end {
-            256.. => vec![prefix + 1],
-            e => vec![prefix, e as u8],
-        };
-        let empty = first.is_empty();
-        self.tree
-            .range(start..end)
-            .filter(move |_| !empty)
+        self.by_first_byte(prefix, first)
             .filter_map(|item| match item {
                 Err(e) => Some(Err(e.into())),
                 Ok((k, v)) => <[u8; 32]>::try_from(&k[1..])
