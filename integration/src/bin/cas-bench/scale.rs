@@ -280,6 +280,8 @@ fn serve(a: &ScaleArgs, root: &Path, layers: usize) -> Result<Row> {
     row.rss_base_mib = rss_mib("VmRSS")?;
     let (mut prepare, mut mounts, mut commit, mut stat, mut remove) =
         (vec![], vec![], vec![], vec![], vec![]);
+    // a Commit's steps: hashing and publishing, the image, `syncfs` + manifest, the rest
+    let mut steps: [Vec<f64>; 4] = Default::default();
     let parent = format!("l{}", layers - 1);
     for i in 0..a.ops {
         let (key, name) = (format!("op-{i}-active"), format!("op-{i}"));
@@ -295,8 +297,15 @@ fn serve(a: &ScaleArgs, root: &Path, layers: usize) -> Result<Row> {
                 format!("round {i} file {f}\n"),
             )?;
         }
-        let (_, t) = timed(|| Ok(sn.commit(&name, &key, Default::default())?))?;
+        let (done, t) = timed(|| Ok(sn.commit(&name, &key, Default::default())?))?;
         commit.push(t);
+        let times = done.stats.times;
+        let hash = ms(times.hash + times.publish);
+        let (image, sync) = (ms(times.image), ms(times.sync));
+        steps[0].push(hash);
+        steps[1].push(image);
+        steps[2].push(sync);
+        steps[3].push((t - hash - image - sync).max(0.0));
         let (_, t) = timed(|| Ok(sn.stat(&name)?))?;
         stat.push(t);
         let (_, t) = timed(|| Ok(sn.remove(&name)?))?;
@@ -305,6 +314,11 @@ fn serve(a: &ScaleArgs, root: &Path, layers: usize) -> Result<Row> {
     row.prepare = p50_p99(prepare);
     row.mounts = p50_p99(mounts);
     row.commit = p50_p99(commit);
+    let [hash, image, sync, rest] = steps.map(p50_p99);
+    eprintln!(
+        "scale: Commit steps, p50 / p99 ms: hash and publish {:.2} / {:.2}, image {:.2} / {:.2}, syncfs and manifest {:.2} / {:.2}, the rest (index, journal, locks) {:.2} / {:.2}",
+        hash.0, hash.1, image.0, image.1, sync.0, sync.1, rest.0, rest.1
+    );
     row.stat = p50_p99(stat);
     row.remove = p50_p99(remove);
 
