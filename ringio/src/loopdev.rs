@@ -93,6 +93,7 @@ impl LoopConfigRaw {
 /// A loop device configured over a backing file, held open.
 #[derive(Debug)]
 pub struct LoopDevice {
+    /// The device, held open: it stays attached while this is open or a mount holds it.
     file: File,
     path: PathBuf,
     direct_io: bool,
@@ -124,12 +125,14 @@ impl LoopDevice {
             let path = PathBuf::from(format!("/dev/loop{n}"));
             let file = OpenOptions::new().read(true).open(&path)?;
             match configure(&file, backing, block_size) {
-                Ok(direct_io) => {
+                Ok(asked_direct) => {
+                    // older kernels turn direct I/O off without an error
+                    let direct_io = asked_direct && sysfs(&path, "dio").as_deref() == Some("1");
                     return Ok(LoopDevice {
                         file,
                         path,
                         direct_io,
-                    })
+                    });
                 }
                 // Another process configured this device between the two calls.
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => last = e,
@@ -158,7 +161,7 @@ impl AsFd for LoopDevice {
 
 /// `LOOP_CONFIGURE` of `device` over `backing`, with direct I/O if the kernel takes it
 /// (then again without: kernels refuse it with `EINVAL` for files that cannot do it).
-/// Returns whether direct I/O is on.
+/// Returns whether direct I/O was accepted.
 fn configure(device: &File, backing: &File, block_size: u32) -> io::Result<bool> {
     let base = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR;
     let fd = backing.as_raw_fd() as u32;
@@ -175,7 +178,7 @@ fn configure(device: &File, backing: &File, block_size: u32) -> io::Result<bool>
             )
         };
         if rc == 0 {
-            return Ok(direct && reads_direct(device));
+            return Ok(direct);
         }
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EINVAL) {
@@ -186,31 +189,23 @@ fn configure(device: &File, backing: &File, block_size: u32) -> io::Result<bool>
     Err(last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EINVAL)))
 }
 
-/// Whether the configured device reads with direct I/O (older kernels turn it off
-/// without an error): `/sys/block/loop<N>/loop/dio`.
-fn reads_direct(device: &File) -> bool {
-    let Ok(md) = device.metadata() else {
-        return false;
-    };
-    use std::os::unix::fs::MetadataExt;
-    let minor = nix::sys::stat::minor(md.rdev());
-    let major = nix::sys::stat::major(md.rdev());
-    std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/loop/dio"))
-        .map(|s| s.trim() == "1")
-        .unwrap_or(false)
+/// The file the loop device `device` (`/dev/loop<N>`) is attached to, as sysfs tells;
+/// `None` when it is attached to none.
+pub fn backing_file(device: &Path) -> Option<PathBuf> {
+    sysfs(device, "backing_file").map(|f| f.trim_end_matches(" (deleted)").into())
+}
+
+/// `/sys/block/loop<N>/loop/<what>` of the device `/dev/loop<N>`, trimmed.
+fn sysfs(device: &Path, what: &str) -> Option<String> {
+    let name = device.file_name()?.to_str()?;
+    let v = std::fs::read_to_string(format!("/sys/block/{name}/loop/{what}")).ok()?;
+    Some(v.trim_end().to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
-
-    fn sysfs(dev: &LoopDevice, what: &str) -> Option<String> {
-        let name = dev.path().file_name()?.to_str()?.to_string();
-        std::fs::read_to_string(format!("/sys/block/{name}/loop/{what}"))
-            .ok()
-            .map(|s| s.trim().to_string())
-    }
 
     #[test]
     #[ignore = "needs root and the loop driver (make unit runs it)"]
@@ -223,12 +218,12 @@ mod tests {
         let backing = File::open(&path).unwrap();
         let dev = LoopDevice::attach(&backing, 4096).unwrap();
         assert_eq!(
-            sysfs(&dev, "backing_file").as_deref(),
-            path.to_str(),
+            backing_file(dev.path()).as_deref(),
+            Some(path.as_path()),
             "{}",
             dev.path().display()
         );
-        assert_eq!(sysfs(&dev, "autoclear").as_deref(), Some("1"));
+        assert_eq!(sysfs(dev.path(), "autoclear").as_deref(), Some("1"));
         let name = dev
             .path()
             .file_name()
@@ -242,15 +237,17 @@ mod tests {
         assert_eq!(bs.unwrap().trim(), "4096");
         // The device reads the file's bytes.
         let mut buf = vec![0u8; 8192];
-        nix::sys::uio::pread(&dev.file, &mut buf, 0).unwrap();
+        nix::sys::uio::pread(dev.as_fd(), &mut buf, 0).unwrap();
         assert!(buf.iter().all(|&b| b == 7));
-        assert_eq!(dev.direct_io(), sysfs(&dev, "dio").as_deref() == Some("1"));
+        assert_eq!(
+            dev.direct_io(),
+            sysfs(dev.path(), "dio").as_deref() == Some("1")
+        );
+        let device = dev.path().to_path_buf();
         drop(dev);
         // Autoclear: the last close detached the file (the kernel may take a moment).
         let detached = (0..100).any(|_| {
-            let gone = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
-                .map(|s| s.trim() != path.to_str().unwrap())
-                .unwrap_or(true);
+            let gone = backing_file(&device).as_deref() != Some(path.as_path());
             if !gone {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }

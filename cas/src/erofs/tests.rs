@@ -157,7 +157,10 @@ fn mount_image(image: &Path, at: &Path, how: ImageMounts) {
         ImageSource::File => assert_eq!(Path::new(&device), image),
         ImageSource::Loop { .. } => {
             assert!(device.starts_with("/dev/loop"), "{device}");
-            assert_eq!(loop_backing(&device).as_deref(), Some(image));
+            assert_eq!(
+                ringio::loopdev::backing_file(Path::new(&device)).as_deref(),
+                Some(image)
+            );
         }
     }
     if how == ImageMounts::Loop {
@@ -173,13 +176,6 @@ fn mount_source(at: &Path) -> Option<String> {
         let point = left.split(' ').nth(4)?;
         (Path::new(point) == at).then(|| right.split(' ').nth(1).map(str::to_string))?
     })
-}
-
-/// The file a loop device `/dev/loopN` is attached to, if any.
-fn loop_backing(device: &str) -> Option<std::path::PathBuf> {
-    let name = Path::new(device).file_name()?.to_str()?;
-    let f = fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
-    Some(f.trim_end().into())
 }
 
 #[test]
@@ -466,7 +462,8 @@ fn images_are_overlay_layers_with_data_from_the_objects_in(how: ImageMounts) {
     if how == ImageMounts::Loop {
         for d in &devices {
             let gone = (0..200).any(|_| {
-                let attached = loop_backing(d).is_some_and(|b| b.starts_with(dir.path()));
+                let attached = ringio::loopdev::backing_file(Path::new(d))
+                    .is_some_and(|b| b.starts_with(dir.path()));
                 if attached {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }

@@ -100,19 +100,18 @@ impl Drop for Proc {
 
 /// The mount points below `dir`, from this process's mount table.
 pub fn mounts_below(dir: &Path) -> Vec<String> {
-    let prefix = format!("{}/", dir.display());
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| m.starts_with(&prefix))
-        .map(str::to_string)
-        .collect()
+    mounts_in(dir).into_iter().map(|m| m.point).collect()
 }
 
-/// The EROFS mounts below `dir`: (mount point, source), as `/proc/self/mountinfo`
-/// shows them.
-pub fn erofs_mounts_below(dir: &Path) -> Vec<(String, String)> {
+/// One line of `/proc/self/mountinfo`.
+struct MountInfo {
+    point: String,
+    fstype: String,
+    source: String,
+}
+
+/// The mounts below `dir`, as `/proc/self/mountinfo` lists them.
+fn mounts_in(dir: &Path) -> Vec<MountInfo> {
     let prefix = format!("{}/", dir.display());
     fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
@@ -121,9 +120,23 @@ pub fn erofs_mounts_below(dir: &Path) -> Vec<(String, String)> {
             let (left, right) = l.split_once(" - ")?;
             let point = left.split(' ').nth(4)?;
             let mut fs = right.split(' ');
-            (fs.next()? == "erofs" && point.starts_with(&prefix))
-                .then(|| Some((point.to_string(), fs.next()?.to_string())))?
+            Some(MountInfo {
+                point: point.to_string(),
+                fstype: fs.next()?.to_string(),
+                source: fs.next()?.to_string(),
+            })
         })
+        .filter(|m| m.point.starts_with(&prefix))
+        .collect()
+}
+
+/// The EROFS mounts below `dir`: (mount point, source), as `/proc/self/mountinfo`
+/// shows them.
+pub fn erofs_mounts_below(dir: &Path) -> Vec<(String, String)> {
+    mounts_in(dir)
+        .into_iter()
+        .filter(|m| m.fstype == "erofs")
+        .map(|m| (m.point, m.source))
         .collect()
 }
 
@@ -135,12 +148,10 @@ pub fn loop_devices_below(dir: &Path) -> Vec<(String, String)> {
     entries
         .flatten()
         .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let file = fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
-            let file = file.trim_end().trim_end_matches(" (deleted)").to_string();
-            Path::new(&file)
-                .starts_with(dir)
-                .then(|| (format!("/dev/{name}"), file))
+            let device = Path::new("/dev").join(e.file_name());
+            let file = ringio::loopdev::backing_file(&device)?;
+            file.starts_with(dir)
+                .then(|| (device.display().to_string(), file.display().to_string()))
         })
         .collect()
 }
