@@ -37,10 +37,13 @@ use crate::objects::{ObjectStore, Publish};
 use crate::stub::{is_overlay_private, own_xattrs};
 use crate::unpack::XATTR_OPAQUE;
 
+/// Extended attributes: names and values.
+type Xattrs = Vec<(std::ffi::OsString, Vec<u8>)>;
+
 /// The object a file reads from, and its size; `None` for an empty file.
 type Content = Option<(Digest, u64)>;
 
-fn attrs(md: &fs::Metadata, xattrs: Vec<(std::ffi::OsString, Vec<u8>)>) -> Attrs {
+fn attrs(md: &fs::Metadata, xattrs: Xattrs) -> Attrs {
     Attrs {
         xattrs: xattrs
             .into_iter()
@@ -90,18 +93,11 @@ pub fn ingest_layer_image(
         } else {
             None
         };
-        let all: Vec<_> = match prepared {
-            Some(_) => Vec::new(),
-            None => xattr::list(path)
-                .map_err(CasError::io("listxattr", path))?
-                .collect(),
+        let (all, mut xattrs) = match prepared {
+            Some(_) => Default::default(),
+            None => listed_xattrs(path)?,
         };
         let overlay: Vec<_> = all.iter().filter(|n| is_overlay_private(n)).collect();
-        let mut xattrs = if all.len() > overlay.len() {
-            own_xattrs(path)?
-        } else {
-            Vec::new()
-        };
         if ft.is_dir() {
             let opaque = store
                 .sys()
@@ -238,7 +234,7 @@ struct Prepared {
     /// Its metadata as the layer had it, before its inode became the object.
     md: fs::Metadata,
     /// Its own xattrs as the layer had them (overlayfs' left out).
-    own: Vec<(std::ffi::OsString, Vec<u8>)>,
+    own: Xattrs,
     /// How many of its xattrs were overlayfs' (dropped).
     overlay_xattrs: u64,
     digest: Digest,
@@ -264,18 +260,25 @@ fn hash(path: &Path) -> Result<(Digest, u64), CasError> {
     Digest::of_reader(&file).map_err(CasError::io("read", path))
 }
 
-/// Reads what the image needs of the file at `path` (metadata, own xattrs), hashes it
-/// and publishes its inode as the object.
-fn prepare(store: &ObjectStore, path: &Path, md: fs::Metadata) -> Result<Prepared, CasError> {
+/// The names of every xattr of `path`, and its own xattrs (overlayfs' left out) with
+/// their values, read only when it has any.
+fn listed_xattrs(path: &Path) -> Result<(Vec<std::ffi::OsString>, Xattrs), CasError> {
     let all: Vec<_> = xattr::list(path)
         .map_err(CasError::io("listxattr", path))?
         .collect();
-    let overlay_xattrs = all.iter().filter(|n| is_overlay_private(n)).count();
-    let own = if all.len() > overlay_xattrs {
+    let own = if all.iter().any(|n| !is_overlay_private(n)) {
         own_xattrs(path)?
     } else {
         Vec::new()
     };
+    Ok((all, own))
+}
+
+/// Reads what the image needs of the file at `path` (metadata, own xattrs), hashes it
+/// and publishes its inode as the object.
+fn prepare(store: &ObjectStore, path: &Path, md: fs::Metadata) -> Result<Prepared, CasError> {
+    let (all, own) = listed_xattrs(path)?;
+    let overlay_xattrs = all.iter().filter(|n| is_overlay_private(n)).count();
     let (digest, read) = hash(path)?;
     let publish = if read == md.size() {
         let p = store.publish_in_place(path, &md, !all.is_empty(), &digest)?;
