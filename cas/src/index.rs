@@ -83,8 +83,9 @@ const REF_BUCKET: u8 = b'B';
 /// Bytes of one object's entry in its bucket: the digest past the bucket's two bytes,
 /// then its count.
 const BUCKET_ENTRY: usize = 30 + 8;
-/// Legacy references moved into buckets per batch (whole buckets: a little more).
-const MIGRATE_CHUNK: usize = 4096;
+/// References written into buckets per batch when they are moved in from an index of
+/// before buckets or set by a rebuild (whole buckets: a little more).
+const BUCKET_BATCH: usize = 4096;
 const NEXT_ID: &[u8] = b"N";
 const PROGRESS: u8 = b'P';
 const CANDIDATE: u8 = b'G';
@@ -440,7 +441,7 @@ impl MetaStore {
                     continue;
                 };
                 let key = bucket_key(&d);
-                if n >= MIGRATE_CHUNK && !buckets.contains_key(&key) {
+                if n >= BUCKET_BATCH && !buckets.contains_key(&key) {
                     break;
                 }
                 self.cached(&mut buckets, key)?.set(&d, be_u64(&v));
@@ -877,7 +878,7 @@ impl MetaStore {
         for (key, b) in buckets {
             in_batch += b.len();
             b.write(&mut batch, key);
-            if in_batch >= MIGRATE_CHUNK {
+            if in_batch >= BUCKET_BATCH {
                 self.tree.apply_batch(std::mem::take(&mut batch))?;
                 in_batch = 0;
             }
@@ -1123,14 +1124,13 @@ mod tests {
         let (p, q, r) = (digest_in(1, 2, 9), digest_in(1, 2, 3), digest_in(1, 2, 6));
         let (s, t) = (digest_in(1, 3, 0), digest_in(0, 0, 0xff));
         let one = |d: Digest| (d, 1u64);
-        let layer = |id: u64, objects: &[(Digest, u64)], delta: i64| {
+        let layer = |objects: &[(Digest, u64)], delta: i64| {
             let mut b = sled::Batch::default();
             m.adjust_refs(&mut b, objects, delta).unwrap();
             m.tree.apply_batch(b).unwrap();
-            id
         };
-        layer(1, &[one(p), one(q), one(s)], 1);
-        layer(2, &[one(r), one(p), one(t)], 1);
+        layer(&[one(p), one(q), one(s)], 1);
+        layer(&[one(r), one(p), one(t)], 1);
         assert_eq!(
             m.refs().unwrap(),
             vec![(t, 1), (q, 1), (r, 1), (p, 2), (s, 1)],
@@ -1141,9 +1141,9 @@ mod tests {
         assert_eq!(m.refs_in(2..256).count(), 0);
         assert_eq!(m.refs_in(1..1).count(), 0);
         assert_eq!(m.tree.scan_prefix([REF_BUCKET]).count(), 3, "three buckets");
-        layer(1, &[one(p), one(q), one(s)], -1);
+        layer(&[one(p), one(q), one(s)], -1);
         assert_eq!((m.ref_count(&p).unwrap(), m.ref_count(&q).unwrap()), (1, 0));
-        layer(2, &[one(r), one(p), one(t)], -1);
+        layer(&[one(r), one(p), one(t)], -1);
         assert!(m.refs().unwrap().is_empty());
         assert_eq!(
             m.tree.scan_prefix([REF_BUCKET]).count(),
@@ -1159,7 +1159,7 @@ mod tests {
     #[test]
     fn per_object_references_move_into_buckets_at_open() {
         let dir = tempfile::tempdir().unwrap();
-        let objects: Vec<(Digest, u64)> = (0u32..(MIGRATE_CHUNK as u32 * 2 + 100))
+        let objects: Vec<(Digest, u64)> = (0u32..(BUCKET_BATCH as u32 * 2 + 100))
             .map(|i| (Digest::of(&i.to_be_bytes()), u64::from(i % 3 + 1)))
             .collect();
         let legacy = |m: &MetaStore, objects: &[(Digest, u64)]| {
