@@ -25,6 +25,15 @@
 //! it does: no size's memory carries into the next one's figures, and the fill's into
 //! none.
 //!
+//! With `--repeats K`, every size is filled first and the measured steps (calls, stats,
+//! GC of another 1% of the layers each time) then run K times, the sizes interleaved
+//! round by round (in turn forwards and backwards), each round in a process of its own.
+//! A p99 of one loop is a few samples of its slowest calls, and a shared machine moves it
+//! by half from one loop to the next; interleaved rounds see the same machine. The table
+//! gives the medians over the rounds (the longest Commit during GC: the longest of all
+//! rounds), `scale-rounds.csv` every round, and stdout each larger size's p99s against
+//! the smallest size's of the same round (the median of those ratios).
+//!
 //! Results go to `bench/results/scale.csv` and `bench/results/scale.svg` (each figure
 //! against N, log scales) and a table on stdout.
 
@@ -39,7 +48,7 @@ use cas::index::Kind;
 use cas_integration::harness::{FsKind, LoopFs};
 
 use crate::gc::{collect_while_committing, layer, open_with_cache};
-use crate::perf::work_dir;
+use crate::perf::{summary, work_dir};
 use crate::plot::{log_log_panels, Panel};
 
 /// `cas-bench scale` arguments.
@@ -71,6 +80,18 @@ pub struct ScaleArgs {
     /// The layers of the store `--serve` names.
     #[arg(long, hide = true, default_value_t = 0)]
     pub layers: usize,
+    /// Rounds of the measured steps per store size, the sizes interleaved round by round.
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
+    /// With `--row-to`: only the fill, of the store at this root.
+    #[arg(long, hide = true)]
+    pub fill: Option<PathBuf>,
+    /// With `--serve`: which round this is (its GC takes the round's own 1% of the layers).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub round: usize,
+    /// With `--serve`: end with an unclean stop and the reopen after it (recovery).
+    #[arg(long, hide = true)]
+    pub recover: bool,
 }
 
 /// What one store size measured.
@@ -93,6 +114,8 @@ struct Row {
     gc_commit_max_wait_ms: f64,
     /// Of that Commit, its `syncfs` and manifest.
     gc_commit_max_sync_ms: f64,
+    /// The p99 of the Commits during GC.
+    gc_commit_p99_ms: f64,
     rss_mib: f64,
     /// RSS when the measured steps began (the store just opened by their process).
     rss_base_mib: f64,
@@ -159,14 +182,18 @@ fn used_bytes(mnt: &Path) -> Result<u64> {
     Ok((s.blocks() - s.blocks_free()) * s.fragment_size())
 }
 
-fn measure(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
+/// How a store of `n` objects is laid out: (files per layer, layers).
+fn shape(n: usize) -> (usize, usize) {
     let per_layer = (n / 300).max(1_000);
-    let layers = n.div_ceil(per_layer);
-    // a block and an inode per small object, and room to spare
-    let fs_mib = (n as u64 * 12 / 1024).max(4 << 10);
-    let loopfs = LoopFs::new(work, fs_mib, FsKind::Xfs)?;
-    let root = loopfs.mnt.join("store");
-    let empty = used_bytes(&loopfs.mnt)?;
+    (per_layer, n.div_ceil(per_layer))
+}
+
+/// Fills the store at `root` (on a loop filesystem of its own) with `n` objects, in this
+/// process; the row holds the fill's figures.
+fn fill(a: &ScaleArgs, root: &Path, n: usize) -> Result<Row> {
+    let (per_layer, layers) = shape(n);
+    let mnt = root.parent().context("the store's filesystem")?;
+    let empty = used_bytes(mnt)?;
     let mut row = Row {
         objects: layers * per_layer,
         layers,
@@ -175,10 +202,9 @@ fn measure(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
     println!(
         "scale: {} objects in {layers} layers of {per_layer} (XFS loop at {})",
         row.objects,
-        loopfs.mnt.display()
+        mnt.display()
     );
-    let open = |root: &Path| open_with_cache(root, a.index_cache_mib);
-    let sn = open(&root)?;
+    let sn = open_with_cache(root, a.index_cache_mib)?;
     let filled = Instant::now();
     for l in 0..layers {
         layer(&sn, &format!("l{l}"), &format!("l{l}"), per_layer)?;
@@ -210,34 +236,11 @@ fn measure(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
         row.fill_s,
         deleting.elapsed().as_secs_f64()
     );
-    row.disk_per_object = (used_bytes(&loopfs.mnt)? - empty) as f64 / row.objects as f64;
+    row.disk_per_object = (used_bytes(mnt)? - empty) as f64 / row.objects as f64;
     sn.shutdown()?;
     drop(sn);
     row.fill_rss_mib = rss_mib("VmRSS")?;
-    // the rest as a daemon restarted on the store would: a process of its own
-    let served = serve_apart(a, work, &root, n, layers)?;
-    drop(loopfs);
-    Ok(Row {
-        objects: row.objects,
-        layers,
-        fill_s: row.fill_s,
-        disk_per_object: row.disk_per_object,
-        fill_rss_mib: row.fill_rss_mib,
-        ..served
-    })
-}
-
-/// Runs [`serve`] on the filled store at `root` in a new process of this binary and
-/// reads back its row.
-fn serve_apart(a: &ScaleArgs, work: &Path, root: &Path, n: usize, layers: usize) -> Result<Row> {
-    let layers = layers.to_string();
-    let args = [
-        OsStr::new("--serve"),
-        root.as_os_str(),
-        OsStr::new("--layers"),
-        OsStr::new(&layers),
-    ];
-    in_a_process(a, n, &work.join(format!("served-{n}.csv")), &args)
+    Ok(row)
 }
 
 /// Runs `cas-bench scale` for store size `n` with `args` in a new process of this
@@ -266,13 +269,14 @@ fn in_a_process(a: &ScaleArgs, n: usize, row_file: &Path, args: &[&OsStr]) -> Re
 }
 
 /// The measured steps on the store of `layers` filled layers at `root`, in this process
-/// (opened as a restarted daemon opens it): the reopen, the calls' latencies, stats, GC,
-/// recovery after an unclean stop, and casctl's fsck and rebuild-index.
+/// (opened as a restarted daemon opens it): the open, the calls' latencies, stats, GC of
+/// the round's 1% of the layers, and with `--recover` the reopen after an unclean stop.
 fn serve(a: &ScaleArgs, root: &Path, layers: usize) -> Result<Row> {
     let open = |root: &Path| open_with_cache(root, a.index_cache_mib);
     let mut row = Row::default();
     // sled replays its log from where it last opened (it writes the snapshot of its page
-    // table at open): right after the fill, that is every object's reference
+    // table at open): in the first round, right after the fill, that is every object's
+    // reference
     let (sn, t) = timed(|| open(root))?;
     row.reopen_after_fill_ms = t;
 
@@ -329,11 +333,11 @@ fn serve(a: &ScaleArgs, root: &Path, layers: usize) -> Result<Row> {
     row.stats_ms = p50_p99(stats).0;
 
     let garbage = layers.div_ceil(100);
-    for l in 0..garbage {
+    for l in a.round * garbage..(a.round + 1) * garbage {
         sn.remove(&format!("l{l}"))?;
     }
     let sn = Arc::new(sn);
-    let (gc_s, removed, commits) = collect_while_committing(&sn, "scale")?;
+    let (gc_s, removed, commits) = collect_while_committing(&sn, &format!("scale-{}", a.round))?;
     row.gc_s = gc_s;
     row.gc_removed = removed;
     if let Some(c) = commits.iter().max_by(|a, b| a.wall.total_cmp(&b.wall)) {
@@ -341,22 +345,24 @@ fn serve(a: &ScaleArgs, root: &Path, layers: usize) -> Result<Row> {
         row.gc_commit_max_wait_ms = c.wait;
         row.gc_commit_max_sync_ms = c.sync;
     }
+    row.gc_commit_p99_ms = p50_p99(commits.iter().map(|c| c.wall).collect()).1;
     row.rss_mib = rss_mib("VmHWM")?;
 
-    // an unclean stop: dropped without shutdown, as after kill -9
     let sn = Arc::try_unwrap(sn).map_err(|_| anyhow::anyhow!("store still shared"))?;
-    drop(sn);
-    let (sn, t) = timed(|| open(root))?;
-    row.recovery_ms = t;
-    sn.shutdown()?;
-    drop(sn);
-    (row.fsck_s, row.fsck_rss_mib) = casctl(root, &["fsck", "--json"])?;
-    (row.rebuild_s, row.rebuild_rss_mib) = casctl(root, &["rebuild-index"])?;
-    println!("scale: {row:?}");
+    if a.recover {
+        // an unclean stop: dropped without shutdown, as after kill -9
+        drop(sn);
+        let (sn, t) = timed(|| open(root))?;
+        row.recovery_ms = t;
+        sn.shutdown()?;
+    } else {
+        sn.shutdown()?;
+    }
+    println!("scale: round {}: {row:?}", a.round);
     Ok(row)
 }
 
-const HEADER: &str = "objects,layers,fill_s,prepare_p50_ms,prepare_p99_ms,mounts_p50_ms,mounts_p99_ms,commit_p50_ms,commit_p99_ms,stat_p50_ms,stat_p99_ms,remove_p50_ms,remove_p99_ms,stats_ms,gc_s,gc_removed,gc_commit_max_ms,gc_commit_max_wait_ms,gc_commit_max_sync_ms,peak_rss_mib,rss_after_open_mib,disk_bytes_per_object,recovery_ms,reopen_after_fill_ms,fsck_s,fsck_rss_mib,rebuild_s,rebuild_rss_mib,fill_rss_mib";
+const HEADER: &str = "objects,layers,fill_s,prepare_p50_ms,prepare_p99_ms,mounts_p50_ms,mounts_p99_ms,commit_p50_ms,commit_p99_ms,stat_p50_ms,stat_p99_ms,remove_p50_ms,remove_p99_ms,stats_ms,gc_s,gc_removed,gc_commit_max_ms,gc_commit_max_wait_ms,gc_commit_max_sync_ms,peak_rss_mib,rss_after_open_mib,disk_bytes_per_object,recovery_ms,reopen_after_fill_ms,fsck_s,fsck_rss_mib,rebuild_s,rebuild_rss_mib,fill_rss_mib,gc_commit_p99_ms";
 
 /// A row as [`csv`] writes it.
 fn parse_row(line: &str) -> Result<Row> {
@@ -398,12 +404,13 @@ fn parse_row(line: &str) -> Result<Row> {
         rebuild_s: next(),
         rebuild_rss_mib: next(),
         fill_rss_mib: next(),
+        gc_commit_p99_ms: next(),
     })
 }
 
 fn csv(r: &Row) -> String {
     format!(
-        "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.0},{:.1},{:.1},{:.2},{:.1},{:.2},{:.1},{:.1}",
+        "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.0},{:.1},{:.1},{:.2},{:.1},{:.2},{:.1},{:.1},{:.1}",
         r.objects,
         r.layers,
         r.fill_s,
@@ -432,7 +439,8 @@ fn csv(r: &Row) -> String {
         r.fsck_rss_mib,
         r.rebuild_s,
         r.rebuild_rss_mib,
-        r.fill_rss_mib
+        r.fill_rss_mib,
+        r.gc_commit_p99_ms
     )
 }
 
@@ -520,28 +528,188 @@ fn casctl(root: &Path, args: &[&str]) -> Result<(f64, f64)> {
     Ok((secs, done.max_rss_kib as f64 / 1024.0))
 }
 
-/// Measures store size `n` in a new process of this binary and reads back its row.
-fn measure_apart(a: &ScaleArgs, work: &Path, n: usize) -> Result<Row> {
-    let args = [OsStr::new("--workdir"), work.as_os_str()];
-    in_a_process(a, n, &work.join(format!("row-{n}.csv")), &args)
+/// A store size being measured: its filesystem, the fill's row and each round's.
+struct Size {
+    n: usize,
+    dir: PathBuf,
+    root: PathBuf,
+    fill: Row,
+    rounds: Vec<Row>,
+    _fs: LoopFs,
+}
+
+/// The median of `f` over `rows`.
+fn median(rows: &[Row], f: impl Fn(&Row) -> f64) -> f64 {
+    summary(rows.iter().map(f).collect()).0
+}
+
+/// One row for a size: the fill's figures, the medians of the rounds' (the longest
+/// Commit during GC: the longest of all rounds; peak RSS: the highest), the first
+/// round's reopen and the last round's recovery, and fsck's and rebuild-index's.
+fn combine(s: &Size) -> Row {
+    let r = &s.rounds[..];
+    let pair = |f: fn(&Row) -> (f64, f64)| (median(r, |x| f(x).0), median(r, |x| f(x).1));
+    let longest = r
+        .iter()
+        .max_by(|a, b| a.gc_commit_max_ms.total_cmp(&b.gc_commit_max_ms))
+        .cloned()
+        .unwrap_or_default();
+    Row {
+        prepare: pair(|x| x.prepare),
+        mounts: pair(|x| x.mounts),
+        commit: pair(|x| x.commit),
+        stat: pair(|x| x.stat),
+        remove: pair(|x| x.remove),
+        stats_ms: median(r, |x| x.stats_ms),
+        gc_s: median(r, |x| x.gc_s),
+        gc_removed: median(r, |x| x.gc_removed as f64) as u64,
+        gc_commit_max_ms: longest.gc_commit_max_ms,
+        gc_commit_max_wait_ms: longest.gc_commit_max_wait_ms,
+        gc_commit_max_sync_ms: longest.gc_commit_max_sync_ms,
+        gc_commit_p99_ms: median(r, |x| x.gc_commit_p99_ms),
+        rss_mib: r.iter().map(|x| x.rss_mib).fold(0.0, f64::max),
+        rss_base_mib: median(r, |x| x.rss_base_mib),
+        reopen_after_fill_ms: r.first().map_or(f64::NAN, |x| x.reopen_after_fill_ms),
+        recovery_ms: r.last().map_or(f64::NAN, |x| x.recovery_ms),
+        ..s.fill.clone()
+    }
+}
+
+/// Each larger size's p99s against the smallest size's of the same round, on stdout:
+/// per round, and their median.
+fn print_ratios(sizes: &[Size]) {
+    let Some((base, rest)) = sizes.split_first() else {
+        return;
+    };
+    type Call = (&'static str, fn(&Row) -> f64);
+    let calls: [Call; 4] = [
+        ("Prepare", |r| r.prepare.1),
+        ("Commit", |r| r.commit.1),
+        ("Stat", |r| r.stat.1),
+        ("Commit during GC", |r| r.gc_commit_p99_ms),
+    ];
+    for s in rest {
+        println!(
+            "\np99 at {} objects against {} objects, round by round (the median of the rounds' ratios; the ratio of the medians)",
+            s.fill.objects, base.fill.objects
+        );
+        for (name, f) in calls {
+            let ratios: Vec<f64> = s
+                .rounds
+                .iter()
+                .zip(&base.rounds)
+                .map(|(x, b)| f(x) / f(b))
+                .collect();
+            let shown: Vec<String> = ratios.iter().map(|q| format!("{q:.2}")).collect();
+            println!(
+                "  {name}: {} ({:.2}x; {:.2}x)",
+                shown.join(" "),
+                summary(ratios.clone()).0,
+                median(&s.rounds, f) / median(&base.rounds, f)
+            );
+        }
+    }
+}
+
+/// Every round of every size, as `scale-rounds.csv` keeps them.
+fn rounds_csv(sizes: &[Size]) -> String {
+    let mut out = String::from(
+        "objects,round,prepare_p99_ms,mounts_p99_ms,commit_p99_ms,stat_p99_ms,remove_p99_ms,stats_ms,gc_s,gc_commit_p99_ms,gc_commit_max_ms,gc_commit_max_wait_ms,gc_commit_max_sync_ms,peak_rss_mib\n",
+    );
+    for s in sizes {
+        for (i, r) in s.rounds.iter().enumerate() {
+            out.push_str(&format!(
+                "{},{i},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.1},{:.1},{:.1},{:.1},{:.1}\n",
+                s.fill.objects,
+                r.prepare.1,
+                r.mounts.1,
+                r.commit.1,
+                r.stat.1,
+                r.remove.1,
+                r.stats_ms,
+                r.gc_s,
+                r.gc_commit_p99_ms,
+                r.gc_commit_max_ms,
+                r.gc_commit_max_wait_ms,
+                r.gc_commit_max_sync_ms,
+                r.rss_mib
+            ));
+        }
+    }
+    out
 }
 
 pub fn run(a: &ScaleArgs) -> Result<()> {
     anyhow::ensure!(nix::unistd::geteuid().is_root(), "needs root (loop mount)");
-    let (work, _tmp) = work_dir(a.workdir.as_deref(), "cas-scale-")?;
+    anyhow::ensure!(a.repeats >= 1, "--repeats must be at least 1");
     if let Some(row_to) = &a.row_to {
         let [n] = a.objects[..] else {
             anyhow::bail!("--row-to measures one store size");
         };
-        let row = match &a.serve {
-            Some(root) => serve(a, root, a.layers)?,
-            None => measure(a, &work, n)?,
+        let row = match (&a.serve, &a.fill) {
+            (Some(root), _) => serve(a, root, a.layers)?,
+            (None, Some(root)) => fill(a, root, n)?,
+            (None, None) => anyhow::bail!("--row-to needs --fill or --serve"),
         };
         return Ok(fs::write(row_to, csv(&row))?);
     }
-    let mut rows = Vec::new();
+    let (work, _tmp) = work_dir(a.workdir.as_deref(), "cas-scale-")?;
+    let mut sizes = Vec::new();
     for &n in &a.objects {
-        rows.push(measure_apart(a, &work, n)?);
+        let (_, layers) = shape(n);
+        // each round collects its own 1% of the layers; the last layer is the loop's parent
+        anyhow::ensure!(
+            a.repeats * layers.div_ceil(100) < layers,
+            "{n} objects make {layers} layers: too few for {} rounds of GC",
+            a.repeats
+        );
+        let dir = work.join(format!("objects-{n}"));
+        fs::create_dir_all(&dir)?;
+        // a block and an inode per small object, and room to spare
+        let fs_mib = (n as u64 * 12 / 1024).max(4 << 10);
+        let loopfs = LoopFs::new(&dir, fs_mib, FsKind::Xfs)?;
+        let root = loopfs.mnt.join("store");
+        let row_file = dir.join("fill.csv");
+        let fill = in_a_process(a, n, &row_file, &[OsStr::new("--fill"), root.as_os_str()])?;
+        sizes.push(Size {
+            n,
+            dir,
+            root,
+            fill,
+            rounds: Vec::new(),
+            _fs: loopfs,
+        });
+    }
+    for round in 0..a.repeats {
+        let mut order: Vec<usize> = (0..sizes.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let s = &mut sizes[i];
+            let (layers, round_arg) = (s.fill.layers.to_string(), round.to_string());
+            let mut args = vec![
+                OsStr::new("--serve"),
+                s.root.as_os_str(),
+                OsStr::new("--layers"),
+                OsStr::new(&layers),
+                OsStr::new("--round"),
+                OsStr::new(&round_arg),
+            ];
+            if round + 1 == a.repeats {
+                args.push(OsStr::new("--recover"));
+            }
+            let row_file = s.dir.join(format!("round-{round}.csv"));
+            let row = in_a_process(a, s.n, &row_file, &args)?;
+            s.rounds.push(row);
+        }
+    }
+    let mut rows = Vec::new();
+    for s in &sizes {
+        let mut row = combine(s);
+        (row.fsck_s, row.fsck_rss_mib) = casctl(&s.root, &["fsck", "--json"])?;
+        (row.rebuild_s, row.rebuild_rss_mib) = casctl(&s.root, &["rebuild-index"])?;
+        rows.push(row);
     }
     fs::create_dir_all(&a.out)?;
     let mut out = String::from(HEADER);
@@ -552,14 +720,15 @@ pub fn run(a: &ScaleArgs) -> Result<()> {
     }
     let csv_path = a.out.join("scale.csv");
     fs::write(&csv_path, out)?;
+    fs::write(a.out.join("scale-rounds.csv"), rounds_csv(&sizes))?;
     plot(&a.out.join("scale.svg"), &rows)?;
     println!(
-        "\n| objects | layers | fill | Prepare p50/p99 | Mounts p50/p99 | Commit p50/p99 | Stat p50/p99 | Remove p50/p99 | stats | GC of 1% | longest Commit during GC (of it: waiting for GC, syncfs) | peak RSS (after the open; the filling process's) | disk per object | recovery | reopen after the fill | fsck (peak RSS) | rebuild-index (peak RSS) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "\n| objects | layers | fill | Prepare p50/p99 | Mounts p50/p99 | Commit p50/p99 | Stat p50/p99 | Remove p50/p99 | stats | GC of 1% | Commit during GC: p99; longest (of it: waiting for GC, syncfs) | peak RSS (after the open; the filling process's) | disk per object | recovery | reopen after the fill | fsck (peak RSS) | rebuild-index (peak RSS) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let pair = |p: (f64, f64)| format!("{:.2} / {:.2} ms", p.0, p.1);
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} s | {} | {} | {} | {} | {} | {:.2} ms | {:.2} s ({} objects) | {:.1} ms ({:.1}, {:.1}) | {:.0} MiB ({:.0}; {:.0}) | {:.0} B | {:.0} ms | {:.0} ms | {:.1} s ({:.0} MiB) | {:.1} s ({:.0} MiB) |",
+            "| {} | {} | {:.0} s | {} | {} | {} | {} | {} | {:.2} ms | {:.2} s ({} objects) | {:.1} ms; {:.1} ms ({:.1}, {:.1}) | {:.0} MiB ({:.0}; {:.0}) | {:.0} B | {:.0} ms | {:.0} ms | {:.1} s ({:.0} MiB) | {:.1} s ({:.0} MiB) |",
             r.objects,
             r.layers,
             r.fill_s,
@@ -571,6 +740,7 @@ pub fn run(a: &ScaleArgs) -> Result<()> {
             r.stats_ms,
             r.gc_s,
             r.gc_removed,
+            r.gc_commit_p99_ms,
             r.gc_commit_max_ms,
             r.gc_commit_max_wait_ms,
             r.gc_commit_max_sync_ms,
@@ -586,6 +756,11 @@ pub fn run(a: &ScaleArgs) -> Result<()> {
             r.rebuild_rss_mib
         );
     }
-    println!("\nscale: {} and the plot next to it", csv_path.display());
+    print_ratios(&sizes);
+    println!(
+        "\nscale: {} ({} round(s) per size; each round in scale-rounds.csv) and the plot next to it",
+        csv_path.display(),
+        a.repeats
+    );
     Ok(())
 }
