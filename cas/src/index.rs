@@ -243,6 +243,10 @@ fn be_u64(v: &[u8]) -> u64 {
 pub struct MetaStore {
     db: sled::Db,
     tree: sled::Tree,
+    /// How many times this process marked the candidates incomplete; a scan that
+    /// restores them marks them complete only if none came meanwhile
+    /// ([`MetaStore::complete_candidates_since`]).
+    incomplete_marks: std::sync::Arc<std::sync::Mutex<u64>>,
 }
 
 fn record_key(key: &str) -> Vec<u8> {
@@ -412,7 +416,11 @@ impl MetaStore {
             // a new index counts from zero; an old one waits for its first count
             tree.insert(COUNTERS, &Counters::default().encode())?;
         }
-        let meta = MetaStore { db, tree };
+        let meta = MetaStore {
+            db,
+            tree,
+            incomplete_marks: Default::default(),
+        };
         let started = std::time::Instant::now();
         let moved = meta.migrate_legacy_refs()?;
         if moved > 0 {
@@ -826,6 +834,54 @@ impl MetaStore {
         Ok(self.tree.apply_batch(batch)?)
     }
 
+    /// Those of `digests` that no committed snapshot references and that are not GC
+    /// candidates (each bucket read once however many of them it holds).
+    pub fn unreferenced(&self, digests: &[Digest]) -> Result<Vec<Digest>, IndexError> {
+        let mut buckets: BTreeMap<[u8; 3], Bucket> = BTreeMap::new();
+        let mut out = Vec::new();
+        for d in digests {
+            if self.cached(&mut buckets, bucket_key(d))?.get(d) == 0
+                && !self.tree.contains_key(candidate_key(d))?
+            {
+                out.push(*d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes GC candidates of those of `objects` (digest, size) that no committed
+    /// snapshot references and that are not candidates yet, in one batch, with the
+    /// counters; returns how many it added. This is how the candidates become complete
+    /// again without a collection under one long hold (see [`crate::gc`]): an object an
+    /// ingest is about to reference is safe as a candidate, since a collection checks
+    /// its references again and the Commit that references it removes the entry. The
+    /// caller serialises it with every other index change (the daemon's writer lock).
+    pub fn adopt_unreferenced(&self, objects: &[(Digest, u64)]) -> Result<u64, IndexError> {
+        let mut counters = self.counters()?;
+        let mut buckets: BTreeMap<[u8; 3], Bucket> = BTreeMap::new();
+        let mut batch = sled::Batch::default();
+        let mut adopted = 0;
+        for (d, size) in objects {
+            if self.cached(&mut buckets, bucket_key(d))?.get(d) > 0
+                || self.tree.contains_key(candidate_key(d))?
+            {
+                continue;
+            }
+            batch.insert(candidate_key(d), &size.to_be_bytes());
+            if let Some(c) = counters.as_mut() {
+                c.add_candidate(*size);
+            }
+            adopted += 1;
+        }
+        if adopted > 0 {
+            if let Some(c) = counters {
+                batch.insert(COUNTERS, &c.encode());
+            }
+            self.tree.apply_batch(batch)?;
+        }
+        Ok(adopted)
+    }
+
     /// Forgets every candidate (after a full scan collected every unreferenced object).
     pub fn clear_candidates(&self) -> Result<(), IndexError> {
         loop {
@@ -845,12 +901,42 @@ impl MetaStore {
     /// Marks the candidates complete (after a full scan) or not (after a crash, or a
     /// failure that may leave unreferenced objects behind).
     pub fn set_candidates_complete(&self, complete: bool) -> Result<(), IndexError> {
+        let mut marks = self
+            .incomplete_marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if complete {
             self.tree.insert(CANDIDATES_COMPLETE, &[])?;
         } else {
+            *marks += 1;
             self.tree.remove(CANDIDATES_COMPLETE)?;
         }
         Ok(())
+    }
+
+    /// How many times this process has marked the candidates incomplete: what a scan
+    /// that restores them reads before it begins.
+    pub fn incomplete_marks(&self) -> u64 {
+        *self
+            .incomplete_marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks the candidates complete unless they were marked incomplete since `marks`
+    /// ([`MetaStore::incomplete_marks`] when the scan began: a failure meanwhile may have
+    /// left an unreferenced object where the scan had already been). Returns whether it
+    /// did.
+    pub fn complete_candidates_since(&self, marks: u64) -> Result<bool, IndexError> {
+        let now = self
+            .incomplete_marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if *now != marks {
+            return Ok(false);
+        }
+        self.tree.insert(CANDIDATES_COMPLETE, &[])?;
+        Ok(true)
     }
 
     /// How many committed snapshots reference the object `d`.

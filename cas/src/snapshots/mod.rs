@@ -1162,24 +1162,15 @@ impl Snapshots {
     }
 
     /// Collects objects no committed snapshot references: the index's GC candidates, a
-    /// batch at a time (each batch waits for running ingests and holds new ones off), or
-    /// every object once after an unclean stop (see [`crate::gc`]).
+    /// batch at a time (each batch waits for running ingests and holds new ones off).
+    /// After an unclean stop, every unreferenced object is made a candidate first, a
+    /// chunk at a time (see [`crate::gc`]).
     pub fn gc(&self) -> Result<GcStats> {
         let started = std::time::Instant::now();
-        if !self.meta.candidates_complete()? {
-            let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
-            let _w = lock(&self.writer);
-            let stats = crate::gc::collect(&self.layout, &self.meta)?;
-            info!(
-                removed = stats.removed,
-                freed_bytes = stats.freed_bytes,
-                scanned = stats.scanned,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "garbage collected (every object scanned: the first collection after an unclean stop)"
-            );
-            return Ok(stats);
-        }
         let mut stats = GcStats::default();
+        if !self.meta.candidates_complete()? {
+            stats.scanned += self.adopt_unreferenced()?;
+        }
         let trees = {
             let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
             let (files, trees) =
@@ -1219,15 +1210,8 @@ impl Snapshots {
             batches += 1;
             longest = longest.max(held.elapsed());
             drop((_w, _g));
-            // Let the requests waiting meanwhile in before the next batch: a lock
-            // released and taken again at once mostly stays with its thread (measured:
-            // Commits waited 7 batches), so wait until they hold it (or a bound passes).
-            let yielded = std::time::Instant::now();
-            while self.waiting.load(std::sync::atomic::Ordering::SeqCst) > 0
-                && yielded.elapsed() < GC_YIELD_MAX
-            {
-                std::thread::sleep(Duration::from_micros(200));
-            }
+            // the requests waiting meanwhile go before the next batch
+            self.let_waiting_in();
         }
         info!(
             removed = stats.removed,
@@ -1239,6 +1223,53 @@ impl Snapshots {
             "garbage collected"
         );
         Ok(stats)
+    }
+
+    /// Makes every unreferenced object a GC candidate (after an unclean stop, or a
+    /// failure that may have left some that are not), one fan-out directory listed at a
+    /// time without any lock and its objects looked up in chunks under the writer lock
+    /// (see [`crate::gc`]), then marks the candidates complete unless they were marked
+    /// incomplete again meanwhile. Returns how many objects it looked at.
+    fn adopt_unreferenced(&self) -> Result<u64> {
+        let started = std::time::Instant::now();
+        let marks = self.meta.incomplete_marks();
+        let (mut scanned, mut adopted) = (0u64, 0u64);
+        for first in 0..=u8::MAX {
+            let objects = crate::gc::objects_in_fan(&self.layout, first)?;
+            scanned += objects.len() as u64;
+            // most objects are referenced: only the others are `stat`ed and looked at
+            // again under the lock
+            let unreferenced = self.meta.unreferenced(&objects)?;
+            for chunk in unreferenced.chunks(GC_BATCH) {
+                let sized = crate::gc::with_sizes(&self.layout, chunk)?;
+                {
+                    let _w = lock(&self.writer);
+                    adopted += self.meta.adopt_unreferenced(&sized)?;
+                }
+                self.let_waiting_in();
+            }
+        }
+        let complete = self.meta.complete_candidates_since(marks)?;
+        info!(
+            scanned,
+            adopted,
+            complete,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "GC candidates restored: every unreferenced object is one"
+        );
+        Ok(scanned)
+    }
+
+    /// Waits (at most [`GC_YIELD_MAX`]) until the requests that were waiting for the locks
+    /// a GC step held have taken them: a lock released and taken again at once mostly
+    /// stays with its thread (measured: Commits waited 7 batches).
+    fn let_waiting_in(&self) {
+        let yielded = std::time::Instant::now();
+        while self.waiting.load(std::sync::atomic::Ordering::SeqCst) > 0
+            && yielded.elapsed() < GC_YIELD_MAX
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     /// What each image holds alone and shares (`casctl images`, the per-image metrics).

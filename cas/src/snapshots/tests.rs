@@ -728,9 +728,9 @@ fn fsck_in_parts_finds_what_one_part_finds() {
     // and no spill is left in cas/tmp
     assert_eq!(fs::read_dir(sn.layout().tmp_dir()).unwrap().count(), 0);
 
-    // a full collection takes the alias nobody owns and keeps the legacy one
-    sn.meta.set_candidates_complete(false).unwrap();
-    sn.gc().unwrap();
+    // a full collection (`casctl gc` on the stopped store) takes the alias nobody owns
+    // and keeps the legacy one
+    crate::gc::collect(sn.layout(), &sn.meta).unwrap();
     assert!(!stray_alias.exists());
     assert!(legacy.exists());
     let after = sn.fsck(false).unwrap();
@@ -883,9 +883,80 @@ fn gc_takes_the_candidates_and_never_an_object_referenced_again() {
     assert_eq!(sn.gc().unwrap().removed, 1);
 }
 
+/// After an unclean stop, the objects nobody references and no candidate names (an
+/// ingest's, published before its references landed) become candidates a chunk at a
+/// time, without a collection under one hold: the referenced ones and the candidates
+/// stay as they are, the counters count the new candidates, and the next batches
+/// collect them. A scan during which the candidates were marked incomplete again does
+/// not mark them complete.
+#[test]
+fn after_an_unclean_stop_unreferenced_objects_become_candidates_in_chunks() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let sn = open(dir.path());
+    layer(&sn, "kept", None, &[("a", b"referenced"), ("b", b"also")]);
+    layer(&sn, "gone", None, &[("c", b"a candidate")]);
+    sn.remove("gone").unwrap();
+    // more orphans than one chunk holds, over many fan-out directories
+    let orphans: Vec<Vec<u8>> = (0..GC_BATCH + 44)
+        .map(|i| format!("published, never referenced {i}").into_bytes())
+        .collect();
+    for (i, content) in orphans.iter().enumerate() {
+        let tmp = sn.layout().tmp_dir().join(format!("orphan-{i}"));
+        fs::write(&tmp, content).unwrap();
+        sn.objects
+            .publish_written(&tmp, &Digest::of(content))
+            .unwrap();
+        fs::remove_file(&tmp).unwrap();
+    }
+    let before = sn.meta.counters().unwrap().unwrap();
+    assert_eq!(before.candidate_objects, 1);
+    drop(sn);
+
+    let sn = open(dir.path());
+    assert!(!sn.meta.candidates_complete().unwrap(), "after a crash");
+    let orphan_bytes: u64 = orphans.iter().map(|o| o.len() as u64).sum();
+    let scanned = sn.adopt_unreferenced().unwrap();
+    assert_eq!(scanned, 3 + orphans.len() as u64, "every object, once");
+    assert!(sn.meta.candidates_complete().unwrap());
+    let c = sn.meta.counters().unwrap().unwrap();
+    assert_eq!(
+        (c.candidate_objects, c.candidate_bytes),
+        (
+            1 + orphans.len() as u64,
+            before.candidate_bytes + orphan_bytes
+        )
+    );
+    assert_eq!(c.referenced_objects, before.referenced_objects);
+    assert!(sn.fsck(false).unwrap().problems.is_empty());
+    // adopting again adds nothing
+    assert_eq!(
+        sn.meta
+            .adopt_unreferenced(&[(Digest::of(b"referenced"), 10)])
+            .unwrap(),
+        0
+    );
+    let g = sn.gc().unwrap();
+    assert_eq!(g.removed, 1 + orphans.len() as u64, "{g:?}");
+    assert_eq!(object_count(&sn), 2, "the referenced ones stay");
+    let r = sn.fsck(true).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert_eq!(r.untracked_garbage, 0);
+
+    // marked incomplete while a scan ran: the scan leaves them incomplete
+    let marks = sn.meta.incomplete_marks();
+    sn.meta.set_candidates_complete(false).unwrap();
+    assert!(!sn.meta.complete_candidates_since(marks).unwrap());
+    assert!(!sn.meta.candidates_complete().unwrap());
+    assert!(sn
+        .meta
+        .complete_candidates_since(sn.meta.incomplete_marks())
+        .unwrap());
+}
+
 /// Stats come from the index's counters. A store whose index predates them counts them
-/// once when it opens. fsck finds counters that disagree with the scan, and the next
-/// full collection recounts them.
+/// once when it opens. fsck finds counters that disagree with the scan, and a full
+/// collection recounts them.
 #[test]
 fn object_counters_are_counted_once_checked_by_fsck_and_recounted_by_a_full_gc() {
     let _serial = serial();
@@ -937,9 +1008,8 @@ fn object_counters_are_counted_once_checked_by_fsck_and_recounted_by_a_full_gc()
             scan: 3,
         }]
     );
-    // a full collection (the first after an unclean stop) recounts
-    sn.meta.set_candidates_complete(false).unwrap();
-    sn.gc().unwrap();
+    // a full collection (`casctl gc` on the stopped store) recounts
+    crate::gc::collect(sn.layout(), &sn.meta).unwrap();
     let s = sn.stats().unwrap();
     assert_eq!(figures(&s), (3, 5 + 6 + 9, 0, 0), "{s:?}");
     // fsck says how far it has come, each phase ending at its total
