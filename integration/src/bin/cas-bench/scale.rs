@@ -17,6 +17,9 @@
 //!   as the daemon starts after `kill -9`; and the clean reopen right after the fill.
 //!   sled replays its log from where it last opened, so the first is what a daemon
 //!   restarted since the fill pays, the second what one never restarted since pays;
+//! * the first GC after that unclean stop, with the Commit loop running: it makes every
+//!   unreferenced object a GC candidate before it collects, so it looks at every object
+//!   (its time, and the longest Commit meanwhile);
 //! * `casctl fsck` and then `casctl rebuild-index` on the stopped store, each a process
 //!   of its own: time and peak RSS (`wait4`), and fsck must find the store clean.
 //!
@@ -116,6 +119,10 @@ struct Row {
     gc_commit_max_sync_ms: f64,
     /// The p99 of the Commits during GC.
     gc_commit_p99_ms: f64,
+    /// The first GC after the unclean stop (which makes every unreferenced object a
+    /// candidate first): seconds, and the longest Commit of the loop meanwhile.
+    gc_after_crash_s: f64,
+    gc_after_crash_commit_max_ms: f64,
     rss_mib: f64,
     /// RSS when the measured steps began (the store just opened by their process).
     rss_base_mib: f64,
@@ -354,6 +361,11 @@ fn serve(a: &ScaleArgs, root: &Path, layers: usize) -> Result<Row> {
         drop(sn);
         let (sn, t) = timed(|| open(root))?;
         row.recovery_ms = t;
+        let sn = Arc::new(sn);
+        let (gc_s, _, commits) = collect_while_committing(&sn, &format!("crash-{}", a.round))?;
+        row.gc_after_crash_s = gc_s;
+        row.gc_after_crash_commit_max_ms = commits.iter().map(|c| c.wall).fold(0.0, f64::max);
+        let sn = Arc::try_unwrap(sn).map_err(|_| anyhow::anyhow!("store still shared"))?;
         sn.shutdown()?;
     } else {
         sn.shutdown()?;
@@ -362,7 +374,7 @@ fn serve(a: &ScaleArgs, root: &Path, layers: usize) -> Result<Row> {
     Ok(row)
 }
 
-const HEADER: &str = "objects,layers,fill_s,prepare_p50_ms,prepare_p99_ms,mounts_p50_ms,mounts_p99_ms,commit_p50_ms,commit_p99_ms,stat_p50_ms,stat_p99_ms,remove_p50_ms,remove_p99_ms,stats_ms,gc_s,gc_removed,gc_commit_max_ms,gc_commit_max_wait_ms,gc_commit_max_sync_ms,peak_rss_mib,rss_after_open_mib,disk_bytes_per_object,recovery_ms,reopen_after_fill_ms,fsck_s,fsck_rss_mib,rebuild_s,rebuild_rss_mib,fill_rss_mib,gc_commit_p99_ms";
+const HEADER: &str = "objects,layers,fill_s,prepare_p50_ms,prepare_p99_ms,mounts_p50_ms,mounts_p99_ms,commit_p50_ms,commit_p99_ms,stat_p50_ms,stat_p99_ms,remove_p50_ms,remove_p99_ms,stats_ms,gc_s,gc_removed,gc_commit_max_ms,gc_commit_max_wait_ms,gc_commit_max_sync_ms,peak_rss_mib,rss_after_open_mib,disk_bytes_per_object,recovery_ms,reopen_after_fill_ms,fsck_s,fsck_rss_mib,rebuild_s,rebuild_rss_mib,fill_rss_mib,gc_commit_p99_ms,gc_after_crash_s,gc_after_crash_commit_max_ms";
 
 /// A row as [`csv`] writes it.
 fn parse_row(line: &str) -> Result<Row> {
@@ -405,12 +417,14 @@ fn parse_row(line: &str) -> Result<Row> {
         rebuild_rss_mib: next(),
         fill_rss_mib: next(),
         gc_commit_p99_ms: next(),
+        gc_after_crash_s: next(),
+        gc_after_crash_commit_max_ms: next(),
     })
 }
 
 fn csv(r: &Row) -> String {
     format!(
-        "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.0},{:.1},{:.1},{:.2},{:.1},{:.2},{:.1},{:.1},{:.1}",
+        "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.0},{:.1},{:.1},{:.2},{:.1},{:.2},{:.1},{:.1},{:.1},{:.2},{:.1}",
         r.objects,
         r.layers,
         r.fill_s,
@@ -440,7 +454,9 @@ fn csv(r: &Row) -> String {
         r.rebuild_s,
         r.rebuild_rss_mib,
         r.fill_rss_mib,
-        r.gc_commit_p99_ms
+        r.gc_commit_p99_ms,
+        r.gc_after_crash_s,
+        r.gc_after_crash_commit_max_ms
     )
 }
 
@@ -571,6 +587,10 @@ fn combine(s: &Size) -> Row {
         rss_base_mib: median(r, |x| x.rss_base_mib),
         reopen_after_fill_ms: r.first().map_or(f64::NAN, |x| x.reopen_after_fill_ms),
         recovery_ms: r.last().map_or(f64::NAN, |x| x.recovery_ms),
+        gc_after_crash_s: r.last().map_or(f64::NAN, |x| x.gc_after_crash_s),
+        gc_after_crash_commit_max_ms: r
+            .last()
+            .map_or(f64::NAN, |x| x.gc_after_crash_commit_max_ms),
         ..s.fill.clone()
     }
 }
@@ -723,12 +743,12 @@ pub fn run(a: &ScaleArgs) -> Result<()> {
     fs::write(a.out.join("scale-rounds.csv"), rounds_csv(&sizes))?;
     plot(&a.out.join("scale.svg"), &rows)?;
     println!(
-        "\n| objects | layers | fill | Prepare p50/p99 | Mounts p50/p99 | Commit p50/p99 | Stat p50/p99 | Remove p50/p99 | stats | GC of 1% | Commit during GC: p99; longest (of it: waiting for GC, syncfs) | peak RSS (after the open; the filling process's) | disk per object | recovery | reopen after the fill | fsck (peak RSS) | rebuild-index (peak RSS) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "\n| objects | layers | fill | Prepare p50/p99 | Mounts p50/p99 | Commit p50/p99 | Stat p50/p99 | Remove p50/p99 | stats | GC of 1% | Commit during GC: p99; longest (of it: waiting for GC, syncfs) | peak RSS (after the open; the filling process's) | disk per object | recovery | first GC after it (longest Commit meanwhile) | reopen after the fill | fsck (peak RSS) | rebuild-index (peak RSS) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let pair = |p: (f64, f64)| format!("{:.2} / {:.2} ms", p.0, p.1);
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} s | {} | {} | {} | {} | {} | {:.2} ms | {:.2} s ({} objects) | {:.1} ms; {:.1} ms ({:.1}, {:.1}) | {:.0} MiB ({:.0}; {:.0}) | {:.0} B | {:.0} ms | {:.0} ms | {:.1} s ({:.0} MiB) | {:.1} s ({:.0} MiB) |",
+            "| {} | {} | {:.0} s | {} | {} | {} | {} | {} | {:.2} ms | {:.2} s ({} objects) | {:.1} ms; {:.1} ms ({:.1}, {:.1}) | {:.0} MiB ({:.0}; {:.0}) | {:.0} B | {:.0} ms | {:.2} s ({:.1} ms) | {:.0} ms | {:.1} s ({:.0} MiB) | {:.1} s ({:.0} MiB) |",
             r.objects,
             r.layers,
             r.fill_s,
@@ -749,6 +769,8 @@ pub fn run(a: &ScaleArgs) -> Result<()> {
             r.fill_rss_mib,
             r.disk_per_object,
             r.recovery_ms,
+            r.gc_after_crash_s,
+            r.gc_after_crash_commit_max_ms,
             r.reopen_after_fill_ms,
             r.fsck_s,
             r.fsck_rss_mib,
