@@ -17,8 +17,9 @@
 //! written as one `pwritev2(RWF_ATOMIC | RWF_DSYNC)` block where the filesystem reports
 //! atomic write units, otherwise as a temp file + fsync + rename. [`idmap`] makes
 //! ID-mapped clones of layers, [`loopdev`] serves a layer image as a read-only block
-//! device where the kernel mounts EROFS only from one, and [`process`] waits for a child with its peak memory
-//! (for the benchmarks).
+//! device where the kernel mounts EROFS only from one, [`memory`] hands the allocator's free
+//! memory back to the kernel after a large request, and [`process`] waits for a child with
+//! its peak memory (for the benchmarks).
 //!
 //! Every `unsafe` block carries a `// SAFETY:` comment naming the invariant and who
 //! upholds it; buffers handed to the kernel are never touched until their completion.
@@ -28,6 +29,7 @@ pub mod error;
 pub mod idmap;
 pub mod journal;
 pub mod loopdev;
+pub mod memory;
 pub mod pool;
 pub mod process;
 

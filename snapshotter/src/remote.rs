@@ -281,7 +281,7 @@ impl CasSnapshotter {
             layer.size,
         );
         let applied = self
-            .run(move |s| s.apply_blob(&k, stream, size, None, limits, &pool))
+            .run_large(move |s| s.apply_blob(&k, stream, size, None, limits, &pool))
             .await;
         let applied = match applied {
             Ok(a) => a,
@@ -317,7 +317,7 @@ impl CasSnapshotter {
         let mut labels = labels.clone();
         labels.insert(LABEL_PARTIAL.to_string(), verified);
         let (name, k) = (r.target.clone(), build_key.to_string());
-        match self.run(move |s| s.commit(&name, &k, labels)).await {
+        match self.run_large(move |s| s.commit(&name, &k, labels)).await {
             Ok(_) => Ok(()),
             Err(ServiceError::Snapshot(SnapshotError::AlreadyExists(_))) => {
                 // built meanwhile by another pull: ours goes

@@ -129,6 +129,8 @@ pub struct Sample {
     pub synced_secs: f64,
     pub written: u64,
     pub daemon_hwm_kib: u64,
+    /// The daemon's RSS once the step and its `sync` are over: what it keeps.
+    pub daemon_rss_after_kib: u64,
     pub containerd_hwm_kib: u64,
     pub daemon_cpu: f64,
     pub containerd_cpu: f64,

@@ -43,6 +43,7 @@ pub(super) fn csv(samples: &[Sample], limits: &[Limit], api: &[(String, String, 
             ("seconds_synced", x.synced_secs),
             ("written_bytes", x.written as f64),
             ("daemon_peak_rss_kib", x.daemon_hwm_kib as f64),
+            ("daemon_rss_after_kib", x.daemon_rss_after_kib as f64),
             ("containerd_peak_rss_kib", x.containerd_hwm_kib as f64),
             ("daemon_cpu_seconds", x.daemon_cpu),
             ("containerd_cpu_seconds", x.containerd_cpu),
@@ -178,7 +179,7 @@ pub(super) fn render(
     let _ = writeln!(
         s,
         "| case | overlayfs (s) | cas (s) | cas / overlayfs | limit (s) | % of limit: overlayfs / cas | \
-         until synced (s): overlayfs / cas | written (MB): overlayfs / cas | peak RSS (MiB): cas daemon / containerd with cas |"
+         until synced (s): overlayfs / cas | written (MB): overlayfs / cas | peak RSS (MiB): cas daemon (kept after) / containerd with cas |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
     for c in cases.iter().filter(|c| c.scaling_files.is_none()) {
@@ -193,7 +194,7 @@ pub(super) fn render(
         let med = |sn: &str, f: &dyn Fn(&Sample) -> f64| summary(values(samples, &c.id, sn, f)).0;
         let _ = writeln!(
             s,
-            "| **{}**: {} | {} | {} | {:.2} | {lim} | {pct} | {:.2} / {:.2} | {:.0} / {:.0} | {:.0} / {:.0} |",
+            "| **{}**: {} | {} | {} | {:.2} | {lim} | {pct} | {:.2} / {:.2} | {:.0} / {:.0} | {:.0} ({:.0}) / {:.0} |",
             c.id,
             c.title,
             fmt_range(o, 2),
@@ -204,6 +205,7 @@ pub(super) fn render(
             med("overlayfs", &|x| x.written as f64 / 1e6),
             med("cas", &|x| x.written as f64 / 1e6),
             med("cas", &|x| x.daemon_hwm_kib as f64 / 1024.0),
+            med("cas", &|x| x.daemon_rss_after_kib as f64 / 1024.0),
             med("cas", &|x| x.containerd_hwm_kib as f64 / 1024.0),
         );
     }
@@ -216,7 +218,7 @@ pub(super) fn render(
     );
     let _ = writeln!(
         s,
-        "| files | overlayfs (s) | cas (s) | cas / overlayfs | overlayfs µs/file | cas µs/file | cas daemon peak RSS (MiB) | written (MB): overlayfs / cas |"
+        "| files | overlayfs (s) | cas (s) | cas / overlayfs | overlayfs µs/file | cas µs/file | cas daemon peak RSS (kept after) (MiB) | written (MB): overlayfs / cas |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
     for c in cases.iter().filter(|c| c.scaling_files.is_some()) {
@@ -227,7 +229,7 @@ pub(super) fn render(
         let med = |sn: &str, f: &dyn Fn(&Sample) -> f64| summary(values(samples, &c.id, sn, f)).0;
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} / {:.0} |",
+            "| {} | {} | {} | {:.2} | {:.0} | {:.0} | {:.0} ({:.0}) | {:.0} / {:.0} |",
             n,
             fmt_range(o, 2),
             fmt_range(ours, 2),
@@ -235,6 +237,7 @@ pub(super) fn render(
             om / n * 1e6,
             cm / n * 1e6,
             med("cas", &|x| x.daemon_hwm_kib as f64 / 1024.0),
+            med("cas", &|x| x.daemon_rss_after_kib as f64 / 1024.0),
             med("overlayfs", &|x| x.written as f64 / 1e6),
             med("cas", &|x| x.written as f64 / 1e6),
         );
@@ -344,7 +347,8 @@ pub(super) fn render(
          leaves dirty pages behind. *Written* is the loop device's sectors written over the step \
          and that `sync` (`/sys/block/<dev>/stat`): everything containerd, the snapshotters and \
          the filesystem wrote. *Peak RSS* is `VmHWM`, reset through `/proc/<pid>/clear_refs` \
-         before the step. Daemon and containerd CPU seconds per step are in the CSV."
+         before the step (which resets it to the RSS the process keeps from earlier steps); \
+         *kept after* is the daemon's `VmRSS` once the step and its `sync` are over. Daemon and containerd CPU seconds per step are in the CSV."
     );
     s
 }

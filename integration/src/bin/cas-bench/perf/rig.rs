@@ -221,6 +221,7 @@ impl Rig {
             synced_secs,
             written: (sectors_written(&self.dev)? - sectors) * 512,
             daemon_hwm_kib: hwm_kib(dpid)?,
+            daemon_rss_after_kib: status_kib(dpid, "VmRSS:")?,
             containerd_hwm_kib: hwm_kib(cpid)?,
             daemon_cpu: cpu_secs(dpid)? - dcpu,
             containerd_cpu: cpu_secs(cpid)? - ccpu,
