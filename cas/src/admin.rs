@@ -53,7 +53,8 @@ pub struct Stats {
     #[serde(default)]
     pub counted: bool,
     /// Whether unreferenced objects may exist that the counters do not hold (left by an
-    /// unclean stop or a failed ingest): the next GC scans every object and takes them.
+    /// unclean stop or a failed ingest): the next GC looks at every object and makes
+    /// them candidates.
     #[serde(default)]
     pub uncounted_garbage: bool,
     /// What new layers become (filled in by the running daemon).

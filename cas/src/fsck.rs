@@ -132,8 +132,8 @@ pub struct FsckReport {
     /// Objects no snapshot references (not an inconsistency: garbage for the next GC).
     pub unreferenced_objects: u64,
     /// Of them, those no GC candidate names while the index says its candidates are
-    /// complete (see [`crate::index`]): objects only a full scan collects (the first GC
-    /// after an unclean stop, or `casctl gc` with the daemon stopped). Expected only
+    /// complete (see [`crate::index`]): objects only a scan of every object finds (the
+    /// first GC after an unclean stop, or `casctl gc` with the daemon stopped). Expected only
     /// after a crash the daemon has not been restarted from; not a problem.
     #[serde(default)]
     pub untracked_garbage: u64,

@@ -525,11 +525,10 @@ fn sweep_aliases(
     Ok(())
 }
 
-/// Deletes unreferenced objects, scanning every object. See the module docs for the
-/// locking contract. A daemon uses it once after an unclean stop (or on a store that
-/// predates GC candidates), then [`collect_batch`] over the candidates. It leaves the
-/// candidates complete and the index's counters recounted ([`crate::admin::recount`]),
-/// durably.
+/// Deletes unreferenced objects, scanning every object (`casctl gc` on a stopped store).
+/// See the module docs for the locking contract. It also removes stray aliases, and
+/// leaves the candidates complete and the index's counters recounted
+/// ([`crate::admin::recount`]), durably.
 pub fn collect(layout: &Layout, meta: &MetaStore) -> Result<GcStats, CasError> {
     let objects = ObjectStore::new(layout);
     // legacy alias -> the objects that stay and could own it

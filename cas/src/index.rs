@@ -40,8 +40,11 @@
 //! ([`crate::gc::collect_batch`]): the batch that drops an object's last reference
 //! also adds its `G` entry, and the one that references it again removes it. They are
 //! *complete* (`T`) when every unreferenced object is a candidate, which a crash can break
-//! (an ingest's objects published before its references) and a full scan restores
-//! ([`crate::gc::collect`]); the daemon clears `T` at every start after an unclean stop.
+//! (an ingest's objects published before its references); the daemon clears `T` at
+//! every start after an unclean stop, and its next collection restores it by adding the
+//! unreferenced objects as candidates a chunk at a time
+//! ([`MetaStore::adopt_unreferenced`]), or a full collection does
+//! ([`crate::gc::collect`]).
 //!
 //! Every record is mirrored in `snapshots/<id>/info` ([`write_info`]), written durably
 //! *before* the index changes; with the manifests, those files are what

@@ -97,7 +97,7 @@ fn print_stats(s: &Stats) {
         s.unreferenced_objects,
         human_bytes(s.unreferenced_bytes),
         if s.uncounted_garbage {
-            ", and what an unclean stop left (the next GC scans for it)"
+            ", and what an unclean stop left (the next GC looks for it)"
         } else {
             ""
         }
@@ -158,7 +158,7 @@ fn print_fsck(r: &FsckReport) {
     if r.untracked_garbage > 0 {
         println!(
             "{} unreferenced objects are no GC candidate (left by a crash): the daemon's first GC \
-             after its restart, or casctl gc with it stopped, scans for them",
+             after its restart, or casctl gc with it stopped, finds them",
             r.untracked_garbage
         );
     }

@@ -1414,7 +1414,7 @@ impl Snapshots {
                     Ok(()) => Ok(applied),
                     Err(e) => {
                         // unprotected now: without the manifest its new objects are
-                        // nobody's, and the next collection scans every object
+                        // nobody's, and the next collection looks at every object
                         let _ = fs::remove_file(&manifest);
                         if let Err(e) = self.meta.set_candidates_complete(false) {
                             warn!(error = %e, "could not mark the GC candidates incomplete");

@@ -160,7 +160,7 @@ impl Rig {
         }
         let armed = format!("{point}=return");
         // a clean stop, so the armed daemon trusts its GC candidates (after an unclean
-        // one its first GC scans every object, and the candidates' points are not met)
+        // one its first GC looks at every object first)
         self.daemon.stop()?;
         self.daemon.restart_with_env(&[("FAILPOINTS", &armed)])?;
         self.wait_reconnected()?;
