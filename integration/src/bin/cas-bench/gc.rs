@@ -10,8 +10,9 @@
 //!
 //! * *candidates*: the store's GC candidates (the objects whose last reference went),
 //!   256 per batch, commits held off for one batch at most;
-//! * *full scan*: the store reopened after an unclean stop, whose first GC looks at every
-//!   object under one hold (as every collection did before candidates).
+//! * *after a crash*: the store reopened after an unclean stop, whose first GC looks at
+//!   every object (it makes the unreferenced ones candidates, a chunk at a time under
+//!   the index's writer lock) and then collects the candidates.
 
 use std::fs;
 use std::path::PathBuf;
@@ -155,7 +156,7 @@ pub fn run(a: &GcArgs) -> Result<()> {
         loopfs.mnt.display()
     );
     let mut rows = Vec::new();
-    for way in ["candidates", "full scan"] {
+    for way in ["candidates", "after a crash"] {
         let _ = fs::remove_dir_all(&root);
         let sn = open(&root)?;
         let filled = Instant::now();
@@ -172,7 +173,7 @@ pub fn run(a: &GcArgs) -> Result<()> {
         for l in 0..garbage {
             sn.remove(&format!("l{l}"))?;
         }
-        let sn = if way == "full scan" {
+        let sn = if way == "after a crash" {
             // an unclean stop: the next GC trusts no candidate list
             drop(sn);
             open(&root)?

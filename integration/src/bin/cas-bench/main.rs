@@ -94,7 +94,7 @@ enum Cmd {
     /// A layer's metadata as a stub tree and as one EROFS image: write, disk, walk.
     Layout(layout::LayoutArgs),
     /// GC of part of a large store while a Commit loop runs: GC time and commit stalls,
-    /// over the GC candidates and by a full scan.
+    /// over the GC candidates and in the first GC after an unclean stop.
     Gc(gc::GcArgs),
     /// Stores of growing size: request latencies, stats, GC of 1%, memory, disk per
     /// object and recovery against the number of objects.
