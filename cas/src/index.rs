@@ -843,13 +843,22 @@ impl MetaStore {
         let mut buckets: BTreeMap<[u8; 3], Bucket> = BTreeMap::new();
         let mut out = Vec::new();
         for d in digests {
-            if self.cached(&mut buckets, bucket_key(d))?.get(d) == 0
-                && !self.tree.contains_key(candidate_key(d))?
-            {
+            if self.nobodys(&mut buckets, d)? {
                 out.push(*d);
             }
         }
         Ok(out)
+    }
+
+    /// Whether `d` has no reference and no candidate entry (its bucket read through
+    /// `buckets`).
+    fn nobodys(
+        &self,
+        buckets: &mut BTreeMap<[u8; 3], Bucket>,
+        d: &Digest,
+    ) -> Result<bool, IndexError> {
+        Ok(self.cached(buckets, bucket_key(d))?.get(d) == 0
+            && !self.tree.contains_key(candidate_key(d))?)
     }
 
     /// Makes GC candidates of those of `objects` (digest, size) that no committed
@@ -865,9 +874,7 @@ impl MetaStore {
         let mut batch = sled::Batch::default();
         let mut adopted = 0;
         for (d, size) in objects {
-            if self.cached(&mut buckets, bucket_key(d))?.get(d) > 0
-                || self.tree.contains_key(candidate_key(d))?
-            {
+            if !self.nobodys(&mut buckets, d)? {
                 continue;
             }
             batch.insert(candidate_key(d), &size.to_be_bytes());
@@ -904,10 +911,7 @@ impl MetaStore {
     /// Marks the candidates complete (after a full scan) or not (after a crash, or a
     /// failure that may leave unreferenced objects behind).
     pub fn set_candidates_complete(&self, complete: bool) -> Result<(), IndexError> {
-        let mut marks = self
-            .incomplete_marks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut marks = self.marks();
         if complete {
             self.tree.insert(CANDIDATES_COMPLETE, &[])?;
         } else {
@@ -917,13 +921,16 @@ impl MetaStore {
         Ok(())
     }
 
+    fn marks(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.incomplete_marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// How many times this process has marked the candidates incomplete: what a scan
     /// that restores them reads before it begins.
     pub fn incomplete_marks(&self) -> u64 {
-        *self
-            .incomplete_marks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        *self.marks()
     }
 
     /// Marks the candidates complete unless they were marked incomplete since `marks`
@@ -931,10 +938,7 @@ impl MetaStore {
     /// left an unreferenced object where the scan had already been). Returns whether it
     /// did.
     pub fn complete_candidates_since(&self, marks: u64) -> Result<bool, IndexError> {
-        let now = self
-            .incomplete_marks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let now = self.marks();
         if *now != marks {
             return Ok(false);
         }

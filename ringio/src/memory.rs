@@ -13,6 +13,33 @@
 
 #![allow(unsafe_code)]
 
+/// Arenas a daemon lets glibc keep ([`limit_arenas`]).
+pub const DAEMON_ARENAS: i32 = 2;
+
+/// Caps glibc's malloc arenas at `n` (`mallopt(M_ARENA_MAX)`); call it first thing, before
+/// any thread starts. glibc gives threads arenas of their own, up to eight per core, and
+/// each keeps what its thread freed in its own pieces; in a daemon whose threads come and
+/// go with each request (the blocking pool, an apply's hashing threads), that memory
+/// piles up in arenas no later request uses and that `malloc_trim` cannot empty where
+/// live allocations are scattered over them. Measured with `cas-bench perf --quick
+/// --case 4-pulls --case scale-10000` (six pulls in a row, three runs each): the RSS the
+/// daemon kept after each pull went 55, 62, 86, 99, 101, 106 MiB with glibc's default
+/// and 39, 38, 40, 44, 44, 46 MiB with two arenas, and no pull was slower. Returns
+/// whether glibc took it (elsewhere than on glibc it does nothing and returns `false`).
+pub fn limit_arenas(n: i32) -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt takes two integers and changes a setting of glibc's allocator
+        // under its own lock; it is safe to call at any time.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, n) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = n;
+        false
+    }
+}
+
 /// Returns the allocator's free memory to the kernel; `true` when some was returned.
 /// Elsewhere than on glibc, it does nothing and returns `false`.
 pub fn release_free_memory() -> bool {

@@ -56,6 +56,11 @@ fn init_logging(cfg: &Config) -> ops::LogHandle {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: two malloc arenas, unless the environment chose
+    // (see ringio::memory).
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        ringio::memory::limit_arenas(ringio::memory::DAEMON_ARENAS);
+    }
     // Crash points (see the `cas` crate) are armed only by FAILPOINTS in the environment.
     let _failpoints = cas::fail::FailScenario::setup();
     match run(Args::parse()) {

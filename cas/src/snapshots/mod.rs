@@ -1255,7 +1255,7 @@ impl Snapshots {
             adopted,
             complete,
             elapsed_ms = started.elapsed().as_millis() as u64,
-            "GC candidates restored: every unreferenced object is one"
+            "GC candidates looked for among every object (complete: none is missing since)"
         );
         Ok(scanned)
     }
