@@ -1246,6 +1246,7 @@ impl Snapshots {
                     let _w = lock(&self.writer);
                     adopted += self.meta.adopt_unreferenced(&sized)?;
                 }
+                crate::crash_point!("gc.after-adopting-a-chunk");
                 self.let_waiting_in();
             }
         }

@@ -954,6 +954,41 @@ fn after_an_unclean_stop_unreferenced_objects_become_candidates_in_chunks() {
         .unwrap());
 }
 
+/// A crash while unreferenced objects are being made candidates, after some chunks:
+/// the candidates stay incomplete, the next GC makes the rest candidates and collects
+/// them all, and nothing referenced goes.
+#[test]
+fn a_crash_between_adopted_chunks_loses_nothing_and_leaks_nothing() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let sn = open(dir.path());
+    layer(&sn, "kept", None, &[("a", b"referenced")]);
+    // orphans over most fan-out directories, so the scan adopts chunk after chunk
+    let orphans = 2 * GC_BATCH + 10;
+    for i in 0..orphans {
+        let content = format!("published, never referenced {i}");
+        let tmp = sn.layout().tmp_dir().join(format!("orphan-{i}"));
+        fs::write(&tmp, &content).unwrap();
+        sn.objects
+            .publish_written(&tmp, &Digest::of(content.as_bytes()))
+            .unwrap();
+        fs::remove_file(&tmp).unwrap();
+    }
+    drop(sn);
+    let sn = crash_at(dir.path(), "gc.after-adopting-a-chunk", |sn| {
+        sn.gc().unwrap();
+    });
+    assert!(!sn.meta.candidates_complete().unwrap());
+    let adopted = sn.meta.counters().unwrap().unwrap().candidate_objects;
+    assert!(adopted > 0 && adopted < orphans as u64, "{adopted}");
+    let g = sn.gc().unwrap();
+    assert_eq!(g.removed, orphans as u64, "{g:?}");
+    assert_eq!(object_count(&sn), 1, "the referenced one stays");
+    let r = sn.fsck(true).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert_eq!(r.untracked_garbage, 0);
+}
+
 /// Stats come from the index's counters. A store whose index predates them counts them
 /// once when it opens. fsck finds counters that disagree with the scan, and a full
 /// collection recounts them.
