@@ -10,9 +10,10 @@
 //! makes them candidates before it collects: [`objects_in_fan`] lists one fan-out
 //! directory at a time and [`MetaStore::unreferenced`] picks out the objects without
 //! references, neither holding anything; [`MetaStore::adopt_unreferenced`] then looks
-//! at those again and adds them, in chunks, each under the index's writer lock only. A Commit waits for one chunk at most, not for a
-//! scan of the store (90 s at five million objects on a cold cache); the candidates
-//! are then complete, and collected in batches as ever.
+//! at those again and adds them, in chunks, each under the index's writer lock only. A
+//! Commit waits for one chunk at most, not for a scan of the store (90 s at five
+//! million objects on a cold cache); the candidates are then complete, and collected in
+//! batches as ever.
 //!
 //! An object is garbage when the index holds no reference count for it and no active
 //! snapshot's manifest names it. (An active snapshot has a manifest once the Diff

@@ -108,13 +108,12 @@ impl CasSnapshotter {
         &self,
         f: impl FnOnce(&Snapshots) -> Result<T, SnapshotError> + Send + 'static,
     ) -> Result<T, ServiceError> {
-        let store = self.store.clone();
-        Ok(tokio::task::spawn_blocking(move || {
-            let done = f(&store);
+        self.run(move |s| {
+            let done = f(s);
             ringio::memory::release_free_memory();
             done
         })
-        .await??)
+        .await
     }
 
     /// The daemon's metrics.

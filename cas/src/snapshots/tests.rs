@@ -405,6 +405,17 @@ fn each_step_lands_after_the_one_it_depends_on() {
     assert_eq!(sn.meta.ref_count(&digest).unwrap(), 0);
 }
 
+/// Publishes `content` as an object that nothing references and no candidate names, as
+/// an ingest interrupted before its references landed leaves one.
+fn publish_orphan(sn: &Snapshots, content: &[u8]) {
+    let tmp = sn.layout().tmp_dir().join("orphan");
+    fs::write(&tmp, content).unwrap();
+    sn.objects
+        .publish_written(&tmp, &Digest::of(content))
+        .unwrap();
+    fs::remove_file(&tmp).unwrap();
+}
+
 /// Stands in for a crash at `point` during `f`: the step panics there, the store is
 /// dropped and opened again, as after a restart.
 fn crash_at(root: &Path, point: &'static str, f: impl FnOnce(&Snapshots)) -> Snapshots {
@@ -866,11 +877,7 @@ fn gc_takes_the_candidates_and_never_an_object_referenced_again() {
 
     // an object nothing references and no candidate names (as a crash mid-ingest leaves
     // one): fsck counts it, the full scan after an unclean stop collects it
-    let stray = Digest::of(b"published, never referenced");
-    let tmp = sn.layout().tmp_dir().join("stray");
-    fs::write(&tmp, b"published, never referenced").unwrap();
-    sn.objects.publish_written(&tmp, &stray).unwrap();
-    fs::remove_file(&tmp).unwrap();
+    publish_orphan(&sn, b"published, never referenced");
     assert_eq!(sn.fsck(false).unwrap().untracked_garbage, 1);
     assert_eq!(sn.gc().unwrap().removed, 0, "the candidates do not name it");
     drop(sn);
@@ -901,13 +908,8 @@ fn after_an_unclean_stop_unreferenced_objects_become_candidates_in_chunks() {
     let orphans: Vec<Vec<u8>> = (0..GC_BATCH + 44)
         .map(|i| format!("published, never referenced {i}").into_bytes())
         .collect();
-    for (i, content) in orphans.iter().enumerate() {
-        let tmp = sn.layout().tmp_dir().join(format!("orphan-{i}"));
-        fs::write(&tmp, content).unwrap();
-        sn.objects
-            .publish_written(&tmp, &Digest::of(content))
-            .unwrap();
-        fs::remove_file(&tmp).unwrap();
+    for content in &orphans {
+        publish_orphan(&sn, content);
     }
     let before = sn.meta.counters().unwrap().unwrap();
     assert_eq!(before.candidate_objects, 1);
@@ -966,13 +968,7 @@ fn a_crash_between_adopted_chunks_loses_nothing_and_leaks_nothing() {
     // orphans over most fan-out directories, so the scan adopts chunk after chunk
     let orphans = 2 * GC_BATCH + 10;
     for i in 0..orphans {
-        let content = format!("published, never referenced {i}");
-        let tmp = sn.layout().tmp_dir().join(format!("orphan-{i}"));
-        fs::write(&tmp, &content).unwrap();
-        sn.objects
-            .publish_written(&tmp, &Digest::of(content.as_bytes()))
-            .unwrap();
-        fs::remove_file(&tmp).unwrap();
+        publish_orphan(&sn, format!("published, never referenced {i}").as_bytes());
     }
     drop(sn);
     let sn = crash_at(dir.path(), "gc.after-adopting-a-chunk", |sn| {

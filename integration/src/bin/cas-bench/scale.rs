@@ -48,6 +48,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use cas::index::Kind;
+use cas::snapshots::Snapshots;
 use cas_integration::harness::{FsKind, LoopFs};
 
 use crate::gc::{collect_while_committing, layer, open_with_cache};
@@ -275,6 +276,11 @@ fn in_a_process(a: &ScaleArgs, n: usize, row_file: &Path, args: &[&OsStr]) -> Re
     Ok(row)
 }
 
+/// The store `sn` once no Commit loop holds it any more.
+fn sole(sn: Arc<Snapshots>) -> Result<Snapshots> {
+    Arc::try_unwrap(sn).map_err(|_| anyhow::anyhow!("store still shared"))
+}
+
 /// The measured steps on the store of `layers` filled layers at `root`, in this process
 /// (opened as a restarted daemon opens it): the open, the calls' latencies, stats, GC of
 /// the round's 1% of the layers, and with `--recover` the reopen after an unclean stop.
@@ -355,21 +361,20 @@ fn serve(a: &ScaleArgs, root: &Path, layers: usize) -> Result<Row> {
     row.gc_commit_p99_ms = p50_p99(commits.iter().map(|c| c.wall).collect()).1;
     row.rss_mib = rss_mib("VmHWM")?;
 
-    let sn = Arc::try_unwrap(sn).map_err(|_| anyhow::anyhow!("store still shared"))?;
+    let mut sn = sole(sn)?;
     if a.recover {
         // an unclean stop: dropped without shutdown, as after kill -9
         drop(sn);
-        let (sn, t) = timed(|| open(root))?;
+        let (reopened, t) = timed(|| open(root))?;
         row.recovery_ms = t;
-        let sn = Arc::new(sn);
-        let (gc_s, _, commits) = collect_while_committing(&sn, &format!("crash-{}", a.round))?;
+        let reopened = Arc::new(reopened);
+        let (gc_s, _, commits) =
+            collect_while_committing(&reopened, &format!("crash-{}", a.round))?;
         row.gc_after_crash_s = gc_s;
         row.gc_after_crash_commit_max_ms = commits.iter().map(|c| c.wall).fold(0.0, f64::max);
-        let sn = Arc::try_unwrap(sn).map_err(|_| anyhow::anyhow!("store still shared"))?;
-        sn.shutdown()?;
-    } else {
-        sn.shutdown()?;
+        sn = sole(reopened)?;
     }
+    sn.shutdown()?;
     println!("scale: round {}: {row:?}", a.round);
     Ok(row)
 }
@@ -624,7 +629,7 @@ fn print_ratios(sizes: &[Size]) {
             println!(
                 "  {name}: {} ({:.2}x; {:.2}x)",
                 shown.join(" "),
-                summary(ratios.clone()).0,
+                summary(ratios).0,
                 median(&s.rounds, f) / median(&base.rounds, f)
             );
         }
