@@ -149,7 +149,8 @@ THREADS ?=
 bench-engine:
 	$(CARGO) build --release -p cas-integration --bin cas-bench
 	$(CURDIR)/target/release/cas-bench engine --cache $(BENCH_CACHE) --runs $(RUNS) \
-	  $(if $(QUICK),--quick) $(if $(THREADS),--threads) $(foreach i,$(IMAGES),--image $(i))
+	  $(if $(QUICK),--quick) $(if $(THREADS),--threads) $(if $(STUBS),--layer-metadata stubs) \
+	  $(foreach i,$(IMAGES),--image $(i))
 
 # A layer's metadata as a stub tree and as one EROFS image, side by side (needs root):
 # write + sync, disk and inodes, and a cold walk through overlayfs.

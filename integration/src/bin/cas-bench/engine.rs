@@ -12,7 +12,10 @@
 //!   costs when its result must be on disk, as ours is when `apply_blob` returns;
 //! * **new**: `apply_blob` into an empty store (every object new);
 //! * **known**: the same blob applied again into that store (every object known:
-//!   the near-duplicate case, where only stubs are written).
+//!   the near-duplicate case, where only the layer's metadata is written).
+//!
+//! The layer's metadata is one EROFS image, as the daemon writes it where the kernel
+//! mounts EROFS; `--layer-metadata stubs` measures a stub tree instead.
 //!
 //! The page cache is dropped before each timed step (after the blob is read once into
 //! it again), so no step finds the previous one's pages. `cas-bench engine` prints the
@@ -57,6 +60,19 @@ pub struct EngineArgs {
     /// io_uring is unavailable); by default io_uring where it works.
     #[arg(long)]
     pub threads: bool,
+    /// How the applied layer's metadata is written: `erofs` (one image, the daemon's
+    /// default where the kernel mounts EROFS) or `stubs` (a stub tree).
+    #[arg(long, value_enum, default_value_t = Metadata::Erofs)]
+    pub layer_metadata: Metadata,
+}
+
+/// The two layer layouts an apply can write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Metadata {
+    /// One EROFS image per layer.
+    Erofs,
+    /// One stub inode per file, in the layer's tree.
+    Stubs,
 }
 
 /// Medians (seconds) of one layer's measures.
@@ -93,6 +109,7 @@ pub fn run(a: &EngineArgs) -> Result<()> {
         &fs.mnt,
         a.runs,
         backend,
+        a.layer_metadata,
     )?;
     print!("{}", table(&rows));
     Ok(())
@@ -106,6 +123,7 @@ pub fn measure(
     dir: &Path,
     runs: usize,
     backend: BackendChoice,
+    metadata: Metadata,
 ) -> Result<Vec<EngineRow>> {
     let all = ensure_images(cache, sizes)?;
     let pool = Pool::start(&PoolConfig {
@@ -113,7 +131,11 @@ pub fn measure(
         ..PoolConfig::default()
     })
     .context("starting the I/O pool")?;
-    eprintln!("engine: I/O workers on {}", pool.backend().as_str());
+    eprintln!(
+        "engine: I/O workers on {}, layer metadata as {}",
+        pool.backend().as_str(),
+        metadata.describe()
+    );
     let mut rows = Vec::new();
     for (name, image) in &all {
         if !images.is_empty() && !images.contains(name) {
@@ -143,9 +165,9 @@ pub fn measure(
             let layout = Layout::ensure(&root)?;
             let store = ObjectStore::new(&layout);
             cold(&layer.path)?;
-            new.push(apply(&layout, &store, &pool, layer, 1)?);
+            new.push(apply(&layout, &store, &pool, layer, 1, metadata)?);
             cold(&layer.path)?;
-            known.push(apply(&layout, &store, &pool, layer, 2)?);
+            known.push(apply(&layout, &store, &pool, layer, 2, metadata)?);
             drop(store);
             fs::remove_dir_all(&root)?;
         }
@@ -162,6 +184,16 @@ pub fn measure(
         });
     }
     Ok(rows)
+}
+
+impl Metadata {
+    /// How the report names it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Metadata::Erofs => "one EROFS image",
+            Metadata::Stubs => "a stub tree",
+        }
+    }
 }
 
 /// The table of `rows` (markdown).
@@ -237,8 +269,16 @@ fn tar_x(layer: &Layer, out: &Path) -> Result<f64> {
 }
 
 /// `apply_blob` of the layer into snapshot directory `n` of the store: seconds.
-fn apply(layout: &Layout, store: &ObjectStore, pool: &Pool, layer: &Layer, n: u64) -> Result<f64> {
+fn apply(
+    layout: &Layout,
+    store: &ObjectStore,
+    pool: &Pool,
+    layer: &Layer,
+    n: u64,
+    metadata: Metadata,
+) -> Result<f64> {
     let dir = layout.snapshot_dir(n);
+    let image = layout.image_file(n);
     let fs_dir = dir.join("fs");
     fs::create_dir_all(&fs_dir)?;
     let manifest = dir.join("manifest");
@@ -249,7 +289,7 @@ fn apply(layout: &Layout, store: &ObjectStore, pool: &Pool, layer: &Layer, n: u6
         fs_dir: &fs_dir,
         lowers: &[],
         manifest: &manifest,
-        image: None,
+        image: (metadata == Metadata::Erofs).then_some(image.as_path()),
         pool,
     };
     let digest = layer.blob.digest.parse().context("the blob's digest")?;

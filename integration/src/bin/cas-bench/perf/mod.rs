@@ -399,6 +399,7 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
         &engine_dir,
         a.runs,
         ringio::pool::BackendChoice::Auto,
+        engine::Metadata::Erofs,
     )?;
     let _ = fs::remove_dir_all(&engine_dir);
 

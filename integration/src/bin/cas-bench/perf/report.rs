@@ -269,7 +269,8 @@ pub(super) fn render(
         s,
         "`cas::unpack::apply_blob` on the same blobs, called directly (`make bench-engine`), on the same \
          filesystem: *cas new* into an empty store, *cas known* the same blob again into that store (the \
-         near-duplicate case: only stubs are written). *tar -x + syncfs* is GNU tar fed by the same \
+         near-duplicate case: only the layer's metadata is written), each layer's metadata as one \
+         EROFS image as the daemon writes it here. *tar -x + syncfs* is GNU tar fed by the same \
          decompressor, then `syncfs`: a plain unpacker whose result is on disk, as ours is when the \
          apply returns. *limit* is single-core `gzip -dc` / `zstd -dc` into a pipe; *% of limit* is \
          limit / time (above 100%: faster than that tool alone). The blob is in the page cache, the \
