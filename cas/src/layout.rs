@@ -40,19 +40,23 @@ pub fn remove_tree(path: &Path) -> Result<(), crate::CasError> {
 ///   for stray files, refuse it;
 /// - 4: the index keeps references in buckets ([`crate::index`]), written when a root is
 ///   first opened by a build that does, before its index is, so that older binaries,
-///   which would find no references and collect every object, refuse it.
+///   which would find no references and collect every object, refuse it;
+/// - 5: manifests may be zstd-compressed ([`crate::manifest`]), written when a root is
+///   first opened by a build that writes them so, so that older binaries, which could
+///   not read them, refuse it.
 ///
-/// A root is read at the version it has and moves up only when it needs to (to 4 at
-/// once: every build since reads and writes its index in buckets).
-pub const LAYOUT_VERSION: u32 = REF_BUCKETS_VERSION;
+/// A root is read at the version it has and moves up only when it needs to (to 5 at
+/// once: every build since reads and writes its index in buckets, and compresses the
+/// manifests it writes).
+pub const LAYOUT_VERSION: u32 = COMPRESSED_MANIFESTS_VERSION;
 /// The version of a root whose layers are all stub trees.
 const STUB_TREES_VERSION: u32 = 1;
 /// The version of a root that may hold image layers.
 const IMAGES_VERSION: u32 = 2;
 /// The version of a root that may hold aliases in the fan-out directories.
 const FAN_ALIASES_VERSION: u32 = 3;
-/// The version of a root whose index keeps references in buckets.
-const REF_BUCKETS_VERSION: u32 = 4;
+/// The version of a root whose manifests may be zstd-compressed.
+const COMPRESSED_MANIFESTS_VERSION: u32 = 5;
 
 /// File at the root holding [`LAYOUT_VERSION`].
 pub const LAYOUT_FILE: &str = "layout";
@@ -165,7 +169,7 @@ impl Layout {
             }
             Err(source) => return Err(IoError::at("read", marker)(source).into()),
         }
-        layout.raise_version(REF_BUCKETS_VERSION)?;
+        layout.raise_version(COMPRESSED_MANIFESTS_VERSION)?;
         Ok(layout)
     }
 
@@ -307,15 +311,16 @@ mod tests {
         assert_eq!(l.version().unwrap(), LAYOUT_VERSION);
     }
 
-    /// A root of an older version moves to 4 when opened: its index is moved into
-    /// buckets then, which older builds cannot read.
+    /// A root of an older version moves to 5 when opened: its index is moved into
+    /// buckets then, and the manifests written since are compressed, neither of which
+    /// older builds can read.
     #[test]
-    fn older_roots_move_to_the_bucketed_index() {
-        for old in 1..REF_BUCKETS_VERSION {
+    fn older_roots_move_to_the_bucketed_index_and_compressed_manifests() {
+        for old in 1..COMPRESSED_MANIFESTS_VERSION {
             let dir = tempfile::tempdir().unwrap();
             fs::write(dir.path().join(LAYOUT_FILE), format!("{old}\n")).unwrap();
             let l = Layout::ensure(dir.path()).unwrap();
-            assert_eq!(l.version().unwrap(), REF_BUCKETS_VERSION);
+            assert_eq!(l.version().unwrap(), COMPRESSED_MANIFESTS_VERSION);
         }
     }
 
