@@ -368,18 +368,25 @@ impl ObjectStore {
     }
 
     fn link(&self, tmp: &Path, dst: &Path) -> Result<Publish, CasError> {
-        if let Some(fan) = dst.parent() {
-            match fs::create_dir(fan) {
-                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-                    return Err(CasError::io("mkdir", fan)(e))
+        let mut made_fan = false;
+        loop {
+            match fs::hard_link(tmp, dst) {
+                Ok(()) => return Ok(Publish::New),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(Publish::Existing),
+                // the fan-out directory is made by the first object that goes in it
+                Err(e) if e.kind() == io::ErrorKind::NotFound && !made_fan => {
+                    let Some(fan) = dst.parent() else {
+                        return Err(CasError::io("link", dst)(e));
+                    };
+                    match fs::create_dir(fan) {
+                        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                            return Err(CasError::io("mkdir", fan)(e))
+                        }
+                        _ => made_fan = true,
+                    }
                 }
-                _ => {}
+                Err(e) => return Err(CasError::io("link", dst)(e)),
             }
-        }
-        match fs::hard_link(tmp, dst) {
-            Ok(()) => Ok(Publish::New),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(Publish::Existing),
-            Err(e) => Err(CasError::io("link", dst)(e)),
         }
     }
 }

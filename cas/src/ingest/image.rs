@@ -71,19 +71,13 @@ pub fn ingest_layer_image(
     let mut linked: HashMap<(u64, u64), (PathBuf, Content)> = HashMap::new();
 
     let hashing = Instant::now();
-    let mut hashed = hash_files(store, fs_dir, !lowers.is_empty());
+    let entries = walk(fs_dir)?;
+    let mut hashed = hash_files(store, &entries, !lowers.is_empty());
     stats.times.hash = hashing.elapsed();
 
-    let walk = walkdir::WalkDir::new(fs_dir)
-        .min_depth(1)
-        .follow_links(false)
-        .same_file_system(true)
-        .sort_by_file_name();
-    for entry in walk {
-        let entry = entry.map_err(walk_error(fs_dir))?;
-        let path = entry.path();
+    for (path, md) in entries {
+        let path = path.as_path();
         let rel = path.strip_prefix(fs_dir).unwrap_or(path).to_path_buf();
-        let md = fs::symlink_metadata(path).map_err(CasError::io("stat", path))?;
         let ft = md.file_type();
         // a file published ahead of the walk: its inode is the object now, so its
         // metadata and xattrs are the ones read before (the first name of a hardlinked
@@ -174,26 +168,13 @@ pub fn ingest_layer_image(
                 xattrs,
                 Some((copied_up_object(store, path, &rel, lowers)?, size)),
             )
-        } else {
+        } else if size == 0 {
             stats.dropped_overlay_xattrs += overlay.len() as u64;
-            let content = if size == 0 {
-                None
-            } else {
-                // not published ahead (it appeared after that walk)
-                let (digest, read) = hash(path)?;
-                if read != size {
-                    return Err(changed_size(path));
-                }
-                let publishing = Instant::now();
-                if store.publish_in_place(path, &md, !all.is_empty(), &digest)? == Publish::New {
-                    stats.new_objects += 1;
-                    stats.new_bytes += size;
-                    crate::crash_point!("ingest.object-published");
-                }
-                stats.times.publish += publishing.elapsed();
-                Some((digest, size))
-            };
-            (md, xattrs, content)
+            (md, xattrs, None)
+        } else {
+            // the walk gave every other file with content to the hashing threads: this
+            // one lost its copy-up marker since
+            return Err(changed(path));
         };
         let leaf = Leaf::File {
             size: content.map_or(0, |(_, s)| s),
@@ -229,6 +210,24 @@ pub fn ingest_layer_image(
     Ok(stats)
 }
 
+/// Every entry of the layer below `fs_dir`, in name order (parents before their
+/// entries), with its metadata: read once, before any file is published, for both the
+/// hashing and the image.
+fn walk(fs_dir: &Path) -> Result<Vec<(PathBuf, fs::Metadata)>, CasError> {
+    let mut entries = Vec::new();
+    for entry in walkdir::WalkDir::new(fs_dir)
+        .min_depth(1)
+        .follow_links(false)
+        .same_file_system(true)
+        .sort_by_file_name()
+    {
+        let entry = entry.map_err(walk_error(fs_dir))?;
+        let md = entry.metadata().map_err(|e| walk_error(fs_dir)(e))?;
+        entries.push((entry.into_path(), md));
+    }
+    Ok(entries)
+}
+
 /// A file hashed and published ahead of the walk that builds the image.
 struct Prepared {
     /// Its metadata as the layer had it, before its inode became the object.
@@ -251,6 +250,13 @@ fn changed_size(path: &Path) -> CasError {
     CasError::Hostile {
         path: path.to_path_buf(),
         reason: "file changed size while the layer was being committed",
+    }
+}
+
+fn changed(path: &Path) -> CasError {
+    CasError::Hostile {
+        path: path.to_path_buf(),
+        reason: "file changed while the layer was being committed",
     }
 }
 
@@ -304,30 +310,17 @@ fn prepare(store: &ObjectStore, path: &Path, md: fs::Metadata) -> Result<Prepare
 /// core: reading and hashing containerd's applier's output, and the metadata calls
 /// that make each new file an object (a `chmod`, a `link`, often a `chown`), are an
 /// ingest's largest costs after the sync.
-fn hash_files(store: &ObjectStore, fs_dir: &Path, copy_ups: bool) -> Hashed {
+fn hash_files(store: &ObjectStore, entries: &[(PathBuf, fs::Metadata)], copy_ups: bool) -> Hashed {
     let mut files = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for entry in walkdir::WalkDir::new(fs_dir)
-        .min_depth(1)
-        .follow_links(false)
-        .same_file_system(true)
-    {
-        let Ok(entry) = entry else {
-            continue; // the main walk reports it
-        };
-        if !entry.file_type().is_file() {
+    for (path, md) in entries {
+        if !md.file_type().is_file() || md.len() == 0 || !seen.insert((md.dev(), md.ino())) {
             continue;
         }
-        let Ok(md) = entry.metadata() else {
-            continue;
-        };
-        if md.len() == 0 || !seen.insert((md.dev(), md.ino())) {
+        if copy_ups && is_metacopy(path).unwrap_or(false) {
             continue;
         }
-        if copy_ups && is_metacopy(entry.path()).unwrap_or(false) {
-            continue;
-        }
-        files.push((entry.into_path(), md));
+        files.push((path, md));
     }
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -344,7 +337,7 @@ fn hash_files(store: &ObjectStore, fs_dir: &Path, copy_ups: bool) -> Hashed {
                     return;
                 };
                 let key = (md.dev(), md.ino());
-                let p = prepare(store, path, md.clone());
+                let p = prepare(store, path, (*md).clone());
                 results
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

@@ -71,11 +71,9 @@ pub struct IngestStats {
 /// Where an ingest into an image spent its time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IngestTimes {
-    /// Reading and hashing the files, and publishing them as objects, on every core.
+    /// Walking the tree, reading and hashing the files, and publishing them as objects
+    /// (on every core).
     pub hash: std::time::Duration,
-    /// Publishing the objects of files the walk found only after that (links and their
-    /// metadata).
-    pub publish: std::time::Duration,
     /// Building and writing the image.
     pub image: std::time::Duration,
     /// The `syncfs` and the manifest.

@@ -867,7 +867,6 @@ impl Snapshots {
             dropped_overlay_xattrs = stats.dropped_overlay_xattrs,
             applied,
             hash_ms = stats.times.hash.as_millis() as u64,
-            publish_ms = stats.times.publish.as_millis() as u64,
             image_ms = stats.times.image.as_millis() as u64,
             sync_ms = stats.times.sync.as_millis() as u64,
             swap_ms = swap.as_millis() as u64,
