@@ -256,7 +256,10 @@ fn settle(tmp: &Path, xfs: bool) -> Result<()> {
             .output()
             .context("running xfs_spaceman")?;
         if !out.status.success() {
-            bail!("xfs_spaceman prealloc: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "xfs_spaceman prealloc: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         nix::unistd::sync();
     }
