@@ -199,35 +199,74 @@ impl ObjectStore {
         result
     }
 
-    /// Publishes the inode at `src` (holding exactly the bytes of `digest`, with the
-    /// metadata `md`; `xattrs` when it has any) as that object unless it exists,
-    /// normalising the inode where it is, with no temporary name: for an inode whose
-    /// path the caller gives up (an ingested tree that is deleted once its layer is an
-    /// image). The object's name appears only once the inode is normalised.
+    /// Publishes the inode of `file`, open from `src` (holding exactly the bytes of
+    /// `digest`, with the metadata `md`; `xattrs` when it has any), as that object
+    /// unless it exists, normalising the inode where it is, with no temporary name: for
+    /// an inode whose path the caller gives up (an ingested tree that is deleted once its
+    /// layer is an image). The object's name appears only once the inode is normalised.
+    /// Every call but the object's own lookup goes through the open file, so the path is
+    /// not walked again for each.
     pub fn publish_in_place(
         &self,
         src: &Path,
+        file: &fs::File,
         md: &fs::Metadata,
         xattrs: bool,
         digest: &Digest,
     ) -> Result<Publish, CasError> {
+        use xattr::FileExt as _;
         let dst = self.path(digest);
         if fs::symlink_metadata(&dst).is_ok() {
             return Ok(Publish::Existing);
         }
         if (md.uid(), md.gid()) != (0, 0) {
             self.sys
-                .chown(At::Path(src), 0, 0)
+                .chown(At::File(file), 0, 0)
                 .map_err(CasError::io("chown", src))?;
         }
-        fs::set_permissions(src, fs::Permissions::from_mode(OBJECT_MODE))
+        file.set_permissions(fs::Permissions::from_mode(OBJECT_MODE))
             .map_err(CasError::io("chmod", src))?;
         if xattrs {
-            for name in xattr::list(src).map_err(CasError::io("listxattr", src))? {
-                xattr::remove(src, &name).map_err(CasError::io("removexattr", src))?;
+            for name in file.list_xattr().map_err(CasError::io("listxattr", src))? {
+                file.remove_xattr(&name)
+                    .map_err(CasError::io("removexattr", src))?;
             }
         }
-        self.link(src, &dst)
+        self.link_open(file, src, &dst)
+    }
+
+    /// Links the inode of `file` (open from `src`) at `dst` without walking `src`
+    /// (`linkat(AT_EMPTY_PATH)`, which needs `CAP_DAC_READ_SEARCH`; by path otherwise).
+    fn link_open(&self, file: &fs::File, src: &Path, dst: &Path) -> Result<Publish, CasError> {
+        use nix::errno::Errno;
+        use std::os::fd::AsRawFd;
+        let mut made_fan = false;
+        loop {
+            let linked = nix::unistd::linkat(
+                Some(file.as_raw_fd()),
+                Path::new(""),
+                None,
+                dst,
+                nix::fcntl::AtFlags::AT_EMPTY_PATH,
+            );
+            match linked {
+                Ok(()) => return Ok(Publish::New),
+                Err(Errno::EEXIST) => return Ok(Publish::Existing),
+                Err(Errno::ENOENT) if !made_fan => match dst.parent() {
+                    // the fan-out directory is made by the first object that goes in it
+                    Some(fan) if !fan.exists() => match fs::create_dir(fan) {
+                        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                            return Err(CasError::io("mkdir", fan)(e))
+                        }
+                        _ => made_fan = true,
+                    },
+                    // no right to link an open file
+                    _ => return self.link(src, dst),
+                },
+                Err(Errno::ENOENT | Errno::EPERM) => return self.link(src, dst),
+                Err(e) => return Err(CasError::io("link", dst)(e.into())),
+            }
+        }
     }
 
     /// Publishes `tmp`, a file this process wrote for the store (owner root, mode
@@ -463,6 +502,43 @@ mod tests {
             "tmp not swept"
         );
         assert!(store.contains(&d));
+    }
+
+    /// An ingested file's own inode becomes the object: normalised through the open
+    /// file, linked at its name (the fan-out directory made on the way); a second file
+    /// of the same content is left as it is.
+    #[test]
+    fn publishing_in_place_normalises_the_open_file_and_links_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::ensure(&dir.path().join("root")).unwrap();
+        let sys = Arc::new(Recorder::new(true));
+        let store = ObjectStore::new(&layout).with_syscalls(sys.clone());
+        let (a, b) = (dir.path().join("root/a"), dir.path().join("root/b"));
+        fs::write(&a, b"in place").unwrap();
+        fs::write(&b, b"in place").unwrap();
+        for f in [&a, &b] {
+            fs::set_permissions(f, fs::Permissions::from_mode(0o4755)).unwrap();
+        }
+        // user xattrs where the test's filesystem keeps them
+        let xattrs = xattr::set(&a, "user.cas-test", b"v").is_ok();
+        let d = Digest::of(b"in place");
+        assert!(!store.path(&d).parent().unwrap().exists());
+        let publish = |path: &Path, xattrs: bool| {
+            let f = fs::File::open(path).unwrap();
+            let md = f.metadata().unwrap();
+            store.publish_in_place(path, &f, &md, xattrs, &d).unwrap()
+        };
+        assert_eq!(publish(&a, xattrs), Publish::New);
+        let object = fs::symlink_metadata(store.path(&d)).unwrap();
+        assert_eq!(object.ino(), fs::metadata(&a).unwrap().ino());
+        assert_eq!(object.mode() & 0o7777, OBJECT_MODE);
+        assert_eq!(xattr::list(store.path(&d)).unwrap().count(), 0);
+        assert_eq!(fs::read(store.path(&d)).unwrap(), b"in place");
+        assert_eq!(publish(&b, false), Publish::Existing);
+        assert_eq!(fs::metadata(&b).unwrap().mode() & 0o7777, 0o4755);
+        assert_eq!(fs::metadata(&b).unwrap().nlink(), 1);
+        // owned by root already: no chown
+        assert!(sys.calls().is_empty(), "{:?}", sys.calls());
     }
 
     #[test]

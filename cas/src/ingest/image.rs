@@ -34,7 +34,7 @@ use crate::erofs::{Attrs, Image, Leaf};
 use crate::error::CasError;
 use crate::manifest::{ManifestEntry, ManifestWriter};
 use crate::objects::{ObjectStore, Publish};
-use crate::stub::{is_overlay_private, own_xattrs};
+use crate::stub::{is_overlay_private, own_xattrs, XATTR_METACOPY};
 use crate::unpack::XATTR_OPAQUE;
 
 /// Extended attributes: names and values.
@@ -260,12 +260,6 @@ fn changed(path: &Path) -> CasError {
     }
 }
 
-/// One file's digest and the bytes read.
-fn hash(path: &Path) -> Result<(Digest, u64), CasError> {
-    let file = File::open(path).map_err(CasError::io("open", path))?;
-    Digest::of_reader(&file).map_err(CasError::io("read", path))
-}
-
 /// The names of every xattr of `path`, and its own xattrs (overlayfs' left out) with
 /// their values, read only when it has any.
 fn listed_xattrs(path: &Path) -> Result<(Vec<std::ffi::OsString>, Xattrs), CasError> {
@@ -281,13 +275,45 @@ fn listed_xattrs(path: &Path) -> Result<(Vec<std::ffi::OsString>, Xattrs), CasEr
 }
 
 /// Reads what the image needs of the file at `path` (metadata, own xattrs), hashes it
-/// and publishes its inode as the object.
-fn prepare(store: &ObjectStore, path: &Path, md: fs::Metadata) -> Result<Prepared, CasError> {
-    let (all, own) = listed_xattrs(path)?;
+/// and publishes its inode as the object, all through one open file; `None` for a
+/// metadata-only copy-up when `copy_ups` may exist (its object is the layer below's).
+fn prepare(
+    store: &ObjectStore,
+    path: &Path,
+    md: fs::Metadata,
+    copy_ups: bool,
+) -> Result<Option<Prepared>, CasError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use xattr::FileExt as _;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(CasError::io("open", path))?;
+    let all: Vec<_> = file
+        .list_xattr()
+        .map_err(CasError::io("listxattr", path))?
+        .collect();
+    if copy_ups
+        && all
+            .iter()
+            .any(|n| n.as_bytes() == XATTR_METACOPY.as_bytes())
+    {
+        return Ok(None);
+    }
+    let mut own = Vec::new();
+    for name in all.iter().filter(|n| !is_overlay_private(n)) {
+        if let Some(value) = file
+            .get_xattr(name)
+            .map_err(CasError::io("getxattr", path))?
+        {
+            own.push((name.clone(), value));
+        }
+    }
     let overlay_xattrs = all.iter().filter(|n| is_overlay_private(n)).count();
-    let (digest, read) = hash(path)?;
+    let (digest, read) = Digest::of_reader(&file).map_err(CasError::io("read", path))?;
     let publish = if read == md.size() {
-        let p = store.publish_in_place(path, &md, !all.is_empty(), &digest)?;
+        let p = store.publish_in_place(path, &file, &md, !all.is_empty(), &digest)?;
         if p == Publish::New {
             crate::crash_point!("ingest.object-published");
         }
@@ -295,14 +321,14 @@ fn prepare(store: &ObjectStore, path: &Path, md: fs::Metadata) -> Result<Prepare
     } else {
         Publish::Existing
     };
-    Ok(Prepared {
+    Ok(Some(Prepared {
         md,
         own,
         overlay_xattrs: overlay_xattrs as u64,
         digest,
         read,
         publish,
-    })
+    }))
 }
 
 /// The layer's files that become objects (regular, not empty, one name per inode, not a
@@ -315,9 +341,6 @@ fn hash_files(store: &ObjectStore, entries: &[(PathBuf, fs::Metadata)], copy_ups
     let mut seen = std::collections::HashSet::new();
     for (path, md) in entries {
         if !md.file_type().is_file() || md.len() == 0 || !seen.insert((md.dev(), md.ino())) {
-            continue;
-        }
-        if copy_ups && is_metacopy(path).unwrap_or(false) {
             continue;
         }
         files.push((path, md));
@@ -337,7 +360,11 @@ fn hash_files(store: &ObjectStore, entries: &[(PathBuf, fs::Metadata)], copy_ups
                     return;
                 };
                 let key = (md.dev(), md.ino());
-                let p = prepare(store, path, (*md).clone());
+                let p = match prepare(store, path, (*md).clone(), copy_ups) {
+                    Ok(None) => continue, // a copy-up: the walk takes its object
+                    Ok(Some(p)) => Ok(p),
+                    Err(e) => Err(e),
+                };
                 results
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

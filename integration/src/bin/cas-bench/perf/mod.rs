@@ -107,7 +107,8 @@ pub struct PerfArgs {
     #[arg(long, default_value_t = 40)]
     pub fs_gib: u64,
     /// Only these cases (by id: `unpack`, `near-dup`, `scale-100000`, `userns` for the
-    /// user-namespaced starts, …; repeat the flag); the report then holds only them.
+    /// user-namespaced starts, `engine` for the fast path alone, …; repeat the flag);
+    /// the report then holds only them.
     /// Default: every case.
     #[arg(long = "case")]
     pub only: Vec<String>,
@@ -115,6 +116,8 @@ pub struct PerfArgs {
 
 /// The id that selects the user-namespaced starts alone (`--case userns`).
 const USERNS_CASE: &str = "userns";
+/// The id that selects the fast path alone (`make bench-engine`'s measure) in `--case`.
+const ENGINE_CASE: &str = "engine";
 
 /// The two snapshotters, as containerd names them.
 pub const SNAPSHOTTERS: [&str; 2] = ["overlayfs", "cas"];
@@ -224,7 +227,9 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
         let unknown: Vec<&String> = a
             .only
             .iter()
-            .filter(|id| *id != USERNS_CASE && !cases.iter().any(|c| &c.id == *id))
+            .filter(|id| {
+                *id != USERNS_CASE && *id != ENGINE_CASE && !cases.iter().any(|c| &c.id == *id)
+            })
             .collect();
         if !unknown.is_empty() {
             let ids: Vec<&str> = cases.iter().map(|c| c.id.as_str()).collect();
@@ -384,24 +389,30 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
     }
 
     // The fast path alone, on the same filesystem.
-    println!("bench: the fast path without containerd");
-    let engine_dir = rig.fs.mnt.join("engine");
-    fs::create_dir_all(&engine_dir)?;
-    let engine_images: Vec<String> = ["base-1", "base-1-zstd", "large", "small"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(sizes.scaling().first().map(|n| scaling_image(*n)))
-        .collect();
-    let engine = engine::measure(
-        &a.cache,
-        sizes,
-        &engine_images,
-        &engine_dir,
-        a.runs,
-        ringio::pool::BackendChoice::Auto,
-        engine::Metadata::Erofs,
-    )?;
-    let _ = fs::remove_dir_all(&engine_dir);
+    let want_engine = a.only.is_empty() || a.only.iter().any(|c| c == ENGINE_CASE);
+    let engine = if want_engine {
+        println!("bench: the fast path without containerd");
+        let engine_dir = rig.fs.mnt.join("engine");
+        fs::create_dir_all(&engine_dir)?;
+        let engine_images: Vec<String> = ["base-1", "base-1-zstd", "large", "small"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(sizes.scaling().first().map(|n| scaling_image(*n)))
+            .collect();
+        let engine = engine::measure(
+            &a.cache,
+            sizes,
+            &engine_images,
+            &engine_dir,
+            a.runs,
+            ringio::pool::BackendChoice::Auto,
+            engine::Metadata::Erofs,
+        )?;
+        let _ = fs::remove_dir_all(&engine_dir);
+        engine
+    } else {
+        Vec::new()
+    };
 
     let sizes_rows: Vec<(String, u64, u64, u64, &'static str)> = rig
         .images
@@ -450,7 +461,11 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
         &ApiSections {
             api: &api,
             durability: durability::render(&durability),
-            engine: engine::table(&engine),
+            engine: if engine.is_empty() {
+                String::new()
+            } else {
+                engine::table(&engine)
+            },
             userns: if userns.is_empty() {
                 String::new()
             } else {

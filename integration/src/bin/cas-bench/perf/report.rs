@@ -264,8 +264,9 @@ pub(super) fn render(
          *% of limit* is limit / median time: 100% would be an unpack as fast as decompression alone."
     );
 
-    let _ = writeln!(s, "\n## The fast path alone (no containerd)\n");
-    let _ = writeln!(
+    if !engine.is_empty() {
+        let _ = writeln!(s, "\n## The fast path alone (no containerd)\n");
+        let _ = writeln!(
         s,
         "`cas::unpack::apply_blob` on the same blobs, called directly (`make bench-engine`), on the same \
          filesystem: *cas new* into an empty store, *cas known* the same blob again into that store (the \
@@ -276,7 +277,8 @@ pub(super) fn render(
          limit / time (above 100%: faster than that tool alone). The blob is in the page cache, the \
          rest of the cache dropped before each step; medians of the runs.\n"
     );
-    s.push_str(engine);
+        s.push_str(engine);
+    }
     s.push_str(userns);
 
     if !api.is_empty() {
