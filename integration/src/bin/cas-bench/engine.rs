@@ -35,7 +35,11 @@ use cas_integration::compression::LayerCompression;
 use cas_integration::harness::{FsKind, LoopFs};
 use ringio::pool::{BackendChoice, Pool, PoolConfig};
 
-use crate::images::{ensure_images, Layer, Sizes};
+use crate::images::{debian_images, ensure_images, Layer, Sizes};
+
+/// The Debian images measured when present: the bases (gzip, zstd), and the app layer
+/// (the last layer of `app-1`, applied alone when named with `--image`).
+const DEBIAN: [&str; 4] = ["base-1", "base-1-zstd", "app-1", "app-1-zstd"];
 use crate::perf::{cpu_times, decompress_args, drop_caches, summary, time_decompress, work_dir};
 
 /// `cas-bench engine` arguments.
@@ -50,7 +54,8 @@ pub struct EngineArgs {
     /// The small images of `perf --quick`.
     #[arg(long)]
     pub quick: bool,
-    /// Images whose last layer is measured (default: every single-layer image).
+    /// Images whose last layer is measured (default: every single-layer image, the
+    /// Debian bases `scripts/bench-dedup.sh` builds among them when they are cached).
     #[arg(long = "image")]
     pub images: Vec<String>,
     /// Where the loop file goes (default: a new directory in /var/tmp).
@@ -125,7 +130,9 @@ pub fn measure(
     backend: BackendChoice,
     metadata: Metadata,
 ) -> Result<Vec<EngineRow>> {
-    let all = ensure_images(cache, sizes)?;
+    let mut all = ensure_images(cache, sizes)?;
+    // the real layers, where `scripts/bench-dedup.sh` built them
+    all.extend(debian_images(cache, &DEBIAN)?);
     let pool = Pool::start(&PoolConfig {
         backend,
         ..PoolConfig::default()

@@ -394,11 +394,20 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
         println!("bench: the fast path without containerd");
         let engine_dir = rig.fs.mnt.join("engine");
         fs::create_dir_all(&engine_dir)?;
-        let engine_images: Vec<String> = ["base-1", "base-1-zstd", "large", "small"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(sizes.scaling().first().map(|n| scaling_image(*n)))
-            .collect();
+        let engine_images: Vec<String> = [
+            "base-1",
+            "base-1-zstd",
+            "large",
+            "small",
+            "debian-base-1",
+            "debian-base-1-zstd",
+            "debian-app-1",
+            "debian-app-1-zstd",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(sizes.scaling().first().map(|n| scaling_image(*n)))
+        .collect();
         let engine = engine::measure(
             &a.cache,
             sizes,
