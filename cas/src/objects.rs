@@ -253,13 +253,10 @@ impl ObjectStore {
                 Ok(()) => return Ok(Publish::New),
                 Err(Errno::EEXIST) => return Ok(Publish::Existing),
                 Err(Errno::ENOENT) if !made_fan => match dst.parent() {
-                    // the fan-out directory is made by the first object that goes in it
-                    Some(fan) if !fan.exists() => match fs::create_dir(fan) {
-                        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-                            return Err(CasError::io("mkdir", fan)(e))
-                        }
-                        _ => made_fan = true,
-                    },
+                    Some(fan) if !fan.exists() => {
+                        make_fan(fan)?;
+                        made_fan = true;
+                    }
                     // no right to link an open file
                     _ => return self.link(src, dst),
                 },
@@ -412,21 +409,25 @@ impl ObjectStore {
             match fs::hard_link(tmp, dst) {
                 Ok(()) => return Ok(Publish::New),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(Publish::Existing),
-                // the fan-out directory is made by the first object that goes in it
                 Err(e) if e.kind() == io::ErrorKind::NotFound && !made_fan => {
                     let Some(fan) = dst.parent() else {
                         return Err(CasError::io("link", dst)(e));
                     };
-                    match fs::create_dir(fan) {
-                        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-                            return Err(CasError::io("mkdir", fan)(e))
-                        }
-                        _ => made_fan = true,
-                    }
+                    make_fan(fan)?;
+                    made_fan = true;
                 }
                 Err(e) => return Err(CasError::io("link", dst)(e)),
             }
         }
+    }
+}
+
+/// Makes a fan-out directory, which the first object linked in it needs (a link that
+/// finds it missing makes it; another may have made it meanwhile).
+fn make_fan(fan: &Path) -> Result<(), CasError> {
+    match fs::create_dir(fan) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(CasError::io("mkdir", fan)(e)),
+        _ => Ok(()),
     }
 }
 
