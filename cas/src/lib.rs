@@ -41,7 +41,8 @@
 //! * [`gc`]: deleting objects no committed snapshot references;
 //! * [`admin`]: statistics, index rebuild and the admin socket's protocol behind `casctl`;
 //! * [`fsck`]: the consistency check, a digest-range part at a time ([`parts`]);
-//! * [`sharing`]: what each image holds alone and shares (what removing it frees).
+//! * [`sharing`]: what each image holds alone and shares (what removing it frees);
+//! * [`writeback`]: a layer's data written back while it is still hashed or written.
 //!
 //! ## Crash points
 //! Every step of ingest, commit, remove and GC after which a crash leaves a different
@@ -97,6 +98,7 @@ pub mod snapshots;
 pub mod stub;
 pub mod sys;
 pub mod unpack;
+pub mod writeback;
 
 pub use digest::Digest;
 pub use error::CasError;

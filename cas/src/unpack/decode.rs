@@ -71,7 +71,13 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-/// The decode thread: blob → (hash) → decompress → (hash) → chunks on `tx`.
+/// The blob's reader: its bytes are hashed and counted as they are read.
+type Raw<R> = BufReader<Hashing<R>>;
+
+/// The decode thread: blob → (hash) → decompress → chunks on `tx`. The diffID of a
+/// compressed blob is hashed on a thread of its own (`layer-diffid`) that passes the
+/// chunks on: decompression is the critical path of an apply whose files are stored
+/// already, and hashing 120 MB of tar takes 70 ms of it.
 pub(super) fn decode(
     blob: impl Read,
     blob_size: u64,
@@ -89,17 +95,86 @@ pub(super) fn decode(
     );
     let head = io::BufRead::fill_buf(&mut raw).map_err(UnpackError::Read)?;
     let compression = Compression::detect(head);
-    let allowed = limits.allowed(blob_size);
-    let fail = |tx: &mpsc::SyncSender<io::Result<Vec<u8>>>, e: UnpackError| {
+    let expected = Expected {
+        digest: blob_digest,
+        size: blob_size,
+        allowed: limits.allowed(blob_size),
+    };
+    if compression == Compression::None {
+        // the blob is the tar: its digest is the diffID
+        let (blob, size) = pump_blob(raw, compression, &expected, &tx)?;
+        return Ok(Decoded {
+            diff_id: blob,
+            uncompressed_size: size,
+            compression,
+        });
+    }
+    let (stage_tx, stage_rx) = mpsc::sync_channel(CHANNEL_CHUNKS / 2);
+    std::thread::scope(|scope| {
+        let stage = std::thread::Builder::new()
+            .name("layer-diffid".into())
+            .spawn_scoped(scope, move || diff_stage(stage_rx, tx))
+            .map_err(UnpackError::Read)?;
+        let pumped = pump_blob(raw, compression, &expected, &stage_tx);
+        drop(stage_tx);
+        let diff_id = stage
+            .join()
+            .map_err(|_| UnpackError::Read(io::Error::other("diffID thread panicked")))?;
+        let (_, size) = pumped?;
+        Ok(Decoded {
+            diff_id,
+            uncompressed_size: size,
+            compression,
+        })
+    })
+}
+
+/// What the blob must be.
+struct Expected {
+    /// Its descriptor's digest, when it is to be checked.
+    digest: Option<Digest>,
+    /// Its descriptor's size.
+    size: u64,
+    /// The uncompressed bytes it may expand to ([`Limits::allowed`]).
+    allowed: u64,
+}
+
+/// Hashes the tar stream's chunks and passes them on to the unpack thread; stops when
+/// the decode thread is done or the unpack thread stopped. Returns the diffID.
+fn diff_stage(
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    tx: mpsc::SyncSender<io::Result<Vec<u8>>>,
+) -> Digest {
+    let mut diff = Sha256::new();
+    for chunk in rx {
+        if let Ok(c) = &chunk {
+            diff.update(c);
+        }
+        if tx.send(chunk).is_err() {
+            // The unpack thread stopped (its own error); it reports that.
+            break;
+        }
+    }
+    Digest::from_bytes(diff.finalize().into())
+}
+
+/// Decompresses the blob in chunks onto `out`, checks it against `expected`, and
+/// returns the blob's digest and the bytes it decompressed to.
+fn pump_blob<R: Read>(
+    mut raw: Raw<R>,
+    compression: Compression,
+    expected: &Expected,
+    out: &mpsc::SyncSender<io::Result<Vec<u8>>>,
+) -> Result<(Digest, u64), UnpackError> {
+    let fail = |out: &mpsc::SyncSender<io::Result<Vec<u8>>>, e: UnpackError| {
         // Tell the unpack thread to stop; it reports the decoder's error.
-        let _ = tx.send(Err(io::Error::other("layer stream failed")));
+        let _ = out.send(Err(io::Error::other("layer stream failed")));
         e
     };
     let decompress_err = |source| UnpackError::Decompress {
         compression: compression.as_str(),
         source,
     };
-    let mut diff = Sha256::new();
     let mut total = 0u64;
     let mut pump = |reader: &mut dyn Read| -> Result<(), UnpackError> {
         loop {
@@ -109,16 +184,13 @@ pub(super) fn decode(
                 return Ok(());
             }
             total += filled as u64;
-            if total > allowed {
+            if total > expected.allowed {
                 return Err(UnpackError::Expansion {
-                    limit: allowed,
-                    blob_size,
+                    limit: expected.allowed,
+                    blob_size: expected.size,
                 });
             }
-            if compression != Compression::None {
-                diff.update(&buf);
-            }
-            if tx.send(Ok(buf)).is_err() {
+            if out.send(Ok(buf)).is_err() {
                 // The unpack thread stopped (its own error); it reports that.
                 return Ok(());
             }
@@ -136,24 +208,24 @@ pub(super) fn decode(
         }
         Compression::Zstd => {
             let mut d = zstd::stream::read::Decoder::with_buffer(raw)
-                .map_err(|e| fail(&tx, decompress_err(e)))?;
+                .map_err(|e| fail(out, decompress_err(e)))?;
             let r = pump(&mut d);
             (d.finish(), r)
         }
     };
     if let Err(e) = pumped {
-        let e = fail(&tx, e);
+        let e = fail(out, e);
         // A stream that does not decompress may be a blob whose bytes were damaged after
         // it was fetched: then the digest is the cause to report (DataLoss, not a bad
         // image), so the rest of the blob is read to tell.
         if matches!(e, UnpackError::Decompress { .. }) {
-            if let Some(expected) = blob_digest {
+            if let Some(expected_digest) = expected.digest {
                 let mut hashing = raw.into_inner();
                 if io::copy(&mut hashing, &mut io::sink()).is_ok() {
                     let actual = Digest::from_bytes(hashing.hasher.finalize().into());
-                    if expected != actual || hashing.count != blob_size {
+                    if expected_digest != actual || hashing.count != expected.size {
                         return Err(UnpackError::BlobDigest {
-                            expected,
+                            expected: expected_digest,
                             actual,
                             size: hashing.count,
                         });
@@ -165,29 +237,21 @@ pub(super) fn decode(
     }
     // Whatever follows the compressed stream is part of the blob and of its digest.
     let mut hashing = raw.into_inner();
-    io::copy(&mut hashing, &mut io::sink()).map_err(|e| fail(&tx, UnpackError::Read(e)))?;
+    io::copy(&mut hashing, &mut io::sink()).map_err(|e| fail(out, UnpackError::Read(e)))?;
     let actual = Digest::from_bytes(hashing.hasher.finalize().into());
-    if let Some(expected) = blob_digest {
-        if expected != actual || hashing.count != blob_size {
+    if let Some(expected_digest) = expected.digest {
+        if expected_digest != actual || hashing.count != expected.size {
             return Err(fail(
-                &tx,
+                out,
                 UnpackError::BlobDigest {
-                    expected,
+                    expected: expected_digest,
                     actual,
                     size: hashing.count,
                 },
             ));
         }
     }
-    let diff_id = match compression {
-        Compression::None => actual,
-        _ => Digest::from_bytes(diff.finalize().into()),
-    };
-    Ok(Decoded {
-        diff_id,
-        uncompressed_size: total,
-        compression,
-    })
+    Ok((actual, total))
 }
 
 /// A blocking reader over chunks arriving on a bounded channel: the unpack thread's view

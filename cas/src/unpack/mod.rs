@@ -4,17 +4,17 @@
 //! then reads each one again to hash it ([`crate::ingest`]). Here the blob is read once:
 //!
 //! ```text
-//!  decode thread                               unpack thread (the caller's)
+//!  decode thread            diffID thread       unpack thread (the caller's)
 //!  blob ─► sha256 (blob digest)                tar entries ─► per file: sha256
 //!      ─► gunzip / unzstd                          ├─ known content: nothing written
-//!      ─► sha256 (diffID) ─► chunks ═══bounded══►  ├─ new content: written by the I/O pool
+//!      ═══bounded══► sha256 (diffID) ═══bounded══► ├─ new content: written by the I/O pool
 //!                                                  │  (ringio) into cas/tmp, linked as object
 //!                                                  ├─ stub / empty file ═══bounded══► stub threads
 //!                                                  └─ dir / symlink / device / whiteout
 //! ```
 //!
-//! Decompression and the diffID run on one thread, tar parsing, hashing and the store's
-//! other metadata calls on another, stubs are made on the stub threads (see `stubs`
+//! Decompression runs on one thread, the diffID on a second, tar parsing, hashing and
+//! the store's other metadata calls on a third, stubs are made on the stub threads (see `stubs`
 //! for the order they keep) and the bytes of new objects are written by the I/O pool's
 //! workers, so every core is busy. The channel between the threads is bounded, and so
 //! are the writes in flight ([`FLUSH_BYTES`]): memory does not grow with the layer.
@@ -64,11 +64,14 @@
 //! published are returned in [`ApplyFailure`] so that the caller can collect them once
 //! no other ingest can be about to reuse them. The layer directory itself is the
 //! caller's to empty. Durability: one `syncfs` after the last write, then the manifest
-//! (fsync + rename): a layer whose manifest exists is complete on disk.
+//! (fsync + rename): a layer whose manifest exists is complete on disk. Once
+//! [`WRITEBACK_BYTES`] of new objects are written, the store's writeback starts on a
+//! thread of its own ([`crate::writeback`]), so that the disk takes them while the rest
+//! is decompressed and that last `syncfs` has only the tail to wait for.
 //!
 //! ## Where each part lives
-//! * `decode`: the decode thread (compression, blob digest, diffID, limits) and the
-//!   chunk reader between the threads;
+//! * `decode`: the decode and diffID threads (compression, blob digest, diffID, limits)
+//!   and the chunk reader between the threads;
 //! * [`names`]: the name rules, a pure classification of each entry before any write;
 //! * `tree`: directories, parents resolved inside the layer, replacements, symlinks,
 //!   devices, whiteouts and entry metadata;
@@ -99,6 +102,7 @@ use crate::manifest::{ManifestEntry, ManifestWriter};
 use crate::objects::ObjectStore;
 use crate::stub::FileMeta;
 use crate::sys::At;
+use crate::writeback::Writeback;
 
 pub use decode::{ChunkReader, Compression};
 pub use names::clean_name;
@@ -114,6 +118,10 @@ pub const MEM_FILE_LIMIT: u64 = 16 << 20;
 /// Bytes of new objects in flight before the unpack waits for their writes, publishes
 /// them and writes their stubs: the bound on the memory an apply holds in file data.
 pub const FLUSH_BYTES: u64 = 64 << 20;
+/// Bytes of new objects written after which the store's writeback is started, on a
+/// thread of its own ([`crate::writeback`]): the disk takes a large layer's objects while
+/// the rest is decompressed and hashed, and the final `syncfs` waits for the tail only.
+pub const WRITEBACK_BYTES: u64 = 16 << 20;
 /// The xattr that makes an overlay upper directory opaque.
 pub const XATTR_OPAQUE: &str = "trusted.overlay.opaque";
 
@@ -406,6 +414,8 @@ struct Unpacker<'a> {
     stubs: StubThreads,
     /// The layer being built, when it becomes an image rather than a stub tree.
     image: Option<crate::erofs::Image>,
+    /// Starts the writeback of new objects as they are written.
+    writeback: Option<Writeback>,
 }
 
 impl<'a> Unpacker<'a> {
@@ -429,6 +439,7 @@ impl<'a> Unpacker<'a> {
             new_objects: Vec::new(),
             times: ApplyTimes::default(),
             stubs,
+            writeback: Writeback::new(t.tmp_dir, WRITEBACK_BYTES),
         })
     }
 
@@ -476,6 +487,9 @@ impl<'a> Unpacker<'a> {
         }
         crate::crash_point!("apply.before-syncfs");
         let syncing = std::time::Instant::now();
+        if let Some(w) = self.writeback.as_mut() {
+            w.wait();
+        }
         let root = File::open(self.t.fs_dir).map_err(CasError::io("open", self.t.fs_dir))?;
         nix::unistd::syncfs(root.as_raw_fd())
             .map_err(|e| CasError::io("syncfs", self.t.fs_dir)(e.into()))?;

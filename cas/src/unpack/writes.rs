@@ -232,12 +232,20 @@ impl Unpacker<'_> {
                 self.stats.new_objects += 1;
                 self.stats.new_bytes += size;
                 self.new_objects.push(digest);
+                self.wrote(size);
             }
             Publish::Existing => self.stats.discarded_bytes += size,
         }
         let redirect = self.t.store.redirect(&digest)?;
         self.redirects.remember(redirect);
         Ok(redirect)
+    }
+
+    /// Counts bytes of new objects written (in the page cache), for the early writeback.
+    fn wrote(&mut self, bytes: u64) {
+        if let Some(w) = self.writeback.as_mut() {
+            w.wrote(bytes);
+        }
     }
 
     /// Waits for every write in flight.
@@ -271,6 +279,7 @@ impl Unpacker<'_> {
                     self.stats.new_objects += 1;
                     self.stats.new_bytes += o.size;
                     self.new_objects.push(o.digest);
+                    self.wrote(o.size);
                     linked.second_name
                 }
                 Err(e)
