@@ -322,19 +322,11 @@ impl Read for ChunkReader<'_> {
     }
 }
 
-/// Reads up to [`CHUNK`] bytes (fewer only at the end; empty at the end).
+/// Reads up to [`CHUNK`] bytes (fewer only at the end; empty at the end), into a buffer
+/// that is not zeroed first.
 pub(super) fn read_chunk(reader: &mut (impl Read + ?Sized)) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; CHUNK];
-    let mut filled = 0;
-    while filled < CHUNK {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(filled);
+    let mut buf = Vec::with_capacity(CHUNK);
+    reader.take(CHUNK as u64).read_to_end(&mut buf)?;
     Ok(buf)
 }
 

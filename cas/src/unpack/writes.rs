@@ -188,6 +188,7 @@ impl Unpacker<'_> {
             self.alias_stubs.insert(digest, Vec::new());
         }
         self.pending_bytes += size;
+        self.wrote(size);
         self.objects.push_back(PendingObject {
             digest,
             size,
@@ -241,7 +242,9 @@ impl Unpacker<'_> {
         Ok(redirect)
     }
 
-    /// Counts bytes of new objects written (in the page cache), for the early writeback.
+    /// Counts bytes of new objects handed to the pool or written, for the early
+    /// writeback: the pool's workers write soon after, so a `syncfs` started then finds
+    /// most of them in the page cache (and the next one the rest).
     fn wrote(&mut self, bytes: u64) {
         if let Some(w) = self.writeback.as_mut() {
             w.wrote(bytes);
@@ -279,7 +282,6 @@ impl Unpacker<'_> {
                     self.stats.new_objects += 1;
                     self.stats.new_bytes += o.size;
                     self.new_objects.push(o.digest);
-                    self.wrote(o.size);
                     linked.second_name
                 }
                 Err(e)
