@@ -36,7 +36,8 @@ use crate::erofs::{Attrs, Image, Leaf};
 use crate::error::CasError;
 use crate::manifest::{ManifestEntry, ManifestWriter};
 use crate::objects::{ObjectStore, Publish};
-use crate::stub::{is_overlay_private, own_xattrs, XATTR_METACOPY};
+use crate::stub::{is_overlay_private, listed_xattrs, XATTR_METACOPY};
+use crate::sys::At;
 use crate::unpack::XATTR_OPAQUE;
 use crate::writeback::Writeback;
 
@@ -93,7 +94,10 @@ pub fn ingest_layer_image(
         };
         let (all, mut xattrs) = match prepared {
             Some(_) => Default::default(),
-            None => listed_xattrs(path)?,
+            None => {
+                let l = listed_xattrs(At::Path(path), path)?;
+                (l.all, l.own)
+            }
         };
         let overlay: Vec<_> = all.iter().filter(|n| is_overlay_private(n)).collect();
         if ft.is_dir() {
@@ -288,20 +292,6 @@ fn changed(path: &Path) -> CasError {
     }
 }
 
-/// The names of every xattr of `path`, and its own xattrs (overlayfs' left out) with
-/// their values, read only when it has any.
-fn listed_xattrs(path: &Path) -> Result<(Vec<std::ffi::OsString>, Xattrs), CasError> {
-    let all: Vec<_> = xattr::list(path)
-        .map_err(CasError::io("listxattr", path))?
-        .collect();
-    let own = if all.iter().any(|n| !is_overlay_private(n)) {
-        own_xattrs(path)?
-    } else {
-        Vec::new()
-    };
-    Ok((all, own))
-}
-
 /// Reads what the image needs of the file at `path` (metadata, own xattrs), hashes it
 /// and publishes its inode as the object, all through one open file; `None` for a
 /// metadata-only copy-up when `copy_ups` may exist (its object is the layer below's).
@@ -312,36 +302,18 @@ fn prepare(
     copy_ups: bool,
 ) -> Result<Option<Prepared>, CasError> {
     use std::os::unix::fs::OpenOptionsExt;
-    use xattr::FileExt as _;
     let file = fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)
         .map_err(CasError::io("open", path))?;
-    let all: Vec<_> = file
-        .list_xattr()
-        .map_err(CasError::io("listxattr", path))?
-        .collect();
-    if copy_ups
-        && all
-            .iter()
-            .any(|n| n.as_bytes() == XATTR_METACOPY.as_bytes())
-    {
+    let xattrs = listed_xattrs(At::File(&file), path)?;
+    if copy_ups && xattrs.has(XATTR_METACOPY) {
         return Ok(None);
     }
-    let mut own = Vec::new();
-    for name in all.iter().filter(|n| !is_overlay_private(n)) {
-        if let Some(value) = file
-            .get_xattr(name)
-            .map_err(CasError::io("getxattr", path))?
-        {
-            own.push((name.clone(), value));
-        }
-    }
-    let overlay_xattrs = all.iter().filter(|n| is_overlay_private(n)).count();
     let (digest, read) = Digest::of_reader(&file).map_err(CasError::io("read", path))?;
     let publish = if read == md.size() {
-        let p = store.publish_in_place(path, &file, &md, !all.is_empty(), &digest)?;
+        let p = store.publish_in_place(path, &file, &md, !xattrs.all.is_empty(), &digest)?;
         if p == Publish::New {
             crate::crash_point!("ingest.object-published");
         }
@@ -351,8 +323,8 @@ fn prepare(
     };
     Ok(Some(Prepared {
         md,
-        own,
-        overlay_xattrs: overlay_xattrs as u64,
+        overlay_xattrs: xattrs.overlay_private() as u64,
+        own: xattrs.own,
         digest,
         read,
         publish,
