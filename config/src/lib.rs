@@ -40,6 +40,7 @@
 //! buffers = 16                 # registered buffers per worker
 //! buffer_size = 262144
 //! queue_depth = 64             # writes queued per worker before producers wait
+//! small_writes = 32768         # new objects up to this size: plain threads (0: the ring)
 //! backend = "auto"             # auto (io_uring where it works) | threads
 //! ```
 //!
@@ -405,6 +406,9 @@ pub struct RingConfig {
     pub buffer_size: usize,
     /// Writes queued per worker before producers wait (backpressure).
     pub queue_depth: usize,
+    /// New objects of at most this many bytes are written by plain threads beside the
+    /// io_uring workers (0: every write goes through the ring).
+    pub small_writes: usize,
     /// io_uring or plain threads.
     pub backend: RingBackend,
 }
@@ -416,6 +420,7 @@ impl Default for RingConfig {
             buffers: 16,
             buffer_size: 256 << 10,
             queue_depth: 64,
+            small_writes: 32 << 10,
             backend: RingBackend::Auto,
         }
     }

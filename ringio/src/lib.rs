@@ -36,5 +36,5 @@ pub mod process;
 pub use error::IoError;
 pub use pool::{
     probe_io_uring, Backend, BackendChoice, Linked, Pool, PoolConfig, PoolError, PoolStats, Ticket,
-    UringUnavailable,
+    UringUnavailable, DEFAULT_SMALL_WRITES,
 };

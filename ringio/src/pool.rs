@@ -11,6 +11,15 @@
 //! API and its results are the same for both; [`Pool::backend`] says which one runs and
 //! [`Pool::fallback_reason`] why io_uring does not.
 //!
+//! Beside the io_uring workers run `workers` plain threads for small writes: a write from
+//! memory of at most [`PoolConfig::small_writes`] bytes goes to them. Such a write is
+//! mostly metadata (an `O_TMPFILE` open, a few KiB, a link, a close), and each of those
+//! calls that can block is punted by the ring to a kernel worker thread and its
+//! completion waited for: a plain call on a thread costs less. Applying layers of new
+//! small files (`cas-bench engine`, XFS, 2 cores, three interleaved rounds of medians of
+//! 3), every write through the ring against small ones on threads: 10,000 files of
+//! 1.8 KB 0.83 s against 0.74 s, 50,000 files of 5 KB 3.70 s against 3.34 s.
+//!
 //! [`BackendChoice::Auto`] probes io_uring once per process ([`probe_io_uring`]):
 //! `kernel.io_uring_disabled`, then a ring that completes a no-op, an open, a
 //! fixed-buffer read and a close. If the probe fails, or a worker cannot set up its ring
@@ -137,9 +146,15 @@ pub struct PoolConfig {
     pub buffer_size: usize,
     /// Commands a worker's channel holds before producers wait.
     pub queue_depth: usize,
+    /// Writes from memory of at most this many bytes go to plain threads on the io_uring
+    /// backend too (`workers` more threads; 0: none do). See the module docs.
+    pub small_writes: usize,
     /// Which backend.
     pub backend: BackendChoice,
 }
+
+/// Default [`PoolConfig::small_writes`].
+pub const DEFAULT_SMALL_WRITES: usize = 32 * 1024;
 
 /// Default buffer size: large enough that a read is one request per 256 KiB of blob.
 pub const DEFAULT_BUFFER_SIZE: usize = 256 * 1024;
@@ -151,6 +166,7 @@ impl Default for PoolConfig {
             buffers: 16,
             buffer_size: DEFAULT_BUFFER_SIZE,
             queue_depth: 64,
+            small_writes: DEFAULT_SMALL_WRITES,
             backend: BackendChoice::Auto,
         }
     }
@@ -307,6 +323,9 @@ struct Inner {
     senders: Vec<Sender<Command>>,
     /// Read channels of the io_uring workers (empty on the threads backend).
     read_senders: Vec<Sender<ReadCommand>>,
+    /// Channels of the threads that take small writes beside the io_uring workers (empty
+    /// on the threads backend, where every write goes to `senders`).
+    small_senders: Vec<Sender<Command>>,
     next: AtomicUsize,
     counters: Arc<Counters>,
     threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -319,6 +338,7 @@ impl Drop for Inner {
         // this `Inner`, so nothing the workers wait for outlives this point: no hang.
         self.senders.clear();
         self.read_senders.clear();
+        self.small_senders.clear();
         if let Ok(mut threads) = self.threads.lock() {
             for t in threads.drain(..) {
                 let _ = t.join();
@@ -360,14 +380,25 @@ impl Pool {
         let mut fallback = None;
         if config.backend == BackendChoice::Auto {
             match uring::probe().and_then(|()| start_uring(config, &counters)) {
-                Ok(workers) => {
+                Ok(mut workers) => {
+                    if config.small_writes > 0 {
+                        let small = match start_threads(config, &counters, "ringio-small") {
+                            Ok(small) => small,
+                            Err(e) => {
+                                stop(workers.senders, workers.read_senders, workers.threads);
+                                return Err(e);
+                            }
+                        };
+                        workers.small_senders = small.senders;
+                        workers.threads.extend(small.threads);
+                    }
                     return Ok(Pool::assemble(
                         config,
                         Backend::IoUring,
                         None,
                         workers,
                         counters,
-                    ))
+                    ));
                 }
                 Err(why) => {
                     tracing::warn!(reason = %why, "io_uring unavailable: the I/O pool runs on plain threads");
@@ -375,7 +406,7 @@ impl Pool {
                 }
             }
         }
-        let workers = start_threads(config, &counters)?;
+        let workers = start_threads(config, &counters, "ringio")?;
         Ok(Pool::assemble(
             config,
             Backend::Threads,
@@ -399,6 +430,7 @@ impl Pool {
                 fallback,
                 senders: workers.senders,
                 read_senders: workers.read_senders,
+                small_senders: workers.small_senders,
                 next: AtomicUsize::new(0),
                 counters,
                 threads: std::sync::Mutex::new(workers.threads),
@@ -459,7 +491,18 @@ impl Pool {
     }
 
     fn send(&self, cmd: Command) -> Result<(), PoolError> {
-        let tx = self.pick(&self.inner.senders)?;
+        let small = match &cmd {
+            Command::Write { chunks, .. } => {
+                chunks.iter().map(Vec::len).sum::<usize>() <= self.inner.config.small_writes
+            }
+            Command::Stream { .. } => false,
+        };
+        let senders = if small && !self.inner.small_senders.is_empty() {
+            &self.inner.small_senders
+        } else {
+            &self.inner.senders
+        };
+        let tx = self.pick(senders)?;
         self.inner.counters.queued.fetch_add(1, Ordering::Relaxed);
         self.push(tx, cmd).inspect_err(|_| {
             self.inner.counters.queued.fetch_sub(1, Ordering::Relaxed);
@@ -713,17 +756,23 @@ fn write_all_at(file: &File, path: &Path, buf: &[u8], off: u64) -> Result<(), Po
 struct Workers {
     senders: Vec<Sender<Command>>,
     read_senders: Vec<Sender<ReadCommand>>,
+    small_senders: Vec<Sender<Command>>,
     threads: Vec<JoinHandle<()>>,
 }
 
-fn start_threads(config: &PoolConfig, counters: &Arc<Counters>) -> Result<Workers, PoolError> {
+/// Starts `config.workers` threads of the threads backend, named `<name>-<n>`.
+fn start_threads(
+    config: &PoolConfig,
+    counters: &Arc<Counters>,
+    name: &str,
+) -> Result<Workers, PoolError> {
     let mut senders = Vec::with_capacity(config.workers);
     let mut threads = Vec::with_capacity(config.workers);
     for n in 0..config.workers {
         let (tx, rx) = async_channel::bounded(config.queue_depth);
         let c = counters.clone();
         let spawned = std::thread::Builder::new()
-            .name(format!("ringio-{n}"))
+            .name(format!("{name}-{n}"))
             .spawn(move || threads_worker(rx, c));
         match spawned {
             Ok(t) => {
@@ -739,6 +788,7 @@ fn start_threads(config: &PoolConfig, counters: &Arc<Counters>) -> Result<Worker
     Ok(Workers {
         senders,
         read_senders: Vec::new(),
+        small_senders: Vec::new(),
         threads,
     })
 }
@@ -789,6 +839,7 @@ fn start_uring(config: &PoolConfig, counters: &Arc<Counters>) -> Result<Workers,
     Ok(Workers {
         senders,
         read_senders,
+        small_senders: Vec::new(),
         threads,
     })
 }
@@ -976,6 +1027,7 @@ mod tests {
             buffers: 4,
             buffer_size: 4096,
             queue_depth: 2,
+            small_writes: 0,
             backend,
         }
     }
@@ -1223,6 +1275,44 @@ mod tests {
             assert!(!linked.second_name);
             assert_eq!(std::fs::read(&dest3).unwrap(), b"three");
             assert_eq!(std::fs::read(&second).unwrap(), b"two", "never replaced");
+        }
+    }
+
+    /// With `small_writes`, the io_uring backend hands small writes to plain threads of
+    /// its own and the rest to the ring: both give the same files.
+    #[test]
+    fn small_writes_go_to_threads_beside_the_ring() {
+        let config = PoolConfig {
+            small_writes: 8,
+            ..small(BackendChoice::Auto)
+        };
+        for p in pools_with(config) {
+            let threads = || -> Vec<String> {
+                std::fs::read_dir("/proc/self/task")
+                    .unwrap()
+                    .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                    .filter(|c| c.starts_with("ringio-small-"))
+                    .collect()
+            };
+            if p.backend() == Backend::IoUring {
+                assert!(!threads().is_empty(), "small-write threads started");
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let tmp = dir.path().join("tmp");
+            std::fs::create_dir(&tmp).unwrap();
+            let tickets: Vec<_> = (0..32u32)
+                .map(|i| {
+                    let data = pattern(if i % 2 == 0 { 8 } else { 9 + i as usize * 100 }, i);
+                    let dest = dir.path().join(format!("{:02x}/object{i}", i % 4));
+                    let t = p.write_linked(&tmp, &dest, None, 0o444, vec![data.clone()]);
+                    (dest, data, t.unwrap())
+                })
+                .collect();
+            for (dest, data, t) in tickets {
+                assert_eq!(t.wait().unwrap().bytes, data.len() as u64);
+                assert_eq!(std::fs::read(&dest).unwrap(), data, "{:?}", p.backend());
+            }
+            assert_eq!(p.stats().files_written, 32);
         }
     }
 

@@ -98,6 +98,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             buffers: cfg.ring.buffers,
             buffer_size: cfg.ring.buffer_size,
             queue_depth: cfg.ring.queue_depth,
+            small_writes: cfg.ring.small_writes,
             backend: match cfg.ring.backend {
                 config::RingBackend::Auto => ringio::BackendChoice::Auto,
                 config::RingBackend::Threads => ringio::BackendChoice::Threads,

@@ -65,6 +65,10 @@ pub struct EngineArgs {
     /// io_uring is unavailable); by default io_uring where it works.
     #[arg(long)]
     pub threads: bool,
+    /// New objects of at most this many bytes are written by plain threads beside the
+    /// io_uring workers (`[ring] small_writes`; 0: every write through the ring).
+    #[arg(long, default_value_t = ringio::DEFAULT_SMALL_WRITES)]
+    pub small_writes: usize,
     /// How the applied layer's metadata is written: `erofs` (one image, the daemon's
     /// default where the kernel mounts EROFS) or `stubs` (a stub tree).
     #[arg(long, value_enum, default_value_t = Metadata::Erofs)]
@@ -102,10 +106,14 @@ impl EngineRow {
 pub fn run(a: &EngineArgs) -> Result<()> {
     let (work, _keep) = work_dir(a.workdir.as_deref(), "cas-engine-")?;
     let fs = LoopFs::new(&work, 40 << 10, FsKind::Xfs).context("making the XFS loop filesystem")?;
-    let backend = if a.threads {
-        BackendChoice::Threads
-    } else {
-        BackendChoice::Auto
+    let pool = PoolConfig {
+        backend: if a.threads {
+            BackendChoice::Threads
+        } else {
+            BackendChoice::Auto
+        },
+        small_writes: a.small_writes,
+        ..PoolConfig::default()
     };
     let rows = measure(
         &a.cache,
@@ -113,7 +121,7 @@ pub fn run(a: &EngineArgs) -> Result<()> {
         &a.images,
         &fs.mnt,
         a.runs,
-        backend,
+        &pool,
         a.layer_metadata,
     )?;
     print!("{}", table(&rows));
@@ -127,17 +135,13 @@ pub fn measure(
     images: &[String],
     dir: &Path,
     runs: usize,
-    backend: BackendChoice,
+    pool: &PoolConfig,
     metadata: Metadata,
 ) -> Result<Vec<EngineRow>> {
     let mut all = ensure_images(cache, sizes)?;
     // the real layers, where `scripts/bench-dedup.sh` built them
     all.extend(debian_images(cache, &DEBIAN)?);
-    let pool = Pool::start(&PoolConfig {
-        backend,
-        ..PoolConfig::default()
-    })
-    .context("starting the I/O pool")?;
+    let pool = Pool::start(pool).context("starting the I/O pool")?;
     eprintln!(
         "engine: I/O workers on {}, layer metadata as {}",
         pool.backend().as_str(),

@@ -414,7 +414,7 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
             &engine_images,
             &engine_dir,
             a.runs,
-            ringio::pool::BackendChoice::Auto,
+            &ringio::PoolConfig::default(),
             engine::Metadata::Erofs,
         )?;
         let _ = fs::remove_dir_all(&engine_dir);
