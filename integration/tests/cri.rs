@@ -503,10 +503,12 @@ async fn userns_flow(rig: &Rig) -> Result<()> {
     for (_, _, pod, c) in running {
         remove_pod(&mut cri, pod, c).await?;
     }
-    // The pods' snapshots go at containerd's next GC, which it paces: after a collection
-    // of d seconds the next waits d / 0.02 (its pause threshold), half a minute after
-    // one of 0.6 s on a busy machine.
+    // The pods' snapshots go at containerd's next GC, which it paces (after a collection
+    // of d seconds the next waits d / 0.02, its pause threshold) and may have run while
+    // the second pod was still going: a lease deleted with `--sync` runs one now, as
+    // kubelet's next image GC or pod removal would.
     let start = Instant::now();
+    let mut collected = None;
     while !rig.id_mapped_clones().is_empty() {
         if start.elapsed() > Duration::from_secs(120) {
             bail!(
@@ -514,9 +516,26 @@ async fn userns_flow(rig: &Rig) -> Result<()> {
                 rig.id_mapped_clones()
             );
         }
+        if collected.is_none_or(|t: Instant| t.elapsed() > Duration::from_secs(10)) {
+            sync_gc(rig)?;
+            collected = Some(Instant::now());
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(committed_and_objects(rig)?, before);
+    Ok(())
+}
+
+/// Runs containerd's garbage collection now: a lease created and deleted with `--sync`.
+fn sync_gc(rig: &Rig) -> Result<()> {
+    let id = "cas-test-gc";
+    let ctr = |args: &[&str]| {
+        let mut all = vec!["--namespace", K8S_NAMESPACE, "leases"];
+        all.extend_from_slice(args);
+        rig.containerd.ctr(&all)
+    };
+    ctr(&["create", "--id", id])?;
+    ctr(&["delete", "--sync", id])?;
     Ok(())
 }
 
