@@ -12,8 +12,12 @@ use crate::digest::Digest;
 
 /// Size of the chunks passed from the decode thread to the unpack thread.
 const CHUNK: usize = 256 << 10;
-/// Chunks the channel between the two threads holds.
+/// Chunks the channel to the unpack thread holds.
 pub(super) const CHANNEL_CHUNKS: usize = 16;
+/// Chunks the channel from the decode thread to the diffID thread holds: with the
+/// unpack thread's, 24 chunks (6 MiB) of decoded tar at most are in flight. Splitting the
+/// 16 of one channel into 12 and 4 instead made applies of the Debian base 5-10% slower.
+const DIFF_CHUNKS: usize = CHANNEL_CHUNKS / 2;
 
 /// How a blob is compressed, told by its first bytes as containerd does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,7 +113,7 @@ pub(super) fn decode(
             compression,
         });
     }
-    let (stage_tx, stage_rx) = mpsc::sync_channel(CHANNEL_CHUNKS / 2);
+    let (stage_tx, stage_rx) = mpsc::sync_channel(DIFF_CHUNKS);
     std::thread::scope(|scope| {
         let stage = std::thread::Builder::new()
             .name("layer-diffid".into())
