@@ -8,9 +8,10 @@
 //! running. Writeback is I/O and hashing is CPU, so the two overlap. The final `syncfs`
 //! stays the caller's: it is what makes the layer durable, and it waits for the tail.
 //!
-//! The thread holds nothing of its caller's but an open directory, so a caller that
-//! fails or returns leaves it to finish alone. Each `syncfs` forces the filesystem's log
-//! as well: small layers should not start one.
+//! The thread holds nothing of its caller's but an open directory. Dropping a
+//! [`Writeback`] waits for the `syncfs` running, so that no thread of an apply or an
+//! ingest that returned (or failed) still holds the store's filesystem open. Each
+//! `syncfs` forces the filesystem's log as well: small layers should not start one.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -74,6 +75,12 @@ impl Writeback {
         if self.dirty >= self.step {
             self.start();
         }
+    }
+}
+
+impl Drop for Writeback {
+    fn drop(&mut self) {
+        self.wait();
     }
 }
 
