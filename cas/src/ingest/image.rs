@@ -36,7 +36,7 @@ use crate::erofs::{Attrs, Image, Leaf};
 use crate::error::CasError;
 use crate::manifest::{ManifestEntry, ManifestWriter};
 use crate::objects::{ObjectStore, Publish};
-use crate::stub::{is_overlay_private, listed_xattrs, XATTR_METACOPY};
+use crate::stub::{listed_xattrs, ListedXattrs, XATTR_METACOPY};
 use crate::sys::At;
 use crate::unpack::XATTR_OPAQUE;
 use crate::writeback::Writeback;
@@ -92,14 +92,14 @@ pub fn ingest_layer_image(
         } else {
             None
         };
-        let (all, mut xattrs) = match prepared {
-            Some(_) => Default::default(),
-            None => {
-                let l = listed_xattrs(At::Path(path), path)?;
-                (l.all, l.own)
-            }
+        let listed = match prepared {
+            Some(_) => ListedXattrs::default(),
+            None => listed_xattrs(At::Path(path), path)?,
         };
-        let overlay: Vec<_> = all.iter().filter(|n| is_overlay_private(n)).collect();
+        // overlayfs' own xattrs, which the image does not take from the layer
+        let overlay = listed.overlay_private() as u64;
+        let opaque_listed = listed.has(XATTR_OPAQUE);
+        let mut xattrs = listed.own;
         if ft.is_dir() {
             let opaque = store
                 .sys()
@@ -110,10 +110,8 @@ pub fn ingest_layer_image(
                 a.xattrs
                     .push((XATTR_OPAQUE.as_bytes().to_vec(), b"y".to_vec()));
             }
-            stats.dropped_overlay_xattrs += overlay
-                .iter()
-                .filter(|n| n.as_bytes() != XATTR_OPAQUE.as_bytes())
-                .count() as u64;
+            // the opaque marker is kept (above), the others dropped
+            stats.dropped_overlay_xattrs += overlay - u64::from(opaque_listed);
             img.dir(&rel, a).map_err(CasError::from)?;
             continue;
         }
@@ -141,7 +139,7 @@ pub fn ingest_layer_image(
             } else {
                 continue;
             };
-            stats.dropped_overlay_xattrs += overlay.len() as u64;
+            stats.dropped_overlay_xattrs += overlay;
             img.insert(&rel, attrs(&md, xattrs), leaf)
                 .map_err(CasError::from)?;
             continue;
@@ -177,7 +175,7 @@ pub fn ingest_layer_image(
                 Some((copied_up_object(store, path, &rel, lowers)?, size)),
             )
         } else if size == 0 {
-            stats.dropped_overlay_xattrs += overlay.len() as u64;
+            stats.dropped_overlay_xattrs += overlay;
             (md, xattrs, None)
         } else {
             // the walk gave every other file with content to the hashing threads: this
