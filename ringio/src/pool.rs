@@ -31,7 +31,8 @@
 //! in [`PoolStats::backpressure_waits`]) instead of queueing without limit. An io_uring
 //! worker runs at most `queue_depth` writes at once and leaves further commands in its
 //! channel, so memory stays bounded by `2 × workers × queue_depth` pending writes plus the
-//! buffers in flight. Reads have a channel of their own and take no write slot, so a
+//! buffers in flight; the small-write threads (above) add `workers × (queue_depth + 1)`
+//! writes of at most [`PoolConfig::small_writes`] bytes each. Reads have a channel of their own and take no write slot, so a
 //! producer that holds a stream open can still read a blob.
 //!
 //! ## Operations

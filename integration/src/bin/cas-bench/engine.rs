@@ -36,11 +36,11 @@ use cas_integration::harness::{FsKind, LoopFs};
 use ringio::pool::{BackendChoice, Pool, PoolConfig};
 
 use crate::images::{debian_images, ensure_images, Layer, Sizes};
+use crate::perf::{cpu_times, decompress_args, drop_caches, summary, time_decompress, work_dir};
 
 /// The Debian images measured when present: the bases (gzip, zstd), and the app layer
 /// (the last layer of `app-1`, applied alone when named with `--image`).
 const DEBIAN: [&str; 4] = ["base-1", "base-1-zstd", "app-1", "app-1-zstd"];
-use crate::perf::{cpu_times, decompress_args, drop_caches, summary, time_decompress, work_dir};
 
 /// `cas-bench engine` arguments.
 #[derive(Debug, clap::Args)]
