@@ -200,7 +200,7 @@ impl ObjectStore {
     }
 
     /// Publishes the inode of `file`, open from `src` (holding exactly the bytes of
-    /// `digest`, with the metadata `md`; `xattrs` when it has any), as that object
+    /// `digest`, with the metadata `md` and the xattrs named `xattrs`), as that object
     /// unless it exists, normalising the inode where it is, with no temporary name: for
     /// an inode whose path the caller gives up (an ingested tree that is deleted once its
     /// layer is an image). The object's name appears only once the inode is normalised.
@@ -211,7 +211,7 @@ impl ObjectStore {
         src: &Path,
         file: &fs::File,
         md: &fs::Metadata,
-        xattrs: bool,
+        xattrs: &[std::ffi::OsString],
         digest: &Digest,
     ) -> Result<Publish, CasError> {
         use xattr::FileExt as _;
@@ -226,11 +226,9 @@ impl ObjectStore {
         }
         file.set_permissions(fs::Permissions::from_mode(OBJECT_MODE))
             .map_err(CasError::io("chmod", src))?;
-        if xattrs {
-            for name in file.list_xattr().map_err(CasError::io("listxattr", src))? {
-                file.remove_xattr(&name)
-                    .map_err(CasError::io("removexattr", src))?;
-            }
+        for name in xattrs {
+            file.remove_xattr(name)
+                .map_err(CasError::io("removexattr", src))?;
         }
         self.link_open(file, src, &dst)
     }
@@ -521,21 +519,25 @@ mod tests {
             fs::set_permissions(f, fs::Permissions::from_mode(0o4755)).unwrap();
         }
         // user xattrs where the test's filesystem keeps them
-        let xattrs = xattr::set(&a, "user.cas-test", b"v").is_ok();
+        let xattrs: Vec<_> = if xattr::set(&a, "user.cas-test", b"v").is_ok() {
+            vec!["user.cas-test".into()]
+        } else {
+            Vec::new()
+        };
         let d = Digest::of(b"in place");
         assert!(!store.path(&d).parent().unwrap().exists());
-        let publish = |path: &Path, xattrs: bool| {
+        let publish = |path: &Path, xattrs: &[std::ffi::OsString]| {
             let f = fs::File::open(path).unwrap();
             let md = f.metadata().unwrap();
             store.publish_in_place(path, &f, &md, xattrs, &d).unwrap()
         };
-        assert_eq!(publish(&a, xattrs), Publish::New);
+        assert_eq!(publish(&a, &xattrs), Publish::New);
         let object = fs::symlink_metadata(store.path(&d)).unwrap();
         assert_eq!(object.ino(), fs::metadata(&a).unwrap().ino());
         assert_eq!(object.mode() & 0o7777, OBJECT_MODE);
         assert_eq!(xattr::list(store.path(&d)).unwrap().count(), 0);
         assert_eq!(fs::read(store.path(&d)).unwrap(), b"in place");
-        assert_eq!(publish(&b, false), Publish::Existing);
+        assert_eq!(publish(&b, &[]), Publish::Existing);
         assert_eq!(fs::metadata(&b).unwrap().mode() & 0o7777, 0o4755);
         assert_eq!(fs::metadata(&b).unwrap().nlink(), 1);
         // owned by root already: no chown

@@ -30,7 +30,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::{copied_up_object, is_metacopy, walk_error, IngestStats};
+use super::{copied_up_object, walk_error, IngestStats};
 use crate::digest::Digest;
 use crate::erofs::{Attrs, Image, Leaf};
 use crate::error::CasError;
@@ -99,6 +99,7 @@ pub fn ingest_layer_image(
         // overlayfs' own xattrs, which the image does not take from the layer
         let overlay = listed.overlay_private() as u64;
         let opaque_listed = listed.has(XATTR_OPAQUE);
+        let metacopy = listed.has(XATTR_METACOPY);
         let mut xattrs = listed.own;
         if ft.is_dir() {
             let opaque = store
@@ -168,7 +169,7 @@ pub fn ingest_layer_image(
                 stats.new_bytes += p.read;
             }
             (p.md, p.own, Some((p.digest, p.read)))
-        } else if !lowers.is_empty() && size > 0 && is_metacopy(path)? {
+        } else if !lowers.is_empty() && size > 0 && metacopy {
             (
                 md,
                 xattrs,
@@ -311,7 +312,7 @@ fn prepare(
     }
     let (digest, read) = Digest::of_reader(&file).map_err(CasError::io("read", path))?;
     let publish = if read == md.size() {
-        let p = store.publish_in_place(path, &file, &md, !xattrs.all.is_empty(), &digest)?;
+        let p = store.publish_in_place(path, &file, &md, &xattrs.all, &digest)?;
         if p == Publish::New {
             crate::crash_point!("ingest.object-published");
         }

@@ -43,8 +43,8 @@ use crate::objects::{reflink_capable, ObjectStore, Publish, Redirect};
 use std::os::unix::ffi::OsStrExt;
 
 use crate::stub::{
-    apply_metadata, is_overlay_private, own_xattrs, stub_target, write_stub, FileMeta,
-    XATTR_METACOPY, XATTR_REDIRECT,
+    apply_metadata, is_overlay_private, listed_xattrs, own_xattrs, stub_target, write_stub,
+    FileMeta, XATTR_METACOPY, XATTR_REDIRECT,
 };
 use crate::sys::At;
 
@@ -156,33 +156,32 @@ pub fn ingest_layer(
             stats.files += 1;
             continue;
         }
-        let xattrs = own_xattrs(path)?;
+        let listed = listed_xattrs(At::Path(path), path)?;
+        let overlay = listed.overlay_private() as u64;
+        let metacopy = listed.has(XATTR_METACOPY);
+        let (names, xattrs) = (listed.all, listed.own);
         // Which object holds the bytes, and whether this inode is to become it.
         let stubs = mode == StoreMode::Stubs;
-        let (digest, publish) =
-            if stubs && !lowers.is_empty() && md.size() > 0 && is_metacopy(path)? {
-                (copied_up_object(store, path, &rel, lowers)?, false)
-            } else {
-                let all = xattr::list(path).map_err(CasError::io("listxattr", path))?;
-                let dropped = all.filter(|n| is_overlay_private(n)).count() as u64;
-                stats.dropped_overlay_xattrs += dropped;
-                if dropped > 0 {
-                    strip_overlay_xattrs(path)?;
-                }
-                if md.size() == 0 {
-                    continue;
-                }
-                let file = File::open(path).map_err(CasError::io("open", path))?;
-                let (digest, size) =
-                    Digest::of_reader(&file).map_err(CasError::io("read", path))?;
-                if size != md.size() {
-                    return Err(CasError::Hostile {
-                        path: path.to_path_buf(),
-                        reason: "file changed size while the layer was being committed",
-                    });
-                }
-                (digest, true)
-            };
+        let (digest, publish) = if stubs && !lowers.is_empty() && md.size() > 0 && metacopy {
+            (copied_up_object(store, path, &rel, lowers)?, false)
+        } else {
+            stats.dropped_overlay_xattrs += overlay;
+            if overlay > 0 {
+                strip_overlay_xattrs(path, &names)?;
+            }
+            if md.size() == 0 {
+                continue;
+            }
+            let file = File::open(path).map_err(CasError::io("open", path))?;
+            let (digest, size) = Digest::of_reader(&file).map_err(CasError::io("read", path))?;
+            if size != md.size() {
+                return Err(CasError::Hostile {
+                    path: path.to_path_buf(),
+                    reason: "file changed size while the layer was being committed",
+                });
+            }
+            (digest, true)
+        };
         let size = md.size();
         let tmp = tmp_name(tmp_dir, if stubs { "stub" } else { "copy" });
         let built = if stubs {
@@ -317,12 +316,6 @@ pub(crate) fn walk_error(fs_dir: &Path) -> impl Fn(walkdir::Error) -> CasError +
     }
 }
 
-pub(crate) fn is_metacopy(path: &Path) -> Result<bool, CasError> {
-    Ok(xattr::get(path, XATTR_METACOPY)
-        .map_err(CasError::io("getxattr", path))?
-        .is_some())
-}
-
 /// The object behind a metadata-only copy-up at `rel`: the stub of the same path (or of
 /// the path its `redirect` names) in the topmost lower layer that has it.
 pub(crate) fn copied_up_object(
@@ -373,11 +366,10 @@ pub(crate) fn copied_up_object(
     })
 }
 
-fn strip_overlay_xattrs(path: &Path) -> Result<(), CasError> {
-    for name in xattr::list(path).map_err(CasError::io("listxattr", path))? {
-        if is_overlay_private(&name) {
-            xattr::remove(path, &name).map_err(CasError::io("removexattr", path))?;
-        }
+/// Removes overlayfs' own xattrs among `names` (those `path` was listed with).
+fn strip_overlay_xattrs(path: &Path, names: &[std::ffi::OsString]) -> Result<(), CasError> {
+    for name in names.iter().filter(|n| is_overlay_private(n)) {
+        xattr::remove(path, name).map_err(CasError::io("removexattr", path))?;
     }
     Ok(())
 }
